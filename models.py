@@ -1,0 +1,149 @@
+"""Networks, the Barlow Twins loss and LARS. Stands alone: torch only, sizes as arguments."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+
+# --------------------------------------------------------------------------------------------
+# ResNet-18 with the CIFAR stem (teacher g and the evaluation network)
+# --------------------------------------------------------------------------------------------
+def resnet18_cifar():
+    """torchvision ResNet-18 with a 3x3 stride-1 stem, no max-pool, fc = Identity -> 512-d features.
+
+    Only the stem is swapped, so saved state_dicts load into the torchvision class after the same swap.
+    Used at 32 and 64 px alike (SPEC 1).
+    """
+    net = torchvision.models.resnet18()
+    net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    net.fc = nn.Identity()
+    return net
+
+
+class Regressor(nn.Module):
+    """backbone + Linear(feat_dim -> out_dim): the pre-training network of SPEC 6.1."""
+
+    def __init__(self, backbone, feat_dim, out_dim):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(feat_dim, out_dim)
+
+    def embed(self, x):
+        return self.backbone(x)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+# --------------------------------------------------------------------------------------------
+# Barlow Twins
+# --------------------------------------------------------------------------------------------
+def projector(in_dim, dims):
+    """Linear-BN-ReLU for every hidden layer, then a plain Linear (solo-learn's 2048-2048-2048)."""
+    layers, d = [], in_dim
+    for h in dims[:-1]:
+        layers += [nn.Linear(d, h, bias=False), nn.BatchNorm1d(h), nn.ReLU(inplace=True)]
+        d = h
+    layers.append(nn.Linear(d, dims[-1]))
+    return nn.Sequential(*layers)
+
+
+def off_diagonal(c):
+    n = c.shape[0]
+    return c.flatten()[:-1].view(n - 1, n + 1)[:, 1:].flatten()
+
+
+def barlow_twins_loss(z1, z2, lambd, scale):
+    """z1, z2: (B, D) projections of two views. scale * (sum (1 - C_ii)^2 + lambd sum_{i!=j} C_ij^2),
+    C the (D, D) cross-correlation of the batch-standardised projections, computed in float32."""
+    z1, z2 = z1.float(), z2.float()
+    B = z1.shape[0]
+    z1 = (z1 - z1.mean(0)) / z1.std(0, unbiased=False).clamp_min(1e-6)
+    z2 = (z2 - z2.mean(0)) / z2.std(0, unbiased=False).clamp_min(1e-6)
+    c = z1.T @ z2 / B
+    on_diag = (torch.diagonal(c) - 1).pow(2).sum()
+    off_diag = off_diagonal(c).pow(2).sum()
+    return scale * (on_diag + lambd * off_diag)
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise trust ratios (solo-learn's LARS, clip_lr=True).
+
+    Parameter groups with `lars=False` (biases and norm parameters, SPEC 1) get neither weight
+    decay nor adaptation.
+    """
+
+    def __init__(self, params, lr, momentum, weight_decay, eta):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True))
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                dp = p.grad
+                if g["lars"]:
+                    p_norm, g_norm = p.norm(), dp.norm()
+                    ratio = g["eta"] * p_norm / (g_norm + p_norm * g["weight_decay"] + 1e-8)
+                    ratio = torch.where((p_norm > 0) & (g_norm > 0), (ratio / g["lr"]).clamp(max=1), 1.0)
+                    dp = dp.add(p, alpha=g["weight_decay"]).mul(ratio)
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                mu = state["mu"].mul_(g["momentum"]).add_(dp)
+                p.add_(mu, alpha=-g["lr"])
+
+
+def lars_param_groups(*modules):
+    """Split parameters: weights (LARS + wd) and biases / norm parameters (neither)."""
+    decay, plain = [], []
+    for m in modules:
+        for p in m.parameters():
+            (plain if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay}, {"params": plain, "lars": False, "weight_decay": 0.0}]
+
+
+# --------------------------------------------------------------------------------------------
+# KRR-ST model pool ConvNet and the approximation MLP
+# --------------------------------------------------------------------------------------------
+class ConvNet(nn.Module):
+    """KRR-ST pool network: [Conv3x3 -> BatchNorm -> ReLU -> AvgPool2] per width, then Linear.
+
+    embed(x) is the flattened last block (8192-d for 128-256-512 at 32 px), the KRR features.
+    """
+
+    def __init__(self, widths, resolution, out_dim, in_ch=3):
+        super().__init__()
+        blocks, c = [], in_ch
+        for w in widths:
+            blocks += [nn.Conv2d(c, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(inplace=True), nn.AvgPool2d(2)]
+            c = w
+        self.features = nn.Sequential(*blocks)
+        side = resolution // 2 ** len(widths)
+        if side < 1:
+            raise ValueError(f"{len(widths)} pooling blocks do not fit {resolution} px images")
+        self.embed_dim = c * side * side
+        self.head = nn.Linear(self.embed_dim, out_dim)
+
+    def embed(self, x):
+        return self.features(x).flatten(1)
+
+    def forward(self, x):
+        return self.head(self.embed(x))
+
+
+class ApproxMLP(nn.Sequential):
+    """V -> hidden -> V: predicts the coefficient shift c^{y,k} - c^y of one rotation (SPEC 5)."""
+
+    def __init__(self, V, hidden):
+        super().__init__(nn.Linear(V, hidden), nn.ReLU(), nn.Linear(hidden, V))
+
+
+def num_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def mse(pred, target):
+    return F.mse_loss(pred.float(), target.float())

@@ -1,0 +1,743 @@
+"""Shared helpers for pretrain.py, main_distill.py and main_evaluate.py.
+
+Sections: config, data, augmentation, parameterization, teacher and features, probes,
+checkpoints and logging. Everything a script needs twice lives here once.
+"""
+import hashlib
+import json
+import os
+import pickle
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+import models
+
+# ============================================================================================
+# Config: one schema, YAML is the only source of hyperparameters (SPEC: every default in YAML)
+# ============================================================================================
+DATASETS = ("CIFAR10", "CIFAR100", "STANFORD_DOGS", "DIGITS")
+
+# key -> type. A tuple of strings is a choice; [type] is a list of that type.
+SCHEMA = {
+    "dataset": DATASETS,
+    "seed": int,
+    "data": {"root": str, "resolution": int, "eval_batch_size": int},
+    "pretrain": {
+        "epochs": int, "batch_size": int, "lr": float, "momentum": float, "weight_decay": float,
+        "lars_eta": float, "warmup_epochs": int, "lambda_offdiag": float, "loss_scale": float,
+        "projector_dims": [int], "crop_scale": [float], "jitter": [float], "jitter_p": float,
+        "grayscale_p": float, "flip_p": float, "solarize_p": [float], "knn_every": int, "knn_k": int,
+        "knn_temperature": float, "compile": bool,
+    },
+    "parameterization": {"image_basis_size": int, "U": int, "V": int, "learn_bases": bool},
+    "augmentations": {"rotate": [int]},
+    "storage": {"budget_N": int, "m": int, "store_augmented_targets": bool},
+    "distillation": {
+        "method": ("ours", "krr_st"), "steps": int, "outer_batch_size": int,
+        "real_views": ("all", "identity"), "lr_image": float, "lr_repr": float, "ridge": float,
+        "save_every": int, "log_every": int,
+    },
+    "model_pool": {
+        "size_L": int, "inner_loop_steps_Z": int, "widths": [int], "lr": float, "momentum": float,
+        "weight_decay": float,
+    },
+    "approximation": {"hidden": int, "steps": int, "lr": float},
+    "evaluation": {
+        "epochs": int, "full_epochs": int, "batch_size": int, "lr": float, "momentum": float,
+        "weight_decay": float, "augment": bool, "crop_pad": int,
+    },
+    "probe": {"iterations": int, "batch_size": int, "lr": float, "momentum": float, "weight_decay": float},
+}
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not match SCHEMA."""
+
+
+def _check_value(value, spec, where):
+    """Return `value` converted to `spec`'s type, or raise naming `where` (file: dotted.key)."""
+    if isinstance(spec, tuple):
+        if value not in spec:
+            raise ConfigError(f"{where}: expected one of {list(spec)}, got {value!r}")
+        return value
+    if isinstance(spec, list):
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list of {spec[0].__name__}, got {value!r}")
+        return [_check_value(v, spec[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if spec is float:  # PyYAML reads `1e-4` (no dot) as a string: convert it here, once.
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if spec is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if not isinstance(value, spec):
+        raise ConfigError(f"{where}: expected {spec.__name__}, got {value!r}")
+    return value
+
+
+def _check_section(cfg, schema, source, prefix=""):
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'top level'}: expected a mapping, got {cfg!r}")
+    for key in cfg:
+        if key not in schema:
+            raise ConfigError(f"{source}: unknown key '{prefix}{key}' (known here: {sorted(schema)})")
+    out = {}
+    for key, spec in schema.items():
+        if key not in cfg:
+            raise ConfigError(f"{source}: missing key '{prefix}{key}'")
+        if isinstance(spec, dict):
+            out[key] = _check_section(cfg[key], spec, source, f"{prefix}{key}.")
+        else:
+            out[key] = _check_value(cfg[key], spec, f"{source}: {prefix}{key}")
+    return out
+
+
+def parse_overrides(items):
+    """['--distillation.steps=200', ...] -> {'distillation.steps': 200} (values parsed as YAML)."""
+    out = {}
+    for item in items:
+        if not (item.startswith("--") and "=" in item and "." in item.split("=", 1)[0]):
+            raise ConfigError(f"unrecognised argument {item!r}: overrides look like --section.key=value")
+        key, value = item[2:].split("=", 1)
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def load_config(path, overrides=None):
+    """Read configs/<name>.yaml, apply dotted overrides, check everything against SCHEMA."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (the configs live in configs/<dataset>.yaml)")
+    with open(path) as f:
+        cfg = yaml.safe_load(f) or {}
+    for dotted, value in (overrides or {}).items():
+        node, keys = cfg, dotted.split(".")
+        for k in keys[:-1]:
+            if not isinstance(node.get(k), dict):
+                raise ConfigError(f"{path}: override --{dotted}: unknown section '{k}'")
+            node = node[k]
+        if keys[-1] not in node:
+            raise ConfigError(f"{path}: override --{dotted}: unknown key '{dotted}'")
+        node[keys[-1]] = value
+    return _check_section(cfg, SCHEMA, str(path))
+
+
+def add_common_args(parser):
+    """--config/--device/--resume/--overwrite, shared by the three scripts."""
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs instead of stopping")
+    return parser
+
+
+def print_config(cfg, derived=None):
+    print(json.dumps({"config": cfg, "derived": derived or {}}, indent=1, default=str))
+
+
+# ============================================================================================
+# Seeding, device
+# ============================================================================================
+def set_seed(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def get_device(name=None):
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {name} asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def make_generator(device, seed):
+    """A torch.Generator on `device`: all augmentation randomness is drawn from it."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def autocast(device):
+    """bf16 autocast on CUDA, a no-op on CPU (CPU bf16 convs are slower than fp32)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def to_channels_last(x, device):
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+
+# ============================================================================================
+# Data: uint8 (N, 3, H, W) tensors + int64 labels; normalised on the device
+# ============================================================================================
+@dataclass
+class ImageData:
+    name: str
+    train_x: torch.Tensor  # uint8 (N, 3, H, W)
+    train_y: torch.Tensor  # int64 (N,)
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    mean: torch.Tensor  # float32 (3,), train-split per-channel mean in [0, 1]
+    std: torch.Tensor
+    num_classes: int
+
+    def to(self, device):
+        for k in ("train_x", "train_y", "test_x", "test_y", "mean", "std"):
+            setattr(self, k, getattr(self, k).to(device))
+        return self
+
+
+CIFAR10_LAYOUT = "data/cifar-10-python/{data_batch_1..5, test_batch, batches.meta} (official python pickles)"
+CIFAR100_LAYOUT = "data/data/cifar-100-python/{train, test, meta} (official python pickles, torchvision layout)"
+DOGS_LAYOUT = ("data/stanford-dogs/images/Images/<wnid>-<Breed>/*.jpg (120 breed folders), "
+               "optionally data/stanford-dogs/{train_list.mat, test_list.mat}")
+DOGS_TRAIN_PER_BREED = 100  # the official split's count, used when no .mat lists are present
+DIGITS_TEST_FRACTION = 0.25  # fixed stratified split of scikit-learn's 1,797 digits
+
+
+class DatasetError(FileNotFoundError):
+    """A dataset folder that is missing or not in the expected layout."""
+
+
+def channel_stats(x, chunk=8192):
+    """Per-channel mean and std in [0, 1] of a uint8 (N, 3, H, W) tensor, in float64."""
+    s = torch.zeros(3, dtype=torch.float64)
+    s2 = torch.zeros(3, dtype=torch.float64)
+    for part in x.split(chunk):
+        p = part.to(torch.float64) / 255
+        s += p.sum((0, 2, 3))
+        s2 += (p * p).sum((0, 2, 3))
+    n = x.shape[0] * x.shape[2] * x.shape[3]
+    mean = s / n
+    return mean.float(), (s2 / n - mean**2).sqrt().float()
+
+
+def _unpickle(path):
+    """Official CIFAR pickles; keys are bytes or str depending on who wrote the file."""
+    with open(path, "rb") as f:
+        d = pickle.load(f, encoding="bytes")
+    return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in d.items()}
+
+
+def _cifar_arrays(path, label_key, layout):
+    if not path.is_file():
+        raise DatasetError(f"missing {path}; expected layout: {layout}")
+    try:
+        d = _unpickle(path)
+        x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        y = np.asarray(d[label_key], dtype=np.int64)
+    except Exception as e:  # truncated file, wrong keys, wrong sizes
+        raise DatasetError(f"could not read {path} as a CIFAR pickle ({e!r}); expected layout: {layout}") from e
+    return torch.from_numpy(x.copy()), torch.from_numpy(y)
+
+
+def load_cifar10(root):
+    folder = Path(root) / "cifar-10-python"
+    if not folder.is_dir():
+        raise DatasetError(f"CIFAR-10 folder not found: {folder}; expected layout: {CIFAR10_LAYOUT}")
+    parts = [_cifar_arrays(folder / f"data_batch_{i}", "labels", CIFAR10_LAYOUT) for i in range(1, 6)]
+    test_x, test_y = _cifar_arrays(folder / "test_batch", "labels", CIFAR10_LAYOUT)
+    train_x = torch.cat([p[0] for p in parts])
+    train_y = torch.cat([p[1] for p in parts])
+    return train_x, train_y, test_x, test_y, 10
+
+
+def load_cifar100(root):
+    folder = Path(root) / "data" / "cifar-100-python"
+    if not all((folder / f).is_file() for f in ("train", "test")):
+        try:  # torchvision downloads into data/data/cifar-100-python
+            from torchvision.datasets import CIFAR100
+            CIFAR100(root=str(Path(root) / "data"), train=True, download=True)
+        except Exception as e:
+            raise DatasetError(f"CIFAR-100 not found at {folder} and the download failed ({e!r}); "
+                               f"put the files there by hand: {CIFAR100_LAYOUT}") from e
+    train_x, train_y = _cifar_arrays(folder / "train", "fine_labels", CIFAR100_LAYOUT)
+    test_x, test_y = _cifar_arrays(folder / "test", "fine_labels", CIFAR100_LAYOUT)
+    return train_x, train_y, test_x, test_y, 100
+
+
+def _read_mat_list(path):
+    """Official Stanford Dogs lists: file_list is an (N, 1) cell of 'wnid-Breed/name.jpg'."""
+    from scipy.io import loadmat
+    try:
+        cells = loadmat(str(path))["file_list"].ravel()
+    except Exception as e:
+        raise DatasetError(f"could not read 'file_list' from {path} ({e!r}); expected the official list") from e
+    return [str(np.asarray(c).ravel()[0]) for c in cells]
+
+
+def _decode_image(path, size):
+    """Resize the shorter side to `size` (antialiased), centre-crop to size x size, uint8 CHW."""
+    from PIL import Image
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        im = im.resize((nw, nh), Image.BICUBIC)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+        return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def stanford_dogs_split(folder):
+    """(breeds, train_files, test_files): files relative to images/Images, official split if present."""
+    images = folder / "images" / "Images"
+    if not images.is_dir():
+        raise DatasetError(f"Stanford Dogs images not found: {images}; expected layout: {DOGS_LAYOUT}")
+    breeds = sorted(p.name for p in images.iterdir() if p.is_dir())
+    if not breeds:
+        raise DatasetError(f"no breed folders in {images}; expected layout: {DOGS_LAYOUT}")
+    if (folder / "train_list.mat").is_file() and (folder / "test_list.mat").is_file():
+        return breeds, _read_mat_list(folder / "train_list.mat"), _read_mat_list(folder / "test_list.mat"), "official"
+    train, test = [], []
+    for b in breeds:  # sorted file names are in no meaningful order: the first 100 go to train
+        files = sorted(f"{b}/{p.name}" for p in (images / b).iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
+        train += files[:DOGS_TRAIN_PER_BREED]
+        test += files[DOGS_TRAIN_PER_BREED:]
+    return breeds, train, test, f"first{DOGS_TRAIN_PER_BREED}"
+
+
+def load_stanford_dogs(root, resolution):
+    folder = Path(root) / "stanford-dogs"
+    breeds, train_files, test_files, split = stanford_dogs_split(folder)
+    cache = folder / f"cache_{split}_{resolution}px.pt"
+    if cache.is_file():
+        d = torch.load(cache)
+        return d["train_x"], d["train_y"], d["test_x"], d["test_y"], len(breeds)
+    index = {b: i for i, b in enumerate(breeds)}
+    images = folder / "images" / "Images"
+
+    def decode(files):
+        missing = [f for f in files if not (images / f).is_file()]
+        if missing:
+            raise DatasetError(f"{len(missing)} listed images missing under {images}, e.g. {missing[0]}")
+        from tqdm import tqdm
+        x = torch.stack([_decode_image(images / f, resolution) for f in tqdm(files, desc="decode", leave=False)])
+        return x, torch.tensor([index[f.split("/")[0]] for f in files], dtype=torch.int64)
+
+    train_x, train_y = decode(train_files)
+    test_x, test_y = decode(test_files)
+    atomic_save({"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}, cache)
+    return train_x, train_y, test_x, test_y, len(breeds)
+
+
+def load_digits(resolution):
+    """scikit-learn's bundled 8x8 digits, upsampled (bilinear) to resolution x resolution RGB."""
+    from sklearn.datasets import load_digits as sk_digits
+    from sklearn.model_selection import train_test_split
+    d = sk_digits()
+    x = torch.from_numpy(d.images).float()[:, None] / 16  # (1797, 1, 8, 8) in [0, 1]
+    x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False)
+    x = (x * 255).round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    y = torch.from_numpy(d.target).long()
+    tr, te = train_test_split(np.arange(len(y)), test_size=DIGITS_TEST_FRACTION, stratify=d.target, random_state=0)
+    return x[tr], y[tr], x[te], y[te], 10
+
+
+def load_dataset(name, root, resolution):
+    """uint8 train/test tensors + labels + the train split's normalisation (SPEC 7)."""
+    if name in ("CIFAR10", "CIFAR100") and resolution != 32:
+        raise ConfigError(f"{name} is 32x32; data.resolution must be 32, got {resolution}")
+    if name == "CIFAR10":
+        parts = load_cifar10(root)
+    elif name == "CIFAR100":
+        parts = load_cifar100(root)
+    elif name == "STANFORD_DOGS":
+        parts = load_stanford_dogs(root, resolution)
+    elif name == "DIGITS":
+        parts = load_digits(resolution)
+    else:
+        raise ConfigError(f"unknown dataset {name!r}; expected one of {list(DATASETS)}")
+    train_x, train_y, test_x, test_y, num_classes = parts
+    mean, std = channel_stats(train_x)
+    return ImageData(name, train_x, train_y, test_x, test_y, mean, std, num_classes)
+
+
+def normalize(x, mean, std):
+    """uint8 (or [0, 1] float) images -> float32 normalised with the dataset's mean/std."""
+    if x.dtype == torch.uint8:
+        x = x.float().div_(255)
+    return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+
+
+# ============================================================================================
+# Augmentation: batched on the device, one random draw per sample, from a torch.Generator
+# ============================================================================================
+def _uniform(n, lo, hi, gen, device):
+    return torch.rand(n, generator=gen, device=device) * (hi - lo) + lo
+
+
+def _coin(n, p, gen, device):
+    return torch.rand(n, generator=gen, device=device) < p
+
+
+def _gray(x):
+    """ITU-R 601 luma, as torchvision's rgb_to_grayscale. (B, 3, H, W) -> (B, 1, H, W)."""
+    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
+
+def random_resized_crop(x, size, scale, gen, ratio=(3 / 4, 4 / 3)):
+    """Per-sample RandomResizedCrop via one affine matrix per image and grid_sample."""
+    B, dev = x.shape[0], x.device
+    area = _uniform(B, scale[0], scale[1], gen, dev)
+    log_r = _uniform(B, np.log(ratio[0]), np.log(ratio[1]), gen, dev)
+    w = (area * log_r.exp()).sqrt().clamp(max=1)  # crop width/height as fractions of the side
+    h = (area / log_r.exp()).sqrt().clamp(max=1)
+    cx = _uniform(B, -1, 1, gen, dev) * (1 - w)  # crop centre in [-1, 1] coordinates
+    cy = _uniform(B, -1, 1, gen, dev) * (1 - h)
+    theta = torch.zeros(B, 2, 3, device=dev)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w, cx, h, cy
+    grid = F.affine_grid(theta, (B, x.shape[1], size, size), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def rgb_to_hsv(x):
+    r, g, b = x.unbind(1)
+    maxc, minc = x.amax(1), x.amin(1)
+    delta = maxc - minc
+    s = delta / maxc.clamp_min(1e-8)
+    d = delta.clamp_min(1e-8)
+    h = torch.where(maxc == r, (g - b) / d, torch.where(maxc == g, 2 + (b - r) / d, 4 + (r - g) / d))
+    h = torch.where(delta > 0, (h / 6) % 1, torch.zeros_like(h))
+    return h, s, maxc
+
+
+def hsv_to_rgb(h, s, v):
+    n = torch.tensor([5.0, 3.0, 1.0], device=h.device).view(1, 3, 1, 1)
+    k = (n + h.unsqueeze(1) * 6) % 6
+    return v.unsqueeze(1) - v.unsqueeze(1) * s.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
+
+
+def color_jitter(x, brightness, contrast, saturation, hue, p, gen):
+    """torchvision ColorJitter with per-sample factors, applied (in this fixed order) with prob. p."""
+    B, dev = x.shape[0], x.device
+    f = lambda a: _uniform(B, 1 - a, 1 + a, gen, dev).view(B, 1, 1, 1)
+    y = (x * f(brightness)).clamp(0, 1)
+    m = _gray(y).mean((1, 2, 3), keepdim=True)
+    y = ((y - m) * f(contrast) + m).clamp(0, 1)
+    g = _gray(y)
+    y = ((y - g) * f(saturation) + g).clamp(0, 1)
+    h, s, v = rgb_to_hsv(y)
+    y = hsv_to_rgb((h + _uniform(B, -hue, hue, gen, dev).view(B, 1, 1)) % 1, s, v)
+    return torch.where(_coin(B, p, gen, dev).view(B, 1, 1, 1), y, x)
+
+
+def random_grayscale(x, p, gen):
+    mask = _coin(x.shape[0], p, gen, x.device).view(-1, 1, 1, 1)
+    return torch.where(mask, _gray(x).expand_as(x), x)
+
+
+def random_flip(x, p, gen):
+    mask = _coin(x.shape[0], p, gen, x.device).view(-1, 1, 1, 1)
+    return torch.where(mask, x.flip(3), x)
+
+
+def random_solarize(x, p, gen, threshold=0.5):
+    mask = _coin(x.shape[0], p, gen, x.device).view(-1, 1, 1, 1)
+    return torch.where(mask & (x >= threshold), 1 - x, x)
+
+
+def barlow_views(x, mean, std, aug, gen):
+    """Two asymmetric Barlow Twins views (SPEC 1) of a uint8 batch, normalised float32."""
+    x = x.float().div_(255)
+    views = []
+    for solarize_p in aug["solarize_p"]:
+        v = random_resized_crop(x, x.shape[-1], aug["crop_scale"], gen)
+        v = color_jitter(v, *aug["jitter"], aug["jitter_p"], gen)
+        v = random_grayscale(v, aug["grayscale_p"], gen)
+        v = random_flip(v, aug["flip_p"], gen)
+        v = random_solarize(v, solarize_p, gen)
+        views.append(normalize(v, mean, std))
+    return views
+
+
+def random_crop_flip(x, pad, gen):
+    """Reflect-pad by `pad`, random crop back to H x W and horizontal flip, per sample (SPEC 6.1)."""
+    B, C, H, W = x.shape
+    dev = x.device
+    xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dy = torch.randint(0, 2 * pad + 1, (B,), generator=gen, device=dev)
+    dx = torch.randint(0, 2 * pad + 1, (B,), generator=gen, device=dev)
+    rows = (dy[:, None] + torch.arange(H, device=dev))[:, :, None]  # (B, H, 1)
+    cols = (dx[:, None] + torch.arange(W, device=dev))[:, None, :]  # (B, 1, W)
+    out = xp[torch.arange(B, device=dev)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)  # (B, C, H, W)
+    return random_flip(out, 0.5, gen)
+
+
+def rotate(x, angle):
+    """The exact predefined augmentation a_k: torch.rot90 on the spatial dims."""
+    if angle % 90:
+        raise ValueError(f"rotations must be multiples of 90 degrees, got {angle}")
+    return torch.rot90(x, (angle // 90) % 4, dims=(-2, -1))
+
+
+def all_views(x, rotations):
+    """(B, ...) -> (K*B, ...), view-major: [x, a_1(x), ..., a_{K-1}(x)]."""
+    return torch.cat([x] + [rotate(x, a) for a in rotations])
+
+
+# ============================================================================================
+# Parameterization (SPEC 2): PCA bases, decoding images and targets
+# ============================================================================================
+def pca(X, k):
+    """Top-k principal directions of the rows of X: (mean (D,), basis (k, D) with orthonormal rows)."""
+    X = X.double()
+    mu = X.mean(0)
+    Xc = X - mu
+    evals, evecs = torch.linalg.eigh(Xc.T @ Xc / X.shape[0])  # ascending
+    if k > X.shape[1]:
+        raise ConfigError(f"asked for {k} PCA components of {X.shape[1]}-d data")
+    return mu.float(), evecs[:, -k:].flip(1).T.contiguous().float()
+
+
+def downsample(x, r_b):
+    """Normalised images (n, 3, H, W) -> flattened antialiased r_b x r_b (n, 3 r_b^2)."""
+    return F.interpolate(x, size=(r_b, r_b), mode="bilinear", antialias=True, align_corners=False).flatten(1)
+
+
+def decode_images(C_x, B_x, mu_x, size):
+    """x_i = bilinear_upsample(reshape(mu_x + c_i^x B_x)) -> (m, 3, size, size)."""
+    r_b = int(round((mu_x.numel() / 3) ** 0.5))
+    low = (mu_x + C_x @ B_x).view(-1, 3, r_b, r_b)
+    return F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def decode_targets(C_y, B_y, mu_y):
+    """y_i = mu_y + c_i^y B_y -> (m, d_y)."""
+    return mu_y + C_y @ B_y
+
+
+def load_distilled(folder, device):
+    """A distilled_assets folder -> (views (K*m, 3, H, W), targets (K*m, d_y), the stored dict).
+
+    Views are view-major as all_views; rotated targets come from the approximation MLPs
+    (SPEC 5) or, for the ablation that stores them, from the stored coefficients.
+    """
+    folder = Path(folder)
+    path = folder / "distilled_data.pth"
+    if not path.is_file():
+        raise FileNotFoundError(f"no distilled set at {path}; run main_distill.py with this config first")
+    d = torch.load(path, map_location=device)
+    if d["method"] == "krr_st":
+        return d["X"].float(), d["Y"].float(), d
+    X = decode_images(d["C_x"], d["B_x"], d["mu_x"], d["resolution"])
+    views, targets = [X], [decode_targets(d["C_y"], d["B_y"], d["mu_y"])]
+    for k, angle in enumerate(d["rotations"]):
+        views.append(rotate(X, angle))
+        if d["store_augmented_targets"]:
+            C_yk = d["C_y_aug"][k]
+        else:
+            net = load_approx_net(folder / f"approx_net_rot_{angle}.pth", device)
+            with torch.no_grad():
+                C_yk = d["C_y"] + net(d["C_y"])
+        targets.append(decode_targets(C_yk, d["B_y"], d["mu_y"]))
+    return torch.cat(views), torch.cat(targets), d
+
+
+def load_approx_net(path, device):
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"approximation net missing: {path}; rerun main_distill.py")
+    s = torch.load(path, map_location=device)
+    net = models.ApproxMLP(s["V"], s["hidden"]).to(device)
+    net.load_state_dict(s["state_dict"])
+    return net.eval()
+
+
+# ============================================================================================
+# Teacher and features: each frozen network runs once per input
+# ============================================================================================
+def teacher_path(cfg, folder="teacher_models"):
+    return Path(folder) / f"resnet18_barlow_twins_{cfg['dataset'].lower()}.pth"
+
+
+def file_hash(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_teacher(path, dataset, resolution, device):
+    """The frozen Barlow Twins backbone g written by pretrain.py, checked against the config."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"teacher not found: {path}; run `python pretrain.py {dataset}` first")
+    d = torch.load(path, map_location="cpu")
+    if not (isinstance(d, dict) and "backbone" in d and "meta" in d):
+        raise ValueError(f"{path} is not a teacher file written by pretrain.py (expected keys 'backbone', 'meta')")
+    meta = d["meta"]
+    if meta["dataset"] != dataset or meta["resolution"] != resolution:
+        raise ValueError(f"{path} is a teacher for {meta['dataset']} at {meta['resolution']} px, "
+                         f"but the config asks for {dataset} at {resolution} px")
+    g = models.resnet18_cifar()
+    g.load_state_dict(d["backbone"], strict=True)
+    return g.to(device).eval(), meta
+
+
+@torch.no_grad()
+def embed_all(net, x, mean, std, batch_size, angle=0):
+    """Features of every image of a uint8 (or normalised float) tensor, in eval mode: (N, d) float32."""
+    net.eval()
+    dev = next(net.parameters()).device
+    out = []
+    for part in x.split(batch_size):
+        part = part.to(dev)
+        part = normalize(part, mean, std) if part.dtype == torch.uint8 else part
+        with autocast(dev):
+            f = net(to_channels_last(rotate(part, angle), dev)) if angle else net(to_channels_last(part, dev))
+        out.append(f.float())
+    return torch.cat(out)
+
+
+def teacher_targets(teacher, teacher_file, data, rotations, batch_size, cache_dir="teacher_models"):
+    """T[i, k] = g(a_k(x_i)) for every train image and view: (N_train, K, d_y), cached on disk.
+
+    The cache is keyed by the teacher file's hash, the dataset and the rotations (SPEC 4.1).
+    """
+    key = f"{data.name.lower()}_{file_hash(teacher_file)[:16]}_rot{'-'.join(map(str, rotations)) or 'none'}"
+    path = Path(cache_dir) / f"targets_{key}.pt"
+    dev = next(teacher.parameters()).device
+    if path.is_file():
+        T = torch.load(path, map_location=dev)
+        if T.shape[:2] == (len(data.train_x), 1 + len(rotations)):
+            return T
+    T = torch.stack([embed_all(teacher, data.train_x, data.mean, data.std, batch_size, a)
+                     for a in [0] + list(rotations)], dim=1)
+    atomic_save(T.cpu(), path)
+    return T
+
+
+# ============================================================================================
+# Probes: weighted kNN monitor and the linear probe of SPEC 6.2 (shared by every row)
+# ============================================================================================
+@torch.no_grad()
+def knn_accuracy(train_f, train_y, test_f, test_y, num_classes, k, temperature, chunk=1024):
+    """Weighted kNN (cosine similarity, exp(sim / T) votes), top-1 in percent."""
+    train_f = F.normalize(train_f, dim=1)
+    test_f = F.normalize(test_f, dim=1)
+    k = min(k, len(train_f))
+    correct = 0
+    for f, y in zip(test_f.split(chunk), test_y.split(chunk)):
+        sim, idx = (f @ train_f.T).topk(k, dim=1)
+        votes = torch.zeros(len(f), num_classes, device=f.device)
+        votes.scatter_add_(1, train_y[idx], (sim / temperature).exp())
+        correct += (votes.argmax(1) == y).sum().item()
+    return 100.0 * correct / len(test_f)
+
+
+def linear_probe(train_f, train_y, test_f, test_y, num_classes, probe, seed):
+    """Linear(d -> classes) on frozen features: SGD + cosine for `iterations` steps; test top-1 (%)."""
+    dev = train_f.device
+    gen = make_generator(dev, seed)
+    torch.manual_seed(seed)
+    head = torch.nn.Linear(train_f.shape[1], num_classes).to(dev)
+    opt = torch.optim.SGD(head.parameters(), lr=probe["lr"], momentum=probe["momentum"],
+                          weight_decay=probe["weight_decay"])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, probe["iterations"])
+    n, b = len(train_f), min(probe["batch_size"], len(train_f))
+    perm, pos = torch.randperm(n, generator=gen, device=dev), 0
+    for _ in range(probe["iterations"]):
+        if pos + b > n:  # reshuffle each epoch, as a DataLoader with shuffle=True
+            perm, pos = torch.randperm(n, generator=gen, device=dev), 0
+        idx = perm[pos:pos + b]
+        pos += b
+        loss = F.cross_entropy(head(train_f[idx]), train_y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    with torch.no_grad():
+        return 100.0 * (head(test_f).argmax(1) == test_y).float().mean().item()
+
+
+def probe_backbone(backbone, data, probe, seed, batch_size):
+    """SPEC 6.2: features of both splits computed once, then the linear probe."""
+    train_f = embed_all(backbone, data.train_x, data.mean, data.std, batch_size)
+    test_f = embed_all(backbone, data.test_x, data.mean, data.std, batch_size)
+    return linear_probe(train_f, data.train_y, test_f, data.test_y, data.num_classes, probe, seed)
+
+
+# ============================================================================================
+# Checkpoints, run folders, logging
+# ============================================================================================
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then os.replace: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_json(obj, path):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def guard_outputs(paths, resume, overwrite):
+    """Refuse to silently replace a user's outputs: existing files need --resume or --overwrite."""
+    existing = [str(p) for p in paths if Path(p).exists()]
+    if existing and not (resume or overwrite):
+        raise FileExistsError(f"outputs already exist: {existing}; pass --resume to continue the run, "
+                              f"--overwrite to replace them, or choose another --out")
+
+
+def load_checkpoint(path, cfg, arch_keys):
+    """Load a run checkpoint for --resume and check that the architecture matches the config."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    for dotted in arch_keys:
+        sec, key = dotted.split(".")
+        if ckpt["config"][sec][key] != cfg[sec][key]:
+            raise ValueError(f"--resume: {path} was written with {dotted}={ckpt['config'][sec][key]!r}, "
+                             f"the config now says {cfg[sec][key]!r}")
+    return ckpt
+
+
+def rng_state(gen):
+    return {"torch": torch.get_rng_state(), "gen": gen.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state, gen):
+    torch.set_rng_state(state["torch"])
+    gen.set_state(state["gen"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class RunLog:
+    """Appends one JSON object per line to <run>/log.jsonl (barlowtwins' stats.txt)."""
+
+    def __init__(self, path, resume=False):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not resume and self.path.exists():
+            self.path.unlink()
+        self.t0 = time.time()
+
+    def __call__(self, **row):
+        row = {"time_s": round(time.time() - self.t0, 2), **row}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row, default=float) + "\n")
+        return row
+
+
+def check_finite(loss, where):
+    if not torch.isfinite(loss):
+        sys.exit(f"non-finite loss {loss.item()} at {where}; lower the learning rate or check the data")
