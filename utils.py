@@ -104,10 +104,10 @@ def _check_section(cfg, schema, source, prefix=""):
 
 
 def parse_overrides(items):
-    """['--distillation.steps=200', ...] -> {'distillation.steps': 200} (values parsed as YAML)."""
+    """['--distillation.steps=200', '--seed=1'] -> {'distillation.steps': 200, 'seed': 1} (values parsed as YAML)."""
     out = {}
     for item in items:
-        if not (item.startswith("--") and "=" in item and "." in item.split("=", 1)[0]):
+        if not (item.startswith("--") and "=" in item):
             raise ConfigError(f"unrecognised argument {item!r}: overrides look like --section.key=value")
         key, value = item[2:].split("=", 1)
         out[key] = yaml.safe_load(value)
@@ -290,7 +290,7 @@ def _decode_image(path, size):
 
 
 def stanford_dogs_split(folder):
-    """(breeds, train_files, test_files): files relative to images/Images, official split if present."""
+    """(breeds, train_files, test_files, split_name): files relative to images/Images, official split if present."""
     images = folder / "images" / "Images"
     if not images.is_dir():
         raise DatasetError(f"Stanford Dogs images not found: {images}; expected layout: {DOGS_LAYOUT}")
@@ -449,7 +449,7 @@ def random_solarize(x, p, gen, threshold=0.5):
 
 def barlow_views(x, mean, std, aug, gen):
     """Two asymmetric Barlow Twins views (SPEC 1) of a uint8 batch, normalised float32."""
-    x = x.float().div_(255)
+    x = x.float() / 255
     views = []
     for solarize_p in aug["solarize_p"]:
         v = random_resized_crop(x, x.shape[-1], aug["crop_scale"], gen)
@@ -600,13 +600,11 @@ def embed_all(net, x, mean, std, batch_size, angle=0):
     return torch.cat(out)
 
 
-def teacher_targets(teacher, teacher_file, data, rotations, batch_size, cache_dir="teacher_models"):
-    """T[i, k] = g(a_k(x_i)) for every train image and view: (N_train, K, d_y), cached on disk.
-
-    The cache is keyed by the teacher file's hash, the dataset and the rotations (SPEC 4.1).
-    """
+def teacher_targets(teacher, teacher_file, data, rotations, batch_size):
+    """T[i, k] = g(a_k(x_i)) for every train image and view: (N_train, K, d_y), cached on disk
+    beside the teacher, keyed by the teacher file's hash, the dataset and the rotations (SPEC 4.1)."""
     key = f"{data.name.lower()}_{file_hash(teacher_file)[:16]}_rot{'-'.join(map(str, rotations)) or 'none'}"
-    path = Path(cache_dir) / f"targets_{key}.pt"
+    path = Path(teacher_file).parent / f"targets_{key}.pt"
     dev = next(teacher.parameters()).device
     if path.is_file():
         T = torch.load(path, map_location=dev)

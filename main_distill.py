@@ -1,0 +1,397 @@
+"""PCA-parameterized bilevel distillation with predefined rotations and approximation MLPs (SPEC 2-5).
+
+    python main_distill.py --config configs/cifar10.yaml
+    python main_distill.py --config configs/cifar10.yaml --distillation.method=krr_st   # KRR-ST baseline
+    python main_distill.py --config configs/cifar10.yaml --resume
+    python main_distill.py --config configs/digits.yaml --distillation.steps=50 --out /tmp/run
+
+Needs the teacher from pretrain.py. Writes distilled_assets/<dataset>_N<budget>[_krr_st]/ (or --out):
+    distilled_data.pth        bases, means, coefficients, normalisation, rotations, storage table,
+                              resolved config, teacher hash, step count (decode: utils.load_distilled)
+    approx_net_rot_<a>.pth    one MLP per rotation a (SPEC 5)
+    distilled_images.png      the decoded images, de-normalised
+    config.json, log.jsonl, metrics.json (loss curve, storage, approximation errors), checkpoint.pth
+"""
+import argparse
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+import models
+import utils
+
+D_Y = 512  # the teacher's feature width (ResNet-18 global-average-pooled)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("--out", default=None, help="default: distilled_assets/<dataset>_N<budget>[_krr_st]")
+    p.add_argument("--teacher", default=None, help="default: teacher_models/resnet18_barlow_twins_<dataset>.pth")
+    utils.add_common_args(p)
+    args, rest = p.parse_known_args(argv)
+    return args, utils.parse_overrides(rest)
+
+
+def default_out(cfg):
+    suffix = "_krr_st" if cfg["distillation"]["method"] == "krr_st" else ""
+    return Path("distilled_assets") / f"{cfg['dataset'].lower()}_N{cfg['storage']['budget_N']}{suffix}"
+
+
+# ============================================================================================
+# SPEC 3: storage accounting decides m
+# ============================================================================================
+def storage_accounting(cfg, resolution, d_y=D_Y):
+    """Every stored float, in a table; m is the largest count within budget unless the config fixes it."""
+    N, S = cfg["storage"]["budget_N"], cfg["storage"]
+    per_image = 3 * resolution * resolution + d_y  # an image plus its target representation (KRR-ST)
+    budget = N * per_image
+    if cfg["distillation"]["method"] == "krr_st":
+        m = N
+        rows = {"X (free pixels)": m * 3 * resolution**2, "Y (free targets)": m * d_y}
+        return {"budget_N": N, "floats_per_image": per_image, "budget": budget, "rows": rows, "m": m,
+                "m_max": N, "stored": sum(rows.values())}
+    P = cfg["parameterization"]
+    r_b, U, V, A = P["image_basis_size"], P["U"], P["V"], len(cfg["augmentations"]["rotate"])
+    h = cfg["approximation"]["hidden"]
+    rows = {"B_x": U * 3 * r_b**2, "mu_x": 3 * r_b**2, "B_y": V * d_y, "mu_y": d_y}
+    per_m = U + V + (A * V if S["store_augmented_targets"] else 0)
+    if not S["store_augmented_targets"]:
+        rows["approximation nets"] = A * (V * h + h + h * V + V)
+    fixed = sum(rows.values())
+    m_max = (budget - fixed) // per_m
+    if m_max < 1:
+        raise utils.ConfigError(
+            f"storage: budget {budget:,} floats (N={N} images x {per_image:,}) cannot hold the bases, means and "
+            f"approximation nets ({fixed:,} floats) plus one distilled image ({per_m} floats); "
+            f"raise storage.budget_N or lower parameterization.U / V")
+    m = S["m"] or m_max
+    stored = fixed + m * per_m
+    what = "C_x, C_y" + (", C_y^k" if S["store_augmented_targets"] else "")
+    rows[f"{what} (m x {per_m})"] = m * per_m
+    if stored > budget:
+        raise utils.ConfigError(
+            f"storage: m={m} needs {stored:,} floats > budget {budget:,} (N={N} images x {per_image:,} floats); "
+            f"fixed cost {fixed:,}, {per_m} floats per distilled image, so the largest m within budget is {m_max}")
+    return {"budget_N": N, "floats_per_image": per_image, "budget": budget, "rows": rows, "m": m,
+            "m_max": m_max, "stored": stored}
+
+
+def print_storage(table):
+    print(f"storage budget: N={table['budget_N']} images x {table['floats_per_image']:,} floats = {table['budget']:,}")
+    for k, v in table["rows"].items():
+        print(f"  {k:<34s}{v:>12,}")
+    print(f"  {'stored':<34s}{table['stored']:>12,}  ({100 * table['stored'] / table['budget']:.2f}% of budget)")
+    print(f"  m = {table['m']} distilled images (largest within budget: {table['m_max']})")
+
+
+# ============================================================================================
+# SPEC 2: the distilled set, parameterized (ours) or free (KRR-ST)
+# ============================================================================================
+class PCADistilled(nn.Module):
+    """x_i = up(mu_x + c_i^x B_x), y_i = mu_y + c_i^y B_y, y_i^k = mu_y + c_i^{y,k} B_y; views view-major."""
+
+    def __init__(self, mu_x, B_x, C_x, mu_y, B_y, C_y, C_yk, rotations, resolution, learn_bases):
+        super().__init__()
+        self.register_buffer("mu_x", mu_x)
+        self.register_buffer("mu_y", mu_y)
+        self.B_x = nn.Parameter(B_x, requires_grad=learn_bases)
+        self.B_y = nn.Parameter(B_y, requires_grad=learn_bases)
+        self.C_x, self.C_y, self.C_yk = nn.Parameter(C_x), nn.Parameter(C_y), nn.Parameter(C_yk)  # C_yk: (K-1, m, V)
+        self.rotations, self.resolution = list(rotations), resolution
+
+    def images(self):
+        return utils.decode_images(self.C_x, self.B_x, self.mu_x, self.resolution)
+
+    def forward(self):
+        """(K*m, 3, H, W) views and their (K*m, d_y) targets."""
+        X = self.images()
+        Y = utils.decode_targets(torch.cat([self.C_y[None], self.C_yk]).flatten(0, 1), self.B_y, self.mu_y)
+        return utils.all_views(X, self.rotations), Y
+
+    def param_groups(self, lr_image, lr_repr):
+        return [{"params": [p for p in (self.C_x, self.B_x) if p.requires_grad], "lr": lr_image},
+                {"params": [p for p in (self.C_y, self.C_yk, self.B_y) if p.requires_grad], "lr": lr_repr}]
+
+    def export(self):
+        return {"mu_x": self.mu_x, "B_x": self.B_x.detach(), "C_x": self.C_x.detach(), "mu_y": self.mu_y,
+                "B_y": self.B_y.detach(), "C_y": self.C_y.detach(), "rotations": self.rotations}
+
+
+class FreeDistilled(nn.Module):
+    """KRR-ST: free pixels X (m, 3, H, W) and free targets Y (m, d_y), no views."""
+
+    def __init__(self, X, Y):
+        super().__init__()
+        self.X, self.Y = nn.Parameter(X), nn.Parameter(Y)
+        self.rotations = []
+
+    def images(self):
+        return self.X
+
+    def forward(self):
+        return self.X, self.Y
+
+    def param_groups(self, lr_image, lr_repr):
+        return [{"params": [self.X], "lr": lr_image}, {"params": [self.Y], "lr": lr_repr}]
+
+    def export(self):
+        return {"X": self.X.detach(), "Y": self.Y.detach(), "rotations": []}
+
+
+@torch.no_grad()
+def init_distilled(cfg, data, T, m, gen):
+    """Start from m random real train images: their PCA coefficients / pixels and teacher targets."""
+    idx = torch.randperm(len(data.train_x), generator=gen, device=gen.device)[:m].to(data.train_x.device)
+    if cfg["distillation"]["method"] == "krr_st":
+        return FreeDistilled(utils.normalize(data.train_x[idx], data.mean, data.std), T[idx, 0].clone())
+    P, bs = cfg["parameterization"], cfg["data"]["eval_batch_size"]
+    X_low = torch.cat([utils.downsample(utils.normalize(x, data.mean, data.std), P["image_basis_size"])
+                       for x in data.train_x.split(bs)])  # (N_train, 3 r_b^2)
+    mu_x, B_x = utils.pca(X_low, P["U"])
+    mu_y, B_y = utils.pca(T[:, 0], P["V"])
+    C_x = (X_low[idx] - mu_x) @ B_x.T
+    C_y = (T[idx, 0] - mu_y) @ B_y.T
+    C_yk = (T[idx, 1:] - mu_y).transpose(0, 1) @ B_y.T  # (K-1, m, V)
+    return PCADistilled(mu_x, B_x, C_x, mu_y, B_y, C_y, C_yk, cfg["augmentations"]["rotate"],
+                        data.train_x.shape[-1], P["learn_bases"])
+
+
+# ============================================================================================
+# SPEC 4: the model pool and one outer step
+# ============================================================================================
+class ModelPool:
+    """L ConvNets, each with its own SGD state and age; a model is re-initialised at age Z."""
+
+    def __init__(self, mp, resolution, d_y, device):
+        self.mp, self.resolution, self.d_y, self.device = mp, resolution, d_y, device
+        self.models, self.opts, self.ages = [None] * mp["size_L"], [None] * mp["size_L"], [0] * mp["size_L"]
+        for j in range(mp["size_L"]):
+            self.reset(j)
+
+    def reset(self, j):
+        f = models.ConvNet(self.mp["widths"], self.resolution, self.d_y).to(self.device)
+        if self.device.type == "cuda":
+            f = f.to(memory_format=torch.channels_last)
+        self.models[j] = f
+        self.opts[j] = torch.optim.SGD(f.parameters(), lr=self.mp["lr"], momentum=self.mp["momentum"],
+                                       weight_decay=self.mp["weight_decay"])
+        self.ages[j] = 0
+
+    def inner_step(self, j, X, Y):
+        """One SGD step of model j on MSE(f(X_s), Y_s), train mode, X_s and Y_s detached (SPEC 4.6-7)."""
+        f = self.models[j].train()
+        with utils.autocast(self.device):
+            loss = models.mse(f(utils.to_channels_last(X.detach(), self.device)), Y.detach())
+        self.opts[j].zero_grad(set_to_none=True)
+        loss.backward()
+        self.opts[j].step()
+        self.ages[j] += 1
+        if self.ages[j] >= self.mp["inner_loop_steps_Z"]:
+            self.reset(j)
+
+    def stagger(self, X, Y, rng):
+        """Model j starts at a random age in [0, Z), pre-trained that many steps on the initial set."""
+        for j in range(len(self.models)):
+            for _ in range(rng.randrange(self.mp["inner_loop_steps_Z"])):
+                self.inner_step(j, X, Y)
+
+    def state_dict(self):
+        return {"models": [f.state_dict() for f in self.models], "opts": [o.state_dict() for o in self.opts],
+                "ages": list(self.ages)}
+
+    def load_state_dict(self, s):
+        for j, (fs, os_) in enumerate(zip(s["models"], s["opts"])):
+            self.reset(j)
+            self.models[j].load_state_dict(fs, strict=True)
+            self.opts[j].load_state_dict(os_)
+        self.ages = list(s["ages"])
+
+
+def krr_predict(Phi_s, Phi_t, Y_s, ridge):
+    """Yhat_t = K_ts (K_ss + ridge tr(K_ss) I)^-1 Y_s in float32, features with a constant-1 column."""
+    Phi_s = torch.cat([Phi_s.float(), Phi_s.new_ones(len(Phi_s), 1, dtype=torch.float32)], 1)
+    Phi_t = torch.cat([Phi_t.float(), Phi_t.new_ones(len(Phi_t), 1, dtype=torch.float32)], 1)
+    K_ss = Phi_s @ Phi_s.T  # (m', m')
+    K_ts = Phi_t @ Phi_s.T  # (b', m')
+    lam = ridge * torch.trace(K_ss).detach()
+    eye = torch.eye(len(K_ss), device=K_ss.device)
+    return K_ts @ torch.linalg.solve(K_ss + lam * eye, Y_s.float())
+
+
+def real_batch(data, T, dc, rotations, gen):
+    """`outer_batch_size` real images in all K views (or identity only) with targets from T."""
+    idx = torch.randint(len(data.train_x), (dc["outer_batch_size"],), generator=gen, device=gen.device)
+    idx = idx.to(data.train_x.device)
+    x = utils.normalize(data.train_x[idx], data.mean, data.std)
+    if dc["real_views"] == "identity":
+        return x, T[idx, 0]
+    return utils.all_views(x, rotations), T[idx].transpose(0, 1).flatten(0, 1)  # view-major, as all_views
+
+
+def outer_step(distilled, pool, data, T, dc, opt, sched, gen, rng):
+    """SPEC 4.2-7: KRR loss of one random pool model on a real batch, AdamW step, then the inner step."""
+    dev = pool.device
+    x_t, y_t = real_batch(data, T, dc, distilled.rotations, gen)
+    X_s, Y_s = distilled()
+    j = rng.randrange(len(pool.models))
+    f = pool.models[j].eval()
+    with utils.autocast(dev):
+        with torch.no_grad():
+            Phi_t = f.embed(utils.to_channels_last(x_t, dev))
+        Phi_s = f.embed(utils.to_channels_last(X_s, dev))
+    loss = models.mse(krr_predict(Phi_s, Phi_t, Y_s, dc["ridge"]), y_t)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    pool.inner_step(j, X_s, Y_s)
+    return loss.detach()
+
+
+# ============================================================================================
+# SPEC 5: approximation networks
+# ============================================================================================
+def fit_approx_nets(C_y, C_yk, ac, seed):
+    """One MLP per rotation, full-batch Adam on (c^y -> c^{y,k} - c^y); relative errors ||err|| / ||shift||."""
+    nets, errors = [], []
+    for k in range(len(C_yk)):
+        torch.manual_seed(seed + k)
+        net = models.ApproxMLP(C_y.shape[1], ac["hidden"]).to(C_y.device)
+        opt = torch.optim.Adam(net.parameters(), lr=ac["lr"])
+        shift = C_yk[k] - C_y
+        for _ in range(ac["steps"]):
+            loss = models.mse(net(C_y), shift)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            errors.append(((net(C_y) - shift).norm() / shift.norm().clamp_min(1e-12)).item())
+        nets.append(net.eval())
+    return nets, errors
+
+
+def save_grid(images, mean, std, path, max_images=100):
+    from torchvision.utils import save_image
+    x = images[:max_images].detach().float().cpu() * std.view(1, -1, 1, 1).cpu() + mean.view(1, -1, 1, 1).cpu()
+    save_image(x.clamp(0, 1), path, nrow=int(math.ceil(math.sqrt(len(x)))), padding=1)
+
+
+# ============================================================================================
+# main: arguments -> config -> data -> teacher targets -> distilled set -> pool -> loop -> assets
+# ============================================================================================
+def main(argv=None):
+    args, overrides = parse_args(argv)
+    cfg = utils.load_config(args.config, overrides)
+    dc, mp = cfg["distillation"], cfg["model_pool"]
+    if dc["method"] == "krr_st":  # the baseline: no rotations, no bases (SPEC 6.3)
+        cfg["augmentations"]["rotate"] = []
+    device = utils.get_device(args.device)
+    utils.set_seed(cfg["seed"])
+    gen, rng = utils.make_generator(device, cfg["seed"]), random.Random(cfg["seed"])
+    out = Path(args.out) if args.out else default_out(cfg)
+    utils.guard_outputs([out / "distilled_data.pth", out / "checkpoint.pth"], args.resume, args.overwrite)
+    res = cfg["data"]["resolution"]
+    table = storage_accounting(cfg, res)
+    rotations = cfg["augmentations"]["rotate"]
+    derived = {"device": str(device), "m": table["m"], "K": 1 + len(rotations), "out": str(out)}
+    utils.print_config(cfg, derived)
+    print_storage(table)
+    utils.write_json({"config": cfg, "derived": derived, "storage": table}, out / "config.json")
+
+    # ---------------------------------------------------------------- data, teacher targets T (N, K, d_y)
+    data = utils.load_dataset(cfg["dataset"], cfg["data"]["root"], res).to(device)
+    teacher_file = Path(args.teacher) if args.teacher else utils.teacher_path(cfg)
+    teacher, _ = utils.load_teacher(teacher_file, cfg["dataset"], res, device)
+    t0 = time.time()
+    T = utils.teacher_targets(teacher, teacher_file, data, rotations, cfg["data"]["eval_batch_size"])
+    print(f"teacher targets {tuple(T.shape)} ready in {time.time() - t0:.1f}s")
+    del teacher
+
+    # ---------------------------------------------------------------- distilled set, optimizer, pool
+    distilled = init_distilled(cfg, data, T, table["m"], gen).to(device)
+    opt = torch.optim.AdamW(distilled.param_groups(dc["lr_image"], dc["lr_repr"]), weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / dc["steps"]))
+    pool = ModelPool(mp, res, T.shape[-1], device)
+    log = utils.RunLog(out / "log.jsonl", resume=args.resume)
+    step, curve = 0, []
+    if args.resume:
+        ckpt = utils.load_checkpoint(out / "checkpoint.pth", cfg, ["distillation.method", "parameterization.U",
+                                                                   "parameterization.V", "model_pool.widths"])
+        distilled.load_state_dict(ckpt["distilled"], strict=True)
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        pool.load_state_dict(ckpt["pool"])
+        utils.set_rng_state(ckpt["rng"], gen)
+        rng.setstate(ckpt["py_rng"])
+        step, curve = ckpt["step"], ckpt["curve"]
+        print(f"resumed from {out / 'checkpoint.pth'} at step {step}")
+    else:
+        t0 = time.time()
+        X0, Y0 = distilled()
+        pool.stagger(X0, Y0, rng)
+        print(f"model pool staggered (ages {pool.ages}) in {time.time() - t0:.1f}s")
+
+    def checkpoint():
+        utils.atomic_save({"distilled": distilled.state_dict(), "optimizer": opt.state_dict(),
+                           "scheduler": sched.state_dict(), "pool": pool.state_dict(), "rng": utils.rng_state(gen),
+                           "py_rng": rng.getstate(), "step": step, "curve": curve, "config": cfg},
+                          out / "checkpoint.pth")
+
+    # ---------------------------------------------------------------- the bilevel loop
+    bar = tqdm(total=dc["steps"], initial=step, desc="distill", dynamic_ncols=True)
+    window, t_log, s_log = [], time.time(), step
+    while step < dc["steps"]:
+        loss = outer_step(distilled, pool, data, T, dc, opt, sched, gen, rng)
+        step += 1
+        window.append(loss)
+        bar.update(1)
+        if step % dc["log_every"] == 0 or step == dc["steps"] or step == 1:
+            mean_loss = torch.stack(window).mean().item()
+            utils.check_finite(torch.tensor(mean_loss), f"step {step}")
+            rate = (step - s_log) / (time.time() - t_log)
+            curve.append((step, mean_loss))
+            log(step=step, loss=mean_loss, lr_image=opt.param_groups[0]["lr"], steps_per_s=rate)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", steps_per_s=f"{rate:.1f}")
+            window, t_log, s_log = [], time.time(), step
+        if step % dc["save_every"] == 0 or step == dc["steps"]:
+            checkpoint()
+    bar.close()
+
+    # ---------------------------------------------------------------- approximation nets and assets
+    asset = {"method": dc["method"], "dataset": cfg["dataset"], "resolution": res, "m": table["m"],
+             "mean": data.mean.cpu(), "std": data.std.cpu(), "storage": table, "config": cfg, "steps": step,
+             "teacher_hash": utils.file_hash(teacher_file), "store_augmented_targets":
+             cfg["storage"]["store_augmented_targets"], **{k: v.cpu() if torch.is_tensor(v) else v
+                                                           for k, v in distilled.export().items()}}
+    approx_errors = {}
+    if dc["method"] == "ours" and rotations:
+        C_y, C_yk = distilled.C_y.detach(), distilled.C_yk.detach()
+        if cfg["storage"]["store_augmented_targets"]:
+            asset["C_y_aug"] = C_yk.cpu()
+        else:
+            nets, errors = fit_approx_nets(C_y, C_yk, cfg["approximation"], cfg["seed"])
+            for angle, net, err in zip(rotations, nets, errors):
+                utils.atomic_save({"state_dict": {k: v.cpu() for k, v in net.state_dict().items()},
+                                   "V": C_y.shape[1], "hidden": cfg["approximation"]["hidden"], "rotation": angle,
+                                   "relative_error": err}, out / f"approx_net_rot_{angle}.pth")
+                approx_errors[f"rot_{angle}"] = err
+                print(f"approximation net rot {angle}: relative error {err:.4f}")
+    utils.atomic_save(asset, out / "distilled_data.pth")
+    with torch.no_grad():
+        save_grid(distilled.images(), data.mean, data.std, out / "distilled_images.png")
+    metrics = {"steps": step, "loss_curve": curve, "loss_first": curve[0][1] if curve else None,
+               "loss_last": curve[-1][1] if curve else None, "storage": table,
+               "approximation_relative_error": approx_errors, "out": str(out)}
+    utils.write_json(metrics, out / "metrics.json")
+    print(f"distilled set written to {out} (m={table['m']}, {step} steps)")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

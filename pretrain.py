@@ -1,0 +1,157 @@
+"""Barlow Twins teacher g (SPEC 1): ResNet-18 (CIFAR stem) pre-trained on the unlabeled train split.
+
+    python pretrain.py CIFAR10                     # configs/cifar10.yaml, pretrain: section
+    python pretrain.py DIGITS --epochs 2           # CPU smoke run
+    python pretrain.py CIFAR10 --resume            # continue an interrupted run
+    python pretrain.py CIFAR10 --pretrain.knn_every=5 --out teacher_models
+
+Writes, under --out (default teacher_models/):
+    resnet18_barlow_twins_<dataset>.pth         {'backbone': state_dict, 'meta': {...}}, loaded by utils.load_teacher
+    resnet18_barlow_twins_<dataset>_run/        checkpoint.pth (every epoch, atomic), config.json,
+                                                log.jsonl (per-epoch loss, kNN), metrics.json (final probe)
+The data sits on the device as uint8; both views are augmented there in one batched pass.
+"""
+import argparse
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import models
+import utils
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dataset", type=str.upper, choices=utils.DATASETS)
+    p.add_argument("--config", default=None, help="default: configs/<dataset>.yaml")
+    p.add_argument("--epochs", type=int, default=None, help="overrides pretrain.epochs")
+    p.add_argument("--batch-size", type=int, default=None, help="overrides pretrain.batch_size")
+    p.add_argument("--out", default="teacher_models", help="folder for the teacher and its run folder")
+    utils.add_common_args(p)
+    args, rest = p.parse_known_args(argv)
+    overrides = utils.parse_overrides(rest)
+    if args.epochs is not None:
+        overrides["pretrain.epochs"] = args.epochs
+    if args.batch_size is not None:
+        overrides["pretrain.batch_size"] = args.batch_size
+    return args, overrides
+
+
+def lr_at(step, steps_per_epoch, pc):
+    """Linear warm-up for `warmup_epochs`, then cosine to 0; lr scaled by batch / 256 (per step)."""
+    peak = pc["lr"] * pc["batch_size"] / 256
+    warm, total = pc["warmup_epochs"] * steps_per_epoch, pc["epochs"] * steps_per_epoch
+    if step < warm:
+        return peak * (step + 1) / warm
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def train_one_epoch(backbone, proj, opt, data, pc, epoch, gen, device):
+    """One pass over the train split in random batches (last partial batch dropped): mean loss, views/s."""
+    backbone.train(), proj.train()
+    N, B = len(data.train_x), pc["batch_size"]
+    steps = N // B
+    perm = torch.randperm(N, generator=gen, device=device)
+    total, t0 = torch.zeros((), device=device), time.time()
+    bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{pc['epochs']}", leave=False)
+    for i in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(epoch * steps + i, steps, pc)
+        x = data.train_x[perm[i * B:(i + 1) * B]]
+        v1, v2 = (utils.to_channels_last(v, device) for v in utils.barlow_views(x, data.mean, data.std, pc, gen))
+        with utils.autocast(device):
+            z1, z2 = proj(backbone(v1)), proj(backbone(v2))
+        loss = models.barlow_twins_loss(z1, z2, pc["lambda_offdiag"], pc["loss_scale"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += loss.detach()
+        if i % 20 == 0:
+            utils.check_finite(loss, f"epoch {epoch + 1} step {i}")
+            bar.set_postfix(loss=f"{loss.item():.2f}", lr=f"{opt.param_groups[0]['lr']:.3f}")
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return total.item() / steps, 2 * steps * B / (time.time() - t0)
+
+
+def main(argv=None):
+    args, overrides = parse_args(argv)
+    cfg_path = args.config or f"configs/{args.dataset.lower()}.yaml"
+    cfg = utils.load_config(cfg_path, overrides)
+    if cfg["dataset"] != args.dataset:
+        raise utils.ConfigError(f"{cfg_path}: dataset is {cfg['dataset']}, but the command asked for {args.dataset}")
+    pc = cfg["pretrain"]
+    device = utils.get_device(args.device)
+    utils.set_seed(cfg["seed"])
+    gen = utils.make_generator(device, cfg["seed"])
+    out = Path(args.out)
+    teacher_file = out / f"resnet18_barlow_twins_{args.dataset.lower()}.pth"
+    run = out / f"resnet18_barlow_twins_{args.dataset.lower()}_run"
+    utils.guard_outputs([teacher_file, run / "checkpoint.pth"], args.resume, args.overwrite)
+    derived = {"device": str(device), "peak_lr": pc["lr"] * pc["batch_size"] / 256, "teacher_file": str(teacher_file)}
+    utils.print_config(cfg, derived)
+    utils.write_json({"config": cfg, "derived": derived}, run / "config.json")
+
+    # ---------------------------------------------------------------- data (uint8 on the device)
+    data = utils.load_dataset(cfg["dataset"], cfg["data"]["root"], cfg["data"]["resolution"]).to(device)
+    if len(data.train_x) < pc["batch_size"]:
+        raise utils.ConfigError(f"{cfg_path}: pretrain.batch_size {pc['batch_size']} > {len(data.train_x)} train images")
+    print(f"{data.name}: {len(data.train_x)} train / {len(data.test_x)} test images at {data.train_x.shape[-1]} px")
+
+    # ---------------------------------------------------------------- model, optimizer
+    backbone = models.resnet18_cifar().to(device)
+    proj = models.projector(512, pc["projector_dims"]).to(device)
+    if device.type == "cuda":
+        backbone = backbone.to(memory_format=torch.channels_last)
+    opt = models.LARS(models.lars_param_groups(backbone, proj), lr=0.0, momentum=pc["momentum"],
+                      weight_decay=pc["weight_decay"], eta=pc["lars_eta"])
+    fwd_backbone, fwd_proj = backbone, proj
+    if pc["compile"] and device.type == "cuda":
+        fwd_backbone, fwd_proj = torch.compile(backbone), torch.compile(proj)
+
+    # ---------------------------------------------------------------- resume
+    start_epoch, log = 0, utils.RunLog(run / "log.jsonl", resume=args.resume)
+    if args.resume:
+        ckpt = utils.load_checkpoint(run / "checkpoint.pth", cfg, ["pretrain.projector_dims", "pretrain.batch_size"])
+        backbone.load_state_dict(ckpt["backbone"], strict=True)
+        proj.load_state_dict(ckpt["projector"], strict=True)
+        opt.load_state_dict(ckpt["optimizer"])
+        utils.set_rng_state(ckpt["rng"], gen)
+        start_epoch = ckpt["epoch"]
+        print(f"resumed from {run / 'checkpoint.pth'} at epoch {start_epoch}")
+
+    # ---------------------------------------------------------------- loop
+    knn = None
+    for epoch in range(start_epoch, pc["epochs"]):
+        loss, rate = train_one_epoch(fwd_backbone, fwd_proj, opt, data, pc, epoch, gen, device)
+        row = {"epoch": epoch + 1, "loss": loss, "views_per_s": rate, "lr": opt.param_groups[0]["lr"]}
+        if (epoch + 1) % pc["knn_every"] == 0 or epoch + 1 == pc["epochs"]:
+            bs = cfg["data"]["eval_batch_size"]
+            knn = utils.knn_accuracy(utils.embed_all(backbone, data.train_x, data.mean, data.std, bs), data.train_y,
+                                     utils.embed_all(backbone, data.test_x, data.mean, data.std, bs), data.test_y,
+                                     data.num_classes, pc["knn_k"], pc["knn_temperature"])
+            row["knn_top1"] = knn
+        log(**row)
+        print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+        utils.atomic_save({"backbone": backbone.state_dict(), "projector": proj.state_dict(),
+                           "optimizer": opt.state_dict(), "epoch": epoch + 1, "rng": utils.rng_state(gen),
+                           "config": cfg}, run / "checkpoint.pth")
+
+    # ---------------------------------------------------------------- teacher file and probe
+    meta = {"dataset": cfg["dataset"], "resolution": cfg["data"]["resolution"], "epochs": pc["epochs"],
+            "mean": data.mean.tolist(), "std": data.std.tolist(), "d_y": 512}
+    utils.atomic_save({"backbone": {k: v.cpu() for k, v in backbone.state_dict().items()}, "meta": meta}, teacher_file)
+    t0 = time.time()
+    probe = utils.probe_backbone(backbone, data, cfg["probe"], cfg["seed"], cfg["data"]["eval_batch_size"])
+    metrics = {"linear_probe_top1": probe, "knn_top1": knn, "epochs": pc["epochs"], "teacher_file": str(teacher_file),
+               "probe_time_s": time.time() - t0}
+    utils.write_json(metrics, run / "metrics.json")
+    print(f"teacher written to {teacher_file}; linear probe top-1 {probe:.2f}% (kNN {knn:.2f}%)")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny datasets written in the official layouts (SPEC 7) into tmp_path."""
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy.io import savemat
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR10_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+
+
+def write_pickle(path, d, bytes_keys):
+    """Pickle a dict the way the official files read back: bytes keys (Python 2) or str keys."""
+    if bytes_keys:
+        d = {k.encode(): v for k, v in d.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        pickle.dump(d, f, protocol=2)
+
+
+def make_cifar10(root, per_batch=4, bytes_keys=True, seed=0):
+    """root/cifar-10-python/{data_batch_1..5,test_batch,batches.meta}; returns {file: (data, labels)}."""
+    rng = np.random.default_rng(seed)
+    folder = Path(root) / "cifar-10-python"
+    written = {}
+    for name in CIFAR10_FILES:
+        data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        labels = [int(v) for v in rng.integers(0, 10, per_batch)]
+        write_pickle(folder / name, {"batch_label": name, "labels": labels, "data": data}, bytes_keys)
+        written[name] = (data, labels)
+    write_pickle(folder / "batches.meta", {"label_names": [f"c{i}" for i in range(10)], "num_vis": 3072},
+                 bytes_keys)
+    return written
+
+
+def make_dogs(root, per_breed, breeds=2, size=(12, 10), seed=0):
+    """root/stanford-dogs/images/Images/n0000000{i}-Breed{i}/*.jpg; returns the stanford-dogs folder."""
+    rng = np.random.default_rng(seed)
+    images = Path(root) / "stanford-dogs" / "images" / "Images"
+    for i in range(breeds):
+        d = images / f"n0000000{i}-Breed{i}"
+        d.mkdir(parents=True)
+        for j in range(per_breed):
+            w, h = size if isinstance(size, tuple) else size[j % len(size)]
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(d / f"n0000000{i}_{j:04d}.jpg")
+    return images.parent.parent
+
+
+def write_mat_list(path, files):
+    """The official list format: file_list an (N, 1) cell of 1-element strings, labels (N, 1) 1-based."""
+    cells = np.empty((len(files), 1), dtype=object)
+    for i, f in enumerate(files):
+        cells[i, 0] = np.array([f])
+    labels = np.array([[int(f.split("-")[0][-1]) + 1] for f in files], dtype=np.uint8)
+    savemat(str(path), {"file_list": cells, "annotation_list": cells, "labels": labels})
+
+
+@pytest.fixture
+def cifar10_root(tmp_path):
+    """A tiny CIFAR-10 (4 images per batch, bytes keys) under tmp_path; yields (root, written arrays)."""
+    return tmp_path, make_cifar10(tmp_path)

@@ -1,0 +1,248 @@
+"""Loaders on tiny datasets written in the official layouts (SPEC 7); DatasetError messages."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import utils
+from conftest import REPO, make_cifar10, make_dogs, write_mat_list, write_pickle
+
+
+# ---------------------------------------------------------------------------------------------
+# CIFAR-10 / CIFAR-100
+# ---------------------------------------------------------------------------------------------
+def check_cifar10(root, written):
+    train = [written[f"data_batch_{i}"] for i in range(1, 6)]
+    data = utils.load_dataset("CIFAR10", root, 32)
+    assert data.train_x.shape == (20, 3, 32, 32) and data.test_x.shape == (4, 3, 32, 32)
+    assert data.train_x.dtype == torch.uint8 and data.train_y.dtype == torch.int64
+    assert data.test_y.dtype == torch.int64 and data.num_classes == 10
+    rows = np.concatenate([d for d, _ in train])
+    # a data row is R, G, B planes of 1024 bytes each, every plane row-major
+    assert data.train_x[1, 0, 0, 1].item() == rows[1, 1]
+    assert data.train_x[1, 1, 2, 0].item() == rows[1, 1024 + 2 * 32]
+    assert data.train_x[2, 2, 31, 31].item() == rows[2, 3071]
+    assert np.array_equal(data.train_x.numpy(), rows.reshape(-1, 3, 32, 32))
+    assert data.train_y.tolist() == sum((lab for _, lab in train), [])
+    assert np.array_equal(data.test_x.numpy(), written["test_batch"][0].reshape(-1, 3, 32, 32))
+    assert data.test_y.tolist() == written["test_batch"][1]
+    planes = rows.reshape(-1, 3, 1024).transpose(1, 0, 2).reshape(3, -1) / 255.0
+    np.testing.assert_allclose(data.mean.numpy(), planes.mean(1), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(data.std.numpy(), planes.std(1), rtol=0, atol=1e-6)
+
+
+def test_cifar10_bytes_keys(cifar10_root):
+    """Python-2 style pickles (b'data', b'labels') load with the right layout and statistics."""
+    check_cifar10(*cifar10_root)
+
+
+def test_cifar10_str_keys(tmp_path):
+    check_cifar10(tmp_path, make_cifar10(tmp_path, bytes_keys=False, seed=1))
+
+
+def test_cifar10_load_cifar10(cifar10_root):
+    root, written = cifar10_root
+    train_x, train_y, test_x, test_y, classes = utils.load_cifar10(root)
+    assert train_x.shape == (20, 3, 32, 32) and test_y.shape == (4,) and classes == 10
+    assert train_x.is_contiguous()
+
+
+def test_cifar10_wrong_resolution(cifar10_root):
+    with pytest.raises(utils.ConfigError, match="resolution"):
+        utils.load_dataset("CIFAR10", cifar10_root[0], 64)
+
+
+def test_cifar10_missing_folder(tmp_path):
+    with pytest.raises(utils.DatasetError) as e:
+        utils.load_dataset("CIFAR10", tmp_path / "nowhere", 32)
+    assert str(tmp_path / "nowhere" / "cifar-10-python") in str(e.value)
+    assert utils.CIFAR10_LAYOUT in str(e.value)
+
+
+def test_cifar10_missing_batch(cifar10_root):
+    root, _ = cifar10_root
+    (root / "cifar-10-python" / "data_batch_3").unlink()
+    with pytest.raises(utils.DatasetError, match="data_batch_3") as e:
+        utils.load_cifar10(root)
+    assert utils.CIFAR10_LAYOUT in str(e.value)
+
+
+@pytest.mark.parametrize("corrupt", ["truncated", "wrong_keys", "wrong_size"])
+def test_cifar10_corrupt_pickle(cifar10_root, corrupt):
+    """A corrupt batch raises a DatasetError naming the file."""
+    root, _ = cifar10_root
+    path = root / "cifar-10-python" / "test_batch"
+    if corrupt == "truncated":
+        path.write_bytes(path.read_bytes()[:100])
+    elif corrupt == "wrong_keys":
+        write_pickle(path, {"pixels": np.zeros((4, 3072), np.uint8), "labels": [0] * 4}, True)
+    else:
+        write_pickle(path, {"data": np.zeros((4, 1000), np.uint8), "labels": [0] * 4}, True)
+    with pytest.raises(utils.DatasetError, match="test_batch"):
+        utils.load_cifar10(root)
+
+
+def test_cifar100_local(tmp_path):
+    """root/data/cifar-100-python/{train,test,meta} with fine_labels loads without a download."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "data" / "cifar-100-python"
+    arrays = {}
+    for name, n in (("train", 6), ("test", 3)):
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        fine = [int(v) for v in rng.integers(0, 100, n)]
+        write_pickle(folder / name, {"data": data, "fine_labels": fine, "coarse_labels": [0] * n}, True)
+        arrays[name] = (data, fine)
+    write_pickle(folder / "meta", {"fine_label_names": [str(i) for i in range(100)]}, True)
+    data = utils.load_dataset("CIFAR100", tmp_path, 32)
+    assert data.num_classes == 100 and data.train_x.shape == (6, 3, 32, 32) and data.test_x.shape == (3, 3, 32, 32)
+    assert np.array_equal(data.train_x.numpy(), arrays["train"][0].reshape(-1, 3, 32, 32))
+    assert data.train_y.tolist() == arrays["train"][1] and data.test_y.tolist() == arrays["test"][1]
+    assert data.train_y.dtype == torch.int64
+
+
+def test_unknown_dataset(tmp_path):
+    with pytest.raises(utils.ConfigError, match="MNIST"):
+        utils.load_dataset("MNIST", tmp_path, 32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stanford Dogs
+# ---------------------------------------------------------------------------------------------
+def test_decode_image_resize_and_centre_crop(tmp_path):
+    """Shorter side -> size, then the centre size x size crop, uint8 CHW."""
+    wide = np.zeros((30, 40, 3), np.uint8)  # 40 x 30: a 5 px red border left and right
+    wide[:, :5, 0] = wide[:, 35:, 0] = 255
+    wide[:, 5:35] = 128
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    x = utils._decode_image(tmp_path / "wide.png", 30)
+    assert x.shape == (3, 30, 30) and x.dtype == torch.uint8
+    assert (x == 128).all(), "the centre crop must drop the side borders"
+    tall = np.zeros((50, 30, 3), np.uint8)  # 30 x 50: the top half red, the bottom half blue
+    tall[:25, :, 0] = 255
+    tall[25:, :, 2] = 255
+    Image.fromarray(tall).save(tmp_path / "tall.png")
+    y = utils._decode_image(tmp_path / "tall.png", 16)
+    assert y.shape == (3, 16, 16)
+    assert y[0, :6].float().mean() > 250 and y[2, -6:].float().mean() > 250  # top red, bottom blue
+    z = utils._decode_image(tmp_path / "tall.png", 64)  # upsampling works too
+    assert z.shape == (3, 64, 64) and z.dtype == torch.uint8
+
+
+def test_dogs_fallback_split(tmp_path):
+    """Without .mat lists: the first DOGS_TRAIN_PER_BREED sorted files per breed train, the rest test."""
+    n = utils.DOGS_TRAIN_PER_BREED
+    folder = make_dogs(tmp_path, per_breed=n + 2, breeds=2)
+    breeds, train, test, split = utils.stanford_dogs_split(folder)
+    assert breeds == ["n00000000-Breed0", "n00000001-Breed1"] and split == f"first{n}"
+    assert len(train) == 2 * n and len(test) == 4
+    assert train[0] == "n00000000-Breed0/n00000000_0000.jpg"
+    assert test == [f"n0000000{b}-Breed{b}/n0000000{b}_{j:04d}.jpg" for b in (0, 1) for j in (n, n + 1)]
+    data = utils.load_dataset("STANFORD_DOGS", tmp_path, 8)
+    assert data.train_x.shape == (2 * n, 3, 8, 8) and data.test_x.shape == (4, 3, 8, 8)
+    assert data.train_x.dtype == torch.uint8 and data.num_classes == 2
+    assert data.train_y.tolist() == [0] * n + [1] * n and data.test_y.tolist() == [0, 0, 1, 1]
+
+
+def test_dogs_official_split_and_cache(tmp_path):
+    """The .mat lists decide the split; the decoded arrays are cached and read back."""
+    folder = make_dogs(tmp_path, per_breed=3, breeds=3, size=[(40, 30), (30, 50)])
+    train = ["n00000002-Breed2/n00000002_0001.jpg", "n00000000-Breed0/n00000000_0002.jpg",
+             "n00000001-Breed1/n00000001_0000.jpg"]
+    test = ["n00000001-Breed1/n00000001_0002.jpg", "n00000000-Breed0/n00000000_0000.jpg"]
+    write_mat_list(folder / "train_list.mat", train)
+    write_mat_list(folder / "test_list.mat", test)
+    breeds, tr, te, split = utils.stanford_dogs_split(folder)
+    assert (tr, te, split) == (train, test, "official") and len(breeds) == 3
+    data = utils.load_dataset("STANFORD_DOGS", tmp_path, 16)
+    assert data.train_x.shape == (3, 3, 16, 16) and data.test_x.shape == (2, 3, 16, 16)
+    assert data.train_y.tolist() == [2, 0, 1] and data.test_y.tolist() == [1, 0]
+    images = folder / "images" / "Images"
+    assert torch.equal(data.train_x[2], utils._decode_image(images / train[2], 16))
+    caches = list(folder.glob("cache_*16px.pt"))
+    assert len(caches) == 1
+    for f in train + test:  # the second load must come from the cache alone
+        (images / f).unlink()
+    again = utils.load_dataset("STANFORD_DOGS", tmp_path, 16)
+    assert torch.equal(again.train_x, data.train_x) and torch.equal(again.test_y, data.test_y)
+    with pytest.raises(utils.DatasetError, match="missing"):  # another resolution is not cached
+        utils.load_dataset("STANFORD_DOGS", tmp_path, 8)
+
+
+def test_dogs_listed_image_missing(tmp_path):
+    folder = make_dogs(tmp_path, per_breed=1, breeds=1)
+    write_mat_list(folder / "train_list.mat", ["n00000000-Breed0/n00000000_0000.jpg"])
+    write_mat_list(folder / "test_list.mat", ["n00000000-Breed0/gone.jpg"])
+    with pytest.raises(utils.DatasetError, match="gone.jpg"):
+        utils.load_dataset("STANFORD_DOGS", tmp_path, 8)
+
+
+def test_dogs_missing_folder(tmp_path):
+    with pytest.raises(utils.DatasetError) as e:
+        utils.load_dataset("STANFORD_DOGS", tmp_path, 64)
+    assert str(tmp_path / "stanford-dogs" / "images" / "Images") in str(e.value)
+    assert utils.DOGS_LAYOUT in str(e.value)
+
+
+def test_dogs_no_breed_folders(tmp_path):
+    (tmp_path / "stanford-dogs" / "images" / "Images").mkdir(parents=True)
+    with pytest.raises(utils.DatasetError, match="no breed folders"):
+        utils.stanford_dogs_split(tmp_path / "stanford-dogs")
+
+
+# ---------------------------------------------------------------------------------------------
+# DIGITS
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("res", [16, 32])
+def test_digits(res):
+    """Bundled digits: uint8 grey-as-RGB, a fixed stratified 1347 / 450 split."""
+    data = utils.load_dataset("DIGITS", "unused", res)
+    assert data.train_x.shape == (1347, 3, res, res) and data.test_x.shape == (450, 3, res, res)
+    assert data.train_x.dtype == torch.uint8 and data.train_y.dtype == torch.int64
+    assert torch.equal(data.train_x[:, 0], data.train_x[:, 1]) and torch.equal(data.train_x[:, 0], data.train_x[:, 2])
+    assert data.train_x.max() > 200 and data.train_x.min() == 0
+    assert set(data.train_y.tolist()) == set(data.test_y.tolist()) == set(range(10))
+    assert data.num_classes == 10
+    again = utils.load_digits(res)
+    assert torch.equal(again[0], data.train_x) and torch.equal(again[3], data.test_y)
+
+
+# ---------------------------------------------------------------------------------------------
+# Real CIFAR-10 (acceptance): 50,000 / 10,000 images and the textbook channel means
+# ---------------------------------------------------------------------------------------------
+PACKS = [REPO.parent / "shared" / "data" / f"cifar10-part{i}.npz" for i in (1, 2)]
+
+
+@pytest.fixture(scope="module")
+def real_cifar10_root(tmp_path_factory):
+    if (REPO / "data" / "cifar-10-python" / "data_batch_1").is_file():
+        return REPO / "data"
+    if all(p.is_file() for p in PACKS):
+        root = tmp_path_factory.mktemp("cifar")
+        subprocess.run([sys.executable, str(PACKS[0].parent / "unpack_cifar10.py"), str(root / "cifar-10-python"),
+                        *map(str, PACKS)], check=True, capture_output=True)
+        return root
+    pytest.skip("no real CIFAR-10 (data/cifar-10-python or ../shared/data packs)")
+
+
+def test_real_cifar10(real_cifar10_root):
+    data = utils.load_dataset("CIFAR10", real_cifar10_root, 32)
+    assert data.train_x.shape == (50000, 3, 32, 32) and data.test_x.shape == (10000, 3, 32, 32)
+    assert torch.bincount(data.train_y).tolist() == [5000] * 10
+    mean = [round(v, 4) for v in data.mean.tolist()]
+    assert all(abs(a - b) < 5e-5 for a, b in zip(mean, (0.4914, 0.4822, 0.4465))), mean
+    assert all(abs(a - b) < 5e-4 for a, b in zip(data.std.tolist(), (0.2470, 0.2435, 0.2616))), data.std
+
+
+def test_cifar100_offline_failure_says_where(tmp_path, monkeypatch):
+    """An offline CIFAR-100 failure names the folder and the layout to put by hand."""
+    import torchvision.datasets
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", offline)
+    with pytest.raises(utils.DatasetError) as e:
+        utils.load_dataset("CIFAR100", tmp_path, 32)
+    assert str(tmp_path / "data" / "cifar-100-python") in str(e.value) and utils.CIFAR100_LAYOUT in str(e.value)

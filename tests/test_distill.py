@@ -1,0 +1,207 @@
+"""main_distill.py: storage accounting, parameterization, KRR, gradients, a short run, resume."""
+import json
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import main_distill
+import models
+import utils
+from tiny import REPO, write_config, write_teacher
+
+
+def cifar_cfg(**overrides):
+    return utils.load_config(REPO / "configs" / "cifar10.yaml", overrides)
+
+
+# ---------------------------------------------------------------------------------- SPEC 3
+def test_storage_matches_spec_example():
+    t = main_distill.storage_accounting(cifar_cfg(), 32)
+    assert t["budget"] == 358_400
+    assert t["rows"]["B_x"] + t["rows"]["mu_x"] + t["rows"]["B_y"] + t["rows"]["mu_y"] == 257_280
+    assert t["rows"]["approximation nets"] == 5_412
+    assert t["m"] == 239 and t["stored"] <= t["budget"]
+    assert t["stored"] == sum(t["rows"].values())
+
+
+@pytest.mark.parametrize("N,U,V,hidden,store", [(1, 8, 8, 4, False), (10, 50, 20, 2, True), (100, 200, 200, 4, True),
+                                                (240, 100, 300, 16, False), (50, 64, 64, 8, False)])
+def test_storage_never_exceeds_budget_and_m_is_maximal(N, U, V, hidden, store):
+    cfg = cifar_cfg(**{"storage.budget_N": N, "parameterization.U": U, "parameterization.V": V,
+                       "approximation.hidden": hidden, "storage.store_augmented_targets": store})
+    per_m = U + V + (3 * V if store else 0)
+    fixed = U * 768 + 768 + V * 512 + 512 + (0 if store else 3 * (2 * V * hidden + hidden + V))
+    if fixed + per_m > N * 3584:  # the bases alone do not fit: a clear error, not a negative m
+        with pytest.raises(utils.ConfigError, match="cannot hold the bases"):
+            main_distill.storage_accounting(cfg, 32)
+        return
+    t = main_distill.storage_accounting(cfg, 32)
+    assert t["stored"] <= t["budget"] and t["m"] >= 1
+    assert t["stored"] + per_m > t["budget"]  # one more distilled image would not fit
+
+
+def test_fixed_m_over_budget_is_an_error_with_the_numbers():
+    with pytest.raises(utils.ConfigError, match=r"m=240 needs 358,692 floats > budget 358,400.*largest m within budget is 239"):
+        main_distill.storage_accounting(cifar_cfg(**{"storage.m": 240}), 32)
+    assert main_distill.storage_accounting(cifar_cfg(**{"storage.m": 100}), 32)["m"] == 100
+
+
+def test_krr_st_storage_is_exactly_the_budget():
+    t = main_distill.storage_accounting(cifar_cfg(**{"distillation.method": "krr_st"}), 32)
+    assert t["m"] == 100 and t["stored"] == t["budget"]
+
+
+# ---------------------------------------------------------------------------------- SPEC 2
+def tiny_data(n=40, res=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, 3, res, res), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    mean, std = utils.channel_stats(x)
+    return utils.ImageData("DIGITS", x, y, x[:8], y[:8], mean, std, 10)
+
+
+def test_pca_parameterization_round_trip():
+    """With a full basis (U = 3 r_b^2) the initial images decode to up(down(real)) exactly."""
+    data, r_b, m = tiny_data(), 4, 12
+    cfg = utils.load_config(write_config_dir(), {"parameterization.U": 3 * r_b * r_b, "parameterization.V": 8})
+    T = torch.randn(len(data.train_x), 4, 512)
+    gen = torch.Generator().manual_seed(0)
+    d = main_distill.init_distilled(cfg, data, T, m, gen)
+    idx = torch.randperm(len(data.train_x), generator=torch.Generator().manual_seed(0))[:m]
+    real = utils.normalize(data.train_x[idx], data.mean, data.std)
+    low = utils.downsample(real, r_b).view(m, 3, r_b, r_b)
+    expected = F.interpolate(low, size=(8, 8), mode="bilinear", align_corners=False)
+    assert torch.allclose(d.images(), expected, atol=1e-4)
+    views, Y = d()
+    assert views.shape == (4 * m, 3, 8, 8) and Y.shape == (4 * m, 512)
+    assert torch.equal(views[m:2 * m], torch.rot90(views[:m], 1, (2, 3)))
+    # targets: projections onto V=8 PCA directions of T, reconstructed without the discarded part
+    mu_y, B_y = utils.pca(T[:, 0], 8)
+    assert torch.allclose(Y[:m], mu_y + (T[idx, 0] - mu_y) @ B_y.T @ B_y, atol=1e-4)
+
+
+def write_config_dir(**overrides):
+    import tempfile
+    return write_config(tempfile.mkdtemp(), **overrides)
+
+
+def test_pca_reconstructs_with_its_mean():
+    X = torch.randn(100, 6) @ torch.randn(6, 6)
+    mu, B = utils.pca(X, 6)
+    assert torch.allclose(B @ B.T, torch.eye(6), atol=1e-5)
+    assert torch.allclose(mu + (X - mu) @ B.T @ B, X, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------- SPEC 4
+def test_krr_prediction_matches_direct_solve():
+    torch.manual_seed(0)
+    Phi_s, Phi_t, Y_s = torch.randn(30, 50), torch.randn(70, 50), torch.randn(30, 5)
+    got = main_distill.krr_predict(Phi_s, Phi_t, Y_s, 1e-6)
+    Ps = torch.cat([Phi_s, torch.ones(30, 1)], 1).double()
+    Pt = torch.cat([Phi_t, torch.ones(70, 1)], 1).double()
+    K = Ps @ Ps.T
+    A = torch.linalg.lstsq(K + 1e-6 * torch.trace(K) * torch.eye(30, dtype=torch.float64), Y_s.double()).solution
+    assert torch.allclose(got.double(), Pt @ Ps.T @ A, rtol=1e-3, atol=1e-3)
+
+
+def test_gradients_reach_every_learned_tensor():
+    data = tiny_data()
+    cfg = utils.load_config(write_config_dir())
+    T = torch.randn(len(data.train_x), 4, 512)
+    d = main_distill.init_distilled(cfg, data, T, 6, torch.Generator().manual_seed(0))
+    f = models.ConvNet([16, 32], 8, 512).eval()
+    x_t, y_t = main_distill.real_batch(data, T, cfg["distillation"], d.rotations, torch.Generator().manual_seed(1))
+    assert x_t.shape[0] == 4 * cfg["distillation"]["outer_batch_size"]
+    X_s, Y_s = d()
+    loss = models.mse(main_distill.krr_predict(f.embed(X_s), f.embed(x_t), Y_s, 1e-6), y_t)
+    loss.backward()
+    for name in ("C_x", "B_x", "C_y", "B_y"):
+        assert getattr(d, name).grad.abs().sum() > 0, name
+    for k in range(3):
+        assert d.C_yk.grad[k].abs().sum() > 0, f"C_y^{k + 1}"
+
+
+def test_frozen_bases_get_no_gradient_step():
+    data = tiny_data()
+    cfg = utils.load_config(write_config_dir(parameterization__learn_bases=False))
+    d = main_distill.init_distilled(cfg, data, torch.randn(len(data.train_x), 4, 512), 6, torch.Generator())
+    groups = d.param_groups(1e-3, 1e-3)
+    assert all(p is not d.B_x and p is not d.B_y for g in groups for p in g["params"])
+
+
+def test_pool_resets_at_age_Z():
+    mp = {"size_L": 2, "inner_loop_steps_Z": 3, "widths": [8], "lr": 0.1, "momentum": 0.9, "weight_decay": 0.0}
+    pool = main_distill.ModelPool(mp, 8, 4, torch.device("cpu"))
+    X, Y = torch.randn(5, 3, 8, 8), torch.randn(5, 4)
+    first = pool.models[0]
+    for _ in range(2):
+        pool.inner_step(0, X, Y)
+    assert pool.ages[0] == 2 and pool.models[0] is first
+    pool.inner_step(0, X, Y)
+    assert pool.ages[0] == 0 and pool.models[0] is not first
+    pool.stagger(X, Y, random.Random(0))
+    assert all(0 <= a < 3 for a in pool.ages)
+
+
+# ---------------------------------------------------------------------------------- main()
+def run_distill(tmp_path, *extra):
+    cfg = write_config(tmp_path)
+    teacher = write_teacher(tmp_path / "teacher.pth")
+    out = tmp_path / "assets"
+    return main_distill.main(["--config", str(cfg), "--teacher", str(teacher), "--out", str(out), "--device", "cpu",
+                              *extra]), out
+
+
+def test_short_run_lowers_the_outer_loss_and_writes_assets(tmp_path):
+    metrics, out = run_distill(tmp_path)
+    first, last = metrics["loss_curve"][0][1], metrics["loss_curve"][-1][1]
+    assert metrics["loss_curve"][0][0] == 1 and metrics["steps"] == 50
+    assert last < 0.8 * first, metrics["loss_curve"]
+    for f in ("distilled_data.pth", "approx_net_rot_90.pth", "approx_net_rot_180.pth", "approx_net_rot_270.pth",
+              "distilled_images.png", "metrics.json", "config.json", "log.jsonl"):
+        assert (out / f).is_file(), f
+    views, targets, d = utils.load_distilled(out, torch.device("cpu"))
+    assert views.shape == (64, 3, 8, 8) and targets.shape == (64, 512)
+    assert d["storage"]["stored"] <= d["storage"]["budget"] and "C_yk" not in d
+    # the stored approximation nets reproduce the rotated targets up to their reported error
+    rel = json.loads((out / "metrics.json").read_text())["approximation_relative_error"]
+    assert set(rel) == {"rot_90", "rot_180", "rot_270"} and all(0 <= v < 1.5 for v in rel.values())
+
+
+def test_resume_continues_the_step_count(tmp_path):
+    run_distill(tmp_path, "--distillation.steps=20")
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_distill(tmp_path, "--distillation.steps=30")
+    metrics, out = run_distill(tmp_path, "--distillation.steps=30", "--resume")
+    assert metrics["steps"] == 30
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 10, 20, 30]
+
+
+def test_resume_without_checkpoint_and_wrong_teacher_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        run_distill(tmp_path, "--resume")
+    cfg = write_config(tmp_path)
+    bad = write_teacher(tmp_path / "cifar_teacher.pth", dataset="CIFAR10", resolution=32)
+    with pytest.raises(ValueError, match="teacher for CIFAR10 at 32 px"):
+        main_distill.main(["--config", str(cfg), "--teacher", str(bad), "--out", str(tmp_path / "o"), "--device", "cpu"])
+    torch.save({"state_dict": {}}, tmp_path / "junk.pth")
+    with pytest.raises(ValueError, match="not a teacher file"):
+        main_distill.main(["--config", str(cfg), "--teacher", str(tmp_path / "junk.pth"), "--out", str(tmp_path / "o2"),
+                           "--device", "cpu"])
+
+
+def test_krr_st_baseline_run(tmp_path):
+    metrics, out = run_distill(tmp_path, "--distillation.method=krr_st", "--distillation.steps=10")
+    views, targets, d = utils.load_distilled(out, torch.device("cpu"))
+    assert d["method"] == "krr_st" and views.shape == (10, 3, 8, 8) and targets.shape == (10, 512)
+    assert not (out / "approx_net_rot_90.pth").exists()
+
+
+def test_store_augmented_targets_ablation(tmp_path):
+    metrics, out = run_distill(tmp_path, "--storage.store_augmented_targets=true", "--distillation.steps=10")
+    views, targets, d = utils.load_distilled(out, torch.device("cpu"))
+    assert d["C_y_aug"].shape == (3, 16, 8) and not (out / "approx_net_rot_90.pth").exists()
+    assert views.shape == (64, 3, 8, 8)
