@@ -133,7 +133,7 @@ def summarize(results, table_storage):
     for name, r in results.items():
         r["retention"] = r["mean"] / full if full else None
         r["gain_recovered"] = (r["mean"] - base) / (full - base) if full is not None and base is not None \
-            and full != base else None
+            and full > base else None  # undefined when the full dataset does not beat random init
         r["storage_floats"] = table_storage.get(name)
         r["storage_images"] = None if r["storage_floats"] is None else r["storage_floats"] / table_storage["per_image"]
     return results

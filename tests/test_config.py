@@ -133,16 +133,22 @@ def test_overrides():
     ("--distilation.steps=3", r"cifar10\.yaml.*distilation"),
     ("--distillation.steps=abc", r"cifar10\.yaml: distillation\.steps"),
     ("--pretrain.lr=true", r"cifar10\.yaml: pretrain\.lr"),
+    ("--steps=3", r"cifar10\.yaml.*unknown key 'steps'"),
 ])
 def test_bad_override(item, pattern):
     with pytest.raises(utils.ConfigError, match=pattern):
         utils.load_config(REPO / "configs" / "cifar10.yaml", utils.parse_overrides([item]))
 
 
-@pytest.mark.parametrize("item", ["distillation.steps=3", "--steps=3", "--distillation.steps"])
+@pytest.mark.parametrize("item", ["distillation.steps=3", "--distillation.steps"])
 def test_malformed_override(item):
     with pytest.raises(utils.ConfigError, match="override"):
         utils.parse_overrides([item])
+
+
+def test_top_level_override():
+    cfg = utils.load_config(REPO / "configs" / "cifar10.yaml", utils.parse_overrides(["--seed=3"]))
+    assert cfg["seed"] == 3
 
 
 def _read_somewhere(dotted, text):

@@ -205,3 +205,12 @@ def test_store_augmented_targets_ablation(tmp_path):
     views, targets, d = utils.load_distilled(out, torch.device("cpu"))
     assert d["C_y_aug"].shape == (3, 16, 8) and not (out / "approx_net_rot_90.pth").exists()
     assert views.shape == (64, 3, 8, 8)
+
+
+def test_no_rotations_and_frozen_bases_ablation(tmp_path):
+    metrics, out = run_distill(tmp_path, "--augmentations.rotate=[]", "--parameterization.learn_bases=false",
+                               "--distillation.steps=10")
+    views, targets, d = utils.load_distilled(out, torch.device("cpu"))
+    assert views.shape == (16, 3, 8, 8) and d["rotations"] == [] and not list(out.glob("approx_net_*"))
+    t = d["storage"]
+    assert "approximation nets" in t["rows"] and t["rows"]["approximation nets"] == 0
