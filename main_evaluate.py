@@ -16,6 +16,7 @@ Writes evaluation_models/<dataset>_N<budget>[_to_<target>]/ (or --out): results.
 config.json, resnet18_distilled_dataset.pth, resnet18_full_dataset.pth (reused unless --retrain-full).
 """
 import argparse
+import json
 import math
 import statistics
 import time
@@ -134,7 +135,7 @@ def summarize(results, table_storage):
         r["retention"] = r["mean"] / full if full else None
         r["gain_recovered"] = (r["mean"] - base) / (full - base) if full is not None and base is not None \
             and full > base else None  # undefined when the full dataset does not beat random init
-        r["storage_floats"] = table_storage.get(name)
+        r["storage_floats"] = table_storage.get(name, r.get("storage_floats"))
         r["storage_images"] = None if r["storage_floats"] is None else r["storage_floats"] / table_storage["per_image"]
     return results
 
@@ -160,7 +161,7 @@ def main(argv=None):
     target_name = args.target or cfg["dataset"]
     suffix = f"_to_{target_name.lower()}" if target_name != cfg["dataset"] else ""
     out = Path(args.out) if args.out else Path("evaluation_models") / f"{cfg['dataset'].lower()}_N{N}{suffix}"
-    utils.guard_outputs([out / "results.json"], False, args.overwrite)
+    utils.guard_outputs([out / "results.json"], args.resume, args.overwrite)
     assets = Path(args.assets) if args.assets else main_distill.default_out(cfg)
     krr_cfg = {**cfg, "distillation": {**cfg["distillation"], "method": "krr_st"}}
     krr_assets = Path(args.krr_assets) if args.krr_assets else main_distill.default_out(krr_cfg)
@@ -198,9 +199,15 @@ def main(argv=None):
         storage[row] = d["storage"]["stored"]
         return views, targets
 
-    # ---------------------------------------------------------------- rows
+    # ---------------------------------------------------------------- rows (results saved after each one)
     results = {}
-    for row in rows:
+    if args.resume:  # keep the rows a previous run of the same config finished
+        saved = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else None
+        if saved is None or saved["config"] != cfg or saved["derived"]["seeds"] != seeds:
+            raise ValueError(f"--resume: {out / 'results.json'} is missing or was written with another config/seeds")
+        results = {k: v for k, v in saved["rows"].items() if k in rows}
+        print(f"resumed: rows {list(results)} already done")
+    for row in [r for r in rows if r not in results]:
         t0, accs = time.time(), []
         if row in ("distilled", "krr_st"):
             views, targets = distilled_set(assets if row == "distilled" else krr_assets, row)
@@ -225,15 +232,17 @@ def main(argv=None):
             print(f"{row} seed {seed}: linear probe top-1 {accs[-1]:.2f}%")
         results[row] = {"mean": statistics.fmean(accs), "std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
                         "accs": accs, "time_s": time.time() - t0}
+        utils.write_json({"rows": results, "config": cfg, "derived": derived, "complete": False}, out / "results.json")
 
     # ---------------------------------------------------------------- table
-    results = summarize(results, storage)
+    results = summarize({r: results[r] for r in rows}, storage)
     header = (f"{cfg['dataset']} -> {target_name}, budget N={N}, ResNet-18 pre-trained {ec['epochs']} epochs "
               f"(full dataset {ec['full_epochs']}), augment={ec['augment']}, linear probe {cfg['probe']['iterations']} it.")
     md = markdown(results, header)
     print(md)
     (out / "results.md").write_text(md)
-    utils.write_json({"header": header, "rows": results, "config": cfg, "derived": derived}, out / "results.json")
+    utils.write_json({"header": header, "rows": results, "config": cfg, "derived": derived, "complete": True},
+                     out / "results.json")
     return results
 
 

@@ -79,21 +79,23 @@ class LARS(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self):
+        """Multi-tensor (foreach) update: a handful of kernels per group instead of ~10 per parameter."""
         for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                dp = p.grad
-                if g["lars"]:
-                    p_norm, g_norm = p.norm(), dp.norm()
-                    ratio = g["eta"] * p_norm / (g_norm + p_norm * g["weight_decay"] + 1e-8)
-                    ratio = torch.where((p_norm > 0) & (g_norm > 0), (ratio / g["lr"]).clamp(max=1), 1.0)
-                    dp = dp.add(p, alpha=g["weight_decay"]).mul(ratio)
-                state = self.state[p]
-                if "mu" not in state:
-                    state["mu"] = torch.zeros_like(p)
-                mu = state["mu"].mul_(g["momentum"]).add_(dp)
-                p.add_(mu, alpha=-g["lr"])
+            params = [p for p in g["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if g["lars"]:
+                p_norm = torch.stack(torch._foreach_norm(params))
+                g_norm = torch.stack(torch._foreach_norm(grads))
+                ratio = g["eta"] * p_norm / (g_norm + p_norm * g["weight_decay"] + 1e-8)
+                ratio = torch.where((p_norm > 0) & (g_norm > 0), (ratio / g["lr"]).clamp(max=1), 1.0)
+                grads = torch._foreach_add(grads, params, alpha=g["weight_decay"])
+                torch._foreach_mul_(grads, list(ratio.unbind()))
+            bufs = [self.state[p].setdefault("mu", torch.zeros_like(p)) for p in params]
+            torch._foreach_mul_(bufs, g["momentum"])
+            torch._foreach_add_(bufs, grads)
+            torch._foreach_add_(params, bufs, alpha=-g["lr"])
 
 
 def lars_param_groups(*modules):

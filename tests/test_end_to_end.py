@@ -1,6 +1,6 @@
 """All three scripts on DIGITS (8 px, short schedules), with their default output folders."""
 import json
-import os
+from contextlib import chdir
 
 import pytest
 import torch
@@ -24,15 +24,11 @@ def pipeline(tmp_path_factory):
     """pretrain -> distill (ours and KRR-ST) -> evaluate, run in a fresh working directory."""
     work = tmp_path_factory.mktemp("e2e")
     cfg = str(write_config(work, **E2E))
-    cwd = os.getcwd()
-    os.chdir(work)
-    try:
+    with chdir(work):
         pretrain.main(["DIGITS", "--config", cfg, "--device", "cpu"])
         main_distill.main(["--config", cfg, "--device", "cpu"])
         main_distill.main(["--config", cfg, "--device", "cpu", "--distillation.method=krr_st"])
         results = main_evaluate.main(["--config", cfg, "--device", "cpu", "--seeds", "2"])
-    finally:
-        os.chdir(cwd)
     return work, results
 
 
@@ -92,9 +88,7 @@ def test_distilled_beats_real_images_at_the_same_budget(pipeline):
 def test_evaluate_without_assets_says_which_script_to_run(tmp_path, pipeline):
     work, _ = pipeline
     cfg = str(write_config(tmp_path, **E2E))
-    cwd = os.getcwd()
-    os.chdir(work)
-    try:
+    with chdir(work):
         with pytest.raises(FileNotFoundError, match="main_distill.py"):
             main_evaluate.main(["--config", cfg, "--device", "cpu", "--rows", "distilled",
                                 "--assets", str(tmp_path / "nowhere"), "--out", str(tmp_path / "ev")])
@@ -103,5 +97,17 @@ def test_evaluate_without_assets_says_which_script_to_run(tmp_path, pipeline):
                                 "--teacher", str(tmp_path / "none.pth"), "--out", str(tmp_path / "ev2")])
         with pytest.raises(FileExistsError):  # results are not silently replaced
             main_evaluate.main(["--config", cfg, "--device", "cpu", "--rows", "teacher"])
-    finally:
-        os.chdir(cwd)
+
+
+def test_evaluate_resume_keeps_finished_rows(tmp_path, pipeline):
+    work, _ = pipeline
+    cfg = str(write_config(tmp_path, **E2E))
+    with chdir(work):
+        common = ["--config", cfg, "--device", "cpu", "--out", str(tmp_path / "ev")]
+        first = main_evaluate.main(common + ["--rows", "teacher"])
+        both = main_evaluate.main(common + ["--rows", "teacher,no_pretraining", "--resume"])
+        assert list(both) == ["teacher", "no_pretraining"]
+        assert both["teacher"]["time_s"] == first["teacher"]["time_s"]  # not re-run
+        assert json.loads((tmp_path / "ev" / "results.json").read_text())["complete"] is True
+        with pytest.raises(ValueError, match="another config"):
+            main_evaluate.main(common + ["--rows", "teacher", "--resume", "--probe.iterations=7"])
