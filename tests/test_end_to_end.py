@@ -111,3 +111,18 @@ def test_evaluate_resume_keeps_finished_rows(tmp_path, pipeline):
         assert json.loads((tmp_path / "ev" / "results.json").read_text())["complete"] is True
         with pytest.raises(ValueError, match="another config"):
             main_evaluate.main(common + ["--rows", "teacher", "--resume", "--probe.iterations=7"])
+
+
+def test_transfer_probe_on_another_dataset(tmp_path):
+    """--target probes the source's backbones on another dataset (here tiny CIFAR-10 pickles)."""
+    from conftest import make_cifar10
+    from tiny import write_teacher
+    make_cifar10(tmp_path / "data", per_batch=12)
+    cfg = str(write_config(tmp_path, data__resolution=32))
+    teacher = write_teacher(tmp_path / "teacher.pth", "DIGITS", 32)
+    results = main_evaluate.main(["--config", cfg, "--device", "cpu", "--rows", "teacher,no_pretraining",
+                                  "--target", "CIFAR10", "--teacher", str(teacher), "--out", str(tmp_path / "ev"),
+                                  f"--data.root={tmp_path / 'data'}"])
+    assert list(results) == ["teacher", "no_pretraining"]
+    header = json.loads((tmp_path / "ev" / "results.json").read_text())["header"]
+    assert header.startswith("DIGITS -> CIFAR10")
