@@ -5,6 +5,7 @@ digits:
 	$(PYTHON) -m pip install -q -r requirements.txt
 	$(PYTHON) pretrain.py DIGITS --overwrite
 	$(PYTHON) main_distill.py --config configs/digits.yaml --overwrite
+	$(PYTHON) main_distill.py --config configs/digits.yaml --distillation.method=krr_st --overwrite
 	$(PYTHON) main_evaluate.py --config configs/digits.yaml --overwrite
 
 # The test suite (what CI runs).

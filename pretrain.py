@@ -124,10 +124,11 @@ def main(argv=None):
         print(f"resumed from {run / 'checkpoint.pth'} at epoch {start_epoch}")
 
     # ---------------------------------------------------------------- loop
-    knn = None
+    knn, t_start = None, time.time()
     for epoch in range(start_epoch, pc["epochs"]):
         loss, rate = train_one_epoch(fwd_backbone, fwd_proj, opt, data, pc, epoch, gen, device)
-        row = {"epoch": epoch + 1, "loss": loss, "views_per_s": rate, "lr": opt.param_groups[0]["lr"]}
+        eta_min = (time.time() - t_start) / (epoch + 1 - start_epoch) * (pc["epochs"] - epoch - 1) / 60
+        row = {"epoch": epoch + 1, "loss": loss, "views_per_s": rate, "lr": opt.param_groups[0]["lr"], "eta_min": eta_min}
         if (epoch + 1) % pc["knn_every"] == 0 or epoch + 1 == pc["epochs"]:
             bs = cfg["data"]["eval_batch_size"]
             knn = utils.knn_accuracy(utils.embed_all(backbone, data.train_x, data.mean, data.std, bs), data.train_y,
