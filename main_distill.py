@@ -25,7 +25,7 @@ from tqdm import tqdm
 import models
 import utils
 
-D_Y = 512  # the teacher's feature width (ResNet-18 global-average-pooled)
+D_Y = models.RESNET18_DIM  # d_y, the teacher's feature width
 
 
 def parse_args(argv):

@@ -65,7 +65,7 @@ def pretrain_on_set(images, targets, ec, epochs, mean, std, seed, desc):
     device = targets.device
     torch.manual_seed(seed)
     gen = utils.make_generator(device, seed)
-    net = models.Regressor(models.resnet18_cifar(), 512, targets.shape[1]).to(device)
+    net = models.Regressor(models.resnet18_cifar(), models.RESNET18_DIM, targets.shape[1]).to(device)
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(net.parameters(), lr=ec["lr"], momentum=ec["momentum"], weight_decay=ec["weight_decay"])
@@ -187,9 +187,10 @@ def main(argv=None):
     T = None
     if {"random_subset", "full_dataset"} & set(rows):
         T = utils.teacher_targets(teacher, teacher_file, data, rotations, bs)
-    per_image = 3 * res * res + 512
+    d_y = main_distill.D_Y
+    per_image = 3 * res * res + d_y
     storage = {"per_image": per_image, "random_subset": N * per_image, "no_pretraining": 0,
-               "full_dataset": len(data.train_x) * (3 * res * res + 512 * (1 + len(rotations)))}
+               "full_dataset": len(data.train_x) * (3 * res * res + d_y * (1 + len(rotations)))}
 
     def distilled_set(folder, row):
         views, targets, d = utils.load_distilled(folder, device)

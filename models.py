@@ -8,6 +8,9 @@ import torchvision
 # --------------------------------------------------------------------------------------------
 # ResNet-18 with the CIFAR stem (teacher g and the evaluation network)
 # --------------------------------------------------------------------------------------------
+RESNET18_DIM = 512  # ResNet-18's global-average-pooled feature width: the teacher's d_y
+
+
 def resnet18_cifar():
     """torchvision ResNet-18 with a 3x3 stride-1 stem, no max-pool, fc = Identity -> 512-d features.
 

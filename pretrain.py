@@ -103,7 +103,7 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- model, optimizer
     backbone = models.resnet18_cifar().to(device)
-    proj = models.projector(512, pc["projector_dims"]).to(device)
+    proj = models.projector(models.RESNET18_DIM, pc["projector_dims"]).to(device)
     if device.type == "cuda":
         backbone = backbone.to(memory_format=torch.channels_last)
     opt = models.LARS(models.lars_param_groups(backbone, proj), lr=0.0, momentum=pc["momentum"],
@@ -143,7 +143,7 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- teacher file and probe
     meta = {"dataset": cfg["dataset"], "resolution": cfg["data"]["resolution"], "epochs": pc["epochs"],
-            "mean": data.mean.tolist(), "std": data.std.tolist(), "d_y": 512}
+            "mean": data.mean.tolist(), "std": data.std.tolist(), "d_y": models.RESNET18_DIM}
     utils.atomic_save({"backbone": {k: v.cpu() for k, v in backbone.state_dict().items()}, "meta": meta}, teacher_file)
     t0 = time.time()
     probe = utils.probe_backbone(backbone, data, cfg["probe"], cfg["seed"], cfg["data"]["eval_batch_size"])

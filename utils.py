@@ -594,8 +594,9 @@ def embed_all(net, x, mean, std, batch_size, angle=0):
     for part in x.split(batch_size):
         part = part.to(dev)
         part = normalize(part, mean, std) if part.dtype == torch.uint8 else part
+        part = rotate(part, angle) if angle else part
         with autocast(dev):
-            f = net(to_channels_last(rotate(part, angle), dev)) if angle else net(to_channels_last(part, dev))
+            f = net(to_channels_last(part, dev))
         out.append(f.float())
     return torch.cat(out)
 
