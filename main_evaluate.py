@@ -128,7 +128,7 @@ def full_dataset_backbone(path, data, T, rotations, cfg, teacher_hash, retrain):
 # The table
 # ============================================================================================
 def summarize(results, table_storage):
-    """Mean/std per row, retention vs full_dataset, gain recovered over no_pretraining (CALIBRATION.md)."""
+    """Mean/std per row, retention vs full_dataset, gain recovered over no_pretraining."""
     full = results.get("full_dataset", {}).get("mean")
     base = results.get("no_pretraining", {}).get("mean")
     for name, r in results.items():
