@@ -226,8 +226,8 @@ def krr_predict(Phi_s, Phi_t, Y_s, ridge):
 
 def real_batch(data, T, dc, rotations, gen):
     """`outer_batch_size` real images in all K views (or identity only) with targets from T."""
-    idx = torch.randint(len(data.train_x), (dc["outer_batch_size"],), generator=gen, device=gen.device)
-    idx = idx.to(data.train_x.device)
+    idx = torch.randperm(len(data.train_x), generator=gen, device=gen.device)[:dc["outer_batch_size"]]
+    idx = idx.to(data.train_x.device)  # without replacement, as KRR-ST's shuffled loader
     x = utils.normalize(data.train_x[idx], data.mean, data.std)
     if dc["real_views"] == "identity":
         return x, T[idx, 0]
@@ -240,7 +240,7 @@ def outer_step(distilled, pool, data, T, dc, opt, sched, gen, rng):
     x_t, y_t = real_batch(data, T, dc, distilled.rotations, gen)
     X_s, Y_s = distilled()
     j = rng.randrange(len(pool.models))
-    f = pool.models[j].eval()
+    f = pool.models[j].eval().requires_grad_(False)  # the outer gradient is for the distilled set only
     with utils.autocast(dev):
         with torch.no_grad():
             Phi_t = f.embed(utils.to_channels_last(x_t, dev))
@@ -248,6 +248,7 @@ def outer_step(distilled, pool, data, T, dc, opt, sched, gen, rng):
     loss = models.mse(krr_predict(Phi_s, Phi_t, Y_s, dc["ridge"]), y_t)
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    f.requires_grad_(True)
     opt.step()
     sched.step()
     pool.inner_step(j, X_s, Y_s)

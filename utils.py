@@ -590,8 +590,9 @@ def load_teacher(path, dataset, resolution, device):
 
 
 @torch.no_grad()
-def embed_all(net, x, mean, std, batch_size, angle=0):
-    """Features of every image of a uint8 (or normalised float) tensor, in eval mode: (N, d) float32."""
+def embed_all(net, x, mean, std, batch_size, angle=0, bf16=True):
+    """Features of every image of a uint8 (or normalised float) tensor, in eval mode: (N, d) float32.
+    bf16=False keeps float32 on CUDA too (the teacher targets every regression is fitted to)."""
     net.eval()
     dev = next(net.parameters()).device
     out = []
@@ -599,7 +600,7 @@ def embed_all(net, x, mean, std, batch_size, angle=0):
         part = part.to(dev)
         part = normalize(part, mean, std) if part.dtype == torch.uint8 else part
         part = rotate(part, angle) if angle else part
-        with autocast(dev):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16 and dev.type == "cuda"):
             f = net(to_channels_last(part, dev))
         out.append(f.float())
     return torch.cat(out)
@@ -608,14 +609,14 @@ def embed_all(net, x, mean, std, batch_size, angle=0):
 def teacher_targets(teacher, teacher_file, data, rotations, batch_size):
     """T[i, k] = g(a_k(x_i)) for every train image and view: (N_train, K, d_y), cached on disk
     beside the teacher, keyed by the teacher file's hash, the dataset and the rotations (SPEC 4.1)."""
-    key = f"{data.name.lower()}_{file_hash(teacher_file)[:16]}_rot{'-'.join(map(str, rotations)) or 'none'}"
+    key = f"{data.name.lower()}_{file_hash(teacher_file)[:16]}_rot{'-'.join(map(str, rotations)) or 'none'}_fp32"
     path = Path(teacher_file).parent / f"targets_{key}.pt"
     dev = next(teacher.parameters()).device
     if path.is_file():
         T = torch.load(path, map_location=dev)
         if T.shape[:2] == (len(data.train_x), 1 + len(rotations)):
             return T
-    T = torch.stack([embed_all(teacher, data.train_x, data.mean, data.std, batch_size, a)
+    T = torch.stack([embed_all(teacher, data.train_x, data.mean, data.std, batch_size, a, bf16=False)
                      for a in [0] + list(rotations)], dim=1)
     atomic_save(T.cpu(), path)
     return T

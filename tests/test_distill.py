@@ -113,7 +113,7 @@ def test_gradients_reach_every_learned_tensor():
     d = main_distill.init_distilled(cfg, data, T, 6, torch.Generator().manual_seed(0))
     f = models.ConvNet([16, 32], 8, 512).eval()
     x_t, y_t = main_distill.real_batch(data, T, cfg["distillation"], d.rotations, torch.Generator().manual_seed(1))
-    assert x_t.shape[0] == 4 * cfg["distillation"]["outer_batch_size"]
+    assert x_t.shape[0] == 4 * min(len(data.train_x), cfg["distillation"]["outer_batch_size"])  # no repeats
     X_s, Y_s = d()
     loss = models.mse(main_distill.krr_predict(f.embed(X_s), f.embed(x_t), Y_s, 1e-6), y_t)
     loss.backward()
@@ -214,3 +214,19 @@ def test_no_rotations_and_frozen_bases_ablation(tmp_path):
     assert views.shape == (16, 3, 8, 8) and d["rotations"] == [] and not list(out.glob("approx_net_*"))
     t = d["storage"]
     assert "approximation nets" in t["rows"] and t["rows"]["approximation nets"] == 0
+
+
+def test_outer_step_updates_the_distilled_set_and_leaves_the_pool_trainable():
+    data = tiny_data()
+    cfg = utils.load_config(write_config_dir())
+    T = torch.randn(len(data.train_x), 4, 512)
+    gen = torch.Generator().manual_seed(0)
+    d = main_distill.init_distilled(cfg, data, T, 6, gen)
+    C_x0 = d.C_x.detach().clone()
+    opt = torch.optim.AdamW(d.param_groups(1e-2, 1e-2), weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    pool = main_distill.ModelPool(cfg["model_pool"], 8, 512, torch.device("cpu"))
+    loss = main_distill.outer_step(d, pool, data, T, cfg["distillation"], opt, sched, gen, random.Random(0))
+    assert torch.isfinite(loss) and not torch.equal(d.C_x, C_x0)
+    assert all(p.requires_grad for f in pool.models for p in f.parameters())
+    assert sum(pool.ages) == 1  # exactly one inner step
