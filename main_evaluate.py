@@ -187,10 +187,9 @@ def main(argv=None):
     T = None
     if {"random_subset", "full_dataset"} & set(rows):
         T = utils.teacher_targets(teacher, teacher_file, data, rotations, bs)
-    d_y = main_distill.D_Y
-    per_image = 3 * res * res + d_y
-    storage = {"per_image": per_image, "random_subset": N * per_image, "no_pretraining": 0,
-               "full_dataset": len(data.train_x) * (3 * res * res + d_y * (1 + len(rotations)))}
+    budget = main_distill.storage_accounting(krr_cfg, res)  # N real images + targets: exactly the budget
+    storage = {"per_image": budget["floats_per_image"], "random_subset": budget["budget"], "no_pretraining": 0,
+               "full_dataset": len(data.train_x) * (3 * res * res + main_distill.D_Y * (1 + len(rotations)))}
 
     def distilled_set(folder, row):
         views, targets, d = utils.load_distilled(folder, device)

@@ -171,9 +171,9 @@ def make_generator(device, seed):
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def autocast(device):
+def autocast(device, enabled=True):
     """bf16 autocast on CUDA, a no-op on CPU (CPU bf16 convs are slower than fp32)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
 
 
 def to_channels_last(x, device):
@@ -600,7 +600,7 @@ def embed_all(net, x, mean, std, batch_size, angle=0, bf16=True):
         part = part.to(dev)
         part = normalize(part, mean, std) if part.dtype == torch.uint8 else part
         part = rotate(part, angle) if angle else part
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16 and dev.type == "cuda"):
+        with autocast(dev, enabled=bf16):
             f = net(to_channels_last(part, dev))
         out.append(f.float())
     return torch.cat(out)

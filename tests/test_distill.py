@@ -62,10 +62,10 @@ def tiny_data(n=40, res=8, seed=0):
     return utils.ImageData("DIGITS", x, y, x[:8], y[:8], mean, std, 10)
 
 
-def test_pca_parameterization_round_trip():
+def test_pca_parameterization_round_trip(tmp_path):
     """With a full basis (U = 3 r_b^2) the initial images decode to up(down(real)) exactly."""
     data, r_b, m = tiny_data(), 4, 12
-    cfg = utils.load_config(write_config_dir(), {"parameterization.U": 3 * r_b * r_b, "parameterization.V": 8})
+    cfg = utils.load_config(write_config(tmp_path), {"parameterization.U": 3 * r_b * r_b, "parameterization.V": 8})
     T = torch.randn(len(data.train_x), 4, 512)
     gen = torch.Generator().manual_seed(0)
     d = main_distill.init_distilled(cfg, data, T, m, gen)
@@ -80,11 +80,6 @@ def test_pca_parameterization_round_trip():
     # targets: projections onto V=8 PCA directions of T, reconstructed without the discarded part
     mu_y, B_y = utils.pca(T[:, 0], 8)
     assert torch.allclose(Y[:m], mu_y + (T[idx, 0] - mu_y) @ B_y.T @ B_y, atol=1e-4)
-
-
-def write_config_dir(**overrides):
-    import tempfile
-    return write_config(tempfile.mkdtemp(), **overrides)
 
 
 def test_pca_reconstructs_with_its_mean():
@@ -106,9 +101,9 @@ def test_krr_prediction_matches_direct_solve():
     assert torch.allclose(got.double(), Pt @ Ps.T @ A, rtol=1e-3, atol=1e-3)
 
 
-def test_gradients_reach_every_learned_tensor():
+def test_gradients_reach_every_learned_tensor(tmp_path):
     data = tiny_data()
-    cfg = utils.load_config(write_config_dir())
+    cfg = utils.load_config(write_config(tmp_path))
     T = torch.randn(len(data.train_x), 4, 512)
     d = main_distill.init_distilled(cfg, data, T, 6, torch.Generator().manual_seed(0))
     f = models.ConvNet([16, 32], 8, 512).eval()
@@ -123,9 +118,9 @@ def test_gradients_reach_every_learned_tensor():
         assert d.C_yk.grad[k].abs().sum() > 0, f"C_y^{k + 1}"
 
 
-def test_frozen_bases_get_no_gradient_step():
+def test_frozen_bases_get_no_gradient_step(tmp_path):
     data = tiny_data()
-    cfg = utils.load_config(write_config_dir(parameterization__learn_bases=False))
+    cfg = utils.load_config(write_config(tmp_path, parameterization__learn_bases=False))
     d = main_distill.init_distilled(cfg, data, torch.randn(len(data.train_x), 4, 512), 6, torch.Generator())
     groups = d.param_groups(1e-3, 1e-3)
     assert all(p is not d.B_x and p is not d.B_y for g in groups for p in g["params"])
@@ -216,9 +211,9 @@ def test_no_rotations_and_frozen_bases_ablation(tmp_path):
     assert "approximation nets" in t["rows"] and t["rows"]["approximation nets"] == 0
 
 
-def test_outer_step_updates_the_distilled_set_and_leaves_the_pool_trainable():
+def test_outer_step_updates_the_distilled_set_and_leaves_the_pool_trainable(tmp_path):
     data = tiny_data()
-    cfg = utils.load_config(write_config_dir())
+    cfg = utils.load_config(write_config(tmp_path))
     T = torch.randn(len(data.train_x), 4, 512)
     gen = torch.Generator().manual_seed(0)
     d = main_distill.init_distilled(cfg, data, T, 6, gen)
