@@ -124,16 +124,15 @@ def main(argv=None):
         print(f"resumed from {run / 'checkpoint.pth'} at epoch {start_epoch}")
 
     # ---------------------------------------------------------------- loop
-    knn, t_start = None, time.time()
+    knn, feats, t_start = None, None, time.time()
     for epoch in range(start_epoch, pc["epochs"]):
         loss, rate = train_one_epoch(fwd_backbone, fwd_proj, opt, data, pc, epoch, gen, device)
         eta_min = (time.time() - t_start) / (epoch + 1 - start_epoch) * (pc["epochs"] - epoch - 1) / 60
         row = {"epoch": epoch + 1, "loss": loss, "views_per_s": rate, "lr": opt.param_groups[0]["lr"], "eta_min": eta_min}
         if (epoch + 1) % pc["knn_every"] == 0 or epoch + 1 == pc["epochs"]:
-            bs = cfg["data"]["eval_batch_size"]
-            knn = utils.knn_accuracy(utils.embed_all(backbone, data.train_x, data.mean, data.std, bs), data.train_y,
-                                     utils.embed_all(backbone, data.test_x, data.mean, data.std, bs), data.test_y,
-                                     data.num_classes, pc["knn_k"], pc["knn_temperature"])
+            feats = utils.split_features(backbone, data, cfg["data"]["eval_batch_size"])
+            knn = utils.knn_accuracy(feats[0], data.train_y, feats[1], data.test_y, data.num_classes,
+                                     pc["knn_k"], pc["knn_temperature"])
             row["knn_top1"] = knn
         log(**row)
         print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
@@ -146,11 +145,13 @@ def main(argv=None):
             "mean": data.mean.tolist(), "std": data.std.tolist(), "d_y": models.RESNET18_DIM}
     utils.atomic_save({"backbone": {k: v.cpu() for k, v in backbone.state_dict().items()}, "meta": meta}, teacher_file)
     t0 = time.time()
-    probe = utils.probe_backbone(backbone, data, cfg["probe"], cfg["seed"], cfg["data"]["eval_batch_size"])
+    probe = utils.probe_backbone(backbone, data, cfg["probe"], cfg["seed"], cfg["data"]["eval_batch_size"],
+                                 features=feats)  # the last epoch's kNN features (None after a finished resume)
     metrics = {"linear_probe_top1": probe, "knn_top1": knn, "epochs": pc["epochs"], "teacher_file": str(teacher_file),
                "probe_time_s": time.time() - t0}
     utils.write_json(metrics, run / "metrics.json")
-    print(f"teacher written to {teacher_file}; linear probe top-1 {probe:.2f}% (kNN {knn:.2f}%)")
+    print(f"teacher written to {teacher_file}; linear probe top-1 {probe:.2f}%"
+          + (f" (kNN {knn:.2f}%)" if knn is not None else ""))
     return metrics
 
 

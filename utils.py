@@ -665,10 +665,15 @@ def linear_probe(train_f, train_y, test_f, test_y, num_classes, probe, seed):
         return 100.0 * (head(test_f).argmax(1) == test_y).float().mean().item()
 
 
-def probe_backbone(backbone, data, probe, seed, batch_size):
-    """SPEC 6.2: features of both splits computed once, then the linear probe."""
-    train_f = embed_all(backbone, data.train_x, data.mean, data.std, batch_size)
-    test_f = embed_all(backbone, data.test_x, data.mean, data.std, batch_size)
+def split_features(backbone, data, batch_size):
+    """Frozen features of the train and test splits (normalised, un-augmented): what kNN and probe read."""
+    return (embed_all(backbone, data.train_x, data.mean, data.std, batch_size),
+            embed_all(backbone, data.test_x, data.mean, data.std, batch_size))
+
+
+def probe_backbone(backbone, data, probe, seed, batch_size, features=None):
+    """SPEC 6.2: features of both splits computed once (or passed in), then the linear probe."""
+    train_f, test_f = features if features is not None else split_features(backbone, data, batch_size)
     return linear_probe(train_f, data.train_y, test_f, data.test_y, data.num_classes, probe, seed)
 
 

@@ -64,6 +64,16 @@ def test_resume_after_a_kill_matches_a_straight_run(tmp_path, monkeypatch):
         assert torch.allclose(got["backbone"][k].float(), v.float(), atol=1e-5), k
 
 
+def test_resume_of_a_finished_loop_writes_the_teacher_with_the_same_probe(tmp_path):
+    """The probe reuses the last kNN features; a resume that only has the teacher file left to write
+    recomputes them from the checkpoint and must probe identically."""
+    first = run(tmp_path, "--epochs", "1")
+    (tmp_path / "teachers" / "resnet18_barlow_twins_digits.pth").unlink()  # killed before the teacher file
+    again = run(tmp_path, "--epochs", "1", "--resume")
+    assert (tmp_path / "teachers" / "resnet18_barlow_twins_digits.pth").is_file()
+    assert again["linear_probe_top1"] == first["linear_probe_top1"] and again["knn_top1"] is None
+
+
 def test_lr_schedule_warms_up_then_decays_to_zero():
     pc = {"lr": 0.3, "batch_size": 512, "warmup_epochs": 2, "epochs": 10}
     lrs = [pretrain.lr_at(s, 5, pc) for s in range(50)]
