@@ -109,7 +109,7 @@ def full_dataset_backbone(path, data, T, rotations, cfg, teacher_hash, retrain):
     meta = {"dataset": cfg["dataset"], "teacher_hash": teacher_hash, "full_epochs": ec["full_epochs"],
             "rotations": rotations, "evaluation": ec, "seed": cfg["seed"]}
     if path.is_file() and not retrain:
-        saved = torch.load(path, map_location="cpu")
+        saved = utils.read_pth(path, "a full-dataset backbone written by main_evaluate.py", ["backbone", "meta"])
         if saved["meta"] != meta:
             raise ValueError(f"{path} was trained with other settings ({saved['meta']}); "
                              f"pass --retrain-full to replace it")

@@ -316,7 +316,8 @@ def load_stanford_dogs(root, resolution):
     breeds, train_files, test_files, split = stanford_dogs_split(folder)
     cache = folder / f"cache_{split}_{resolution}px.pt"
     if cache.is_file():
-        d = torch.load(cache)
+        d = read_pth(cache, "a decoded Stanford Dogs cache (delete it to re-decode)",
+                     ["train_x", "train_y", "test_x", "test_y"])
         return d["train_x"], d["train_y"], d["test_x"], d["test_y"], len(breeds)
     index = {b: i for i, b in enumerate(breeds)}
     images = folder / "images" / "Images"
@@ -531,7 +532,7 @@ def load_distilled(folder, device):
     path = folder / "distilled_data.pth"
     if not path.is_file():
         raise FileNotFoundError(f"no distilled set at {path}; run main_distill.py with this config first")
-    d = torch.load(path, map_location=device)
+    d = read_pth(path, "a distilled set written by main_distill.py", ["method", "rotations", "resolution"], device)
     if d["method"] == "krr_st":
         return d["X"].float(), d["Y"].float(), d
     X = decode_images(d["C_x"], d["B_x"], d["mu_x"], d["resolution"])
@@ -551,7 +552,7 @@ def load_distilled(folder, device):
 def load_approx_net(path, device):
     if not Path(path).is_file():
         raise FileNotFoundError(f"approximation net missing: {path}; rerun main_distill.py")
-    s = torch.load(path, map_location=device)
+    s = read_pth(path, "an approximation net written by main_distill.py", ["state_dict", "V", "hidden"], device)
     net = models.ApproxMLP(s["V"], s["hidden"]).to(device)
     net.load_state_dict(s["state_dict"])
     return net.eval()
@@ -577,9 +578,7 @@ def load_teacher(path, dataset, resolution, device):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"teacher not found: {path}; run `python pretrain.py {dataset}` first")
-    d = torch.load(path, map_location="cpu")
-    if not (isinstance(d, dict) and "backbone" in d and "meta" in d):
-        raise ValueError(f"{path} is not a teacher file written by pretrain.py (expected keys 'backbone', 'meta')")
+    d = read_pth(path, "a teacher file written by pretrain.py", ["backbone", "meta"])
     meta = d["meta"]
     if meta["dataset"] != dataset or meta["resolution"] != resolution:
         raise ValueError(f"{path} is a teacher for {meta['dataset']} at {meta['resolution']} px, "
@@ -613,7 +612,7 @@ def teacher_targets(teacher, teacher_file, data, rotations, batch_size):
     path = Path(teacher_file).parent / f"targets_{key}.pt"
     dev = next(teacher.parameters()).device
     if path.is_file():
-        T = torch.load(path, map_location=dev)
+        T = read_pth(path, "cached teacher targets (delete it to recompute)", map_location=dev)
         if T.shape[:2] == (len(data.train_x), 1 + len(rotations)):
             return T
     T = torch.stack([embed_all(teacher, data.train_x, data.mean, data.std, batch_size, a, bf16=False)
@@ -680,6 +679,19 @@ def probe_backbone(backbone, data, probe, seed, batch_size, features=None):
 # ============================================================================================
 # Checkpoints, run folders, logging
 # ============================================================================================
+def read_pth(path, what, keys=(), map_location="cpu", weights_only=True):
+    """torch.load whose failure names the file and what it should have been (not an unpickling trace)."""
+    try:
+        d = torch.load(path, map_location=map_location, weights_only=weights_only)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(f"{path} could not be read as {what}: {type(e).__name__}: {first}") from e
+    missing = [k for k in keys if not (isinstance(d, dict) and k in d)]
+    if missing:
+        raise ValueError(f"{path} is not {what}: keys {missing} missing")
+    return d
+
+
 def atomic_save(obj, path):
     """torch.save to a temporary file, then os.replace: a crash never leaves half a file."""
     path = Path(path)
@@ -709,7 +721,7 @@ def load_checkpoint(path, cfg, arch_keys):
     """Load a run checkpoint for --resume and check that the architecture matches the config."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = read_pth(path, "a checkpoint of this script", ["config"], weights_only=False)
     for dotted in arch_keys:
         sec, key = dotted.split(".")
         if ckpt["config"][sec][key] != cfg[sec][key]:

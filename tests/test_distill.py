@@ -186,6 +186,16 @@ def test_resume_without_checkpoint_and_wrong_teacher_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="not a teacher file"):
         main_distill.main(["--config", str(cfg), "--teacher", str(tmp_path / "junk.pth"), "--out", str(tmp_path / "o2"),
                            "--device", "cpu"])
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match=r"notes\.txt could not be read as a teacher file written by pretrain\.py"):
+        main_distill.main(["--config", str(cfg), "--teacher", str(tmp_path / "notes.txt"),
+                           "--out", str(tmp_path / "o3"), "--device", "cpu"])
+
+
+def test_a_teacher_passed_as_a_distilled_set_is_a_clear_error(tmp_path):
+    write_teacher(tmp_path / "distilled_data.pth")
+    with pytest.raises(ValueError, match=r"distilled_data\.pth is not a distilled set written by main_distill\.py"):
+        utils.load_distilled(tmp_path, torch.device("cpu"))
 
 
 def test_krr_st_baseline_run(tmp_path):
