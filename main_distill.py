@@ -312,8 +312,7 @@ def main(argv=None):
     t0 = time.time()
     T = utils.teacher_targets(teacher, teacher_file, data, rotations, cfg["data"]["eval_batch_size"])
     print(f"teacher targets {tuple(T.shape)} ready in {time.time() - t0:.1f}s "
-          f"(mean norm {T[:, 0].norm(dim=1).mean().item():.3g}; a teacher of a few epochs can give ~1e4, "
-          f"its BatchNorm statistics unconverged, and the pool's SGD then diverges)")
+          f"(mean norm {T[:, 0].norm(dim=1).mean().item():.3g})")
     del teacher
 
     # ---------------------------------------------------------------- distilled set, optimizer, pool
