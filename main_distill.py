@@ -221,7 +221,9 @@ def krr_predict(Phi_s, Phi_t, Y_s, ridge):
     K_ts = Phi_t @ Phi_s.T  # (b', m')
     lam = ridge * torch.trace(K_ss).detach()
     eye = torch.eye(len(K_ss), device=K_ss.device)
-    return K_ts @ torch.linalg.solve(K_ss + lam * eye, Y_s.float())
+    # solve_ex: no host sync on CUDA to check for singularity (the ridge keeps K_ss + lam I positive
+    # definite; a failed solve would surface as a non-finite loss at the next log step)
+    return K_ts @ torch.linalg.solve_ex(K_ss + lam * eye, Y_s.float())[0]
 
 
 def real_batch(data, T, dc, rotations, gen):
