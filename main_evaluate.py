@@ -104,7 +104,8 @@ def random_subset(data, T, n, seed):
 
 
 def full_dataset_backbone(path, data, T, rotations, cfg, teacher_hash, retrain):
-    """The full-dataset row's ResNet-18, trained once and reused while its settings match."""
+    """The full-dataset row's ResNet-18, trained once and reused while its settings match.
+    Returns it with its training time in seconds and whether it was reused."""
     ec = cfg["evaluation"]
     meta = {"dataset": cfg["dataset"], "teacher_hash": teacher_hash, "full_epochs": ec["full_epochs"],
             "rotations": rotations, "evaluation": ec, "seed": cfg["seed"]}
@@ -115,13 +116,16 @@ def full_dataset_backbone(path, data, T, rotations, cfg, teacher_hash, retrain):
                              f"pass --retrain-full to replace it")
         g = models.resnet18_cifar()
         g.load_state_dict(saved["backbone"], strict=True)
-        print(f"full_dataset: reusing {path}")
-        return g.to(T.device).eval()
+        print(f"full_dataset: reusing {path} (trained in {saved.get('train_time_s', float('nan')):.1f}s)")
+        return g.to(T.device).eval(), saved.get("train_time_s"), True
+    t0 = time.time()
     views = utils.all_views(data.train_x, rotations)  # uint8 (K*N, 3, H, W), view-major
     targets = T.transpose(0, 1).flatten(0, 1)
     g = pretrain_on_set(views, targets, ec, ec["full_epochs"], data.mean, data.std, cfg["seed"], "full_dataset")
-    utils.atomic_save({"backbone": {k: v.cpu() for k, v in g.state_dict().items()}, "meta": meta}, path)
-    return g
+    train_time = time.time() - t0
+    utils.atomic_save({"backbone": {k: v.cpu() for k, v in g.state_dict().items()}, "meta": meta,
+                       "train_time_s": train_time}, path)
+    return g, train_time, False
 
 
 # ============================================================================================
@@ -142,13 +146,14 @@ def summarize(results, table_storage):
 
 def markdown(results, header):
     fmt = lambda v, f: "-" if v is None else format(v, f)
+    reused = lambda r: f" (model reused, trained in {fmt(r['train_time_s'], '.1f')})" if r.get("reused") else ""
     lines = [header, "", "| row | top-1 (%) | seeds | retention | gain recovered | storage (floats) | "
              "storage (images) | time (s) |", "|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         acc = f"{r['mean']:.2f}" + (f" ± {r['std']:.2f}" if len(r["accs"]) > 1 else "")
         lines.append(f"| {name} | {acc} | {len(r['accs'])} | {fmt(r['retention'], '.1%')} | "
                      f"{fmt(r['gain_recovered'], '.1%')} | {fmt(r['storage_floats'], ',')} | "
-                     f"{fmt(r['storage_images'], ',.1f')} | {r['time_s']:.1f} |")
+                     f"{fmt(r['storage_images'], ',.1f')} | {r['time_s']:.1f}{reused(r)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -208,7 +213,7 @@ def main(argv=None):
         results = {k: v for k, v in saved["rows"].items() if k in rows}
         print(f"resumed: rows {list(results)} already done")
     for row in [r for r in rows if r not in results]:
-        t0, accs = time.time(), []
+        t0, accs, extra = time.time(), [], {}
         if row in ("distilled", "krr_st"):
             views, targets = distilled_set(assets if row == "distilled" else krr_assets, row)
         for seed in (seeds if row in SEEDED else [cfg["seed"]]):
@@ -221,8 +226,9 @@ def main(argv=None):
                 x, y = random_subset(data, T, N, seed)
                 g = pretrain_on_set(x, y, ec, ec["epochs"], data.mean, data.std, seed, f"{row} s{seed}")
             elif row == "full_dataset":
-                g = full_dataset_backbone(out / "resnet18_full_dataset.pth", data, T, rotations, cfg, teacher_hash,
-                                          args.retrain_full)
+                g, train_time, reused = full_dataset_backbone(out / "resnet18_full_dataset.pth", data, T, rotations,
+                                                              cfg, teacher_hash, args.retrain_full)
+                extra = {"reused": reused, "train_time_s": train_time}
             elif row == "teacher":
                 g = teacher
             else:  # no_pretraining
@@ -231,7 +237,7 @@ def main(argv=None):
             accs.append(utils.probe_backbone(g, target, cfg["probe"], seed, bs))
             print(f"{row} seed {seed}: linear probe top-1 {accs[-1]:.2f}%")
         results[row] = {"mean": statistics.fmean(accs), "std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
-                        "accs": accs, "time_s": time.time() - t0}
+                        "accs": accs, "time_s": time.time() - t0, **extra}
         utils.write_json({"rows": results, "config": cfg, "derived": derived, "complete": False}, out / "results.json")
 
     # ---------------------------------------------------------------- table

@@ -1,5 +1,6 @@
 """All three scripts on DIGITS (8 px, short schedules), with their default output folders."""
 import json
+import shutil
 from contextlib import chdir
 
 import pytest
@@ -113,6 +114,21 @@ def test_evaluate_resume_keeps_finished_rows(tmp_path, pipeline):
         assert json.loads((tmp_path / "ev" / "results.json").read_text())["complete"] is True
         with pytest.raises(ValueError, match="another config"):
             main_evaluate.main(common + ["--rows", "teacher", "--resume", "--probe.iterations=7"])
+
+
+def test_full_dataset_model_is_reused_and_its_training_time_still_reported(tmp_path, pipeline):
+    work, results = pipeline
+    assert results["full_dataset"]["reused"] is False and results["full_dataset"]["train_time_s"] > 0
+    (tmp_path / "ev").mkdir()
+    shutil.copy(work / "evaluation_models" / "digits_N10" / "resnet18_full_dataset.pth", tmp_path / "ev")
+    cfg = str(write_config(tmp_path, **E2E))
+    with chdir(work):
+        again = main_evaluate.main(["--config", cfg, "--device", "cpu", "--rows", "full_dataset",
+                                    "--out", str(tmp_path / "ev")])
+    assert again["full_dataset"]["reused"] is True
+    assert again["full_dataset"]["train_time_s"] == results["full_dataset"]["train_time_s"]
+    assert again["full_dataset"]["accs"] == results["full_dataset"]["accs"]  # the same model, probed the same way
+    assert "model reused, trained in" in (tmp_path / "ev" / "results.md").read_text()
 
 
 def test_transfer_probe_on_another_dataset(tmp_path):
