@@ -357,7 +357,7 @@ def main(argv=None):
         bar.update(1)
         if step % dc["log_every"] == 0 or step == dc["steps"] or step == 1:
             mean_loss = torch.stack(window).mean().item()
-            utils.check_finite(torch.tensor(mean_loss), f"step {step}")
+            utils.check_finite(mean_loss, f"step {step}")
             rate = (step - s_log) / (time.time() - t_log)
             curve.append((step, mean_loss))
             log(step=step, loss=mean_loss, lr_image=opt.param_groups[0]["lr"], steps_per_s=rate)

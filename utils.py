@@ -5,6 +5,7 @@ checkpoints and logging. Everything a script needs twice lives here once.
 """
 import hashlib
 import json
+import math
 import os
 import pickle
 import random
@@ -692,21 +693,21 @@ def read_pth(path, what, keys=(), map_location="cpu", weights_only=True):
     return d
 
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file, then os.replace: a crash never leaves half a file."""
+def _write_atomically(path, write):
+    """write(tmp) to a temporary file beside `path`, then os.replace: a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
-    torch.save(obj, tmp)
+    write(tmp)
     os.replace(tmp, path)
+
+
+def atomic_save(obj, path):
+    _write_atomically(path, lambda tmp: torch.save(obj, tmp))
 
 
 def write_json(obj, path):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
+    _write_atomically(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1, default=str)))
 
 
 def guard_outputs(paths, resume, overwrite):
@@ -760,5 +761,7 @@ class RunLog:
 
 
 def check_finite(loss, where):
-    if not torch.isfinite(loss):
-        sys.exit(f"non-finite loss {loss.item()} at {where}; lower the learning rate or check the data")
+    """Stop a run whose loss (a float or a 0-d tensor) is NaN or inf, saying where."""
+    value = float(loss)
+    if not math.isfinite(value):
+        sys.exit(f"non-finite loss {value} at {where}; lower the learning rate or check the data")
