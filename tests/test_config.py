@@ -1,13 +1,12 @@
 """Config: every YAML matches utils.SCHEMA, errors name the file and the dotted key (STYLE 3)."""
 import re
-from pathlib import Path
 
 import pytest
 import yaml
 
 import utils
+from tiny import REPO, set_dotted
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 SCRIPTS = [REPO / s for s in ("pretrain.py", "main_distill.py", "main_evaluate.py")]
 
@@ -78,12 +77,7 @@ def test_missing_key(tmp_path):
 ])
 def test_mistyped_value(tmp_path, dotted, value):
     """A mistyped entry raises naming the file and the dotted key."""
-    def edit(cfg):
-        node, keys = cfg, dotted.split(".")
-        for k in keys[:-1]:
-            node = node[k]
-        node[keys[-1]] = value
-    path = write_variant(tmp_path, edit)
+    path = write_variant(tmp_path, lambda cfg: set_dotted(cfg, dotted, value))
     with pytest.raises(utils.ConfigError, match=rf"variant\.yaml: {re.escape(dotted)}"):
         utils.load_config(path)
 

@@ -22,14 +22,19 @@ TINY = {  # dotted key -> value, applied to configs/digits.yaml
 }
 
 
+def set_dotted(cfg, dotted, value):
+    """cfg['a']['b'] = value for dotted = 'a.b' (a raw YAML dict, before the schema check)."""
+    node, keys = cfg, dotted.split(".")
+    for k in keys[:-1]:
+        node = node[k]
+    node[keys[-1]] = value
+
+
 def write_config(tmp_path, **overrides):
     """configs/digits.yaml with TINY and `overrides` (dotted keys with '__' for '.') applied."""
     cfg = yaml.safe_load((REPO / "configs" / "digits.yaml").read_text())
     for dotted, value in {**TINY, **{k.replace("__", "."): v for k, v in overrides.items()}}.items():
-        node, keys = cfg, dotted.split(".")
-        for k in keys[:-1]:
-            node = node[k]
-        node[keys[-1]] = value
+        set_dotted(cfg, dotted, value)
     path = Path(tmp_path) / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
     utils.load_config(path)  # the tiny config passes the schema
