@@ -762,6 +762,6 @@ class RunLog:
 
 def check_finite(loss, where):
     """Stop a run whose loss (a float or a 0-d tensor) is NaN or inf, saying where."""
-    value = float(loss)
+    value = float(loss.detach()) if torch.is_tensor(loss) else float(loss)
     if not math.isfinite(value):
         sys.exit(f"non-finite loss {value} at {where}; lower the learning rate or check the data")
