@@ -29,7 +29,8 @@ D_Y = models.RESNET18_DIM  # d_y, the teacher's feature width
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)  # no prefix matching: a --key=value left over is a config override
     p.add_argument("--config", required=True)
     p.add_argument("--out", default=None, help="default: distilled_assets/<dataset>_N<budget>[_krr_st]")
     p.add_argument("--teacher", default=None, help="default: teacher_models/resnet18_barlow_twins_<dataset>.pth")

@@ -34,7 +34,8 @@ SEEDED = ("distilled", "krr_st", "random_subset", "no_pretraining")  # rows repe
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)  # no prefix matching: --seed=1 is the config override, not --seeds
     p.add_argument("--config", required=True)
     p.add_argument("--assets", default=None, help="distilled set folder (default: main_distill.py's)")
     p.add_argument("--krr-assets", default=None, help="KRR-ST folder (default: main_distill.py's for krr_st)")

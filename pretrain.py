@@ -24,7 +24,8 @@ import utils
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)  # no prefix matching: a --key=value left over is a config override
     p.add_argument("dataset", type=str.upper, choices=utils.DATASETS)
     p.add_argument("--config", default=None, help="default: configs/<dataset>.yaml")
     p.add_argument("--epochs", type=int, default=None, help="overrides pretrain.epochs")

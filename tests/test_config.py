@@ -145,6 +145,19 @@ def test_top_level_override():
     assert cfg["seed"] == 3
 
 
+def test_an_option_prefix_does_not_swallow_a_config_override():
+    """argparse's prefix matching read main_evaluate's --seed=1 as --seeds=1 and dropped the override."""
+    import main_distill
+    import main_evaluate
+    import pretrain
+    args, ov = main_evaluate.parse_args(["--config", "c.yaml", "--seed=1", "--seeds", "3"])
+    assert ov == {"seed": 1} and args.seeds == 3
+    args, ov = pretrain.parse_args(["DIGITS", "--epoch=3"])  # not --epochs: an unknown config key, an error later
+    assert ov == {"epoch": 3} and args.epochs is None
+    args, ov = main_distill.parse_args(["--config", "c.yaml", "--teach=t.pth"])
+    assert ov == {"teach": "t.pth"} and args.teacher is None
+
+
 def _read_somewhere(dotted, text):
     key = dotted.split(".")[-1]
     return dotted in text or f'["{key}"]' in text or f"['{key}']" in text
