@@ -104,21 +104,24 @@ def random_subset(data, T, n, seed):
     return data.train_x[idx], T[idx, 0]
 
 
-def full_dataset_backbone(path, data, T, rotations, cfg, teacher_hash, retrain):
-    """The full-dataset row's ResNet-18, trained once and reused while its settings match.
+def full_dataset_backbone(path, data, T, rotations, cfg, teacher_hash, retrain, replace_stale):
+    """The full-dataset row's ResNet-18, trained once and reused while its settings match; one trained with
+    other settings (another teacher, another recipe) is replaced only under `replace_stale` (--overwrite).
     Returns it with its training time in seconds and whether it was reused."""
     ec = cfg["evaluation"]
     meta = {"dataset": cfg["dataset"], "teacher_hash": teacher_hash, "full_epochs": ec["full_epochs"],
             "rotations": rotations, "evaluation": ec, "seed": cfg["seed"]}
     if path.is_file() and not retrain:
         saved = utils.read_pth(path, "a full-dataset backbone written by main_evaluate.py", ["backbone", "meta"])
-        if saved["meta"] != meta:
+        if saved["meta"] == meta:
+            g = models.resnet18_cifar()
+            g.load_state_dict(saved["backbone"], strict=True)
+            print(f"full_dataset: reusing {path} (trained in {saved.get('train_time_s', float('nan')):.1f}s)")
+            return g.to(T.device).eval(), saved.get("train_time_s"), True
+        if not replace_stale:
             raise ValueError(f"{path} was trained with other settings ({saved['meta']}); "
-                             f"pass --retrain-full to replace it")
-        g = models.resnet18_cifar()
-        g.load_state_dict(saved["backbone"], strict=True)
-        print(f"full_dataset: reusing {path} (trained in {saved.get('train_time_s', float('nan')):.1f}s)")
-        return g.to(T.device).eval(), saved.get("train_time_s"), True
+                             f"pass --retrain-full or --overwrite to replace it")
+        print(f"full_dataset: {path} was trained with other settings; retraining it (--overwrite)")
     t0 = time.time()
     views = utils.all_views(data.train_x, rotations)  # uint8 (K*N, 3, H, W), view-major
     targets = T.transpose(0, 1).flatten(0, 1)
@@ -228,7 +231,7 @@ def main(argv=None):
                 g = pretrain_on_set(x, y, ec, ec["epochs"], data.mean, data.std, seed, f"{row} s{seed}")
             elif row == "full_dataset":
                 g, train_time, reused = full_dataset_backbone(out / "resnet18_full_dataset.pth", data, T, rotations,
-                                                              cfg, teacher_hash, args.retrain_full)
+                                                              cfg, teacher_hash, args.retrain_full, args.overwrite)
                 extra = {"reused": reused, "train_time_s": train_time}
             elif row == "teacher":
                 g = teacher

@@ -131,6 +131,24 @@ def test_full_dataset_model_is_reused_and_its_training_time_still_reported(tmp_p
     assert "model reused, trained in" in (tmp_path / "ev" / "results.md").read_text()
 
 
+def test_a_stale_full_dataset_model_is_an_error_unless_overwrite(tmp_path, pipeline):
+    """A full-dataset model trained with other settings is never silently reused, and replaced only on --overwrite
+    (so `make digits` re-runs after a config edit)."""
+    work, _ = pipeline
+    (tmp_path / "ev").mkdir()
+    shutil.copy(work / "evaluation_models" / "digits_N10" / "resnet18_full_dataset.pth", tmp_path / "ev")
+    cfg = str(write_config(tmp_path, **E2E))
+    common = ["--config", cfg, "--device", "cpu", "--rows", "full_dataset", "--out", str(tmp_path / "ev"),
+              "--evaluation.full_epochs=1"]
+    with chdir(work):
+        with pytest.raises(ValueError, match="other settings.*--overwrite"):
+            main_evaluate.main(common)
+        again = main_evaluate.main(common + ["--overwrite"])
+    assert again["full_dataset"]["reused"] is False
+    saved = torch.load(tmp_path / "ev" / "resnet18_full_dataset.pth", weights_only=False)
+    assert saved["meta"]["full_epochs"] == 1
+
+
 def test_transfer_probe_on_another_dataset(tmp_path):
     """--target probes the source's backbones on another dataset (here tiny CIFAR-10 pickles)."""
     from conftest import make_cifar10
