@@ -12,7 +12,6 @@ Needs the teacher from pretrain.py. Writes distilled_assets/<dataset>_N<budget>[
     distilled_images.png      the decoded images, de-normalised
     config.json, log.jsonl, metrics.json (loss curve, storage, approximation errors), checkpoint.pth
 """
-import argparse
 import math
 import random
 import time
@@ -29,8 +28,7 @@ D_Y = models.RESNET18_DIM  # d_y, the teacher's feature width
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)  # no prefix matching: a --key=value left over is a config override
+    p = utils.script_parser(__doc__)
     p.add_argument("--config", required=True)
     p.add_argument("--out", default=None, help="default: distilled_assets/<dataset>_N<budget>[_krr_st]")
     p.add_argument("--teacher", default=None, help="default: teacher_models/resnet18_barlow_twins_<dataset>.pth")

@@ -15,7 +15,6 @@ Rows (each pre-trained with the same recipe, `evaluation:`, and probed the same 
 Writes evaluation_models/<dataset>_N<budget>[_to_<target>]/ (or --out): results.json, results.md,
 config.json, resnet18_distilled_dataset.pth, resnet18_full_dataset.pth (reused unless --retrain-full).
 """
-import argparse
 import json
 import math
 import statistics
@@ -34,8 +33,7 @@ SEEDED = ("distilled", "krr_st", "random_subset", "no_pretraining")  # rows repe
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)  # no prefix matching: --seed=1 is the config override, not --seeds
+    p = utils.script_parser(__doc__)
     p.add_argument("--config", required=True)
     p.add_argument("--assets", default=None, help="distilled set folder (default: main_distill.py's)")
     p.add_argument("--krr-assets", default=None, help="KRR-ST folder (default: main_distill.py's for krr_st)")

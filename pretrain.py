@@ -11,7 +11,6 @@ Writes, under --out (default teacher_models/):
                                                 log.jsonl (per-epoch loss, kNN), metrics.json (final probe)
 The data sits on the device as uint8; both views are augmented there in one batched pass.
 """
-import argparse
 import math
 import time
 from pathlib import Path
@@ -24,8 +23,7 @@ import utils
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)  # no prefix matching: a --key=value left over is a config override
+    p = utils.script_parser(__doc__)
     p.add_argument("dataset", type=str.upper, choices=utils.DATASETS)
     p.add_argument("--config", default=None, help="default: configs/<dataset>.yaml")
     p.add_argument("--epochs", type=int, default=None, help="overrides pretrain.epochs")

@@ -3,6 +3,7 @@
 Sections: config, data, augmentation, parameterization, teacher and features, probes,
 checkpoints and logging. Everything a script needs twice lives here once.
 """
+import argparse
 import hashlib
 import json
 import math
@@ -134,8 +135,15 @@ def load_config(path, overrides=None):
     return _check_section(cfg, SCHEMA, str(path))
 
 
+def script_parser(doc):
+    """The three scripts' argument parser. No prefix matching: every --key=value it does not know is left over
+    as a config override (otherwise main_evaluate would read --seed=1 as --seeds=1)."""
+    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   allow_abbrev=False)
+
+
 def add_common_args(parser):
-    """--config/--device/--resume/--overwrite, shared by the three scripts."""
+    """--device/--resume/--overwrite, shared by the three scripts."""
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs instead of stopping")

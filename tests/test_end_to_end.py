@@ -116,15 +116,21 @@ def test_evaluate_resume_keeps_finished_rows(tmp_path, pipeline):
             main_evaluate.main(common + ["--rows", "teacher", "--resume", "--probe.iterations=7"])
 
 
-def test_full_dataset_model_is_reused_and_its_training_time_still_reported(tmp_path, pipeline):
-    work, results = pipeline
-    assert results["full_dataset"]["reused"] is False and results["full_dataset"]["train_time_s"] > 0
+def full_dataset_row_args(tmp_path, work):
+    """main_evaluate arguments for the full_dataset row alone, in tmp_path/ev, which holds a copy of the
+    pipeline's full-dataset model."""
     (tmp_path / "ev").mkdir()
     shutil.copy(work / "evaluation_models" / "digits_N10" / "resnet18_full_dataset.pth", tmp_path / "ev")
     cfg = str(write_config(tmp_path, **E2E))
+    return ["--config", cfg, "--device", "cpu", "--rows", "full_dataset", "--out", str(tmp_path / "ev")]
+
+
+def test_full_dataset_model_is_reused_and_its_training_time_still_reported(tmp_path, pipeline):
+    work, results = pipeline
+    assert results["full_dataset"]["reused"] is False and results["full_dataset"]["train_time_s"] > 0
+    common = full_dataset_row_args(tmp_path, work)
     with chdir(work):
-        again = main_evaluate.main(["--config", cfg, "--device", "cpu", "--rows", "full_dataset",
-                                    "--out", str(tmp_path / "ev")])
+        again = main_evaluate.main(common)
     assert again["full_dataset"]["reused"] is True
     assert again["full_dataset"]["train_time_s"] == results["full_dataset"]["train_time_s"]
     assert again["full_dataset"]["accs"] == results["full_dataset"]["accs"]  # the same model, probed the same way
@@ -135,11 +141,7 @@ def test_a_stale_full_dataset_model_is_an_error_unless_overwrite(tmp_path, pipel
     """A full-dataset model trained with other settings is never silently reused, and replaced only on --overwrite
     (so `make digits` re-runs after a config edit)."""
     work, _ = pipeline
-    (tmp_path / "ev").mkdir()
-    shutil.copy(work / "evaluation_models" / "digits_N10" / "resnet18_full_dataset.pth", tmp_path / "ev")
-    cfg = str(write_config(tmp_path, **E2E))
-    common = ["--config", cfg, "--device", "cpu", "--rows", "full_dataset", "--out", str(tmp_path / "ev"),
-              "--evaluation.full_epochs=1"]
+    common = full_dataset_row_args(tmp_path, work) + ["--evaluation.full_epochs=1"]
     with chdir(work):
         with pytest.raises(ValueError, match="other settings.*--overwrite"):
             main_evaluate.main(common)
