@@ -5,10 +5,13 @@
     python main_distill.py --config configs/cifar10.yaml --resume
     python main_distill.py --config configs/digits.yaml --distillation.steps=50 --out /tmp/run
 
-Needs the teacher from pretrain.py. Writes distilled_assets/<dataset>_N<budget>[_krr_st]/ (or --out):
+Needs the teacher from pretrain.py. Writes distilled_assets/<config name>_N<budget>[_krr_st]/ (or --out), the
+config name being its file stem (cifar10, cifar10_cpu):
     distilled_data.pth        bases, means, coefficients, normalisation, rotations, storage table,
                               resolved config, teacher hash, step count (decode: utils.load_distilled)
     approx_net_rot_<a>.pth    one MLP per rotation a (SPEC 5)
+    controls.pth              not stored data: the indices of the m real images the set started from and
+                              the learned C_y^k, for main_evaluate's real_init and distilled_exact rows
     distilled_images.png      the decoded images, de-normalised
     config.json, log.jsonl, metrics.json (loss curve, storage, approximation errors), checkpoint.pth
 """
@@ -24,30 +27,32 @@ from tqdm import tqdm
 import models
 import utils
 
-D_Y = models.RESNET18_DIM  # d_y, the teacher's feature width
-
-
 def parse_args(argv):
     p = utils.script_parser(__doc__)
     p.add_argument("--config", required=True)
-    p.add_argument("--out", default=None, help="default: distilled_assets/<dataset>_N<budget>[_krr_st]")
-    p.add_argument("--teacher", default=None, help="default: teacher_models/resnet18_barlow_twins_<dataset>.pth")
+    p.add_argument("--out", default=None, help="default: distilled_assets/<config name>_N<budget>[_krr_st]")
+    p.add_argument("--teacher", default=None, help="default: teacher_models/resnet18_barlow_twins_<config name>.pth")
     utils.add_common_args(p)
     args, rest = p.parse_known_args(argv)
     return args, utils.parse_overrides(rest)
 
 
-def default_out(cfg):
+CONTROLS = "controls.pth"  # init indices and learned C_y^k, outside distilled_data.pth and its budget
+
+
+def default_out(cfg, name):
+    """distilled_assets/<config name>_N<budget>[_krr_st]"""
     suffix = "_krr_st" if cfg["distillation"]["method"] == "krr_st" else ""
-    return Path("distilled_assets") / f"{cfg['dataset'].lower()}_N{cfg['storage']['budget_N']}{suffix}"
+    return Path("distilled_assets") / f"{name}_N{cfg['storage']['budget_N']}{suffix}"
 
 
 # ============================================================================================
 # SPEC 3: storage accounting decides m
 # ============================================================================================
-def storage_accounting(cfg, resolution, d_y=D_Y):
+def storage_accounting(cfg, resolution):
     """Every stored float, in a table; m is the largest count within budget unless the config fixes it."""
     N, S = cfg["storage"]["budget_N"], cfg["storage"]
+    d_y = models.resnet18_dim(cfg["network"]["width"])  # the teacher's feature width
     per_image = 3 * resolution * resolution + d_y  # an image plus its target representation (KRR-ST)
     budget = N * per_image
     if cfg["distillation"]["method"] == "krr_st":
@@ -113,9 +118,11 @@ class PCADistilled(nn.Module):
         Y = utils.decode_targets(torch.cat([self.C_y[None], self.C_yk]).flatten(0, 1), self.B_y, self.mu_y)
         return utils.all_views(X, self.rotations), Y
 
-    def param_groups(self, lr_image, lr_repr):
-        return [{"params": [p for p in (self.C_x, self.B_x) if p.requires_grad], "lr": lr_image},
-                {"params": [p for p in (self.C_y, self.C_yk, self.B_y) if p.requires_grad], "lr": lr_repr}]
+    def param_groups(self, dc):
+        """Coefficients and bases get their own rates: a B_x step moves every image at once (SPEC 4.5)."""
+        groups = [([self.C_x], dc["lr_image"]), ([self.B_x], dc["lr_image_bases"]),
+                  ([self.C_y, self.C_yk], dc["lr_repr"]), ([self.B_y], dc["lr_repr_bases"])]
+        return [{"params": ps, "lr": lr} for ps, lr in groups if all(p.requires_grad for p in ps)]
 
     def export(self):
         return {"mu_x": self.mu_x, "B_x": self.B_x.detach(), "C_x": self.C_x.detach(), "mu_y": self.mu_y,
@@ -136,8 +143,8 @@ class FreeDistilled(nn.Module):
     def forward(self):
         return self.X, self.Y
 
-    def param_groups(self, lr_image, lr_repr):
-        return [{"params": [self.X], "lr": lr_image}, {"params": [self.Y], "lr": lr_repr}]
+    def param_groups(self, dc):
+        return [{"params": [self.X], "lr": dc["krr_st_lr_pixels"]}, {"params": [self.Y], "lr": dc["krr_st_lr_targets"]}]
 
     def export(self):
         return {"X": self.X.detach(), "Y": self.Y.detach(), "rotations": []}
@@ -148,7 +155,9 @@ def init_distilled(cfg, data, T, m, gen):
     """Start from m random real train images: their PCA coefficients / pixels and teacher targets."""
     idx = torch.randperm(len(data.train_x), generator=gen, device=gen.device)[:m].to(data.train_x.device)
     if cfg["distillation"]["method"] == "krr_st":
-        return FreeDistilled(utils.normalize(data.train_x[idx], data.mean, data.std), T[idx, 0].clone())
+        distilled = FreeDistilled(utils.normalize(data.train_x[idx], data.mean, data.std), T[idx, 0].clone())
+        distilled.init_indices = idx.cpu()
+        return distilled
     P, bs = cfg["parameterization"], cfg["data"]["eval_batch_size"]
     X_low = torch.cat([utils.downsample(utils.normalize(x, data.mean, data.std), P["image_basis_size"])
                        for x in data.train_x.split(bs)])  # (N_train, 3 r_b^2)
@@ -157,8 +166,10 @@ def init_distilled(cfg, data, T, m, gen):
     C_x = (X_low[idx] - mu_x) @ B_x.T
     C_y = (T[idx, 0] - mu_y) @ B_y.T
     C_yk = (T[idx, 1:] - mu_y).transpose(0, 1) @ B_y.T  # (K-1, m, V)
-    return PCADistilled(mu_x, B_x, C_x, mu_y, B_y, C_y, C_yk, cfg["augmentations"]["rotate"],
-                        data.train_x.shape[-1], P["learn_bases"])
+    distilled = PCADistilled(mu_x, B_x, C_x, mu_y, B_y, C_y, C_yk, cfg["augmentations"]["rotate"],
+                             data.train_x.shape[-1], P["learn_bases"])
+    distilled.init_indices = idx.cpu()  # the real images it starts from: main_evaluate's real_init row
+    return distilled
 
 
 # ============================================================================================
@@ -195,10 +206,14 @@ class ModelPool:
             self.reset(j)
 
     def stagger(self, X, Y, rng):
-        """Model j starts at a random age in [0, Z), pre-trained that many steps on the initial set."""
-        for j in range(len(self.models)):
-            for _ in range(rng.randrange(self.mp["inner_loop_steps_Z"])):
-                self.inner_step(j, X, Y)
+        """Model j starts at a random age in [0, Z), pre-trained that many steps on the initial set
+        (about L x Z / 2 inner steps before the first outer step: shrink model_pool.size_L or Z to shorten it)."""
+        ages = [rng.randrange(self.mp["inner_loop_steps_Z"]) for _ in self.models]
+        with tqdm(total=sum(ages), desc="stagger pool", leave=False, dynamic_ncols=True) as bar:
+            for j, age in enumerate(ages):
+                for _ in range(age):
+                    self.inner_step(j, X, Y)
+                    bar.update(1)
 
     def state_dict(self):
         return {"models": [f.state_dict() for f in self.models], "opts": [o.state_dict() for o in self.opts],
@@ -296,7 +311,8 @@ def main(argv=None):
     device = utils.get_device(args.device)
     utils.set_seed(cfg["seed"])
     gen, rng = utils.make_generator(device, cfg["seed"]), random.Random(cfg["seed"])
-    out = Path(args.out) if args.out else default_out(cfg)
+    name = utils.config_name(args.config)
+    out = Path(args.out) if args.out else default_out(cfg, name)
     utils.guard_outputs([out / "distilled_data.pth", out / "checkpoint.pth"], args.resume, args.overwrite)
     res = cfg["data"]["resolution"]
     table = storage_accounting(cfg, res)
@@ -307,9 +323,9 @@ def main(argv=None):
     utils.write_json({"config": cfg, "derived": derived, "storage": table}, out / "config.json")
 
     # ---------------------------------------------------------------- data, teacher targets T (N, K, d_y)
-    data = utils.load_dataset(cfg["dataset"], cfg["data"]["root"], res).to(device)
-    teacher_file = Path(args.teacher) if args.teacher else utils.teacher_path(cfg)
-    teacher, _ = utils.load_teacher(teacher_file, cfg["dataset"], res, device)
+    data = utils.load_data(cfg).to(device)
+    teacher_file = Path(args.teacher) if args.teacher else utils.teacher_path(name)
+    teacher, _ = utils.load_teacher(teacher_file, cfg, device)
     t0 = time.time()
     T = utils.teacher_targets(teacher, teacher_file, data, rotations, cfg["data"]["eval_batch_size"])
     print(f"teacher targets {tuple(T.shape)} ready in {time.time() - t0:.1f}s "
@@ -318,7 +334,7 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- distilled set, optimizer, pool
     distilled = init_distilled(cfg, data, T, table["m"], gen).to(device)
-    opt = torch.optim.AdamW(distilled.param_groups(dc["lr_image"], dc["lr_repr"]), weight_decay=0.0)
+    opt = torch.optim.AdamW(distilled.param_groups(dc), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / dc["steps"]))
     pool = ModelPool(mp, res, T.shape[-1], device)
     log = utils.RunLog(out / "log.jsonl", resume=args.resume)
@@ -373,8 +389,11 @@ def main(argv=None):
              cfg["storage"]["store_augmented_targets"], **{k: v.cpu() if torch.is_tensor(v) else v
                                                            for k, v in distilled.export().items()}}
     approx_errors = {}
+    # Not part of the distilled set (nor of its budget): what main_evaluate's control rows need.
+    controls = {"init_indices": distilled.init_indices, "teacher_hash": asset["teacher_hash"]}
     if dc["method"] == "ours" and rotations:
         C_y, C_yk = distilled.C_y.detach(), distilled.C_yk.detach()
+        controls["C_y_aug"] = C_yk.cpu()  # the learned C_y^k: the distilled_exact row
         if cfg["storage"]["store_augmented_targets"]:
             asset["C_y_aug"] = C_yk.cpu()
         else:
@@ -383,14 +402,16 @@ def main(argv=None):
                 utils.atomic_save({"state_dict": {k: v.cpu() for k, v in net.state_dict().items()},
                                    "V": C_y.shape[1], "hidden": cfg["approximation"]["hidden"], "rotation": angle,
                                    "relative_error": err}, out / f"approx_net_rot_{angle}.pth")
-                approx_errors[f"rot_{angle}"] = err
-                print(f"approximation net rot {angle}: relative error {err:.4f}")
+                # the no-shift baseline predicts c^{y,k} = c^y: relative error 1 by definition
+                approx_errors[f"rot_{angle}"] = {"relative_error": err, "no_shift_baseline": 1.0}
+                print(f"approximation net rot {angle}: relative error {err:.4f} (no-shift baseline 1.0000)")
+    utils.atomic_save(controls, out / CONTROLS)
     utils.atomic_save(asset, out / "distilled_data.pth")
     with torch.no_grad():
         save_grid(distilled.images(), data.mean, data.std, out / "distilled_images.png")
     metrics = {"steps": step, "loss_curve": curve, "loss_first": curve[0][1] if curve else None,
                "loss_last": curve[-1][1] if curve else None, "storage": table,
-               "approximation_relative_error": approx_errors, "out": str(out)}
+               "approximation": approx_errors, "out": str(out)}
     utils.write_json(metrics, out / "metrics.json")
     print(f"distilled set written to {out} (m={table['m']}, {step} steps)")
     return metrics

@@ -3,16 +3,22 @@
     python main_evaluate.py --config configs/cifar10.yaml                  # every row
     python main_evaluate.py --config configs/cifar10.yaml --seeds 3        # mean +- std over 3 seeds
     python main_evaluate.py --config configs/cifar100.yaml --target CIFAR10  # transfer: probe on CIFAR-10
-    python main_evaluate.py --config configs/cifar10.yaml --rows distilled,no_pretraining
+    python main_evaluate.py --config configs/cifar10.yaml --rows distilled,real_init,no_pretraining
 
 Rows (each pre-trained with the same recipe, `evaluation:`, and probed the same way, `probe:`):
-    distilled       this method's distilled set: all K views, targets from the approximation MLPs
-    krr_st          the KRR-ST baseline set (main_distill.py --distillation.method=krr_st), if present
-    random_subset   N random real images with their teacher targets: the same storage budget
-    full_dataset    the whole train set, all K views, teacher targets, `evaluation.full_epochs` epochs
-    teacher         the Barlow Twins teacher itself (upper reference)
-    no_pretraining  random initialisation
-Writes evaluation_models/<dataset>_N<budget>[_to_<target>]/ (or --out): results.json, results.md,
+    distilled        this method's distilled set: all K views, targets from the approximation MLPs
+    distilled_exact  the same images with the learned rotated targets C_y^k (over budget: the cost of the MLPs)
+    real_init        the m real images the distilled set starts from, all K views, exact teacher targets
+                     (over budget: the control distillation must beat)
+    krr_st           the KRR-ST baseline set (main_distill.py --distillation.method=krr_st), if present
+    random_subset    N random real images with their teacher targets: the same storage budget
+    full_dataset     the whole train set, all K views, teacher targets, `evaluation.full_epochs` epochs
+    teacher          the Barlow Twins teacher itself (upper reference)
+    no_pretraining   random initialisation
+Every row reports the probe's top-1, its teacher fit (R^2 of a ridge readout from its frozen features to the
+teacher's, fit on the target's train split, scored on its test split: it measures what distillation transfers
+and does not saturate where the probe does), its SGD steps and its storage.
+Writes evaluation_models/<config name>_N<budget>[_to_<target>]/ (or --out): results.json, results.md,
 config.json, resnet18_distilled_dataset.pth, resnet18_full_dataset.pth (reused unless --retrain-full).
 """
 import json
@@ -28,8 +34,10 @@ import main_distill
 import models
 import utils
 
-ROWS = ("distilled", "krr_st", "random_subset", "full_dataset", "teacher", "no_pretraining")
-SEEDED = ("distilled", "krr_st", "random_subset", "no_pretraining")  # rows repeated by --seeds
+ROWS = ("distilled", "distilled_exact", "real_init", "krr_st", "random_subset", "full_dataset", "teacher",
+        "no_pretraining")
+SEEDED = ("distilled", "distilled_exact", "real_init", "krr_st", "random_subset", "no_pretraining")
+NEEDS_ROTATIONS = ("distilled_exact", "real_init")  # rows that exist only when the set has rotated views
 
 
 def parse_args(argv):
@@ -37,13 +45,13 @@ def parse_args(argv):
     p.add_argument("--config", required=True)
     p.add_argument("--assets", default=None, help="distilled set folder (default: main_distill.py's)")
     p.add_argument("--krr-assets", default=None, help="KRR-ST folder (default: main_distill.py's for krr_st)")
-    p.add_argument("--teacher", default=None, help="default: teacher_models/resnet18_barlow_twins_<dataset>.pth")
+    p.add_argument("--teacher", default=None, help="default: teacher_models/resnet18_barlow_twins_<config name>.pth")
     p.add_argument("--target", type=str.upper, choices=utils.DATASETS, default=None,
                    help="probe on this dataset instead of the source (same resolution)")
     p.add_argument("--rows", default=None, help=f"comma-separated subset of {','.join(ROWS)}")
     p.add_argument("--seeds", type=int, default=1, help="repeat the stochastic rows with this many seeds")
     p.add_argument("--retrain-full", action="store_true", help="retrain the full-dataset model even if saved")
-    p.add_argument("--out", default=None, help="default: evaluation_models/<dataset>_N<budget>[_to_<target>]")
+    p.add_argument("--out", default=None, help="default: evaluation_models/<config name>_N<budget>[_to_<target>]")
     utils.add_common_args(p)
     args, rest = p.parse_known_args(argv)
     args.rows_given = args.rows is not None
@@ -51,6 +59,8 @@ def parse_args(argv):
     unknown = [r for r in rows if r not in ROWS]
     if unknown or not rows:
         p.error(f"--rows: unknown {unknown}; choose from {','.join(ROWS)}")
+    if args.seeds < 1:
+        p.error(f"--seeds must be >= 1, got {args.seeds}")
     args.rows = rows
     return args, utils.parse_overrides(rest)
 
@@ -58,13 +68,14 @@ def parse_args(argv):
 # ============================================================================================
 # SPEC 6.1: one pre-training recipe for every (images, targets) set
 # ============================================================================================
-def pretrain_on_set(images, targets, ec, epochs, mean, std, seed, desc):
-    """ResNet-18 + Linear(512 -> d_y), MSE to `targets`, SGD + cosine; a fresh crop + flip of every
-    view each epoch when `augment`. images: uint8 (normalised per batch) or normalised float."""
+def pretrain_on_set(images, targets, ec, epochs, mean, std, seed, desc, width):
+    """ResNet-18 + Linear(8 width -> d_y), MSE to `targets`, SGD + cosine; a fresh crop + flip of every
+    view each epoch when `augment`. images: uint8 (normalised per batch) or normalised float.
+    Returns the backbone (eval mode) and the number of SGD steps it took."""
     device = targets.device
     torch.manual_seed(seed)
     gen = utils.make_generator(device, seed)
-    net = models.Regressor(models.resnet18_cifar(), models.RESNET18_DIM, targets.shape[1]).to(device)
+    net = models.Regressor(models.resnet18_cifar(width), models.resnet18_dim(width), targets.shape[1]).to(device)
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(net.parameters(), lr=ec["lr"], momentum=ec["momentum"], weight_decay=ec["weight_decay"])
@@ -92,7 +103,7 @@ def pretrain_on_set(images, targets, ec, epochs, mean, std, seed, desc):
             loss = total / steps
             utils.check_finite(loss, f"{desc} epoch {epoch + 1}")
             bar.set_postfix(loss=f"{loss.item():.4f}")
-    return net.backbone.eval()
+    return net.backbone.eval(), epochs * steps
 
 
 def random_subset(data, T, n, seed):
@@ -102,109 +113,140 @@ def random_subset(data, T, n, seed):
     return data.train_x[idx], T[idx, 0]
 
 
+def real_views(data, T, idx, rotations):
+    """Real images idx in all K views (uint8, view-major as all_views) with their exact teacher targets."""
+    idx = idx.to(data.train_x.device)
+    return utils.all_views(data.train_x[idx], rotations), T[idx].transpose(0, 1).flatten(0, 1)
+
+
 def full_dataset_backbone(path, data, T, rotations, cfg, teacher_hash, retrain, replace_stale):
     """The full-dataset row's ResNet-18, trained once and reused while its settings match; one trained with
     other settings (another teacher, another recipe) is replaced only under `replace_stale` (--overwrite).
-    Returns it with its training time in seconds and whether it was reused."""
-    ec = cfg["evaluation"]
+    Returns it with its training time in seconds, its SGD steps and whether it was reused."""
+    ec, width = cfg["evaluation"], cfg["network"]["width"]
     meta = {"dataset": cfg["dataset"], "teacher_hash": teacher_hash, "full_epochs": ec["full_epochs"],
-            "rotations": rotations, "evaluation": ec, "seed": cfg["seed"]}
+            "rotations": rotations, "evaluation": ec, "seed": cfg["seed"], "data": cfg["data"], "width": width}
     if path.is_file() and not retrain:
         saved = utils.read_pth(path, "a full-dataset backbone written by main_evaluate.py", ["backbone", "meta"])
         if saved["meta"] == meta:
-            g = models.resnet18_cifar()
+            g = models.resnet18_cifar(width)
             g.load_state_dict(saved["backbone"], strict=True)
             print(f"full_dataset: reusing {path} (trained in {saved.get('train_time_s', float('nan')):.1f}s)")
-            return g.to(T.device).eval(), saved.get("train_time_s"), True
+            return g.to(T.device).eval(), saved.get("train_time_s"), saved.get("steps"), True
         if not replace_stale:
             raise ValueError(f"{path} was trained with other settings ({saved['meta']}); "
                              f"pass --retrain-full or --overwrite to replace it")
         print(f"full_dataset: {path} was trained with other settings; retraining it (--overwrite)")
     t0 = time.time()
-    views = utils.all_views(data.train_x, rotations)  # uint8 (K*N, 3, H, W), view-major
-    targets = T.transpose(0, 1).flatten(0, 1)
-    g = pretrain_on_set(views, targets, ec, ec["full_epochs"], data.mean, data.std, cfg["seed"], "full_dataset")
+    views, targets = real_views(data, T, torch.arange(len(data.train_x)), rotations)
+    g, steps = pretrain_on_set(views, targets, ec, ec["full_epochs"], data.mean, data.std, cfg["seed"],
+                               "full_dataset", width)
     train_time = time.time() - t0
     utils.atomic_save({"backbone": {k: v.cpu() for k, v in g.state_dict().items()}, "meta": meta,
-                       "train_time_s": train_time}, path)
-    return g, train_time, False
+                       "train_time_s": train_time, "steps": steps}, path)
+    return g, train_time, steps, False
 
 
 # ============================================================================================
 # The table
 # ============================================================================================
-def summarize(results, table_storage):
-    """Mean/std per row, retention vs full_dataset, gain recovered over no_pretraining."""
+def summarize(results, budget):
+    """Retention vs full_dataset, gain recovered over no_pretraining, storage in images and vs the budget."""
     full = results.get("full_dataset", {}).get("mean")
     base = results.get("no_pretraining", {}).get("mean")
-    for name, r in results.items():
+    for r in results.values():
         r["retention"] = r["mean"] / full if full else None
         r["gain_recovered"] = (r["mean"] - base) / (full - base) if full is not None and base is not None \
             and full > base else None  # undefined when the full dataset does not beat random init
-        r["storage_floats"] = table_storage.get(name, r.get("storage_floats"))
-        r["storage_images"] = None if r["storage_floats"] is None else r["storage_floats"] / table_storage["per_image"]
+        floats = r["storage_floats"]
+        r["storage_images"] = None if floats is None else floats / budget["floats_per_image"]
+        r["within_budget"] = None if floats is None else floats <= budget["budget"]
     return results
 
 
 def markdown(results, header):
     fmt = lambda v, f: "-" if v is None else format(v, f)
+    pm = lambda r, k, f: fmt(r[k + "_mean"] if k else r["mean"], f) + (
+        f" ± {fmt(r[k + '_std'] if k else r['std'], f)}" if len(r["accs"]) > 1 else "")
     reused = lambda r: f" (model reused, trained in {fmt(r['train_time_s'], '.1f')})" if r.get("reused") else ""
-    lines = [header, "", "| row | top-1 (%) | seeds | retention | gain recovered | storage (floats) | "
-             "storage (images) | time (s) |", "|---|---|---|---|---|---|---|---|"]
+    budget = {True: "yes", False: "**over**", None: "-"}
+    lines = [header, "", "| row | top-1 (%) | teacher fit R² | seeds | gain recovered | retention | SGD steps | "
+             "storage (floats) | storage (images) | within budget | time (s) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
-        acc = f"{r['mean']:.2f}" + (f" ± {r['std']:.2f}" if len(r["accs"]) > 1 else "")
-        lines.append(f"| {name} | {acc} | {len(r['accs'])} | {fmt(r['retention'], '.1%')} | "
-                     f"{fmt(r['gain_recovered'], '.1%')} | {fmt(r['storage_floats'], ',')} | "
-                     f"{fmt(r['storage_images'], ',.1f')} | {r['time_s']:.1f}{reused(r)} |")
+        lines.append(f"| {name} | {pm(r, '', '.2f')} | {pm(r, 'fit', '.3f')} | {len(r['accs'])} | "
+                     f"{fmt(r['gain_recovered'], '.1%')} | {fmt(r['retention'], '.1%')} | {fmt(r['steps'], ',')} | "
+                     f"{fmt(r['storage_floats'], ',')} | {fmt(r['storage_images'], ',.1f')} | "
+                     f"{budget[r['within_budget']]} | {r['time_s']:.1f}{reused(r)} |")
     return "\n".join(lines) + "\n"
+
+
+def row_result(accs, fits, steps, storage_floats, t0, **extra):
+    """One table row: probe accuracies and teacher fits over seeds, mean and (population) std."""
+    std = lambda v: statistics.pstdev(v) if len(v) > 1 else 0.0
+    return {"mean": statistics.fmean(accs), "std": std(accs), "accs": accs, "fit_mean": statistics.fmean(fits),
+            "fit_std": std(fits), "fits": fits, "steps": steps, "storage_floats": storage_floats,
+            "time_s": time.time() - t0, **extra}
 
 
 def main(argv=None):
     args, overrides = parse_args(argv)
     cfg = utils.load_config(args.config, overrides)
-    ec, N = cfg["evaluation"], cfg["storage"]["budget_N"]
+    ec, N, width = cfg["evaluation"], cfg["storage"]["budget_N"], cfg["network"]["width"]
     device = utils.get_device(args.device)
     utils.set_seed(cfg["seed"])
     target_name = args.target or cfg["dataset"]
     suffix = f"_to_{target_name.lower()}" if target_name != cfg["dataset"] else ""
-    out = Path(args.out) if args.out else Path("evaluation_models") / f"{cfg['dataset'].lower()}_N{N}{suffix}"
+    name = utils.config_name(args.config)
+    out = Path(args.out) if args.out else Path("evaluation_models") / f"{name}_N{N}{suffix}"
     utils.guard_outputs([out / "results.json"], args.resume, args.overwrite)
-    assets = Path(args.assets) if args.assets else main_distill.default_out(cfg)
+    assets = Path(args.assets) if args.assets else main_distill.default_out(cfg, name)
     krr_cfg = {**cfg, "distillation": {**cfg["distillation"], "method": "krr_st"}}
-    krr_assets = Path(args.krr_assets) if args.krr_assets else main_distill.default_out(krr_cfg)
+    krr_assets = Path(args.krr_assets) if args.krr_assets else main_distill.default_out(krr_cfg, name)
+    rotations = cfg["augmentations"]["rotate"]
     rows = list(args.rows)
     if "krr_st" in rows and not args.rows_given and not (krr_assets / "distilled_data.pth").is_file():
         rows.remove("krr_st")  # optional by default; asked for by --rows, a missing set is an error
         print(f"krr_st: no assets at {krr_assets}, row skipped (run main_distill.py --distillation.method=krr_st)")
+    if not rotations and not args.rows_given:  # without rotations these rows repeat distilled / a real set
+        rows = [r for r in rows if r not in NEEDS_ROTATIONS]
     seeds = [cfg["seed"] + i for i in range(args.seeds)]
-    res = cfg["data"]["resolution"]
+    res, d_y = cfg["data"]["resolution"], models.resnet18_dim(width)
     derived = {"device": str(device), "rows": rows, "seeds": seeds, "target": target_name, "assets": str(assets),
                "krr_assets": str(krr_assets), "out": str(out)}
     utils.print_config(cfg, derived)
     utils.write_json({"config": cfg, "derived": derived}, out / "config.json")
 
     # ---------------------------------------------------------------- source and target data, teacher
-    data = utils.load_dataset(cfg["dataset"], cfg["data"]["root"], res).to(device)
+    data = utils.load_data(cfg).to(device)
     target = data if target_name == cfg["dataset"] else utils.load_dataset(target_name, cfg["data"]["root"], res).to(device)
-    teacher_file = Path(args.teacher) if args.teacher else utils.teacher_path(cfg)
-    teacher, _ = utils.load_teacher(teacher_file, cfg["dataset"], res, device)
+    teacher_file = Path(args.teacher) if args.teacher else utils.teacher_path(name)
+    teacher, _ = utils.load_teacher(teacher_file, cfg, device)
     teacher_hash = utils.file_hash(teacher_file)
-    rotations = cfg["augmentations"]["rotate"]
     bs = cfg["data"]["eval_batch_size"]
     T = None
-    if {"random_subset", "full_dataset"} & set(rows):
+    if {"real_init", "random_subset", "full_dataset"} & set(rows):
         T = utils.teacher_targets(teacher, teacher_file, data, rotations, bs)
+    teacher_feats = utils.split_features(teacher, target, bs)  # what every row's teacher fit is scored against
     budget = main_distill.storage_accounting(krr_cfg, res)  # N real images + targets: exactly the budget
-    storage = {"per_image": budget["floats_per_image"], "random_subset": budget["budget"], "no_pretraining": 0,
-               "full_dataset": len(data.train_x) * (3 * res * res + main_distill.D_Y * (1 + len(rotations)))}
+    K = 1 + len(rotations)
+    per_real = 3 * res * res + d_y * K  # a real image stored with its K teacher targets
 
-    def distilled_set(folder, row):
-        views, targets, d = utils.load_distilled(folder, device)
+    def distilled_set(row):
+        """(views, targets, storage floats) of a distilled row; checked against this teacher."""
+        folder = krr_assets if row == "krr_st" else assets
+        views, targets, d = utils.load_distilled(folder, device, exact=row == "distilled_exact")
         if d["dataset"] != cfg["dataset"] or d["teacher_hash"] != teacher_hash:
             raise ValueError(f"{folder} was distilled for {d['dataset']} with another teacher "
                              f"(hash {d['teacher_hash'][:12]}); rerun main_distill.py with this config")
-        storage[row] = d["storage"]["stored"]
-        return views, targets
+        stored = d["storage"]["stored"]
+        if row == "distilled_exact":  # learned C_y^k stored instead of the approximation nets
+            stored += len(d["rotations"]) * d["m"] * d["C_y"].shape[1] - d["storage"]["rows"].get("approximation nets", 0)
+        return views, targets, stored
+
+    def real_init_set():
+        idx = utils.read_controls(assets)["init_indices"]
+        views, targets = real_views(data, T, idx, rotations)
+        return views, targets, len(idx) * per_real
 
     # ---------------------------------------------------------------- rows (results saved after each one)
     results = {}
@@ -215,37 +257,48 @@ def main(argv=None):
         results = {k: v for k, v in saved["rows"].items() if k in rows}
         print(f"resumed: rows {list(results)} already done")
     for row in [r for r in rows if r not in results]:
-        t0, accs, extra = time.time(), [], {}
-        if row in ("distilled", "krr_st"):
-            views, targets = distilled_set(assets if row == "distilled" else krr_assets, row)
+        t0, accs, fits, extra, steps = time.time(), [], [], {}, 0
+        if row in ("distilled", "distilled_exact", "krr_st"):
+            views, targets, stored = distilled_set(row)
+        elif row == "real_init":
+            views, targets, stored = real_init_set()
+        else:
+            stored = {"random_subset": budget["budget"], "full_dataset": len(data.train_x) * per_real,
+                      "no_pretraining": 0, "teacher": None}[row]
         for seed in (seeds if row in SEEDED else [cfg["seed"]]):
-            if row in ("distilled", "krr_st"):
-                g = pretrain_on_set(views, targets, ec, ec["epochs"], data.mean, data.std, seed, f"{row} s{seed}")
+            feats = None
+            if row in ("distilled", "distilled_exact", "krr_st", "real_init"):
+                g, steps = pretrain_on_set(views, targets, ec, ec["epochs"], data.mean, data.std, seed,
+                                           f"{row} s{seed}", width)
                 if row == "distilled" and seed == seeds[0]:
                     utils.atomic_save({k: v.cpu() for k, v in g.state_dict().items()},
                                       out / "resnet18_distilled_dataset.pth")
             elif row == "random_subset":
                 x, y = random_subset(data, T, N, seed)
-                g = pretrain_on_set(x, y, ec, ec["epochs"], data.mean, data.std, seed, f"{row} s{seed}")
+                g, steps = pretrain_on_set(x, y, ec, ec["epochs"], data.mean, data.std, seed, f"{row} s{seed}", width)
             elif row == "full_dataset":
-                g, train_time, reused = full_dataset_backbone(out / "resnet18_full_dataset.pth", data, T, rotations,
-                                                              cfg, teacher_hash, args.retrain_full, args.overwrite)
+                g, train_time, steps, reused = full_dataset_backbone(
+                    out / "resnet18_full_dataset.pth", data, T, rotations, cfg, teacher_hash, args.retrain_full,
+                    args.overwrite)
                 extra = {"reused": reused, "train_time_s": train_time}
             elif row == "teacher":
-                g = teacher
+                g, feats = teacher, teacher_feats
             else:  # no_pretraining
                 torch.manual_seed(seed)
-                g = models.resnet18_cifar().to(device).eval()
-            accs.append(utils.probe_backbone(g, target, cfg["probe"], seed, bs))
-            print(f"{row} seed {seed}: linear probe top-1 {accs[-1]:.2f}%")
-        results[row] = {"mean": statistics.fmean(accs), "std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
-                        "accs": accs, "time_s": time.time() - t0, **extra}
+                g = models.resnet18_cifar(width).to(device).eval()
+            feats = feats if feats is not None else utils.split_features(g, target, bs)
+            utils.check_features(feats, row)
+            accs.append(utils.probe_backbone(g, target, cfg["probe"], seed, bs, features=feats))
+            fits.append(utils.teacher_fit(feats, teacher_feats, cfg["probe"]["teacher_fit_ridge"]))
+            print(f"{row} seed {seed}: linear probe top-1 {accs[-1]:.2f}%, teacher fit R^2 {fits[-1]:.4f}")
+        results[row] = row_result(accs, fits, steps, stored, t0, **extra)
         utils.write_json({"rows": results, "config": cfg, "derived": derived, "complete": False}, out / "results.json")
 
     # ---------------------------------------------------------------- table
-    results = summarize({r: results[r] for r in rows}, storage)
-    header = (f"{cfg['dataset']} -> {target_name}, budget N={N}, ResNet-18 pre-trained {ec['epochs']} epochs "
-              f"(full dataset {ec['full_epochs']}), augment={ec['augment']}, linear probe {cfg['probe']['iterations']} it.")
+    results = summarize({r: results[r] for r in rows}, budget)
+    header = (f"{cfg['dataset']} -> {target_name}, budget N={N} ({budget['budget']:,} floats), ResNet-18 "
+              f"(width {width}) pre-trained {ec['epochs']} epochs (full dataset {ec['full_epochs']}), "
+              f"augment={ec['augment']}, linear probe {cfg['probe']['iterations']} it., seeds {seeds}")
     md = markdown(results, header)
     print(md)
     (out / "results.md").write_text(md)

@@ -8,17 +8,32 @@ import torchvision
 # --------------------------------------------------------------------------------------------
 # ResNet-18 with the CIFAR stem (teacher g and the evaluation network)
 # --------------------------------------------------------------------------------------------
-RESNET18_DIM = 512  # ResNet-18's global-average-pooled feature width: the teacher's d_y
+RESNET18_DIM = 512  # the standard ResNet-18's global-average-pooled feature width: the teacher's d_y
 
 
-def resnet18_cifar():
-    """torchvision ResNet-18 with a 3x3 stride-1 stem, no max-pool, fc = Identity -> 512-d features.
+def resnet18_dim(width=64):
+    """Feature width of a ResNet-18 whose stages are width, 2w, 4w, 8w channels: d_y = 8 * width."""
+    return 8 * width
 
-    Only the stem is swapped, so saved state_dicts load into the torchvision class after the same swap.
-    Used at 32 and 64 px alike (SPEC 1).
+
+def resnet18_cifar(width=64):
+    """torchvision ResNet-18 with a 3x3 stride-1 stem, no max-pool, fc = Identity -> 8*width features.
+
+    width = 64 is the standard ResNet-18 (only the stem is swapped, so saved state_dicts load into the
+    torchvision class after the same swap); a smaller width (the CPU-scale configs) rebuilds the four
+    stages at width, 2w, 4w, 8w channels with torchvision's own blocks and initialisation. Used at
+    32 and 64 px alike (SPEC 1).
     """
     net = torchvision.models.resnet18()
-    net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    if width != 64:
+        block = torchvision.models.resnet.BasicBlock
+        net.inplanes, net.bn1 = width, nn.BatchNorm2d(width)
+        for i in range(4):
+            setattr(net, f"layer{i + 1}", net._make_layer(block, width * 2**i, 2, stride=1 if i == 0 else 2))
+        for mod in net.modules():  # torchvision's ResNet initialisation, for the rebuilt stages
+            if isinstance(mod, nn.Conv2d):
+                nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
+    net.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
     net.maxpool = nn.Identity()
     net.fc = nn.Identity()
     return net

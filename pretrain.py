@@ -4,10 +4,11 @@
     python pretrain.py DIGITS --epochs 2           # CPU smoke run
     python pretrain.py CIFAR10 --resume            # continue an interrupted run
     python pretrain.py CIFAR10 --pretrain.knn_every=5 --out teacher_models
+    python pretrain.py CIFAR10 --config configs/cifar10_cpu.yaml   # CPU scale: resnet18_barlow_twins_cifar10_cpu.pth
 
-Writes, under --out (default teacher_models/):
-    resnet18_barlow_twins_<dataset>.pth         {'backbone': state_dict, 'meta': {...}}, loaded by utils.load_teacher
-    resnet18_barlow_twins_<dataset>_run/        checkpoint.pth (every epoch, atomic), config.json,
+Writes, under --out (default teacher_models/), <name> being the config's file stem (cifar10, cifar10_cpu):
+    resnet18_barlow_twins_<name>.pth            {'backbone': state_dict, 'meta': {...}}, loaded by utils.load_teacher
+    resnet18_barlow_twins_<name>_run/           checkpoint.pth (every epoch, atomic), config.json,
                                                 log.jsonl (per-epoch loss, kNN), metrics.json (final probe)
 The data sits on the device as uint8; both views are augmented there in one batched pass.
 """
@@ -87,22 +88,23 @@ def main(argv=None):
     utils.set_seed(cfg["seed"])
     gen = utils.make_generator(device, cfg["seed"])
     out = Path(args.out)
-    teacher_file = out / f"resnet18_barlow_twins_{args.dataset.lower()}.pth"
-    run = out / f"resnet18_barlow_twins_{args.dataset.lower()}_run"
+    teacher_file = utils.teacher_path(utils.config_name(cfg_path), out)
+    run = teacher_file.with_name(teacher_file.stem + "_run")
     utils.guard_outputs([teacher_file, run / "checkpoint.pth"], args.resume, args.overwrite)
     derived = {"device": str(device), "peak_lr": pc["lr"] * pc["batch_size"] / 256, "teacher_file": str(teacher_file)}
     utils.print_config(cfg, derived)
     utils.write_json({"config": cfg, "derived": derived}, run / "config.json")
 
     # ---------------------------------------------------------------- data (uint8 on the device)
-    data = utils.load_dataset(cfg["dataset"], cfg["data"]["root"], cfg["data"]["resolution"]).to(device)
+    data = utils.load_data(cfg).to(device)
     if len(data.train_x) < pc["batch_size"]:
         raise utils.ConfigError(f"{cfg_path}: pretrain.batch_size {pc['batch_size']} > {len(data.train_x)} train images")
     print(f"{data.name}: {len(data.train_x)} train / {len(data.test_x)} test images at {data.train_x.shape[-1]} px")
 
     # ---------------------------------------------------------------- model, optimizer
-    backbone = models.resnet18_cifar().to(device)
-    proj = models.projector(models.RESNET18_DIM, pc["projector_dims"]).to(device)
+    width = cfg["network"]["width"]
+    backbone = models.resnet18_cifar(width).to(device)
+    proj = models.projector(models.resnet18_dim(width), pc["projector_dims"]).to(device)
     if device.type == "cuda":
         backbone = backbone.to(memory_format=torch.channels_last)
     opt = models.LARS(models.lars_param_groups(backbone, proj), lr=0.0, momentum=pc["momentum"],
@@ -141,7 +143,8 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- teacher file and probe
     meta = {"dataset": cfg["dataset"], "resolution": cfg["data"]["resolution"], "epochs": pc["epochs"],
-            "mean": data.mean.tolist(), "std": data.std.tolist(), "d_y": models.RESNET18_DIM}
+            "mean": data.mean.tolist(), "std": data.std.tolist(), "d_y": models.resnet18_dim(width),
+            "width": width, "train_images": len(data.train_x)}
     utils.atomic_save({"backbone": {k: v.cpu() for k, v in backbone.state_dict().items()}, "meta": meta}, teacher_file)
     t0 = time.time()
     probe = utils.probe_backbone(backbone, data, cfg["probe"], cfg["seed"], cfg["data"]["eval_batch_size"],

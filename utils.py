@@ -31,7 +31,8 @@ DATASETS = ("CIFAR10", "CIFAR100", "STANFORD_DOGS", "DIGITS")
 SCHEMA = {
     "dataset": DATASETS,
     "seed": int,
-    "data": {"root": str, "resolution": int, "eval_batch_size": int},
+    "data": {"root": str, "resolution": int, "train_subset": int, "eval_batch_size": int},
+    "network": {"width": int},
     "pretrain": {
         "epochs": int, "batch_size": int, "lr": float, "momentum": float, "weight_decay": float,
         "lars_eta": float, "warmup_epochs": int, "lambda_offdiag": float, "loss_scale": float,
@@ -44,7 +45,8 @@ SCHEMA = {
     "storage": {"budget_N": int, "m": int, "store_augmented_targets": bool},
     "distillation": {
         "method": ("ours", "krr_st"), "steps": int, "outer_batch_size": int,
-        "real_views": ("all", "identity"), "lr_image": float, "lr_repr": float, "ridge": float,
+        "real_views": ("all", "identity"), "lr_image": float, "lr_image_bases": float, "lr_repr": float,
+        "lr_repr_bases": float, "krr_st_lr_pixels": float, "krr_st_lr_targets": float, "ridge": float,
         "save_every": int, "log_every": int,
     },
     "model_pool": {
@@ -56,7 +58,8 @@ SCHEMA = {
         "epochs": int, "full_epochs": int, "batch_size": int, "lr": float, "momentum": float,
         "weight_decay": float, "augment": bool, "crop_pad": int,
     },
-    "probe": {"iterations": int, "batch_size": int, "lr": float, "momentum": float, "weight_decay": float},
+    "probe": {"iterations": int, "batch_size": int, "lr": float, "momentum": float, "weight_decay": float,
+              "teacher_fit_ridge": float},
 }
 
 
@@ -358,10 +361,15 @@ def load_digits(resolution):
     return x[tr], y[tr], x[te], y[te], 10
 
 
-def load_dataset(name, root, resolution):
-    """uint8 train/test tensors + labels + the train split's normalisation (SPEC 7)."""
-    if name in ("CIFAR10", "CIFAR100") and resolution != 32:
-        raise ConfigError(f"{name} is 32x32; data.resolution must be 32, got {resolution}")
+def load_dataset(name, root, resolution, train_subset=0):
+    """uint8 train/test tensors + labels + the train split's normalisation (SPEC 7).
+
+    CIFAR below 32 px is downsampled (antialiased) once here; `train_subset` > 0 keeps that many train
+    images, a fixed random draw (seed 0, whatever the run's seed, so teacher, distillation and evaluation
+    see the same images), for the CPU-scale configs. The test split is always whole.
+    """
+    if name in ("CIFAR10", "CIFAR100") and not 1 <= resolution <= 32:
+        raise ConfigError(f"{name} is 32x32; data.resolution must be in [1, 32], got {resolution}")
     if name == "CIFAR10":
         parts = load_cifar10(root)
     elif name == "CIFAR100":
@@ -373,8 +381,29 @@ def load_dataset(name, root, resolution):
     else:
         raise ConfigError(f"unknown dataset {name!r}; expected one of {list(DATASETS)}")
     train_x, train_y, test_x, test_y, num_classes = parts
+    if train_x.shape[-1] != resolution:
+        train_x, test_x = resize_uint8(train_x, resolution), resize_uint8(test_x, resolution)
+    if train_subset:
+        if not 0 < train_subset <= len(train_x):
+            raise ConfigError(f"data.train_subset: {train_subset} is not in [1, {len(train_x)}] "
+                              f"(the {name} train split has {len(train_x)} images; 0 keeps them all)")
+        keep = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))[:train_subset].sort().values
+        train_x, train_y = train_x[keep], train_y[keep]
     mean, std = channel_stats(train_x)
     return ImageData(name, train_x, train_y, test_x, test_y, mean, std, num_classes)
+
+
+def load_data(cfg):
+    """The config's source dataset: load_dataset with its data: keys."""
+    d = cfg["data"]
+    return load_dataset(cfg["dataset"], d["root"], d["resolution"], d["train_subset"])
+
+
+def resize_uint8(x, size, chunk=8192):
+    """uint8 (N, 3, H, W) -> uint8 (N, 3, size, size), bilinear with antialiasing (a downsample keeps detail)."""
+    return torch.cat([F.interpolate(p.float(), size=(size, size), mode="bilinear", antialias=True,
+                                    align_corners=False).round().clamp(0, 255).to(torch.uint8)
+                      for p in x.split(chunk)])
 
 
 def normalize(x, mean, std):
@@ -531,11 +560,12 @@ def decode_targets(C_y, B_y, mu_y):
     return mu_y + C_y @ B_y
 
 
-def load_distilled(folder, device):
+def load_distilled(folder, device, exact=False):
     """A distilled_assets folder -> (views (K*m, 3, H, W), targets (K*m, d_y), the stored dict).
 
     Views are view-major as all_views; rotated targets come from the approximation MLPs
-    (SPEC 5) or, for the ablation that stores them, from the stored coefficients.
+    (SPEC 5) or, for the ablation that stores them, from the stored coefficients. exact=True reads
+    the learned C_y^k from controls.pth instead (the distilled_exact row: the cost of approximating).
     """
     folder = Path(folder)
     path = folder / "distilled_data.pth"
@@ -548,14 +578,22 @@ def load_distilled(folder, device):
     views, targets = [X], [decode_targets(d["C_y"], d["B_y"], d["mu_y"])]
     for k, angle in enumerate(d["rotations"]):
         views.append(rotate(X, angle))
-        if d["store_augmented_targets"]:
-            C_yk = d["C_y_aug"][k]
+        if exact or d["store_augmented_targets"]:
+            C_yk = (read_controls(folder, device) if exact else d)["C_y_aug"][k]
         else:
             net = load_approx_net(folder / f"approx_net_rot_{angle}.pth", device)
             with torch.no_grad():
                 C_yk = d["C_y"] + net(d["C_y"])
         targets.append(decode_targets(C_yk, d["B_y"], d["mu_y"]))
     return torch.cat(views), torch.cat(targets), d
+
+
+def read_controls(folder, device="cpu"):
+    """controls.pth of a distilled_assets folder: init indices and learned C_y^k (not part of the set)."""
+    path = Path(folder) / "controls.pth"
+    if not path.is_file():
+        raise FileNotFoundError(f"no {path}: the real_init and distilled_exact rows need it; rerun main_distill.py")
+    return read_pth(path, "the controls written by main_distill.py", ["init_indices"], device)
 
 
 def load_approx_net(path, device):
@@ -570,8 +608,14 @@ def load_approx_net(path, device):
 # ============================================================================================
 # Teacher and features: each frozen network runs once per input
 # ============================================================================================
-def teacher_path(cfg, folder="teacher_models"):
-    return Path(folder) / f"resnet18_barlow_twins_{cfg['dataset'].lower()}.pth"
+def config_name(config_path):
+    """A config's name, its file stem (cifar10, cifar10_cpu): default output names carry it, so runs of two
+    configs of one dataset never share a teacher, a distilled set or a table."""
+    return Path(config_path).stem
+
+
+def teacher_path(name, folder="teacher_models"):
+    return Path(folder) / f"resnet18_barlow_twins_{name}.pth"
 
 
 def file_hash(path):
@@ -582,9 +626,9 @@ def file_hash(path):
     return h.hexdigest()
 
 
-def load_teacher(path, dataset, resolution, device):
+def load_teacher(path, cfg, device):
     """The frozen Barlow Twins backbone g written by pretrain.py, checked against the config."""
-    path = Path(path)
+    path, dataset, resolution, width = Path(path), cfg["dataset"], cfg["data"]["resolution"], cfg["network"]["width"]
     if not path.is_file():
         raise FileNotFoundError(f"teacher not found: {path}; run `python pretrain.py {dataset}` first")
     d = read_pth(path, "a teacher file written by pretrain.py", ["backbone", "meta"])
@@ -592,7 +636,10 @@ def load_teacher(path, dataset, resolution, device):
     if meta["dataset"] != dataset or meta["resolution"] != resolution:
         raise ValueError(f"{path} is a teacher for {meta['dataset']} at {meta['resolution']} px, "
                          f"but the config asks for {dataset} at {resolution} px")
-    g = models.resnet18_cifar()
+    if meta.get("width", 64) != width:
+        raise ValueError(f"{path} is a ResNet-18 of width {meta.get('width', 64)}, but the config asks for "
+                         f"network.width {width}")
+    g = models.resnet18_cifar(width)
     g.load_state_dict(d["backbone"], strict=True)
     return g.to(device).eval(), meta
 
@@ -617,7 +664,7 @@ def embed_all(net, x, mean, std, batch_size, angle=0, bf16=True):
 def teacher_targets(teacher, teacher_file, data, rotations, batch_size):
     """T[i, k] = g(a_k(x_i)) for every train image and view: (N_train, K, d_y), cached on disk
     beside the teacher, keyed by the teacher file's hash, the dataset and the rotations (SPEC 4.1)."""
-    key = f"{data.name.lower()}_{file_hash(teacher_file)[:16]}_rot{'-'.join(map(str, rotations)) or 'none'}_fp32"
+    key = f"{data.name.lower()}_n{len(data.train_x)}_{file_hash(teacher_file)[:16]}_rot{'-'.join(map(str, rotations)) or 'none'}_fp32"
     path = Path(teacher_file).parent / f"targets_{key}.pt"
     dev = next(teacher.parameters()).device
     if path.is_file():
@@ -671,6 +718,31 @@ def linear_probe(train_f, train_y, test_f, test_y, num_classes, probe, seed):
         sched.step()
     with torch.no_grad():
         return 100.0 * (head(test_f).argmax(1) == test_y).float().mean().item()
+
+
+def teacher_fit(features, teacher_features, ridge):
+    """R^2 on the test split of a ridge readout (fit on the train split) from a backbone's frozen features
+    to the teacher's: 1 - SSE / SST, SST around the teacher's train mean. How much of the teacher a
+    pre-trained student reproduces on unseen images (1 for the teacher itself). features and
+    teacher_features are (train, test) pairs; ridge is relative to the mean eigenvalue of the Gram matrix."""
+    (X, X_test), (Y, Y_test) = features, teacher_features
+    ones = lambda A: torch.cat([A.double(), A.new_ones(len(A), 1, dtype=torch.float64)], 1)
+    X, X_test, Y, Y_test = ones(X), ones(X_test), Y.double(), Y_test.double()
+    G = X.T @ X
+    lam = ridge * torch.trace(G) / len(G)
+    W = torch.linalg.solve(G + lam * torch.eye(len(G), dtype=G.dtype, device=G.device), X.T @ Y)
+    sse = (X_test @ W - Y_test).pow(2).sum()
+    sst = (Y_test - Y.mean(0)).pow(2).sum()
+    return (1 - sse / sst).item()
+
+
+def check_features(features, row):
+    """A backbone whose frozen features are not finite (a diverged student) is an error, never a probed number."""
+    for split, f in zip(("train", "test"), features):
+        if not torch.isfinite(f).all():
+            raise FloatingPointError(f"{row}: the pre-trained backbone gives non-finite features on the {split} "
+                                     f"split; its accuracy would be meaningless (lower evaluation.lr, or check "
+                                     f"the teacher's target scale)")
 
 
 def split_features(backbone, data, batch_size):

@@ -55,6 +55,26 @@ def test_cifar10_wrong_resolution(cifar10_root):
         utils.load_dataset("CIFAR10", cifar10_root[0], 64)
 
 
+def test_cifar10_downsampled_subset_is_fixed_and_normalised_on_itself(cifar10_root):
+    """The CPU-scale keys: a lower resolution (antialiased) and a train subset that does not depend on the
+    run's seed; mean/std are the subset's own; the test split stays whole."""
+    root, written = cifar10_root
+    full = utils.load_dataset("CIFAR10", root, 32)
+    data = utils.load_dataset("CIFAR10", root, 16, train_subset=7)
+    assert data.train_x.shape == (7, 3, 16, 16) and data.test_x.shape == (4, 3, 16, 16)
+    assert data.train_x.dtype == torch.uint8
+    again = utils.load_dataset("CIFAR10", root, 16, train_subset=7)
+    assert torch.equal(again.train_x, data.train_x) and torch.equal(again.train_y, data.train_y)
+    # the subset's labels are some of the full split's, and its statistics are its own
+    small = utils.resize_uint8(full.train_x, 16)
+    rows = [i for i in range(20) if any(torch.equal(small[i], x) for x in data.train_x)]
+    assert len(rows) == 7 and sorted(full.train_y[rows].tolist()) == sorted(data.train_y.tolist())
+    mean, std = utils.channel_stats(data.train_x)
+    assert torch.equal(mean, data.mean) and torch.equal(std, data.std)
+    with pytest.raises(utils.ConfigError, match="train_subset.*20"):
+        utils.load_dataset("CIFAR10", root, 16, train_subset=21)
+
+
 def test_cifar10_missing_folder(tmp_path):
     with pytest.raises(utils.DatasetError) as e:
         utils.load_dataset("CIFAR10", tmp_path / "nowhere", 32)

@@ -122,8 +122,29 @@ def test_frozen_bases_get_no_gradient_step(tmp_path):
     data = tiny_data()
     cfg = utils.load_config(write_config(tmp_path, parameterization__learn_bases=False))
     d = main_distill.init_distilled(cfg, data, torch.randn(len(data.train_x), 4, 512), 6, torch.Generator())
-    groups = d.param_groups(1e-3, 1e-3)
+    groups = d.param_groups(cfg["distillation"])
     assert all(p is not d.B_x and p is not d.B_y for g in groups for p in g["params"])
+
+
+def test_coefficients_and_bases_get_their_own_learning_rates(tmp_path):
+    data = tiny_data()
+    cfg = utils.load_config(write_config(tmp_path, distillation__lr_image=1.0, distillation__lr_image_bases=2.0,
+                                         distillation__lr_repr=3.0, distillation__lr_repr_bases=4.0))
+    d = main_distill.init_distilled(cfg, data, torch.randn(len(data.train_x), 4, 512), 6, torch.Generator())
+    lr_of = {id(p): g["lr"] for g in d.param_groups(cfg["distillation"]) for p in g["params"]}
+    assert [lr_of[id(p)] for p in (d.C_x, d.B_x, d.C_y, d.C_yk, d.B_y)] == [1.0, 2.0, 3.0, 3.0, 4.0]
+
+
+def test_approximation_nets_beat_the_no_shift_baseline_where_they_can():
+    """Shifts an MLP of this width can represent: the fitted nets' relative error must be far below the
+    no-shift baseline's 1.0 (predicting c^{y,k} = c^y)."""
+    torch.manual_seed(0)
+    C_y = torch.randn(200, 16)
+    teachers = [models.ApproxMLP(16, 4) for _ in range(3)]
+    with torch.no_grad():
+        C_yk = torch.stack([C_y + 3 * t(C_y) for t in teachers])
+    nets, errors = main_distill.fit_approx_nets(C_y, C_yk, {"hidden": 4, "steps": 1500, "lr": 1e-2}, seed=0)
+    assert len(nets) == 3 and all(e < 0.35 for e in errors), errors
 
 
 def test_pool_resets_at_age_Z():
@@ -155,14 +176,21 @@ def test_short_run_lowers_the_outer_loss_and_writes_assets(tmp_path):
     assert metrics["loss_curve"][0][0] == 1 and metrics["steps"] == 50
     assert last < 0.8 * first, metrics["loss_curve"]
     for f in ("distilled_data.pth", "approx_net_rot_90.pth", "approx_net_rot_180.pth", "approx_net_rot_270.pth",
-              "distilled_images.png", "metrics.json", "config.json", "log.jsonl"):
+              "distilled_images.png", "metrics.json", "config.json", "log.jsonl", "controls.pth"):
         assert (out / f).is_file(), f
     views, targets, d = utils.load_distilled(out, torch.device("cpu"))
     assert views.shape == (64, 3, 8, 8) and targets.shape == (64, 512)
     assert d["storage"]["stored"] <= d["storage"]["budget"] and "C_yk" not in d
     # the stored approximation nets reproduce the rotated targets up to their reported error
-    rel = json.loads((out / "metrics.json").read_text())["approximation_relative_error"]
-    assert set(rel) == {"rot_90", "rot_180", "rot_270"} and all(0 <= v < 1.5 for v in rel.values())
+    rel = json.loads((out / "metrics.json").read_text())["approximation"]
+    assert set(rel) == {"rot_90", "rot_180", "rot_270"}
+    assert all(0 <= v["relative_error"] < 1.5 and v["no_shift_baseline"] == 1.0 for v in rel.values())
+    # the controls (outside the budget): the init indices and the learned C_y^k behind distilled_exact
+    controls = utils.read_controls(out)
+    assert controls["init_indices"].shape == (16,) and len(set(controls["init_indices"].tolist())) == 16
+    exact_views, exact_targets, _ = utils.load_distilled(out, torch.device("cpu"), exact=True)
+    assert torch.equal(exact_views, views) and torch.equal(exact_targets[:16], targets[:16])
+    assert not torch.allclose(exact_targets[16:], targets[16:])  # the MLPs approximate, they do not copy
 
 
 def test_resume_continues_the_step_count(tmp_path):
@@ -240,7 +268,7 @@ def test_outer_step_updates_the_distilled_set_and_leaves_the_pool_trainable(tmp_
     gen = torch.Generator().manual_seed(0)
     d = main_distill.init_distilled(cfg, data, T, 6, gen)
     C_x0 = d.C_x.detach().clone()
-    opt = torch.optim.AdamW(d.param_groups(1e-2, 1e-2), weight_decay=0.0)
+    opt = torch.optim.AdamW(d.param_groups(cfg["distillation"]), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     pool = main_distill.ModelPool(cfg["model_pool"], 8, 512, torch.device("cpu"))
     loss = main_distill.outer_step(d, pool, data, T, cfg["distillation"], opt, sched, gen, random.Random(0))

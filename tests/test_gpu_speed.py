@@ -77,7 +77,7 @@ def test_outer_step_over_20_per_s():
     T = torch.randn(len(x), 4, 512, device=dev)
     gen, rng = utils.make_generator(dev, 0), random.Random(0)
     distilled = main_distill.init_distilled(cfg, data, T, 239, gen).to(dev)
-    opt = torch.optim.AdamW(distilled.param_groups(1e-3, 1e-3), weight_decay=0.0)
+    opt = torch.optim.AdamW(distilled.param_groups(cfg["distillation"]), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     pool = main_distill.ModelPool(cfg["model_pool"], 32, 512, dev)
     sec = timed(lambda: main_distill.outer_step(distilled, pool, data, T, cfg["distillation"], opt, sched, gen, rng), 50)

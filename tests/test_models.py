@@ -34,6 +34,18 @@ def test_resnet18_cifar_loads_into_torchvision():
         plain.load_state_dict(ours.state_dict(), strict=False)
 
 
+@pytest.mark.parametrize("width", [8, 16])
+def test_narrow_resnet18_has_width_times_8_features(width):
+    """network.width rebuilds the stages at w, 2w, 4w, 8w channels; 64 is the standard ResNet-18."""
+    net = models.resnet18_cifar(width).eval()
+    with torch.no_grad():
+        f = net(torch.randn(2, 3, 16, 16))
+    assert f.shape == (2, models.resnet18_dim(width)) == (2, 8 * width) and torch.isfinite(f).all()
+    assert net.conv1.out_channels == width and net.layer4[1].conv2.out_channels == 8 * width
+    assert models.num_params(net) < models.num_params(models.resnet18_cifar()) / 10
+    assert set(net.state_dict()) == set(models.resnet18_cifar().state_dict())  # same names, smaller tensors
+
+
 def test_regressor():
     net = models.Regressor(models.resnet18_cifar(), 512, 16).eval()
     x = torch.randn(2, 3, 16, 16)

@@ -6,7 +6,7 @@ import torch
 
 import pretrain
 import utils
-from tiny import write_config
+from tiny import REPO, write_config
 
 
 def run(tmp_path, *extra):
@@ -17,8 +17,8 @@ def run(tmp_path, *extra):
 
 def test_two_epochs_write_a_loadable_teacher_and_the_loss_falls(tmp_path):
     metrics = run(tmp_path, "--epochs", "3")
-    teacher, meta = utils.load_teacher(tmp_path / "teachers" / "resnet18_barlow_twins_digits.pth", "DIGITS", 8,
-                                       torch.device("cpu"))
+    teacher, meta = utils.load_teacher(tmp_path / "teachers" / "resnet18_barlow_twins_digits.pth",
+                                       utils.load_config(REPO / "configs" / "digits.yaml"), torch.device("cpu"))
     assert meta["epochs"] == 3 and teacher(torch.randn(2, 3, 8, 8)).shape == (2, 512)
     run_dir = tmp_path / "teachers" / "resnet18_barlow_twins_digits_run"
     rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
@@ -79,6 +79,13 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     lrs = [pretrain.lr_at(s, 5, pc) for s in range(50)]
     assert lrs[0] == pytest.approx(0.6 / 10) and lrs[9] == pytest.approx(0.6)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 0.01
+
+
+def test_a_teacher_of_another_width_is_a_clear_error(tmp_path):
+    run(tmp_path, "--epochs", "1")
+    cfg = utils.load_config(write_config(tmp_path, network__width=16))
+    with pytest.raises(ValueError, match="width 64.*network.width 16"):
+        utils.load_teacher(tmp_path / "teachers" / "resnet18_barlow_twins_digits.pth", cfg, torch.device("cpu"))
 
 
 def test_dataset_mismatch_between_command_and_config(tmp_path):

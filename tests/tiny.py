@@ -16,6 +16,8 @@ TINY = {  # dotted key -> value, applied to configs/digits.yaml
     "storage.budget_N": 10, "storage.m": 16,
     "distillation.steps": 50, "distillation.outer_batch_size": 64, "distillation.save_every": 10,
     "distillation.log_every": 10, "distillation.lr_image": 1.0e-2, "distillation.lr_repr": 1.0e-2,
+    "distillation.lr_image_bases": 1.0e-3, "distillation.lr_repr_bases": 1.0e-3,
+    "distillation.krr_st_lr_pixels": 1.0e-2, "distillation.krr_st_lr_targets": 1.0e-2,
     "model_pool.size_L": 2, "model_pool.inner_loop_steps_Z": 20, "model_pool.widths": [16, 32],
     "approximation.steps": 200, "evaluation.epochs": 2, "evaluation.full_epochs": 1, "evaluation.crop_pad": 1,
     "probe.iterations": 100,
@@ -35,7 +37,7 @@ def write_config(tmp_path, **overrides):
     cfg = yaml.safe_load((REPO / "configs" / "digits.yaml").read_text())
     for dotted, value in {**TINY, **{k.replace("__", "."): v for k, v in overrides.items()}}.items():
         set_dotted(cfg, dotted, value)
-    path = Path(tmp_path) / "tiny.yaml"
+    path = Path(tmp_path) / "digits.yaml"  # the config name sets the default output names, as for configs/digits.yaml
     path.write_text(yaml.safe_dump(cfg))
     utils.load_config(path)  # the tiny config passes the schema
     return path
