@@ -95,7 +95,8 @@ def test_scientific_notation_is_float(tmp_path):
     text = (REPO / "configs" / "cifar10.yaml").read_text()
     text, n = re.subn(r"(\n  weight_decay:) 1\.0e-4", r"\1 1e-4", text, count=1)
     assert n == 1
-    text = text.replace("  lr_image: 1.0e-3", "  lr_image: 5e-3")
+    text, n = re.subn(r"\n  lr_image: 1\.0e-2", "\n  lr_image: 5e-3", text, count=1)
+    assert n == 1
     path = tmp_path / "sci.yaml"
     path.write_text(text)
     raw = yaml.safe_load(text)

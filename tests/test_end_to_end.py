@@ -68,7 +68,10 @@ def test_distilled_set_transfers_the_teacher_to_held_out_images(pipeline):
 def test_distilled_beats_real_images_at_the_same_budget(pipeline):
     """The paper's claim in miniature: at equal storage, the distilled set pre-trains a better backbone
     than N random real images with their teacher targets (both rows measured in this run; over seeds
-    1-3 the margin was 7.6-38 points)."""
+    1-3 the margin was 7.6-38 points). Equal storage is not equal views: the distilled set has K m = 440 views,
+    the subset N = 10. The same-views control, real_init (the m real images it starts from, exact targets),
+    beats it at this tiny scale (measured probe 87.1 vs 78.0, teacher fit 0.977 vs 0.854) and on cifar10_cpu
+    (README), so no test claims distillation beats its own starting point."""
     _, results = pipeline
     assert results["distilled"]["storage_floats"] <= results["random_subset"]["storage_floats"]
     assert results["distilled"]["mean"] > results["random_subset"]["mean"] + 5.0, \
