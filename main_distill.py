@@ -37,9 +37,6 @@ def parse_args(argv):
     return args, utils.parse_overrides(rest)
 
 
-CONTROLS = "controls.pth"  # init indices and learned C_y^k, outside distilled_data.pth and its budget
-
-
 def default_out(cfg, name):
     """distilled_assets/<config name>_N<budget>[_krr_st]"""
     suffix = "_krr_st" if cfg["distillation"]["method"] == "krr_st" else ""
@@ -156,8 +153,14 @@ def init_distilled(cfg, data, T, m, gen):
     idx = torch.randperm(len(data.train_x), generator=gen, device=gen.device)[:m].to(data.train_x.device)
     if cfg["distillation"]["method"] == "krr_st":
         distilled = FreeDistilled(utils.normalize(data.train_x[idx], data.mean, data.std), T[idx, 0].clone())
-        distilled.init_indices = idx.cpu()
-        return distilled
+    else:
+        distilled = pca_distilled(cfg, data, T, idx)
+    distilled.init_indices = idx.cpu()  # the real images it starts from: main_evaluate's real_init row
+    return distilled
+
+
+def pca_distilled(cfg, data, T, idx):
+    """SPEC 2: PCA bases of the train images and teacher targets; coefficients of the real images idx."""
     P, bs = cfg["parameterization"], cfg["data"]["eval_batch_size"]
     X_low = torch.cat([utils.downsample(utils.normalize(x, data.mean, data.std), P["image_basis_size"])
                        for x in data.train_x.split(bs)])  # (N_train, 3 r_b^2)
@@ -166,10 +169,8 @@ def init_distilled(cfg, data, T, m, gen):
     C_x = (X_low[idx] - mu_x) @ B_x.T
     C_y = (T[idx, 0] - mu_y) @ B_y.T
     C_yk = (T[idx, 1:] - mu_y).transpose(0, 1) @ B_y.T  # (K-1, m, V)
-    distilled = PCADistilled(mu_x, B_x, C_x, mu_y, B_y, C_y, C_yk, cfg["augmentations"]["rotate"],
-                             data.train_x.shape[-1], P["learn_bases"])
-    distilled.init_indices = idx.cpu()  # the real images it starts from: main_evaluate's real_init row
-    return distilled
+    return PCADistilled(mu_x, B_x, C_x, mu_y, B_y, C_y, C_yk, cfg["augmentations"]["rotate"],
+                        data.train_x.shape[-1], P["learn_bases"])
 
 
 # ============================================================================================
@@ -405,7 +406,7 @@ def main(argv=None):
                 # the no-shift baseline predicts c^{y,k} = c^y: relative error 1 by definition
                 approx_errors[f"rot_{angle}"] = {"relative_error": err, "no_shift_baseline": 1.0}
                 print(f"approximation net rot {angle}: relative error {err:.4f} (no-shift baseline 1.0000)")
-    utils.atomic_save(controls, out / CONTROLS)
+    utils.atomic_save(controls, out / utils.CONTROLS_FILE)
     utils.atomic_save(asset, out / "distilled_data.pth")
     with torch.no_grad():
         save_grid(distilled.images(), data.mean, data.std, out / "distilled_images.png")

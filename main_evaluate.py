@@ -231,20 +231,25 @@ def main(argv=None):
     K = 1 + len(rotations)
     per_real = 3 * res * res + d_y * K  # a real image stored with its K teacher targets
 
+    def check_teacher(folder, dataset, found_hash):
+        if dataset != cfg["dataset"] or found_hash != teacher_hash:
+            raise ValueError(f"{folder} was distilled for {dataset} with another teacher "
+                             f"(hash {found_hash[:12]}); rerun main_distill.py with this config")
+
     def distilled_set(row):
         """(views, targets, storage floats) of a distilled row; checked against this teacher."""
         folder = krr_assets if row == "krr_st" else assets
         views, targets, d = utils.load_distilled(folder, device, exact=row == "distilled_exact")
-        if d["dataset"] != cfg["dataset"] or d["teacher_hash"] != teacher_hash:
-            raise ValueError(f"{folder} was distilled for {d['dataset']} with another teacher "
-                             f"(hash {d['teacher_hash'][:12]}); rerun main_distill.py with this config")
+        check_teacher(folder, d["dataset"], d["teacher_hash"])
         stored = d["storage"]["stored"]
         if row == "distilled_exact":  # learned C_y^k stored instead of the approximation nets
             stored += len(d["rotations"]) * d["m"] * d["C_y"].shape[1] - d["storage"]["rows"].get("approximation nets", 0)
         return views, targets, stored
 
     def real_init_set():
-        idx = utils.read_controls(assets)["init_indices"]
+        controls = utils.read_controls(assets)
+        check_teacher(assets, cfg["dataset"], controls["teacher_hash"])  # its indices index this teacher's split
+        idx = controls["init_indices"]
         views, targets = real_views(data, T, idx, rotations)
         return views, targets, len(idx) * per_real
 

@@ -576,10 +576,11 @@ def load_distilled(folder, device, exact=False):
         return d["X"].float(), d["Y"].float(), d
     X = decode_images(d["C_x"], d["B_x"], d["mu_x"], d["resolution"])
     views, targets = [X], [decode_targets(d["C_y"], d["B_y"], d["mu_y"])]
+    stored_C_yk = read_controls(folder, device)["C_y_aug"] if exact else d.get("C_y_aug")
     for k, angle in enumerate(d["rotations"]):
         views.append(rotate(X, angle))
         if exact or d["store_augmented_targets"]:
-            C_yk = (read_controls(folder, device) if exact else d)["C_y_aug"][k]
+            C_yk = stored_C_yk[k]
         else:
             net = load_approx_net(folder / f"approx_net_rot_{angle}.pth", device)
             with torch.no_grad():
@@ -588,9 +589,12 @@ def load_distilled(folder, device, exact=False):
     return torch.cat(views), torch.cat(targets), d
 
 
+CONTROLS_FILE = "controls.pth"  # init indices and learned C_y^k, outside distilled_data.pth and its budget
+
+
 def read_controls(folder, device="cpu"):
     """controls.pth of a distilled_assets folder: init indices and learned C_y^k (not part of the set)."""
-    path = Path(folder) / "controls.pth"
+    path = Path(folder) / CONTROLS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no {path}: the real_init and distilled_exact rows need it; rerun main_distill.py")
     return read_pth(path, "the controls written by main_distill.py", ["init_indices"], device)
