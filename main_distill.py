@@ -17,6 +17,7 @@ config name being its file stem (cifar10, cifar10_cpu):
 """
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -314,23 +315,23 @@ def main(argv=None):
     gen, rng = utils.make_generator(device, cfg["seed"]), random.Random(cfg["seed"])
     name = utils.config_name(args.config)
     out = Path(args.out) if args.out else default_out(cfg, name)
-    utils.guard_outputs([out / "distilled_data.pth", out / "checkpoint.pth"], args.resume, args.overwrite)
     res = cfg["data"]["resolution"]
     table = storage_accounting(cfg, res)
     rotations = cfg["augmentations"]["rotate"]
-    derived = {"device": str(device), "m": table["m"], "K": 1 + len(rotations), "out": str(out)}
-    utils.print_config(cfg, derived)
-    print_storage(table)
-    utils.write_json({"config": cfg, "derived": derived, "storage": table}, out / "config.json")
+    teacher_file = Path(args.teacher) if args.teacher else utils.teacher_path(name)
+    lock = utils.claim_run_folder(out, [out / "distilled_data.pth", out / "checkpoint.pth"], args.resume, args.overwrite)
 
     # ---------------------------------------------------------------- data, teacher targets T (N, K, d_y)
-    data = utils.load_data(cfg).to(device)
-    teacher_file = Path(args.teacher) if args.teacher else utils.teacher_path(name)
-    teacher, _ = utils.load_teacher(teacher_file, cfg, device)
+    data = utils.load_data(cfg)
+    utils.check_sizes(cfg, len(data.train_x), table["m"])
+    data = data.to(device)
+    teacher, _ = utils.load_teacher(teacher_file, cfg, device, data)
+    inputs = {"teacher_hash": utils.file_hash(teacher_file), "train_hash": data.fingerprint}
     t0 = time.time()
-    T = utils.teacher_targets(teacher, teacher_file, data, rotations, cfg["data"]["eval_batch_size"])
-    print(f"teacher targets {tuple(T.shape)} ready in {time.time() - t0:.1f}s "
-          f"(mean norm {T[:, 0].norm(dim=1).mean().item():.3g})")
+    T, target_scale = utils.teacher_targets(teacher, teacher_file, data, rotations, cfg["data"]["eval_batch_size"],
+                                            cfg["data"]["target_rms"], out)
+    print(f"teacher targets {tuple(T.shape)} ready in {time.time() - t0:.1f}s, scaled by {target_scale:.4g} to "
+          f"root-mean-square {cfg['data']['target_rms']} (mean norm {T[:, 0].norm(dim=1).mean().item():.3g})")
     del teacher
 
     # ---------------------------------------------------------------- distilled set, optimizer, pool
@@ -338,20 +339,24 @@ def main(argv=None):
     opt = torch.optim.AdamW(distilled.param_groups(dc), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / dc["steps"]))
     pool = ModelPool(mp, res, T.shape[-1], device)
-    log = utils.RunLog(out / "log.jsonl", resume=args.resume)
-    step, curve = 0, []
+    step, curve, run_id = 0, [], utils.new_run_id()
     if args.resume:
-        ckpt = utils.load_checkpoint(out / "checkpoint.pth", cfg, ["distillation.method", "parameterization.U",
-                                                                   "parameterization.V", "model_pool.widths"])
+        ckpt = utils.load_checkpoint(out / "checkpoint.pth", cfg, inputs, args.allow_changed)
         distilled.load_state_dict(ckpt["distilled"], strict=True)
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         pool.load_state_dict(ckpt["pool"])
         utils.set_rng_state(ckpt["rng"], gen)
         rng.setstate(ckpt["py_rng"])
-        step, curve = ckpt["step"], ckpt["curve"]
-        print(f"resumed from {out / 'checkpoint.pth'} at step {step}")
-    else:
+        step, curve, run_id = ckpt["step"], ckpt["curve"], ckpt["run_id"]
+        print(f"resumed run {run_id} from {out / 'checkpoint.pth'} at step {step}")
+    log = utils.RunLog(out / "log.jsonl", resume_at=("step", step) if args.resume else None)
+    derived = {"device": str(device), "m": table["m"], "K": 1 + len(rotations), "out": str(out), "run_id": run_id,
+               "inputs": inputs, "target_scale": target_scale, "allow_changed": args.allow_changed}
+    utils.print_config(cfg, derived)
+    print_storage(table)
+    utils.write_json({"config": cfg, "derived": derived, "storage": table}, out / "config.json")
+    if not args.resume:
         t0 = time.time()
         X0, Y0 = distilled()
         pool.stagger(X0, Y0, rng)
@@ -360,38 +365,50 @@ def main(argv=None):
     def checkpoint():
         utils.atomic_save({"distilled": distilled.state_dict(), "optimizer": opt.state_dict(),
                            "scheduler": sched.state_dict(), "pool": pool.state_dict(), "rng": utils.rng_state(gen),
-                           "py_rng": rng.getstate(), "step": step, "curve": curve, "config": cfg},
-                          out / "checkpoint.pth")
+                           "py_rng": rng.getstate(), "step": step, "curve": curve, "config": cfg, "inputs": inputs,
+                           "run_id": run_id}, out / "checkpoint.pth")
+
+    def check_finite(losses, last_saved):
+        """Every outer loss since the last check and the distilled tensors finite (one host sync), else stop
+        with the last good checkpoint untouched."""
+        if not utils.all_finite(losses + list(distilled.parameters())):
+            sys.exit(f"non-finite outer loss or distilled tensors by step {step}; nothing of it was saved. "
+                     + utils.resume_hint(out / "checkpoint.pth", f"step {last_saved}",
+                                         f"python main_distill.py --config {args.config}", "distillation.lr_image"))
 
     # ---------------------------------------------------------------- the bilevel loop
     bar = tqdm(total=dc["steps"], initial=step, desc="distill", dynamic_ncols=True)
-    window, t_log, s_log = [], time.time(), step
+    window, unchecked, t_log, s_log, last_saved = [], [], time.time(), step, step
     while step < dc["steps"]:
         loss = outer_step(distilled, pool, data, T, dc, opt, sched, gen, rng)
         step += 1
         window.append(loss)
+        unchecked.append(loss)
         bar.update(1)
         if step % dc["log_every"] == 0 or step == dc["steps"] or step == 1:
-            mean_loss = torch.stack(window).mean().item()
-            utils.check_finite(mean_loss, f"step {step}")
+            check_finite(unchecked, last_saved)
+            mean_loss, unchecked = torch.stack(window).mean().item(), []
             rate = (step - s_log) / (time.time() - t_log)
             curve.append((step, mean_loss))
             log(step=step, loss=mean_loss, lr_image=opt.param_groups[0]["lr"], steps_per_s=rate)
             bar.set_postfix(loss=f"{mean_loss:.4f}", steps_per_s=f"{rate:.1f}")
             window, t_log, s_log = [], time.time(), step
         if step % dc["save_every"] == 0 or step == dc["steps"]:
+            check_finite(unchecked, last_saved)
+            unchecked, last_saved = [], step
             checkpoint()
     bar.close()
 
     # ---------------------------------------------------------------- approximation nets and assets
     asset = {"method": dc["method"], "dataset": cfg["dataset"], "resolution": res, "m": table["m"],
              "mean": data.mean.cpu(), "std": data.std.cpu(), "storage": table, "config": cfg, "steps": step,
-             "teacher_hash": utils.file_hash(teacher_file), "store_augmented_targets":
+             "teacher_hash": inputs["teacher_hash"], "train_hash": inputs["train_hash"], "run_id": run_id,
+             "target_scale": target_scale, "store_augmented_targets":
              cfg["storage"]["store_augmented_targets"], **{k: v.cpu() if torch.is_tensor(v) else v
                                                            for k, v in distilled.export().items()}}
     approx_errors = {}
     # Not part of the distilled set (nor of its budget): what main_evaluate's control rows need.
-    controls = {"init_indices": distilled.init_indices, "teacher_hash": asset["teacher_hash"]}
+    controls = {"init_indices": distilled.init_indices, "teacher_hash": asset["teacher_hash"], "run_id": run_id}
     if dc["method"] == "ours" and rotations:
         C_y, C_yk = distilled.C_y.detach(), distilled.C_yk.detach()
         controls["C_y_aug"] = C_yk.cpu()  # the learned C_y^k: the distilled_exact row
@@ -399,10 +416,14 @@ def main(argv=None):
             asset["C_y_aug"] = C_yk.cpu()
         else:
             nets, errors = fit_approx_nets(C_y, C_yk, cfg["approximation"], cfg["seed"])
+            if not all(math.isfinite(e) for e in errors):
+                sys.exit(f"approximation nets diverged (relative errors {errors}); the distilled set in "
+                         f"{out / 'checkpoint.pth'} is kept: refit them with `--resume --allow-changed "
+                         f"approximation.lr --approximation.lr=<lower>`")
             for angle, net, err in zip(rotations, nets, errors):
                 utils.atomic_save({"state_dict": {k: v.cpu() for k, v in net.state_dict().items()},
                                    "V": C_y.shape[1], "hidden": cfg["approximation"]["hidden"], "rotation": angle,
-                                   "relative_error": err}, out / f"approx_net_rot_{angle}.pth")
+                                   "relative_error": err, "run_id": run_id}, out / f"approx_net_rot_{angle}.pth")
                 # the no-shift baseline predicts c^{y,k} = c^y: relative error 1 by definition
                 approx_errors[f"rot_{angle}"] = {"relative_error": err, "no_shift_baseline": 1.0}
                 print(f"approximation net rot {angle}: relative error {err:.4f} (no-shift baseline 1.0000)")
@@ -412,8 +433,9 @@ def main(argv=None):
         save_grid(distilled.images(), data.mean, data.std, out / "distilled_images.png")
     metrics = {"steps": step, "loss_curve": curve, "loss_first": curve[0][1] if curve else None,
                "loss_last": curve[-1][1] if curve else None, "storage": table,
-               "approximation": approx_errors, "out": str(out)}
+               "approximation": approx_errors, "out": str(out), "run_id": run_id, "target_scale": target_scale}
     utils.write_json(metrics, out / "metrics.json")
+    utils.release_run_folder(lock)
     print(f"distilled set written to {out} (m={table['m']}, {step} steps)")
     return metrics
 

@@ -125,7 +125,8 @@ def full_dataset_backbone(path, data, T, rotations, cfg, teacher_hash, retrain, 
     Returns it with its training time in seconds, its SGD steps and whether it was reused."""
     ec, width = cfg["evaluation"], cfg["network"]["width"]
     meta = {"dataset": cfg["dataset"], "teacher_hash": teacher_hash, "full_epochs": ec["full_epochs"],
-            "rotations": rotations, "evaluation": ec, "seed": cfg["seed"], "data": cfg["data"], "width": width}
+            "rotations": rotations, "evaluation": ec, "seed": cfg["seed"], "data": cfg["data"], "width": width,
+            "train_hash": data.fingerprint}
     if path.is_file() and not retrain:
         saved = utils.read_pth(path, "a full-dataset backbone written by main_evaluate.py", ["backbone", "meta"])
         if saved["meta"] == meta:
@@ -198,7 +199,9 @@ def main(argv=None):
     suffix = f"_to_{target_name.lower()}" if target_name != cfg["dataset"] else ""
     name = utils.config_name(args.config)
     out = Path(args.out) if args.out else Path("evaluation_models") / f"{name}_N{N}{suffix}"
-    utils.guard_outputs([out / "results.json"], args.resume, args.overwrite)
+    # the full-dataset model is a cache checked against its own metadata: it survives --overwrite
+    lock = utils.claim_run_folder(out, [out / "results.json"], args.resume, args.overwrite,
+                                  keep=["resnet18_full_dataset.pth"])
     assets = Path(args.assets) if args.assets else main_distill.default_out(cfg, name)
     krr_cfg = {**cfg, "distillation": {**cfg["distillation"], "method": "krr_st"}}
     krr_assets = Path(args.krr_assets) if args.krr_assets else main_distill.default_out(krr_cfg, name)
@@ -211,45 +214,61 @@ def main(argv=None):
         rows = [r for r in rows if r not in NEEDS_ROTATIONS]
     seeds = [cfg["seed"] + i for i in range(args.seeds)]
     res, d_y = cfg["data"]["resolution"], models.resnet18_dim(width)
-    derived = {"device": str(device), "rows": rows, "seeds": seeds, "target": target_name, "assets": str(assets),
-               "krr_assets": str(krr_assets), "out": str(out)}
-    utils.print_config(cfg, derived)
-    utils.write_json({"config": cfg, "derived": derived}, out / "config.json")
 
     # ---------------------------------------------------------------- source and target data, teacher
-    data = utils.load_data(cfg).to(device)
+    data = utils.load_data(cfg)
+    utils.check_sizes(cfg, len(data.train_x))
+    data = data.to(device)
     target = data if target_name == cfg["dataset"] else utils.load_dataset(target_name, cfg["data"]["root"], res).to(device)
     teacher_file = Path(args.teacher) if args.teacher else utils.teacher_path(name)
-    teacher, _ = utils.load_teacher(teacher_file, cfg, device)
+    teacher, _ = utils.load_teacher(teacher_file, cfg, device, data)
     teacher_hash = utils.file_hash(teacher_file)
+    # what the table was computed from: a resumed table must find the same inputs
+    inputs = {"teacher_hash": teacher_hash, "train_hash": data.fingerprint}
+    for key, folder, readers in (("distilled", assets, {"distilled", "distilled_exact", "real_init"}),
+                                   ("krr_st", krr_assets, {"krr_st"})):
+        path = folder / "distilled_data.pth"
+        if readers & set(rows) and path.is_file():
+            inputs[f"{key}_hash"] = utils.file_hash(path)
     bs = cfg["data"]["eval_batch_size"]
-    T = None
+    T, target_scale = None, None
     if {"real_init", "random_subset", "full_dataset"} & set(rows):
-        T = utils.teacher_targets(teacher, teacher_file, data, rotations, bs)
+        T, target_scale = utils.teacher_targets(teacher, teacher_file, data, rotations, bs, cfg["data"]["target_rms"],
+                                                out)
+    derived = {"device": str(device), "rows": rows, "seeds": seeds, "target": target_name, "assets": str(assets),
+               "krr_assets": str(krr_assets), "out": str(out), "inputs": inputs, "target_scale": target_scale}
+    utils.print_config(cfg, derived)
+    utils.write_json({"config": cfg, "derived": derived}, out / "config.json")
     teacher_feats = utils.split_features(teacher, target, bs)  # what every row's teacher fit is scored against
     budget = main_distill.storage_accounting(krr_cfg, res)  # N real images + targets: exactly the budget
     K = 1 + len(rotations)
     per_real = 3 * res * res + d_y * K  # a real image stored with its K teacher targets
 
-    def check_teacher(folder, dataset, found_hash):
-        if dataset != cfg["dataset"] or found_hash != teacher_hash:
-            raise ValueError(f"{folder} was distilled for {dataset} with another teacher "
-                             f"(hash {found_hash[:12]}); rerun main_distill.py with this config")
+    def check_assets(folder, d):
+        """A distilled set is compared with the other rows only if it was built from the same inputs."""
+        pairs = {"dataset": (d["dataset"], cfg["dataset"]), "teacher": (d["teacher_hash"], teacher_hash),
+                 "train split": (d["train_hash"], data.fingerprint),
+                 "data.target_rms": (d["config"]["data"]["target_rms"], cfg["data"]["target_rms"])}
+        stale = [f"{k} ({str(a)[:16]} here {str(b)[:16]})" for k, (a, b) in pairs.items() if a != b]
+        if stale:
+            raise ValueError(f"{folder} was distilled from other inputs than this evaluation uses: {', '.join(stale)}; "
+                             f"rerun main_distill.py with this config and teacher")
 
     def distilled_set(row):
-        """(views, targets, storage floats) of a distilled row; checked against this teacher."""
+        """(views, targets, storage floats) of a distilled row; checked against this teacher and split."""
         folder = krr_assets if row == "krr_st" else assets
         views, targets, d = utils.load_distilled(folder, device, exact=row == "distilled_exact")
-        check_teacher(folder, d["dataset"], d["teacher_hash"])
+        check_assets(folder, d)
         stored = d["storage"]["stored"]
         if row == "distilled_exact":  # learned C_y^k stored instead of the approximation nets
             stored += len(d["rotations"]) * d["m"] * d["C_y"].shape[1] - d["storage"]["rows"].get("approximation nets", 0)
         return views, targets, stored
 
     def real_init_set():
-        controls = utils.read_controls(assets)
-        check_teacher(assets, cfg["dataset"], controls["teacher_hash"])  # its indices index this teacher's split
-        idx = controls["init_indices"]
+        d = utils.read_pth(assets / "distilled_data.pth", "a distilled set written by main_distill.py",
+                           ["run_id", "teacher_hash", "train_hash", "dataset", "config"])
+        check_assets(assets, d)  # its indices index this split
+        idx = utils.read_controls(assets, run_id=d["run_id"])["init_indices"]
         views, targets = real_views(data, T, idx, rotations)
         return views, targets, len(idx) * per_real
 
@@ -258,7 +277,14 @@ def main(argv=None):
     if args.resume:  # keep the rows a previous run of the same config finished
         saved = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else None
         if saved is None or saved["config"] != cfg or saved["derived"]["seeds"] != seeds:
-            raise ValueError(f"--resume: {out / 'results.json'} is missing or was written with another config/seeds")
+            changed = utils.config_changes(saved["config"], cfg) if saved else []
+            raise ValueError(f"--resume: {out / 'results.json'} is missing or was written with another config/seeds"
+                             + (f" (changed: {', '.join(changed)})" if changed else ""))
+        old_inputs = saved["derived"].get("inputs", {})
+        stale = [k for k in inputs if k in old_inputs and old_inputs[k] != inputs[k]]
+        if stale:
+            raise ValueError(f"--resume: {out / 'results.json'} was computed from other inputs ({', '.join(stale)} "
+                             f"changed since); rerun without --resume (--overwrite) to recompute every row")
         results = {k: v for k, v in saved["rows"].items() if k in rows}
         print(f"resumed: rows {list(results)} already done")
     for row in [r for r in rows if r not in results]:
@@ -309,6 +335,7 @@ def main(argv=None):
     (out / "results.md").write_text(md)
     utils.write_json({"header": header, "rows": results, "config": cfg, "derived": derived, "complete": True},
                      out / "results.json")
+    utils.release_run_folder(lock)
     return results
 
 

@@ -8,11 +8,13 @@
 
 Writes, under --out (default teacher_models/), <name> being the config's file stem (cifar10, cifar10_cpu):
     resnet18_barlow_twins_<name>.pth            {'backbone': state_dict, 'meta': {...}}, loaded by utils.load_teacher
-    resnet18_barlow_twins_<name>_run/           checkpoint.pth (every epoch, atomic), config.json,
-                                                log.jsonl (per-epoch loss, kNN), metrics.json (final probe)
+    resnet18_barlow_twins_<name>_run/           checkpoint.pth (every epoch, atomic, only when the epoch's loss
+                                                and weights are finite), config.json, log.jsonl (per-epoch loss,
+                                                kNN), metrics.json (final probe), run.lock while running
 The data sits on the device as uint8; both views are augmented there in one batched pass.
 """
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -70,7 +72,6 @@ def train_one_epoch(backbone, proj, opt, data, pc, epoch, gen, device):
         opt.step()
         total += loss.detach()
         if i % 20 == 0:
-            utils.check_finite(loss, f"epoch {epoch + 1} step {i}")
             bar.set_postfix(loss=f"{loss.item():.2f}", lr=f"{opt.param_groups[0]['lr']:.3f}")
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -90,16 +91,16 @@ def main(argv=None):
     out = Path(args.out)
     teacher_file = utils.teacher_path(utils.config_name(cfg_path), out)
     run = teacher_file.with_name(teacher_file.stem + "_run")
-    utils.guard_outputs([teacher_file, run / "checkpoint.pth"], args.resume, args.overwrite)
-    derived = {"device": str(device), "peak_lr": pc["lr"] * pc["batch_size"] / 256, "teacher_file": str(teacher_file)}
-    utils.print_config(cfg, derived)
-    utils.write_json({"config": cfg, "derived": derived}, run / "config.json")
+    lock = utils.claim_run_folder(run, [teacher_file, run / "checkpoint.pth"], args.resume, args.overwrite,
+                                  also=[teacher_file])
 
     # ---------------------------------------------------------------- data (uint8 on the device)
-    data = utils.load_data(cfg).to(device)
+    data = utils.load_data(cfg)
     if len(data.train_x) < pc["batch_size"]:
         raise utils.ConfigError(f"{cfg_path}: pretrain.batch_size {pc['batch_size']} > {len(data.train_x)} train images")
+    data = data.to(device)
     print(f"{data.name}: {len(data.train_x)} train / {len(data.test_x)} test images at {data.train_x.shape[-1]} px")
+    inputs = {"train_hash": data.fingerprint}  # what --resume must find unchanged
 
     # ---------------------------------------------------------------- model, optimizer
     width = cfg["network"]["width"]
@@ -114,20 +115,30 @@ def main(argv=None):
         fwd_backbone, fwd_proj = torch.compile(backbone), torch.compile(proj)
 
     # ---------------------------------------------------------------- resume
-    start_epoch, log = 0, utils.RunLog(run / "log.jsonl", resume=args.resume)
+    start_epoch, knn, run_id = 0, None, utils.new_run_id()
     if args.resume:
-        ckpt = utils.load_checkpoint(run / "checkpoint.pth", cfg, ["pretrain.projector_dims", "pretrain.batch_size"])
+        ckpt = utils.load_checkpoint(run / "checkpoint.pth", cfg, inputs, args.allow_changed)
         backbone.load_state_dict(ckpt["backbone"], strict=True)
         proj.load_state_dict(ckpt["projector"], strict=True)
         opt.load_state_dict(ckpt["optimizer"])
         utils.set_rng_state(ckpt["rng"], gen)
-        start_epoch = ckpt["epoch"]
-        print(f"resumed from {run / 'checkpoint.pth'} at epoch {start_epoch}")
+        start_epoch, knn, run_id = ckpt["epoch"], ckpt["knn_top1"], ckpt["run_id"]
+        print(f"resumed run {run_id} from {run / 'checkpoint.pth'} at epoch {start_epoch}")
+    log = utils.RunLog(run / "log.jsonl", resume_at=("epoch", start_epoch) if args.resume else None)
+    derived = {"device": str(device), "peak_lr": pc["lr"] * pc["batch_size"] / 256, "teacher_file": str(teacher_file),
+               "run_id": run_id, "inputs": inputs, "allow_changed": args.allow_changed}
+    utils.print_config(cfg, derived)
+    utils.write_json({"config": cfg, "derived": derived}, run / "config.json")
 
     # ---------------------------------------------------------------- loop
-    knn, feats, t_start = None, None, time.time()
+    feats, t_start = None, time.time()
     for epoch in range(start_epoch, pc["epochs"]):
         loss, rate = train_one_epoch(fwd_backbone, fwd_proj, opt, data, pc, epoch, gen, device)
+        weights = [v for m in (backbone, proj) for v in m.state_dict().values() if v.is_floating_point()]
+        if not (math.isfinite(loss) and utils.all_finite(weights)):  # checked before anything of it is saved
+            sys.exit(f"non-finite loss or weights in epoch {epoch + 1} (mean loss {loss}); nothing of it was saved. "
+                     + utils.resume_hint(run / "checkpoint.pth", f"after epoch {epoch}",
+                                         f"python pretrain.py {args.dataset} --config {cfg_path}", "pretrain.lr"))
         eta_min = (time.time() - t_start) / (epoch + 1 - start_epoch) * (pc["epochs"] - epoch - 1) / 60
         row = {"epoch": epoch + 1, "loss": loss, "views_per_s": rate, "lr": opt.param_groups[0]["lr"], "eta_min": eta_min}
         if (epoch + 1) % pc["knn_every"] == 0 or epoch + 1 == pc["epochs"]:
@@ -135,23 +146,25 @@ def main(argv=None):
             knn = utils.knn_accuracy(feats[0], data.train_y, feats[1], data.test_y, data.num_classes,
                                      pc["knn_k"], pc["knn_temperature"])
             row["knn_top1"] = knn
-        log(**row)
-        print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
         utils.atomic_save({"backbone": backbone.state_dict(), "projector": proj.state_dict(),
                            "optimizer": opt.state_dict(), "epoch": epoch + 1, "rng": utils.rng_state(gen),
-                           "config": cfg}, run / "checkpoint.pth")
+                           "knn_top1": knn, "config": cfg, "inputs": inputs, "run_id": run_id}, run / "checkpoint.pth")
+        log(**row)
+        print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
 
     # ---------------------------------------------------------------- teacher file and probe
     meta = {"dataset": cfg["dataset"], "resolution": cfg["data"]["resolution"], "epochs": pc["epochs"],
             "mean": data.mean.tolist(), "std": data.std.tolist(), "d_y": models.resnet18_dim(width),
-            "width": width, "train_images": len(data.train_x)}
+            "width": width, "train_images": len(data.train_x), "train_hash": data.fingerprint, "split": data.split,
+            "run_id": run_id}
     utils.atomic_save({"backbone": {k: v.cpu() for k, v in backbone.state_dict().items()}, "meta": meta}, teacher_file)
     t0 = time.time()
     probe = utils.probe_backbone(backbone, data, cfg["probe"], cfg["seed"], cfg["data"]["eval_batch_size"],
                                  features=feats)  # the last epoch's kNN features (None after a finished resume)
     metrics = {"linear_probe_top1": probe, "knn_top1": knn, "epochs": pc["epochs"], "teacher_file": str(teacher_file),
-               "probe_time_s": time.time() - t0}
+               "probe_time_s": time.time() - t0, "run_id": run_id}
     utils.write_json(metrics, run / "metrics.json")
+    utils.release_run_folder(lock)
     print(f"teacher written to {teacher_file}; linear probe top-1 {probe:.2f}%"
           + (f" (kNN {knn:.2f}%)" if knn is not None else ""))
     return metrics

@@ -1,31 +1,45 @@
 """Check a Stanford Dogs folder before pretrain.py / main_distill.py read it (SPEC 7).
 
-    python test_stanford_dogs.py [--root data] [--resolution 64] [--sample 5]
+    python test_stanford_dogs.py [--root data] [--resolution 64] [--workers 8]
 
 Reads <root>/stanford-dogs/ with the same functions the loader uses (utils.stanford_dogs_split,
 utils._decode_image) and prints the breed count, the split (the official train_list.mat /
 test_list.mat, 12,000 train / 8,580 test, or the fallback of the first 100 files per breed),
-images per breed, missing files and a few decoded samples. Writes nothing. Exits 0 when the
-folder can be loaded, 1 with the path and the expected layout when it cannot.
+images per breed and missing files, then decodes every image as the loader does and lists each one that
+fails (truncated, empty, not an image). Writes nothing. Exits 0 when the folder can be loaded, 1 with the
+paths and the expected layout when it cannot.
 """
 import argparse
+import os
 import sys
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from PIL import Image
+from tqdm import tqdm
 
 import utils
 
 OFFICIAL = {"breeds": 120, "train": 12000, "test": 8580}
 
 
+def check_one(path, resolution):
+    """'' if the file decodes exactly as the loader decodes it, else why not."""
+    try:
+        x = utils._decode_image(path, resolution)
+    except Exception as e:  # a truncated, empty or non-image file
+        return f"{type(e).__name__}: {e}"
+    if tuple(x.shape) != (3, resolution, resolution) or x.dtype != torch.uint8:
+        return f"decoded to {tuple(x.shape)} {x.dtype}"
+    return ""
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", default="data", help="data root holding stanford-dogs/ (data.root in the config)")
     parser.add_argument("--resolution", type=int, default=64, help="decoded side in pixels (data.resolution)")
-    parser.add_argument("--sample", type=int, default=5, help="number of images to decode as a check")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding threads")
     args = parser.parse_args(argv)
 
     folder = Path(args.root) / "stanford-dogs"
@@ -55,26 +69,30 @@ def main(argv=None):
         if empty:
             print(f"WARNING: {len(empty)} breed folders have no {name} images, e.g. {empty[0]}")
 
+    if not train or not test:
+        print(f"ERROR: the {'train' if not train else 'test'} split is empty")
+        return 1
     missing = [f for f in train + test if not (images / f).is_file()]
     if missing:
-        print(f"ERROR: {len(missing)} listed images missing under {images}, e.g. {missing[0]}")
+        print(f"ERROR: {len(missing)} listed images missing under {images}:")
+        for f in missing:
+            print(f"  {f}")
         print(f"expected layout: {utils.DOGS_LAYOUT}")
         return 1
     print(f"all {len(train) + len(test):,} listed files exist")
 
-    step = max(1, len(train) // max(1, args.sample))
-    for f in train[::step][:args.sample]:
-        try:
-            with Image.open(images / f) as im:
-                size = im.size
-            x = utils._decode_image(images / f, args.resolution)
-        except Exception as e:  # a truncated or non-image file
-            print(f"ERROR: cannot decode {images / f} ({e!r}); expected layout: {utils.DOGS_LAYOUT}")
-            return 1
-        if tuple(x.shape) != (3, args.resolution, args.resolution) or x.dtype != torch.uint8:
-            print(f"ERROR: {images / f} decoded to {tuple(x.shape)} {x.dtype}")
-            return 1
-        print(f"decoded {f}: {size[0]}x{size[1]} -> {tuple(x.shape)} uint8")
+    files = train + test
+    with ThreadPoolExecutor(args.workers) as pool:  # PIL decodes without the GIL
+        outcomes = list(tqdm(pool.map(lambda f: check_one(images / f, args.resolution), files), total=len(files),
+                             desc="decode every image", leave=False))
+    bad = [(f, why) for f, why in zip(files, outcomes) if why]
+    if bad:
+        print(f"ERROR: {len(bad)} of {len(files):,} images cannot be decoded (truncated, empty or not images):")
+        for f, why in bad:
+            print(f"  {images / f}: {why}")
+        print("replace or remove them (and fix the .mat lists if they name them)")
+        return 1
+    print(f"decoded all {len(files):,} images to (3, {args.resolution}, {args.resolution}) uint8")
     print("OK: the folder can be loaded with data.root =", args.root)
     return 0
 

@@ -4,14 +4,17 @@ Sections: config, data, augmentation, parameterization, teacher and features, pr
 checkpoints and logging. Everything a script needs twice lives here once.
 """
 import argparse
+import atexit
 import hashlib
 import json
 import math
 import os
 import pickle
 import random
+import socket
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +34,7 @@ DATASETS = ("CIFAR10", "CIFAR100", "STANFORD_DOGS", "DIGITS")
 SCHEMA = {
     "dataset": DATASETS,
     "seed": int,
-    "data": {"root": str, "resolution": int, "train_subset": int, "eval_batch_size": int},
+    "data": {"root": str, "resolution": int, "train_subset": int, "eval_batch_size": int, "target_rms": float},
     "network": {"width": int},
     "pretrain": {
         "epochs": int, "batch_size": int, "lr": float, "momentum": float, "weight_decay": float,
@@ -63,8 +66,91 @@ SCHEMA = {
 }
 
 
+
+def _range(lo=None, hi=None, lo_open=False, hi_open=False):
+    """(predicate, text) for a numeric interval; None is unbounded."""
+    ok = lambda v: ((lo is None or (v > lo if lo_open else v >= lo)) and
+                    (hi is None or (v < hi if hi_open else v <= hi)))
+    text = " and ".join(t for t in ((lo is not None and f"{'>' if lo_open else '>='} {lo}"),
+                                    (hi is not None and f"{'<' if hi_open else '<='} {hi}")) if t)
+    return ok, text
+
+
+POSITIVE, NONNEG, PROB, MOMENTUM = _range(1), _range(0), _range(0, 1), _range(0, 1, hi_open=True)
+POS_REAL = _range(0, lo_open=True)
+
+# dotted key -> allowed range, checked on every element of a list. Keys not named here take any value of
+# their type (seed, lrs that may be 0 to freeze a group, ...): one place for what "valid" means.
+RANGES = {
+    "seed": NONNEG, "data.resolution": POSITIVE, "data.train_subset": NONNEG, "data.eval_batch_size": POSITIVE,
+    "data.target_rms": POS_REAL, "network.width": POSITIVE,
+    "pretrain.epochs": POSITIVE, "pretrain.batch_size": _range(2), "pretrain.lr": NONNEG, "pretrain.momentum": MOMENTUM,
+    "pretrain.weight_decay": NONNEG, "pretrain.lars_eta": POS_REAL, "pretrain.warmup_epochs": NONNEG,
+    "pretrain.lambda_offdiag": NONNEG, "pretrain.loss_scale": POS_REAL, "pretrain.projector_dims": POSITIVE,
+    "pretrain.crop_scale": _range(0, 1, lo_open=True), "pretrain.jitter": NONNEG, "pretrain.jitter_p": PROB,
+    "pretrain.grayscale_p": PROB, "pretrain.flip_p": PROB, "pretrain.solarize_p": PROB, "pretrain.knn_every": POSITIVE,
+    "pretrain.knn_k": POSITIVE, "pretrain.knn_temperature": POS_REAL,
+    "parameterization.image_basis_size": POSITIVE, "parameterization.U": POSITIVE, "parameterization.V": POSITIVE,
+    "augmentations.rotate": (lambda v: v in (90, 180, 270), "one of 90, 180, 270"),
+    "storage.budget_N": POSITIVE, "storage.m": NONNEG,
+    "distillation.steps": POSITIVE, "distillation.outer_batch_size": POSITIVE, "distillation.lr_image": NONNEG,
+    "distillation.lr_image_bases": NONNEG, "distillation.lr_repr": NONNEG, "distillation.lr_repr_bases": NONNEG,
+    "distillation.krr_st_lr_pixels": NONNEG, "distillation.krr_st_lr_targets": NONNEG, "distillation.ridge": POS_REAL,
+    "distillation.save_every": POSITIVE, "distillation.log_every": POSITIVE,
+    "model_pool.size_L": POSITIVE, "model_pool.inner_loop_steps_Z": POSITIVE, "model_pool.widths": POSITIVE,
+    "model_pool.lr": NONNEG, "model_pool.momentum": MOMENTUM, "model_pool.weight_decay": NONNEG,
+    "approximation.hidden": POSITIVE, "approximation.steps": POSITIVE, "approximation.lr": NONNEG,
+    "evaluation.epochs": POSITIVE, "evaluation.full_epochs": POSITIVE, "evaluation.batch_size": POSITIVE,
+    "evaluation.lr": NONNEG, "evaluation.momentum": MOMENTUM, "evaluation.weight_decay": NONNEG,
+    "evaluation.crop_pad": NONNEG,
+    "probe.iterations": POSITIVE, "probe.batch_size": POSITIVE, "probe.lr": POS_REAL, "probe.momentum": MOMENTUM,
+    "probe.weight_decay": NONNEG, "probe.teacher_fit_ridge": POS_REAL,
+}
+LIST_LENGTHS = {"pretrain.crop_scale": (2, 2), "pretrain.jitter": (4, 4), "pretrain.solarize_p": (2, 2),
+                "pretrain.projector_dims": (1, None), "model_pool.widths": (1, None), "augmentations.rotate": (0, 3)}
+
+
 class ConfigError(ValueError):
-    """A config file or override that does not match SCHEMA."""
+    """A config file or override that does not match SCHEMA or RANGES."""
+
+
+def _get(cfg, dotted):
+    for k in dotted.split("."):
+        cfg = cfg[k]
+    return cfg
+
+
+def check_ranges(cfg, source):
+    """Every value inside its RANGES interval, lists of the right length: refused before any work starts."""
+    for dotted, (ok, text) in RANGES.items():
+        value = _get(cfg, dotted)
+        for v in (value if isinstance(value, list) else [value]):
+            if not ok(v):
+                raise ConfigError(f"{source}: {dotted} = {value!r}: expected {'each value ' if isinstance(value, list) else ''}{text}")
+    for dotted, (lo, hi) in LIST_LENGTHS.items():
+        n = len(_get(cfg, dotted))
+        if n < lo or (hi is not None and n > hi):
+            want = f"{lo}" if lo == hi else f"at least {lo}" + (f" and at most {hi}" if hi is not None else "")
+            raise ConfigError(f"{source}: {dotted} has {n} values, expected {want}")
+    lo, hi = cfg["pretrain"]["crop_scale"]
+    if lo > hi:
+        raise ConfigError(f"{source}: pretrain.crop_scale = {[lo, hi]}: expected [min, max] with min <= max")
+    if len(set(cfg["augmentations"]["rotate"])) != len(cfg["augmentations"]["rotate"]):
+        raise ConfigError(f"{source}: augmentations.rotate = {cfg['augmentations']['rotate']}: a rotation listed twice")
+    if cfg["evaluation"]["crop_pad"] >= cfg["data"]["resolution"]:
+        raise ConfigError(f"{source}: evaluation.crop_pad = {cfg['evaluation']['crop_pad']}: expected < data.resolution "
+                          f"({cfg['data']['resolution']}; reflect padding needs it)")
+
+
+def check_sizes(cfg, n_train, m=None):
+    """Counts that must fit the loaded train split (known only after loading): m and budget_N images are
+    drawn from it without replacement, so a larger value would silently shrink the set the table reports."""
+    checks = {"storage.budget_N": cfg["storage"]["budget_N"], "storage.m": m if m is not None else cfg["storage"]["m"],
+              "distillation.outer_batch_size": cfg["distillation"]["outer_batch_size"]}
+    for dotted, value in checks.items():
+        if value > n_train:
+            raise ConfigError(f"{dotted} = {value} exceeds the {n_train} images of the {cfg['dataset']} train split "
+                              f"(data.train_subset = {cfg['data']['train_subset']}); lower it")
 
 
 def _check_value(value, spec, where):
@@ -135,7 +221,9 @@ def load_config(path, overrides=None):
         if keys[-1] not in node:
             raise ConfigError(f"{path}: override --{dotted}: unknown key '{dotted}'")
         node[keys[-1]] = value
-    return _check_section(cfg, SCHEMA, str(path))
+    cfg = _check_section(cfg, SCHEMA, str(path))
+    check_ranges(cfg, str(path))
+    return cfg
 
 
 def script_parser(doc):
@@ -146,10 +234,13 @@ def script_parser(doc):
 
 
 def add_common_args(parser):
-    """--device/--resume/--overwrite, shared by the three scripts."""
+    """--device/--resume/--overwrite/--allow-changed, shared by the three scripts."""
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs instead of stopping")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="move the existing outputs aside (<out>.replaced-<time>/) and start afresh")
+    parser.add_argument("--allow-changed", default="", type=lambda s: [k for k in s.split(",") if k],
+                        help="with --resume: comma-separated config keys allowed to differ from the checkpoint's")
     return parser
 
 
@@ -205,6 +296,8 @@ class ImageData:
     mean: torch.Tensor  # float32 (3,), train-split per-channel mean in [0, 1]
     std: torch.Tensor
     num_classes: int
+    fingerprint: str = ""  # hash of the train images and labels: what teachers, caches and assets were built from
+    split: str = ""  # Stanford Dogs: "official" (the .mat lists) or "first100" (the fallback)
 
     def to(self, device):
         for k in ("train_x", "train_y", "test_x", "test_y", "mean", "std"):
@@ -212,7 +305,8 @@ class ImageData:
         return self
 
 
-CIFAR10_LAYOUT = "data/cifar-10-python/{data_batch_1..5, test_batch, batches.meta} (official python pickles)"
+CIFAR10_LAYOUT = ("data/cifar-10-python/{data_batch_1..5, test_batch, batches.meta} (official python pickles; "
+                  "the archive's folder name cifar-10-batches-py works too)")
 CIFAR100_LAYOUT = "data/data/cifar-100-python/{train, test, meta} (official python pickles, torchvision layout)"
 DOGS_LAYOUT = ("data/stanford-dogs/images/Images/<wnid>-<Breed>/*.jpg (120 breed folders), "
                "optionally data/stanford-dogs/{train_list.mat, test_list.mat}")
@@ -258,6 +352,8 @@ def _cifar_arrays(path, label_key, layout):
 
 def load_cifar10(root):
     folder = Path(root) / "cifar-10-python"
+    if not folder.is_dir() and (Path(root) / "cifar-10-batches-py").is_dir():
+        folder = Path(root) / "cifar-10-batches-py"  # the official archive's folder name
     if not folder.is_dir():
         raise DatasetError(f"CIFAR-10 folder not found: {folder}; expected layout: {CIFAR10_LAYOUT}")
     parts = [_cifar_arrays(folder / f"data_batch_{i}", "labels", CIFAR10_LAYOUT) for i in range(1, 6)]
@@ -318,34 +414,63 @@ def stanford_dogs_split(folder):
     train, test = [], []
     for b in breeds:  # sorted file names are in no meaningful order: the first 100 go to train
         files = sorted(f"{b}/{p.name}" for p in (images / b).iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
+        if len(files) <= DOGS_TRAIN_PER_BREED:
+            raise DatasetError(f"{images / b} has {len(files)} .jpg images; without train_list.mat / test_list.mat "
+                               f"in {folder} the first {DOGS_TRAIN_PER_BREED} of each breed are train and the rest "
+                               f"test, so every breed needs more than {DOGS_TRAIN_PER_BREED}")
         train += files[:DOGS_TRAIN_PER_BREED]
         test += files[DOGS_TRAIN_PER_BREED:]
     return breeds, train, test, f"first{DOGS_TRAIN_PER_BREED}"
 
 
+def dogs_files_key(images, breeds, files, split):
+    """What a decoded Stanford Dogs cache was built from: split, breeds, and every file's name, size and mtime."""
+    h = hashlib.sha256(f"{split}|{'|'.join(breeds)}".encode())
+    for f in files:
+        st = (images / f).stat()
+        h.update(f"|{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def decode_image_or_fail(path, size):
+    """_decode_image whose failure names the file (a truncated JPEG, a non-image with a .jpg name)."""
+    try:
+        return _decode_image(path, size)
+    except Exception as e:
+        raise DatasetError(f"cannot decode {path} ({type(e).__name__}: {e}); `python test_stanford_dogs.py` "
+                           f"lists every unreadable file") from e
+
+
 def load_stanford_dogs(root, resolution):
     folder = Path(root) / "stanford-dogs"
     breeds, train_files, test_files, split = stanford_dogs_split(folder)
-    cache = folder / f"cache_{split}_{resolution}px.pt"
+    images = folder / "images" / "Images"
+    for name, files in (("train", train_files), ("test", test_files)):
+        if not files:
+            raise DatasetError(f"the Stanford Dogs {name} split ({split}) of {folder} is empty")
+    missing = [f for f in train_files + test_files if not (images / f).is_file()]
+    if missing:
+        raise DatasetError(f"{len(missing)} listed images missing under {images}, e.g. {missing[0]}")
+    # keyed by what it was decoded from: a changed, added or removed file or breed decodes afresh
+    cache = folder / f"cache_{split}_{resolution}px_{dogs_files_key(images, breeds, train_files + test_files, split)}.pt"
     if cache.is_file():
         d = read_pth(cache, "a decoded Stanford Dogs cache (delete it to re-decode)",
                      ["train_x", "train_y", "test_x", "test_y"])
-        return d["train_x"], d["train_y"], d["test_x"], d["test_y"], len(breeds)
+        return d["train_x"], d["train_y"], d["test_x"], d["test_y"], len(breeds), split
     index = {b: i for i, b in enumerate(breeds)}
-    images = folder / "images" / "Images"
 
     def decode(files):
-        missing = [f for f in files if not (images / f).is_file()]
-        if missing:
-            raise DatasetError(f"{len(missing)} listed images missing under {images}, e.g. {missing[0]}")
+        from concurrent.futures import ThreadPoolExecutor  # PIL decodes without the GIL
         from tqdm import tqdm
-        x = torch.stack([_decode_image(images / f, resolution) for f in tqdm(files, desc="decode", leave=False)])
-        return x, torch.tensor([index[f.split("/")[0]] for f in files], dtype=torch.int64)
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            x = list(tqdm(pool.map(lambda f: decode_image_or_fail(images / f, resolution), files), total=len(files),
+                          desc="decode", leave=False))
+        return torch.stack(x), torch.tensor([index[f.split("/")[0]] for f in files], dtype=torch.int64)
 
     train_x, train_y = decode(train_files)
     test_x, test_y = decode(test_files)
     atomic_save({"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}, cache)
-    return train_x, train_y, test_x, test_y, len(breeds)
+    return train_x, train_y, test_x, test_y, len(breeds), split
 
 
 def load_digits(resolution):
@@ -380,7 +505,7 @@ def load_dataset(name, root, resolution, train_subset=0):
         parts = load_digits(resolution)
     else:
         raise ConfigError(f"unknown dataset {name!r}; expected one of {list(DATASETS)}")
-    train_x, train_y, test_x, test_y, num_classes = parts
+    train_x, train_y, test_x, test_y, num_classes, *split = parts
     if train_x.shape[-1] != resolution:
         train_x, test_x = resize_uint8(train_x, resolution), resize_uint8(test_x, resolution)
     if train_subset:
@@ -390,7 +515,17 @@ def load_dataset(name, root, resolution, train_subset=0):
         keep = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))[:train_subset].sort().values
         train_x, train_y = train_x[keep], train_y[keep]
     mean, std = channel_stats(train_x)
-    return ImageData(name, train_x, train_y, test_x, test_y, mean, std, num_classes)
+    return ImageData(name, train_x, train_y, test_x, test_y, mean, std, num_classes,
+                     tensor_hash(train_x, train_y), split[0] if split else "")
+
+
+def tensor_hash(*tensors):
+    """sha256 (16 hex digits) of CPU tensors' bytes: the identity of a train split."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(str((tuple(t.shape), t.dtype)).encode())
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def load_data(cfg):
@@ -571,18 +706,19 @@ def load_distilled(folder, device, exact=False):
     path = folder / "distilled_data.pth"
     if not path.is_file():
         raise FileNotFoundError(f"no distilled set at {path}; run main_distill.py with this config first")
-    d = read_pth(path, "a distilled set written by main_distill.py", ["method", "rotations", "resolution"], device)
+    d = read_pth(path, "a distilled set written by main_distill.py",
+                 ["method", "rotations", "resolution", "run_id", "train_hash", "target_scale"], device)
     if d["method"] == "krr_st":
         return d["X"].float(), d["Y"].float(), d
     X = decode_images(d["C_x"], d["B_x"], d["mu_x"], d["resolution"])
     views, targets = [X], [decode_targets(d["C_y"], d["B_y"], d["mu_y"])]
-    stored_C_yk = read_controls(folder, device)["C_y_aug"] if exact else d.get("C_y_aug")
+    stored_C_yk = read_controls(folder, device, d.get("run_id"))["C_y_aug"] if exact else d.get("C_y_aug")
     for k, angle in enumerate(d["rotations"]):
         views.append(rotate(X, angle))
         if exact or d["store_augmented_targets"]:
             C_yk = stored_C_yk[k]
         else:
-            net = load_approx_net(folder / f"approx_net_rot_{angle}.pth", device)
+            net = load_approx_net(folder / f"approx_net_rot_{angle}.pth", device, d.get("run_id"))
             with torch.no_grad():
                 C_yk = d["C_y"] + net(d["C_y"])
         targets.append(decode_targets(C_yk, d["B_y"], d["mu_y"]))
@@ -592,18 +728,30 @@ def load_distilled(folder, device, exact=False):
 CONTROLS_FILE = "controls.pth"  # init indices and learned C_y^k, outside distilled_data.pth and its budget
 
 
-def read_controls(folder, device="cpu"):
+def check_same_run(path, found, run_id):
+    """A file of a distilled_assets folder must come from the run that wrote distilled_data.pth beside it."""
+    if found != run_id:
+        raise ValueError(f"{path} belongs to run {found}, but distilled_data.pth beside it to run {run_id}: the "
+                         f"folder mixes two runs; rerun main_distill.py into an empty folder (or --overwrite)")
+
+
+def read_controls(folder, device="cpu", run_id=None):
     """controls.pth of a distilled_assets folder: init indices and learned C_y^k (not part of the set)."""
     path = Path(folder) / CONTROLS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no {path}: the real_init and distilled_exact rows need it; rerun main_distill.py")
-    return read_pth(path, "the controls written by main_distill.py", ["init_indices"], device)
+    c = read_pth(path, "the controls written by main_distill.py", ["init_indices", "run_id"], device)
+    if run_id is not None:
+        check_same_run(path, c["run_id"], run_id)
+    return c
 
 
-def load_approx_net(path, device):
+def load_approx_net(path, device, run_id):
     if not Path(path).is_file():
         raise FileNotFoundError(f"approximation net missing: {path}; rerun main_distill.py")
-    s = read_pth(path, "an approximation net written by main_distill.py", ["state_dict", "V", "hidden"], device)
+    s = read_pth(path, "an approximation net written by main_distill.py", ["state_dict", "V", "hidden", "run_id"],
+                 device)
+    check_same_run(path, s["run_id"], run_id)
     net = models.ApproxMLP(s["V"], s["hidden"]).to(device)
     net.load_state_dict(s["state_dict"])
     return net.eval()
@@ -630,8 +778,10 @@ def file_hash(path):
     return h.hexdigest()
 
 
-def load_teacher(path, cfg, device):
-    """The frozen Barlow Twins backbone g written by pretrain.py, checked against the config."""
+def load_teacher(path, cfg, device, data=None):
+    """The frozen Barlow Twins backbone g written by pretrain.py, checked against the config and, when the
+    teacher recorded it, against the train split it was trained on (`data`: another subset or Dogs split
+    would pair its targets with images it never saw)."""
     path, dataset, resolution, width = Path(path), cfg["dataset"], cfg["data"]["resolution"], cfg["network"]["width"]
     if not path.is_file():
         raise FileNotFoundError(f"teacher not found: {path}; run `python pretrain.py {dataset}` first")
@@ -643,6 +793,11 @@ def load_teacher(path, cfg, device):
     if meta.get("width", 64) != width:
         raise ValueError(f"{path} is a ResNet-18 of width {meta.get('width', 64)}, but the config asks for "
                          f"network.width {width}")
+    if data is not None and meta.get("train_hash") not in (None, data.fingerprint):
+        raise ValueError(f"{path} was trained on another {dataset} train split (hash {meta['train_hash']}, "
+                         f"{meta.get('train_images')} images{', split ' + meta['split'] if meta.get('split') else ''}) "
+                         f"than the config loads (hash {data.fingerprint}, {len(data.train_x)} images"
+                         f"{', split ' + data.split if data.split else ''}); retrain it with pretrain.py")
     g = models.resnet18_cifar(width)
     g.load_state_dict(d["backbone"], strict=True)
     return g.to(device).eval(), meta
@@ -665,20 +820,34 @@ def embed_all(net, x, mean, std, batch_size, angle=0, bf16=True):
     return torch.cat(out)
 
 
-def teacher_targets(teacher, teacher_file, data, rotations, batch_size):
-    """T[i, k] = g(a_k(x_i)) for every train image and view: (N_train, K, d_y), cached on disk
-    beside the teacher, keyed by the teacher file's hash, the dataset and the rotations (SPEC 4.1)."""
-    key = f"{data.name.lower()}_n{len(data.train_x)}_{file_hash(teacher_file)[:16]}_rot{'-'.join(map(str, rotations)) or 'none'}_fp32"
-    path = Path(teacher_file).parent / f"targets_{key}.pt"
+def teacher_targets(teacher, teacher_file, data, rotations, batch_size, target_rms, fallback_dir):
+    """T[i, k] = s g(a_k(x_i)) for every train image and view: (N_train, K, d_y), and the scale s.
+
+    The raw features are cached on disk beside the teacher (or in `fallback_dir`, the run folder, when the
+    teacher's folder is read-only), keyed by the teacher file's hash, the train split's hash and the rotations
+    (SPEC 4.1). s is one constant that sets the identity views' root-mean-square to `target_rms`: a short
+    teacher's eval-mode features can be 1e3-1e5 large, and the SGD of the pool and of the students diverges
+    on them, while the KRR fit and the linear probe are unchanged by s. Every script derives s from the same
+    teacher and split, so all of them see the same targets; the assets record it."""
+    key = f"{data.name.lower()}_n{len(data.train_x)}_{data.fingerprint}_{file_hash(teacher_file)[:16]}_" \
+          f"rot{'-'.join(map(str, rotations)) or 'none'}_fp32"
+    beside, fallback = Path(teacher_file).parent / f"targets_{key}.pt", Path(fallback_dir) / f"targets_{key}.pt"
     dev = next(teacher.parameters()).device
-    if path.is_file():
-        T = read_pth(path, "cached teacher targets (delete it to recompute)", map_location=dev)
-        if T.shape[:2] == (len(data.train_x), 1 + len(rotations)):
-            return T
-    T = torch.stack([embed_all(teacher, data.train_x, data.mean, data.std, batch_size, a, bf16=False)
-                     for a in [0] + list(rotations)], dim=1)
-    atomic_save(T.cpu(), path)
-    return T
+    found = [p for p in (beside, fallback) if p.is_file()]
+    if found:
+        T = read_pth(found[0], "cached teacher targets (delete it to recompute)", map_location=dev)
+    else:
+        T = torch.stack([embed_all(teacher, data.train_x, data.mean, data.std, batch_size, a, bf16=False)
+                         for a in [0] + list(rotations)], dim=1)
+        path = beside if os.access(beside.parent, os.W_OK) else fallback
+        if path == fallback:
+            print(f"teacher folder {beside.parent} is not writable: caching the targets in {fallback}")
+        atomic_save(T.cpu(), path)
+    if T.shape[:2] != (len(data.train_x), 1 + len(rotations)) or not torch.isfinite(T).all():
+        raise ValueError(f"teacher targets from {teacher_file} are malformed or not finite (shape {tuple(T.shape)}); "
+                         f"delete {found[0] if found else 'the cache'} or retrain the teacher")
+    scale = target_rms / T[:, 0].pow(2).mean().sqrt().clamp_min(1e-12).item()
+    return T.mul_(scale), scale
 
 
 # ============================================================================================
@@ -778,12 +947,19 @@ def read_pth(path, what, keys=(), map_location="cpu", weights_only=True):
 
 
 def _write_atomically(path, write):
-    """write(tmp) to a temporary file beside `path`, then os.replace: a crash never leaves half a file."""
+    """write(tmp) to a temporary file beside `path`, then os.replace: a crash never leaves half a file, and a
+    failed write (disk full, no permission) removes its .partial and says which path it could not write."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except Exception as e:
+        tmp.unlink(missing_ok=True)
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise OSError(f"could not write {path} ({type(e).__name__}: {first}); check free disk space and "
+                      f"permissions there") from e
 
 
 def atomic_save(obj, path):
@@ -794,25 +970,134 @@ def write_json(obj, path):
     _write_atomically(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1, default=str)))
 
 
-def guard_outputs(paths, resume, overwrite):
-    """Refuse to silently replace a user's outputs: existing files need --resume or --overwrite."""
-    existing = [str(p) for p in paths if Path(p).exists()]
+LOCK_FILE = "run.lock"
+
+
+class RunFolderError(RuntimeError):
+    """A run folder that another run holds, or outputs that would be mixed or lost."""
+
+
+def _lock_owner_alive(info):
+    """True unless the lock's process is known to be gone (same host, no such pid): a killed run's lock is stale."""
+    if info.get("host") != socket.gethostname():
+        return True  # another machine on a shared disk: we cannot tell
+    if info.get("pid") == os.getpid():
+        return False  # this process's own earlier run (a script called twice in one Python session)
+    try:
+        os.kill(int(info["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, KeyError, ValueError, TypeError):
+        return True
+    return True
+
+
+def _read_lock(folder):
+    path = Path(folder) / LOCK_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {"pid": None, "host": None}
+
+
+def claim_run_folder(folder, outputs, resume, overwrite, also=(), keep=()):
+    """A run folder belongs to one run: refuse while a live process holds its lock, refuse existing outputs
+    without --resume/--overwrite, and under --overwrite move the old folder (plus `also`, its files outside it)
+    aside to <folder>.replaced-<time>/ in one rename before anything is written, so old and new never mix.
+    `keep`: files in it that are caches checked by their own metadata (moved back). Returns the lock path;
+    the lock is removed at exit (release_run_folder), and a killed run's stale lock is taken over."""
+    folder = Path(folder)
+    if resume and overwrite:
+        raise RunFolderError("pass --resume (continue the run) or --overwrite (replace it), not both")
+    held = _read_lock(folder)
+    if held is not None and _lock_owner_alive(held):
+        raise RunFolderError(f"{folder} is in use by another run (pid {held.get('pid')} on {held.get('host')}, "
+                             f"lock {folder / LOCK_FILE}); wait for it, choose another --out, or delete the lock "
+                             f"if no run is using the folder")
+    existing = [str(p) for p in outputs if Path(p).exists()]
     if existing and not (resume or overwrite):
         raise FileExistsError(f"outputs already exist: {existing}; pass --resume to continue the run, "
                               f"--overwrite to replace them, or choose another --out")
+    old = [Path(p) for p in also if Path(p).exists()] + ([folder] if folder.is_dir() and any(folder.iterdir()) else [])
+    if overwrite and old:
+        aside = folder.with_name(f"{folder.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+        if folder.is_dir():
+            os.rename(folder, aside)  # one step: the folder holds either the old run or nothing
+        aside.mkdir(exist_ok=True)
+        (aside / LOCK_FILE).unlink(missing_ok=True)
+        for p in also:
+            if Path(p).exists():
+                os.rename(p, aside / Path(p).name)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in keep:
+            if (aside / name).exists():
+                os.rename(aside / name, folder / name)
+        print(f"--overwrite: the previous outputs were moved to {aside} (delete it when no longer needed)")
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / LOCK_FILE
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if held is not None or lock.exists():  # stale (its process is gone): take it over
+        lock.unlink(missing_ok=True)
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        raise RunFolderError(f"{folder} was claimed by another run a moment ago (lock {lock})") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(info))
+    atexit.register(release_run_folder, lock)
+    return lock
 
 
-def load_checkpoint(path, cfg, arch_keys):
-    """Load a run checkpoint for --resume and check that the architecture matches the config."""
+def release_run_folder(lock):
+    """Remove this process's lock (at the end of a run, and at exit after a crash)."""
+    info = _read_lock(Path(lock).parent)
+    if info is not None and info.get("pid") == os.getpid() and info.get("host") == socket.gethostname():
+        Path(lock).unlink(missing_ok=True)
+
+
+def new_run_id():
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+
+
+def config_changes(old, new, prefix=""):
+    """Dotted keys whose values differ between two resolved configs."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def load_checkpoint(path, cfg, inputs, allow_changed=()):
+    """Load a run checkpoint for --resume. It continues the same run, so the config and the inputs (file and
+    data hashes) must be the ones it was written with; `allow_changed` names config keys the user changes on
+    purpose (e.g. a lower learning rate after a divergence)."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {path}")
     ckpt = read_pth(path, "a checkpoint of this script", ["config"], weights_only=False)
-    for dotted in arch_keys:
-        sec, key = dotted.split(".")
-        if ckpt["config"][sec][key] != cfg[sec][key]:
-            raise ValueError(f"--resume: {path} was written with {dotted}={ckpt['config'][sec][key]!r}, "
-                             f"the config now says {cfg[sec][key]!r}")
+    changed = [k for k in config_changes(ckpt["config"], cfg) if k not in allow_changed]
+    if changed:
+        diff = ", ".join(f"{k}: {_get_or(ckpt['config'], k)!r} -> {_get_or(cfg, k)!r}" for k in changed)
+        raise ValueError(f"--resume: {path} was written with another config ({diff}); resume with the same "
+                         f"config, or name the keys you change on purpose: --allow-changed {','.join(changed)}")
+    stale = [f"{k} ({ckpt.get('inputs', {}).get(k)} -> {v})" for k, v in inputs.items()
+             if ckpt.get("inputs", {}).get(k) != v]
+    if stale:
+        raise ValueError(f"--resume: the inputs of {path} changed since it was written: {', '.join(stale)}; "
+                         f"start a new run (--overwrite) or restore the original inputs")
     return ckpt
+
+
+def _get_or(cfg, dotted):
+    try:
+        return _get(cfg, dotted)
+    except (KeyError, TypeError):
+        return None
 
 
 def rng_state(gen):
@@ -828,24 +1113,45 @@ def set_rng_state(state, gen):
 
 
 class RunLog:
-    """Appends one JSON object per line to <run>/log.jsonl (barlowtwins' stats.txt)."""
+    """Appends one JSON object per line to <run>/log.jsonl (barlowtwins' stats.txt). On resume, rows past the
+    checkpoint (`resume_at` = (key, value), written after the last save) are dropped, so none repeats.
+    A non-finite value is refused: the file stays valid JSON."""
 
-    def __init__(self, path, resume=False):
+    def __init__(self, path, resume_at=None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not resume and self.path.exists():
-            self.path.unlink()
+        if resume_at is None:
+            self.path.unlink(missing_ok=True)
+        elif self.path.exists():
+            key, last = resume_at
+            rows = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get(key, 0) <= last]
+            self.path.write_text("".join(r + "\n" for r in rows))
         self.t0 = time.time()
 
     def __call__(self, **row):
         row = {"time_s": round(time.time() - self.t0, 2), **row}
         with open(self.path, "a") as f:
-            f.write(json.dumps(row, default=float) + "\n")
+            f.write(json.dumps(row, default=float, allow_nan=False) + "\n")
         return row
 
 
-def check_finite(loss, where):
-    """Stop a run whose loss (a float or a 0-d tensor) is NaN or inf, saying where."""
+def check_finite(loss, where, recovery="lower the learning rate or check the data"):
+    """Stop a run whose loss (a float or a 0-d tensor) is NaN or inf, saying where and what to do."""
     value = float(loss.detach()) if torch.is_tensor(loss) else float(loss)
     if not math.isfinite(value):
-        sys.exit(f"non-finite loss {value} at {where}; lower the learning rate or check the data")
+        sys.exit(f"non-finite loss {value} at {where}; {recovery}")
+
+
+def all_finite(tensors):
+    """One device-side reduction and one host sync for a whole list of tensors (parameters, losses)."""
+    tensors = [t.detach() for t in tensors]
+    return bool(torch.stack([t.isfinite().all() for t in tensors]).all()) if tensors else True
+
+
+def resume_hint(checkpoint, step_name, argv_hint, lr_key):
+    """What a NaN stop tells the user: the last good checkpoint is kept, and how to continue from it."""
+    if not Path(checkpoint).is_file():
+        return f"no checkpoint was written before it; rerun with a lower {lr_key}"
+    return (f"the last good checkpoint {checkpoint} ({step_name}) is kept: continue from it with a lower "
+            f"learning rate, e.g. `{argv_hint} --resume --allow-changed {lr_key} --{lr_key}=<lower>`")

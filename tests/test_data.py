@@ -181,13 +181,56 @@ def test_dogs_official_split_and_cache(tmp_path):
     assert data.train_y.tolist() == [2, 0, 1] and data.test_y.tolist() == [1, 0]
     images = folder / "images" / "Images"
     assert torch.equal(data.train_x[2], utils._decode_image(images / train[2], 16))
-    caches = list(folder.glob("cache_*16px.pt"))
-    assert len(caches) == 1
-    for f in train + test:  # the second load must come from the cache alone
-        (images / f).unlink()
-    again = utils.load_dataset("STANFORD_DOGS", tmp_path, 16)
+    caches = list(folder.glob("cache_official_16px_*.pt"))
+    assert len(caches) == 1 and data.split == "official"
+    real_decode = utils._decode_image
+    utils._decode_image = lambda *a: pytest.fail("an unchanged tree must load from the cache")
+    try:
+        again = utils.load_dataset("STANFORD_DOGS", tmp_path, 16)
+    finally:
+        utils._decode_image = real_decode
     assert torch.equal(again.train_x, data.train_x) and torch.equal(again.test_y, data.test_y)
-    with pytest.raises(utils.DatasetError, match="missing"):  # another resolution is not cached
+    assert again.fingerprint == data.fingerprint
+
+
+def test_dogs_cache_is_rebuilt_when_the_tree_changes(tmp_path):
+    """The decoded cache is keyed by the split, the breeds and every file's name, size and mtime: a new breed
+    or a replaced image decodes afresh (a stale cache once returned 3 breeds from a 4-breed folder)."""
+    n = utils.DOGS_TRAIN_PER_BREED
+    folder = make_dogs(tmp_path, per_breed=n + 1, breeds=2)
+    first = utils.load_dataset("STANFORD_DOGS", tmp_path, 8)
+    assert first.num_classes == 2 and len(first.train_x) == 2 * n
+    make_dogs(tmp_path / "more", per_breed=n + 1, breeds=3)  # a third breed joins the folder
+    src = tmp_path / "more" / "stanford-dogs" / "images" / "Images" / "n00000002-Breed2"
+    src.rename(folder / "images" / "Images" / "n00000002-Breed2")
+    grown = utils.load_dataset("STANFORD_DOGS", tmp_path, 8)
+    assert grown.num_classes == 3 and len(grown.train_x) == 3 * n and len(grown.test_x) == 3
+    assert grown.fingerprint != first.fingerprint
+    img = folder / "images" / "Images" / "n00000000-Breed0" / "n00000000_0000.jpg"
+    Image.fromarray(np.zeros((10, 12, 3), dtype=np.uint8)).save(img)  # one image replaced in place
+    replaced = utils.load_dataset("STANFORD_DOGS", tmp_path, 8)
+    assert replaced.train_x[0].max() == 0 and not torch.equal(replaced.train_x, grown.train_x)
+    assert len(list(folder.glob("cache_*.pt"))) == 3
+
+
+def test_dogs_too_few_images_and_empty_split_are_clear_errors(tmp_path):
+    n = utils.DOGS_TRAIN_PER_BREED
+    make_dogs(tmp_path, per_breed=n, breeds=1)  # fallback split: nothing left for test
+    with pytest.raises(utils.DatasetError, match=f"has {n} .jpg images.*more than {n}"):
+        utils.load_dataset("STANFORD_DOGS", tmp_path, 8)
+    folder = tmp_path / "stanford-dogs"
+    write_mat_list(folder / "train_list.mat", ["n00000000-Breed0/n00000000_0000.jpg"])
+    write_mat_list(folder / "test_list.mat", [])
+    with pytest.raises(utils.DatasetError, match="test split .* is empty"):
+        utils.load_dataset("STANFORD_DOGS", tmp_path, 8)
+
+
+def test_dogs_loader_names_the_file_it_cannot_decode(tmp_path):
+    n = utils.DOGS_TRAIN_PER_BREED
+    folder = make_dogs(tmp_path, per_breed=n + 1, breeds=1)
+    bad = folder / "images" / "Images" / "n00000000-Breed0" / "n00000000_0007.jpg"
+    bad.write_bytes(bad.read_bytes()[:60])  # truncated
+    with pytest.raises(utils.DatasetError, match="cannot decode .*n00000000_0007.jpg.*test_stanford_dogs.py"):
         utils.load_dataset("STANFORD_DOGS", tmp_path, 8)
 
 

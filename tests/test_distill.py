@@ -197,7 +197,10 @@ def test_resume_continues_the_step_count(tmp_path):
     run_distill(tmp_path, "--distillation.steps=20")
     with pytest.raises(FileExistsError, match="--resume"):
         run_distill(tmp_path, "--distillation.steps=30")
-    metrics, out = run_distill(tmp_path, "--distillation.steps=30", "--resume")
+    with pytest.raises(ValueError, match=r"another config \(distillation.steps: 20 -> 30\).*--allow-changed"):
+        run_distill(tmp_path, "--distillation.steps=30", "--resume")  # a resume continues the same run
+    metrics, out = run_distill(tmp_path, "--distillation.steps=30", "--resume", "--allow-changed",
+                               "distillation.steps")
     assert metrics["steps"] == 30
     steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 10, 20, 30]
