@@ -1022,7 +1022,7 @@ def claim_run_folder(folder, outputs, resume, overwrite, also=(), keep=()):
                               f"--overwrite to replace them, or choose another --out")
     old = [Path(p) for p in also if Path(p).exists()] + ([folder] if folder.is_dir() and any(folder.iterdir()) else [])
     if overwrite and old:
-        aside = folder.with_name(f"{folder.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+        aside = folder.with_name(f"{folder.name}.replaced-{new_run_id()}")  # unique, even twice in a second
         if folder.is_dir():
             os.rename(folder, aside)  # one step: the folder holds either the old run or nothing
         aside.mkdir(exist_ok=True)
