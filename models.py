@@ -110,7 +110,10 @@ class LARS(torch.optim.Optimizer):
                 ratio = torch.where((p_norm > 0) & (g_norm > 0), (ratio / g["lr"]).clamp(max=1), 1.0)
                 grads = torch._foreach_add(grads, params, alpha=g["weight_decay"])
                 torch._foreach_mul_(grads, list(ratio.unbind()))
-            bufs = [self.state[p].setdefault("mu", torch.zeros_like(p)) for p in params]
+            for p in params:  # momentum buffers allocated once (setdefault would zero-fill a copy every step)
+                if "mu" not in self.state[p]:
+                    self.state[p]["mu"] = torch.zeros_like(p)
+            bufs = [self.state[p]["mu"] for p in params]
             torch._foreach_mul_(bufs, g["momentum"])
             torch._foreach_add_(bufs, grads)
             torch._foreach_add_(params, bufs, alpha=-g["lr"])

@@ -591,8 +591,8 @@ def rgb_to_hsv(x):
 
 
 def hsv_to_rgb(h, s, v):
-    n = torch.tensor([5.0, 3.0, 1.0], device=h.device).view(1, 3, 1, 1)
-    k = (n + h.unsqueeze(1) * 6) % 6
+    """The offsets 5, 3, 1 (R, G, B) are Python numbers: no host-to-device copy of a constant per call."""
+    k = torch.stack([(n + h * 6) % 6 for n in (5.0, 3.0, 1.0)], 1)
     return v.unsqueeze(1) - v.unsqueeze(1) * s.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
 
 

@@ -215,3 +215,14 @@ def test_all_views():
     for k, angle in enumerate([0, 90, 180, 270]):
         assert torch.equal(v[3 * k:3 * (k + 1)], torch.rot90(x, angle // 90, (2, 3)))
     assert torch.equal(utils.all_views(x, []), x)
+
+
+def test_hsv_to_rgb_builds_no_constant_tensor(monkeypatch):
+    """Colour jitter runs in every teacher step: hsv_to_rgb must not build a tensor from Python data (on CUDA a
+    host-to-device copy per call)."""
+    h, s, v = utils.rgb_to_hsv(images(4, 8))
+    calls = []
+    real = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: calls.append(1) or real(*a, **k))
+    utils.hsv_to_rgb(h, s, v)
+    assert calls == []

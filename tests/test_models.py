@@ -170,3 +170,24 @@ def test_lars_step():
     torch.testing.assert_close(w.detach(), w0 - lr * ratio * (gw + wd * w0))
     torch.testing.assert_close(b.detach(), b0 - lr * gb)
     assert loss() < before
+
+
+def test_lars_allocates_its_momentum_buffers_once(monkeypatch):
+    """After the first step, a step allocates no per-parameter buffer (it used to zero-fill a copy of every
+    parameter on every step, only to throw it away)."""
+    net = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 4))
+    opt = models.LARS(models.lars_param_groups(net), lr=0.1, momentum=0.9, weight_decay=1e-4, eta=0.02)
+    x = torch.randn(16, 8)
+
+    def step():
+        opt.zero_grad()
+        net(x).pow(2).mean().backward()
+        opt.step()
+
+    step()
+    mu = [opt.state[p]["mu"] for p in net.parameters()]
+    calls = []
+    real = torch.zeros_like
+    monkeypatch.setattr(torch, "zeros_like", lambda *a, **k: calls.append(1) or real(*a, **k))
+    step()
+    assert calls == [] and all(opt.state[p]["mu"] is m for p, m in zip(net.parameters(), mu))
