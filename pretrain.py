@@ -8,7 +8,7 @@
 
 Writes, under --out (default teacher_models/), <name> being the config's file stem (cifar10, cifar10_cpu):
     resnet18_barlow_twins_<name>.pth            {'backbone': state_dict, 'meta': {...}}, loaded by utils.load_teacher
-    resnet18_barlow_twins_<name>_run/           checkpoint.pth (every epoch, atomic, only when the epoch's loss
+    resnet18_barlow_twins_<name>_run/           checkpoint.pth (every pretrain.save_every epochs, atomic, only if loss
                                                 and weights are finite), config.json, log.jsonl (per-epoch loss,
                                                 kNN), metrics.json (final probe), run.lock while running
 The data sits on the device as uint8; both views are augmented there in one batched pass.
@@ -131,13 +131,13 @@ def main(argv=None):
     utils.write_json({"config": cfg, "derived": derived}, run / "config.json")
 
     # ---------------------------------------------------------------- loop
-    feats, t_start = None, time.time()
+    feats, t_start, saved_epoch = None, time.time(), start_epoch
     for epoch in range(start_epoch, pc["epochs"]):
         loss, rate = train_one_epoch(fwd_backbone, fwd_proj, opt, data, pc, epoch, gen, device)
         weights = [v for m in (backbone, proj) for v in m.state_dict().values() if v.is_floating_point()]
         if not (math.isfinite(loss) and utils.all_finite(weights)):  # checked before anything of it is saved
             sys.exit(f"non-finite loss or weights in epoch {epoch + 1} (mean loss {loss}); nothing of it was saved. "
-                     + utils.resume_hint(run / "checkpoint.pth", f"after epoch {epoch}",
+                     + utils.resume_hint(run / "checkpoint.pth", f"after epoch {saved_epoch}",
                                          f"python pretrain.py {args.dataset} --config {cfg_path}", "pretrain.lr"))
         eta_min = (time.time() - t_start) / (epoch + 1 - start_epoch) * (pc["epochs"] - epoch - 1) / 60
         row = {"epoch": epoch + 1, "loss": loss, "views_per_s": rate, "lr": opt.param_groups[0]["lr"], "eta_min": eta_min}
@@ -146,9 +146,12 @@ def main(argv=None):
             knn = utils.knn_accuracy(feats[0], data.train_y, feats[1], data.test_y, data.num_classes,
                                      pc["knn_k"], pc["knn_temperature"])
             row["knn_top1"] = knn
-        utils.atomic_save({"backbone": backbone.state_dict(), "projector": proj.state_dict(),
-                           "optimizer": opt.state_dict(), "epoch": epoch + 1, "rng": utils.rng_state(gen),
-                           "knn_top1": knn, "config": cfg, "inputs": inputs, "run_id": run_id}, run / "checkpoint.pth")
+        if (epoch + 1) % pc["save_every"] == 0 or epoch + 1 == pc["epochs"]:
+            utils.atomic_save({"backbone": backbone.state_dict(), "projector": proj.state_dict(),
+                               "optimizer": opt.state_dict(), "epoch": epoch + 1, "rng": utils.rng_state(gen),
+                               "knn_top1": knn, "config": cfg, "inputs": inputs, "run_id": run_id},
+                              run / "checkpoint.pth")
+            saved_epoch = epoch + 1
         log(**row)
         print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
 

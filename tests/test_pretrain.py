@@ -93,3 +93,17 @@ def test_dataset_mismatch_between_command_and_config(tmp_path):
     cfg = write_config(tmp_path)
     with pytest.raises(utils.ConfigError, match="dataset is DIGITS"):
         pretrain.main(["CIFAR10", "--config", str(cfg), "--device", "cpu", "--out", str(tmp_path)])
+
+
+def test_checkpoint_frequency_is_a_config_key(tmp_path, monkeypatch):
+    """pretrain.save_every=2 over 3 epochs: checkpoints after epochs 2 and 3 (the last), not after each one."""
+    saved, real = [], utils.atomic_save
+
+    def record(obj, path):
+        if path.name == "checkpoint.pth":
+            saved.append(obj["epoch"])
+        return real(obj, path)
+
+    monkeypatch.setattr(utils, "atomic_save", record)
+    run(tmp_path, "--epochs", "3", "--pretrain.save_every=2")
+    assert saved == [2, 3]
