@@ -329,7 +329,7 @@ def main(argv=None):
     inputs = {"teacher_hash": utils.file_hash(teacher_file), "train_hash": data.fingerprint}
     t0 = time.time()
     T, target_scale = utils.teacher_targets(teacher, teacher_file, data, rotations, cfg["data"]["eval_batch_size"],
-                                            cfg["data"]["target_rms"], out)
+                                            cfg["data"]["target_rms"], out, inputs["teacher_hash"])
     print(f"teacher targets {tuple(T.shape)} ready in {time.time() - t0:.1f}s, scaled by {target_scale:.4g} to "
           f"root-mean-square {cfg['data']['target_rms']} (mean norm {T[:, 0].norm(dim=1).mean().item():.3g})")
     del teacher

@@ -821,7 +821,7 @@ def embed_all(net, x, mean, std, batch_size, angle=0, bf16=True):
     return torch.cat(out)
 
 
-def teacher_targets(teacher, teacher_file, data, rotations, batch_size, target_rms, fallback_dir):
+def teacher_targets(teacher, teacher_file, data, rotations, batch_size, target_rms, fallback_dir, teacher_hash=None):
     """T[i, k] = s g(a_k(x_i)) for every train image and view: (N_train, K, d_y), and the scale s.
 
     The raw features are cached on disk beside the teacher (or in `fallback_dir`, the run folder, when the
@@ -829,8 +829,10 @@ def teacher_targets(teacher, teacher_file, data, rotations, batch_size, target_r
     (SPEC 4.1). s is one constant that sets the identity views' root-mean-square to `target_rms`: a short
     teacher's eval-mode features can be 1e3-1e5 large, and the SGD of the pool and of the students diverges
     on them, while the KRR fit and the linear probe are unchanged by s. Every script derives s from the same
-    teacher and split, so all of them see the same targets; the assets record it."""
-    key = f"{data.name.lower()}_n{len(data.train_x)}_{data.fingerprint}_{file_hash(teacher_file)[:16]}_" \
+    teacher and split, so all of them see the same targets; the assets record it. `teacher_hash`: the teacher
+    file's sha256 when the caller already has it (hashing it again is another full read)."""
+    teacher_hash = teacher_hash or file_hash(teacher_file)
+    key = f"{data.name.lower()}_n{len(data.train_x)}_{data.fingerprint}_{teacher_hash[:16]}_" \
           f"rot{'-'.join(map(str, rotations)) or 'none'}_fp32"
     beside, fallback = Path(teacher_file).parent / f"targets_{key}.pt", Path(fallback_dir) / f"targets_{key}.pt"
     dev = next(teacher.parameters()).device
