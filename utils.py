@@ -239,7 +239,7 @@ def add_common_args(parser):
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
     parser.add_argument("--overwrite", action="store_true",
-                        help="move the existing outputs aside (<out>.replaced-<time>/) and start afresh")
+                        help="move the existing outputs aside (<out>.replaced-<time>-<id>/) and start afresh")
     parser.add_argument("--allow-changed", default="", type=lambda s: [k for k in s.split(",") if k],
                         help="with --resume: comma-separated config keys allowed to differ from the checkpoint's")
     return parser
@@ -1008,7 +1008,7 @@ def _read_lock(folder):
 def claim_run_folder(folder, outputs, resume, overwrite, also=(), keep=()):
     """A run folder belongs to one run: refuse while a live process holds its lock, refuse existing outputs
     without --resume/--overwrite, and under --overwrite move the old folder (plus `also`, its files outside it)
-    aside to <folder>.replaced-<time>/ in one rename before anything is written, so old and new never mix.
+    aside to <folder>.replaced-<time>-<id>/ in one rename before anything is written, so old and new never mix.
     `keep`: files in it that are caches checked by their own metadata (moved back). Returns the lock path;
     the lock is removed at exit (release_run_folder), and a killed run's stale lock is taken over."""
     folder = Path(folder)
