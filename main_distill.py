@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import models
@@ -178,10 +179,11 @@ def pca_distilled(cfg, data, T, idx):
 # SPEC 4: the model pool and one outer step
 # ============================================================================================
 class ModelPool:
-    """L ConvNets, each with its own SGD state and age; a model is re-initialised at age Z."""
+    """L ConvNets, each with its own SGD state and age; a model is re-initialised at age Z.
+    `chunk` (distillation.support_chunk): views per forward pass of the inner step, 0 = all at once."""
 
-    def __init__(self, mp, resolution, d_y, device):
-        self.mp, self.resolution, self.d_y, self.device = mp, resolution, d_y, device
+    def __init__(self, mp, resolution, d_y, device, chunk=0):
+        self.mp, self.resolution, self.d_y, self.device, self.chunk = mp, resolution, d_y, device, chunk
         self.models, self.opts, self.ages = [None] * mp["size_L"], [None] * mp["size_L"], [0] * mp["size_L"]
         for j in range(mp["size_L"]):
             self.reset(j)
@@ -196,12 +198,16 @@ class ModelPool:
         self.ages[j] = 0
 
     def inner_step(self, j, X, Y):
-        """One SGD step of model j on MSE(f(X_s), Y_s), train mode, X_s and Y_s detached (SPEC 4.6-7)."""
-        f = self.models[j].train()
-        with utils.autocast(self.device):
-            loss = models.mse(f(utils.to_channels_last(X.detach(), self.device)), Y.detach())
+        """One SGD step of model j on MSE(f(X_s), Y_s), train mode, X_s and Y_s detached (SPEC 4.6-7).
+        With a chunk size, gradients accumulate over strided chunks (each holds every view alike), and
+        BatchNorm normalises each chunk by its own statistics."""
+        f, n = self.models[j].train(), math.ceil(len(X) / (self.chunk or len(X)))
         self.opts[j].zero_grad(set_to_none=True)
-        loss.backward()
+        for c in range(n):
+            x, y = X[c::n].detach(), Y[c::n].detach()
+            with utils.autocast(self.device):
+                loss = models.mse(f(utils.to_channels_last(x, self.device)), y)
+            (loss * (len(x) / len(X)) if n > 1 else loss).backward()  # the mean over all K m views
         self.opts[j].step()
         self.ages[j] += 1
         if self.ages[j] >= self.mp["inner_loop_steps_Z"]:
@@ -230,16 +236,28 @@ class ModelPool:
 
 
 def krr_predict(Phi_s, Phi_t, Y_s, ridge):
-    """Yhat_t = K_ts (K_ss + ridge tr(K_ss) I)^-1 Y_s in float32, features with a constant-1 column."""
-    Phi_s = torch.cat([Phi_s.float(), Phi_s.new_ones(len(Phi_s), 1, dtype=torch.float32)], 1)
-    Phi_t = torch.cat([Phi_t.float(), Phi_t.new_ones(len(Phi_t), 1, dtype=torch.float32)], 1)
+    """Yhat_t = K_ts (K_ss + ridge tr(K_ss) I)^-1 Y_s in float32 (float64 features stay float64), features
+    with a constant-1 column."""
+    dtype = torch.promote_types(Phi_s.dtype, torch.float32)
+    Phi_s = torch.cat([Phi_s.to(dtype), Phi_s.new_ones(len(Phi_s), 1, dtype=dtype)], 1)
+    Phi_t = torch.cat([Phi_t.to(dtype), Phi_t.new_ones(len(Phi_t), 1, dtype=dtype)], 1)
     K_ss = Phi_s @ Phi_s.T  # (m', m')
     K_ts = Phi_t @ Phi_s.T  # (b', m')
     lam = ridge * torch.trace(K_ss).detach()
-    eye = torch.eye(len(K_ss), device=K_ss.device)
+    eye = torch.eye(len(K_ss), device=K_ss.device, dtype=dtype)
     # solve_ex: no host sync on CUDA to check for singularity (the ridge keeps K_ss + lam I positive
     # definite; a failed solve would surface as a non-finite loss at the next log step)
-    return K_ts @ torch.linalg.solve_ex(K_ss + lam * eye, Y_s.float())[0]
+    return K_ts @ torch.linalg.solve_ex(K_ss + lam * eye, Y_s.to(dtype))[0]
+
+
+def support_features(f, X_s, chunk, device):
+    """Phi_s = f.embed(X_s) in one pass, or chunk by chunk with each chunk's activations recomputed in
+    backward (activation checkpointing): the same values and gradients (f is in eval mode), the memory of
+    one chunk, and no tensor near 2^31 elements (Stanford Dogs' 4 x 1,993 views at 64 px)."""
+    if not chunk or chunk >= len(X_s):
+        return f.embed(utils.to_channels_last(X_s, device))
+    return torch.cat([checkpoint(f.embed, utils.to_channels_last(x, device), use_reentrant=False)
+                      for x in X_s.split(chunk)])
 
 
 def real_batch(data, T, dc, rotations, gen):
@@ -253,19 +271,22 @@ def real_batch(data, T, dc, rotations, gen):
 
 
 def outer_step(distilled, pool, data, T, dc, opt, sched, gen, rng):
-    """SPEC 4.2-7: KRR loss of one random pool model on a real batch, AdamW step, then the inner step."""
-    dev = pool.device
+    """SPEC 4.2-7: KRR loss of one random pool model on a real batch, AdamW step, then the inner step.
+    The features and their backward run in `distillation.krr_features`; the kernels and the solve in float32."""
+    dev, precision = pool.device, dc["krr_features"]
     x_t, y_t = real_batch(data, T, dc, distilled.rotations, gen)
     X_s, Y_s = distilled()
     j = rng.randrange(len(pool.models))
     f = pool.models[j].eval().requires_grad_(False)  # the outer gradient is for the distilled set only
-    with utils.autocast(dev):
+    with utils.precision(dev, precision):
         with torch.no_grad():
             Phi_t = f.embed(utils.to_channels_last(x_t, dev))
-        Phi_s = f.embed(utils.to_channels_last(X_s, dev))
-    loss = models.mse(krr_predict(Phi_s, Phi_t, Y_s, dc["ridge"]), y_t)
+        Phi_s = support_features(f, X_s, dc["support_chunk"], dev)
+    with utils.tf32(False):
+        loss = models.mse(krr_predict(Phi_s, Phi_t, Y_s, dc["ridge"]), y_t)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    with utils.tf32(precision == "tf32"):
+        loss.backward()
     f.requires_grad_(True)
     opt.step()
     sched.step()
@@ -328,8 +349,8 @@ def main(argv=None):
     teacher, _ = utils.load_teacher(teacher_file, cfg, device, data)
     inputs = {"teacher_hash": utils.file_hash(teacher_file), "train_hash": data.fingerprint}
     t0 = time.time()
-    T, target_scale = utils.teacher_targets(teacher, teacher_file, data, rotations, cfg["data"]["eval_batch_size"],
-                                            cfg["data"]["target_rms"], out, inputs["teacher_hash"])
+    T, target_scale = utils.teacher_targets(teacher, teacher_file, data, rotations, cfg["data"], out,
+                                            inputs["teacher_hash"])
     print(f"teacher targets {tuple(T.shape)} ready in {time.time() - t0:.1f}s, scaled by {target_scale:.4g} to "
           f"root-mean-square {cfg['data']['target_rms']} (mean norm {T[:, 0].norm(dim=1).mean().item():.3g})")
     del teacher
@@ -338,7 +359,7 @@ def main(argv=None):
     distilled = init_distilled(cfg, data, T, table["m"], gen).to(device)
     opt = torch.optim.AdamW(distilled.param_groups(dc), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / dc["steps"]))
-    pool = ModelPool(mp, res, T.shape[-1], device)
+    pool = ModelPool(mp, res, T.shape[-1], device, dc["support_chunk"])
     step, curve, run_id = 0, [], utils.new_run_id()
     if args.resume:
         ckpt = utils.load_checkpoint(out / "checkpoint.pth", cfg, inputs, args.allow_changed)

@@ -233,8 +233,8 @@ def main(argv=None):
     bs = cfg["data"]["eval_batch_size"]
     T, target_scale = None, None
     if {"real_init", "random_subset", "full_dataset"} & set(rows):
-        T, target_scale = utils.teacher_targets(teacher, teacher_file, data, rotations, bs, cfg["data"]["target_rms"],
-                                                out, teacher_hash)
+        T, target_scale = utils.teacher_targets(teacher, teacher_file, data, rotations, cfg["data"], out,
+                                                teacher_hash)
     derived = {"device": str(device), "rows": rows, "seeds": seeds, "target": target_name, "assets": str(assets),
                "krr_assets": str(krr_assets), "out": str(out), "inputs": inputs, "target_scale": target_scale}
     utils.print_config(cfg, derived)

@@ -51,31 +51,32 @@ def lr_at(step, steps_per_epoch, pc):
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
 
+def barlow_step(backbone, proj, opt, x, data, pc, gen, device):
+    """One Barlow Twins step on the uint8 batch x (two fresh views each): the detached loss, no host sync."""
+    v1, v2 = (utils.to_channels_last(v, device) for v in utils.barlow_views(x, data.mean, data.std, pc, gen))
+    with utils.autocast(device):
+        z1, z2 = proj(backbone(v1)), proj(backbone(v2))
+    loss = models.barlow_twins_loss(z1, z2, pc["lambda_offdiag"], pc["loss_scale"])
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
 def train_one_epoch(backbone, proj, opt, data, pc, epoch, gen, device):
-    """One pass over the train split in random batches (last partial batch dropped): mean loss, views/s."""
+    """One pass over the train split in random batches (last partial batch dropped): mean loss, views/s.
+    The loss is read back once, at the end of the epoch."""
     backbone.train(), proj.train()
     N, B = len(data.train_x), pc["batch_size"]
     steps = N // B
     perm = torch.randperm(N, generator=gen, device=device)
     total, t0 = torch.zeros((), device=device), time.time()
-    bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{pc['epochs']}", leave=False)
-    for i in bar:
+    for i in tqdm(range(steps), desc=f"epoch {epoch + 1}/{pc['epochs']}", leave=False):
         for g in opt.param_groups:
             g["lr"] = lr_at(epoch * steps + i, steps, pc)
-        x = data.train_x[perm[i * B:(i + 1) * B]]
-        v1, v2 = (utils.to_channels_last(v, device) for v in utils.barlow_views(x, data.mean, data.std, pc, gen))
-        with utils.autocast(device):
-            z1, z2 = proj(backbone(v1)), proj(backbone(v2))
-        loss = models.barlow_twins_loss(z1, z2, pc["lambda_offdiag"], pc["loss_scale"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        total += loss.detach()
-        if i % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.2f}", lr=f"{opt.param_groups[0]['lr']:.3f}")
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return total.item() / steps, 2 * steps * B / (time.time() - t0)
+        total += barlow_step(backbone, proj, opt, data.train_x[perm[i * B:(i + 1) * B]], data, pc, gen, device)
+    mean_loss = total.item() / steps
+    return mean_loss, 2 * steps * B / (time.time() - t0)
 
 
 def main(argv=None):

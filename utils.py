@@ -15,6 +15,7 @@ import socket
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,12 +30,14 @@ import models
 # Config: one schema, YAML is the only source of hyperparameters (SPEC: every default in YAML)
 # ============================================================================================
 DATASETS = ("CIFAR10", "CIFAR100", "STANFORD_DOGS", "DIGITS")
+PRECISIONS = ("float32", "tf32", "bfloat16")  # numerics of a frozen-network pass on CUDA (utils.precision)
 
 # key -> type. A tuple of strings is a choice; [type] is a list of that type.
 SCHEMA = {
     "dataset": DATASETS,
     "seed": int,
-    "data": {"root": str, "resolution": int, "train_subset": int, "eval_batch_size": int, "target_rms": float},
+    "data": {"root": str, "resolution": int, "train_subset": int, "eval_batch_size": int, "target_rms": float,
+             "target_precision": PRECISIONS},
     "network": {"width": int},
     "pretrain": {
         "epochs": int, "batch_size": int, "lr": float, "momentum": float, "weight_decay": float,
@@ -50,7 +53,7 @@ SCHEMA = {
         "method": ("ours", "krr_st"), "steps": int, "outer_batch_size": int,
         "real_views": ("all", "identity"), "lr_image": float, "lr_image_bases": float, "lr_repr": float,
         "lr_repr_bases": float, "krr_st_lr_pixels": float, "krr_st_lr_targets": float, "ridge": float,
-        "save_every": int, "log_every": int,
+        "krr_features": PRECISIONS, "support_chunk": int, "save_every": int, "log_every": int,
     },
     "model_pool": {
         "size_L": int, "inner_loop_steps_Z": int, "widths": [int], "lr": float, "momentum": float,
@@ -97,7 +100,7 @@ RANGES = {
     "distillation.steps": POSITIVE, "distillation.outer_batch_size": POSITIVE, "distillation.lr_image": NONNEG,
     "distillation.lr_image_bases": NONNEG, "distillation.lr_repr": NONNEG, "distillation.lr_repr_bases": NONNEG,
     "distillation.krr_st_lr_pixels": NONNEG, "distillation.krr_st_lr_targets": NONNEG, "distillation.ridge": POS_REAL,
-    "distillation.save_every": POSITIVE, "distillation.log_every": POSITIVE,
+    "distillation.support_chunk": NONNEG, "distillation.save_every": POSITIVE, "distillation.log_every": POSITIVE,
     "model_pool.size_L": POSITIVE, "model_pool.inner_loop_steps_Z": POSITIVE, "model_pool.widths": POSITIVE,
     "model_pool.lr": NONNEG, "model_pool.momentum": MOMENTUM, "model_pool.weight_decay": NONNEG,
     "approximation.hidden": POSITIVE, "approximation.steps": POSITIVE, "approximation.lr": NONNEG,
@@ -278,6 +281,26 @@ def make_generator(device, seed):
 def autocast(device, enabled=True):
     """bf16 autocast on CUDA, a no-op on CPU (CPU bf16 convs are slower than fp32)."""
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+
+
+@contextmanager
+def tf32(enabled):
+    """TF32 tensor cores (10-bit mantissa inputs, float32 accumulation) for float32 convs and matmuls on CUDA,
+    set explicitly: PyTorch's own defaults differ (on for cuDNN convs, off for matmuls). Restored on exit."""
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+
+
+@contextmanager
+def precision(device, name):
+    """A forward pass in one of PRECISIONS: strict float32, float32 with TF32 tensor cores, or bf16 autocast.
+    On the CPU all three are float32. Backward passes take `tf32(name == "tf32")` alone (no autocast)."""
+    with tf32(name == "tf32"), autocast(device, enabled=name == "bfloat16"):
+        yield
 
 
 def to_channels_last(x, device):
@@ -805,9 +828,9 @@ def load_teacher(path, cfg, device, data=None):
 
 
 @torch.no_grad()
-def embed_all(net, x, mean, std, batch_size, angle=0, bf16=True):
-    """Features of every image of a uint8 (or normalised float) tensor, in eval mode: (N, d) float32.
-    bf16=False keeps float32 on CUDA too (the teacher targets every regression is fitted to)."""
+def embed_all(net, x, mean, std, batch_size, angle=0, precision_name="bfloat16"):
+    """Features of every image of a uint8 (or normalised float) tensor, in eval mode: (N, d) float32,
+    computed in `precision_name` (bf16 for probe features; the teacher targets take data.target_precision)."""
     net.eval()
     dev = next(net.parameters()).device
     out = []
@@ -815,33 +838,34 @@ def embed_all(net, x, mean, std, batch_size, angle=0, bf16=True):
         part = part.to(dev)
         part = normalize(part, mean, std) if part.dtype == torch.uint8 else part
         part = rotate(part, angle) if angle else part
-        with autocast(dev, enabled=bf16):
+        with precision(dev, precision_name):
             f = net(to_channels_last(part, dev))
         out.append(f.float())
     return torch.cat(out)
 
 
-def teacher_targets(teacher, teacher_file, data, rotations, batch_size, target_rms, fallback_dir, teacher_hash=None):
+def teacher_targets(teacher, teacher_file, data, rotations, dcfg, fallback_dir, teacher_hash=None):
     """T[i, k] = s g(a_k(x_i)) for every train image and view: (N_train, K, d_y), and the scale s.
 
     The raw features are cached on disk beside the teacher (or in `fallback_dir`, the run folder, when the
     teacher's folder is read-only), keyed by the teacher file's hash, the train split's hash and the rotations
-    (SPEC 4.1). s is one constant that sets the identity views' root-mean-square to `target_rms`: a short
+    (SPEC 4.1) and the precision `data.target_precision` they were computed in. s is one constant that sets the identity views' root-mean-square to `target_rms`: a short
     teacher's eval-mode features can be 1e3-1e5 large, and the SGD of the pool and of the students diverges
     on them, while the KRR fit and the linear probe are unchanged by s. Every script derives s from the same
-    teacher and split, so all of them see the same targets; the assets record it. `teacher_hash`: the teacher
-    file's sha256 when the caller already has it (hashing it again is another full read)."""
+    teacher and split, so all of them see the same targets; the assets record it. `dcfg`: the config's data
+    section; `teacher_hash`: the teacher file's sha256 when the caller already has it (hashing it again is
+    another full read)."""
     teacher_hash = teacher_hash or file_hash(teacher_file)
     key = f"{data.name.lower()}_n{len(data.train_x)}_{data.fingerprint}_{teacher_hash[:16]}_" \
-          f"rot{'-'.join(map(str, rotations)) or 'none'}_fp32"
+          f"rot{'-'.join(map(str, rotations)) or 'none'}_{dcfg['target_precision']}"
     beside, fallback = Path(teacher_file).parent / f"targets_{key}.pt", Path(fallback_dir) / f"targets_{key}.pt"
     dev = next(teacher.parameters()).device
     found = [p for p in (beside, fallback) if p.is_file()]
     if found:
         T = read_pth(found[0], "cached teacher targets (delete it to recompute)", map_location=dev)
     else:
-        T = torch.stack([embed_all(teacher, data.train_x, data.mean, data.std, batch_size, a, bf16=False)
-                         for a in [0] + list(rotations)], dim=1)
+        T = torch.stack([embed_all(teacher, data.train_x, data.mean, data.std, dcfg["eval_batch_size"], a,
+                                   dcfg["target_precision"]) for a in [0] + list(rotations)], dim=1)
         path = beside if os.access(beside.parent, os.W_OK) else fallback
         if path == fallback:
             print(f"teacher folder {beside.parent} is not writable: caching the targets in {fallback}")
@@ -849,7 +873,7 @@ def teacher_targets(teacher, teacher_file, data, rotations, batch_size, target_r
     if T.shape[:2] != (len(data.train_x), 1 + len(rotations)) or not torch.isfinite(T).all():
         raise ValueError(f"teacher targets from {teacher_file} are malformed or not finite (shape {tuple(T.shape)}); "
                          f"delete {found[0] if found else 'the cache'} or retrain the teacher")
-    scale = target_rms / T[:, 0].pow(2).mean().sqrt().clamp_min(1e-12).item()
+    scale = dcfg["target_rms"] / T[:, 0].pow(2).mean().sqrt().clamp_min(1e-12).item()
     return T.mul_(scale), scale
 
 

@@ -2,8 +2,10 @@
 utils.autocast / utils.to_channels_last are used. CI has no GPU, so this is where a float32/bf16
 mismatch between a network output and a loss, the KRR solve or the probe would show up first."""
 import json
+import random
 from contextlib import chdir
 
+import pytest
 import torch
 
 import main_distill
@@ -38,3 +40,48 @@ def test_all_three_scripts_under_bf16_autocast_and_channels_last(tmp_path, monke
     assert all(torch.isfinite(torch.tensor(e["relative_error"])) for e in distilled["approximation"].values())
     assert set(results) == {"distilled", "random_subset", "full_dataset", "no_pretraining"}
     assert all(r["mean"] > 20.0 for r in results.values()), {k: r["mean"] for k, r in results.items()}  # chance: 10%
+
+
+def tf32_flags():
+    return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+
+
+def test_teacher_targets_set_tf32_explicitly_and_key_their_cache_by_it(tmp_path):
+    """data.target_precision decides TF32 for the teacher's pass (PyTorch's default leaves it on for cuDNN
+    convs), the global flags come back afterwards, and targets of another precision are another cache file."""
+    cfg = utils.load_config(write_config(tmp_path))
+    data = utils.load_data(cfg)
+    teacher = write_teacher(tmp_path / "t.pth")
+    g, _ = utils.load_teacher(teacher, cfg, torch.device("cpu"), data)
+    seen = []
+    g.register_forward_hook(lambda m, i, o: seen.append(tf32_flags()))
+    before = tf32_flags()
+    for name, flags in (("float32", (False, False)), ("tf32", (True, True))):
+        seen.clear()
+        utils.teacher_targets(g, teacher, data, [90], {**cfg["data"], "target_precision": name}, tmp_path)
+        assert seen and set(seen) == {flags} and tf32_flags() == before
+    assert len(list(tmp_path.glob("targets_*_float32.pt"))) == len(list(tmp_path.glob("targets_*_tf32.pt"))) == 1
+
+
+def test_outer_step_features_take_the_krr_precision_and_the_inner_step_does_not(tmp_path):
+    """The KRR features (target and support passes) run with TF32 as distillation.krr_features says; the
+    kernels and the solve never do; the inner step is outside both."""
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, False  # PyTorch's defaults
+    for name, flags in (("float32", (False, False)), ("tf32", (True, True))):
+        cfg = utils.load_config(write_config(tmp_path, distillation__krr_features=name, storage__m=4))
+        data = utils.load_data(cfg)
+        T = torch.randn(len(data.train_x), 4, 512)
+        gen = utils.make_generator(torch.device("cpu"), 0)
+        d = main_distill.init_distilled(cfg, data, T, 4, gen)
+        opt = torch.optim.AdamW(d.param_groups(cfg["distillation"]), weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        pool = main_distill.ModelPool(cfg["model_pool"], 8, 512, torch.device("cpu"))
+        seen, solves = [], []
+        for f in pool.models:
+            f.features.register_forward_hook(lambda m, i, o: seen.append(tf32_flags()))
+        solve = torch.linalg.solve_ex
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(torch.linalg, "solve_ex", lambda *a: (solves.append(tf32_flags()), solve(*a))[1])
+            main_distill.outer_step(d, pool, data, T, cfg["distillation"], opt, sched, gen, random.Random(0))
+        assert seen == [flags, flags, (True, False)] and solves == [(False, False)]
+        assert tf32_flags() == (True, False)

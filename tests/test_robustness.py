@@ -263,7 +263,7 @@ def test_a_two_epoch_teacher_goes_through_all_three_scripts(tmp_path):
     data = utils.load_data(conf)
     g, _ = utils.load_teacher(teacher, conf, torch.device("cpu"), data)
     rms = conf["data"]["target_rms"]
-    T, scale = utils.teacher_targets(g, teacher, data, [90, 180, 270], 512, rms, tmp_path)
+    T, scale = utils.teacher_targets(g, teacher, data, [90, 180, 270], conf["data"], tmp_path)
     assert (T[:, 0] / scale).norm(dim=1).mean() > 1e3  # the raw targets are as large as the issue reported
     assert T[:, 0].pow(2).mean().sqrt().item() == pytest.approx(rms, rel=1e-4)
     metrics = distill(tmp_path, cfg=cfg, teacher=teacher)

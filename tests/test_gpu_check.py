@@ -1,0 +1,112 @@
+"""tests/gpu_check.py (`make gpu-check`) on the CPU at tiny sizes: every part runs, so no code waits for a GPU
+to reveal it; on the CPU the command itself refuses clearly. Also the host-sync guard of the hot loops."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import gpu_check
+import models
+import pretrain
+import utils
+from tiny import REPO
+
+CPU = torch.device("cpu")
+TINY = {  # configs/cifar10.yaml shrunk to seconds on the CPU
+    "overrides": {"data.resolution": 8, "network.width": 8, "pretrain.batch_size": 32,
+                  "pretrain.projector_dims": [32, 32], "parameterization.image_basis_size": 4,
+                  "parameterization.U": 8, "parameterization.V": 8, "storage.budget_N": 10, "storage.m": 16,
+                  "distillation.outer_batch_size": 32, "model_pool.size_L": 2, "model_pool.widths": [8, 16],
+                  "model_pool.inner_loop_steps_Z": 20},
+    "train_images": 256, "precision_train_images": 256, "inner_steps": 2, "repeats": 2}
+
+
+def tiny_cfg(**more):
+    return utils.load_config(REPO / "configs" / "cifar10.yaml", {**TINY["overrides"], **more})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_the_command_refuses_without_cuda(tmp_path):
+    run = subprocess.run([sys.executable, str(REPO / "tests" / "gpu_check.py"), "--out", str(tmp_path / "gc")],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 1 and "no CUDA device" in run.stderr and "make test" in run.stderr
+    assert not (tmp_path / "gc").exists()  # refused before any work
+
+
+def test_every_part_runs_on_the_cpu_and_writes_the_report(tmp_path):
+    report = gpu_check.run_checks(tmp_path / "gc", CPU, TINY, cifar_root=tmp_path / "no_cifar")
+    assert report["ok"], json.dumps(report, indent=1, default=str)
+    saved = json.loads((tmp_path / "gc" / "gpu_check.json").read_text())
+    assert set(saved) >= {"versions", "pipeline", "precision", "syncs", "rates", "rates_data"}
+    assert all(saved["pipeline"]["checks"].values()) and len(saved["pipeline"]["checks"]) == 6
+    assert saved["syncs"]["syncs"] == {"outer_step": {}, "teacher_step": {}}
+    assert all(v > 0 for v in saved["rates"].values()) and set(saved["rates"]) == set(gpu_check.TARGETS)
+    assert "random uint8" in saved["rates_data"]
+    md = (tmp_path / "gc" / "gpu_check.md").read_text()
+    for text in ("views aligned with their targets", "| bfloat16 |", "outer_steps_per_s", "host syncs in outer_step"):
+        assert text in md
+
+
+def test_the_alignment_check_detects_misaligned_targets(tmp_path, monkeypatch):
+    """The pipeline's alignment check fails when real_batch pairs views with another image's targets."""
+    cfg = gpu_check.write_config(tmp_path)
+    pretrain.main(["DIGITS", "--config", str(cfg), "--out", str(tmp_path / "t"), "--device", "cpu"])
+    teacher = next((tmp_path / "t").glob("*.pth"))
+    assert gpu_check.check_alignment(cfg, teacher, CPU) == {"views aligned with their targets": True,
+                                                           "shifted targets detected": True}
+    real_batch = gpu_check.main_distill.real_batch
+    monkeypatch.setattr(gpu_check.main_distill, "real_batch",
+                        lambda *a: (lambda x, y: (x, y.roll(1, 0)))(*real_batch(*a)))
+    assert not gpu_check.check_alignment(cfg, teacher, CPU)["views aligned with their targets"]
+
+
+def test_precision_check_measures_bf16_rounding_on_the_cpu():
+    """float32 is within 1% of float64 on the KRR prediction and bf16 measurably further: the check sees
+    rounding (bf16 is real on the CPU here), so its tolerances are not vacuous."""
+    cfg = tiny_cfg()
+    data, _ = gpu_check.cifar_like(cfg, CPU, 256)
+    report = gpu_check.check_precision(cfg, data, gpu_check.random_targets(cfg, 256, CPU), CPU, inner_steps=2)
+    p = report["precisions"]
+    assert p["float32"]["prediction_rel_diff"] < 1e-2 and p["float32"]["gradient_cosine"] > 0.999
+    assert p["bfloat16"]["prediction_rel_diff"] > 3 * p["float32"]["prediction_rel_diff"]
+
+
+def test_host_sync_counter_counts_reads():
+    x = torch.ones(3)
+    with gpu_check.count_host_syncs(CPU) as counts:
+        x.sum().item()
+        bool(x.sum() > 0)
+        x.tolist()
+    assert counts == {"item": 1, "__bool__": 1, "tolist": 1}
+    x.sum().item()  # outside the block: the originals are back
+    assert counts == {"item": 1, "__bool__": 1, "tolist": 1}
+
+
+def test_one_outer_step_and_one_teacher_step_read_nothing_back():
+    """No .item()/.cpu()/bool() in the hot steps (each is a host-device sync on CUDA)."""
+    cfg = tiny_cfg()
+    data, _ = gpu_check.cifar_like(cfg, CPU, 256)
+    report = gpu_check.check_syncs(cfg, data, gpu_check.random_targets(cfg, 256, CPU), CPU)
+    assert report == {"syncs": {"outer_step": {}, "teacher_step": {}}, "ok": True}
+
+
+def test_a_teacher_epoch_reads_the_loss_back_once():
+    """A 25-step epoch reads one value back (the epoch's mean loss), not one per progress-bar update."""
+    cfg = tiny_cfg(**{"pretrain.batch_size": 8})
+    pc = cfg["pretrain"]
+    data, _ = gpu_check.cifar_like(cfg, CPU, 200)
+    net, head = models.resnet18_cifar(8), models.projector(64, pc["projector_dims"])
+    opt = models.LARS(models.lars_param_groups(net, head), lr=0.0, momentum=0.9, weight_decay=1e-4, eta=0.02)
+    with gpu_check.count_host_syncs(CPU) as counts:
+        loss, _ = pretrain.train_one_epoch(net, head, opt, data, pc, 0, utils.make_generator(CPU, 0), CPU)
+    assert counts == {"item": 1} and loss > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_check_passes_on_cuda(tmp_path):
+    """What `make gpu-check` runs, as a test on a CUDA machine (rates are printed, not asserted)."""
+    report = gpu_check.run_checks(tmp_path / "gc", torch.device("cuda"), cifar_root=REPO / "data")
+    print(gpu_check.markdown(report))
+    assert report["ok"], json.dumps({k: report[k] for k in ("pipeline", "precision", "syncs")}, default=str)
