@@ -16,6 +16,7 @@ config name being its file stem (cifar10, cifar10_cpu):
     config.json, log.jsonl, metrics.json (loss curve, storage, approximation errors), checkpoint.pth
 """
 import math
+import os
 import random
 import sys
 import time
@@ -326,6 +327,10 @@ def save_grid(images, mean, std, path, max_images=100):
 # main: arguments -> config -> data -> teacher targets -> distilled set -> pool -> loop -> assets
 # ============================================================================================
 def main(argv=None):
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.exit("main_distill.py runs in one process: the bilevel loop is sequential (each outer step starts from "
+                 "the last one's set and pool). Start it with `python main_distill.py ...`, not torchrun; "
+                 "pretrain.py and main_evaluate.py take torchrun (README, Several GPUs).")
     args, overrides = parse_args(argv)
     cfg = utils.load_config(args.config, overrides)
     dc, mp = cfg["distillation"], cfg["model_pool"]

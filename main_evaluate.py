@@ -4,6 +4,7 @@
     python main_evaluate.py --config configs/cifar10.yaml --seeds 3        # mean +- std over 3 seeds
     python main_evaluate.py --config configs/cifar100.yaml --target CIFAR10  # transfer: probe on CIFAR-10
     python main_evaluate.py --config configs/cifar10.yaml --rows distilled,real_init,no_pretraining
+    torchrun --nproc_per_node=4 main_evaluate.py --config configs/cifar10.yaml --seeds 4   # README, Several GPUs
 
 Rows (each pre-trained with the same recipe, `evaluation:`, and probed the same way, `probe:`):
     distilled        this method's distilled set: all K views, targets from the approximation MLPs
@@ -28,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import main_distill
@@ -68,22 +70,26 @@ def parse_args(argv):
 # ============================================================================================
 # SPEC 6.1: one pre-training recipe for every (images, targets) set
 # ============================================================================================
-def pretrain_on_set(images, targets, ec, epochs, mean, std, seed, desc, width):
+def pretrain_on_set(images, targets, ec, epochs, mean, std, seed, desc, width, ranks=utils.Ranks()):
     """ResNet-18 + Linear(8 width -> d_y), MSE to `targets`, SGD + cosine; a fresh crop + flip of every
     view each epoch when `augment`. images: uint8 (normalised per batch) or normalised float.
+    Under torchrun with `ranks` (the full-dataset row), images and targets are this rank's share: DDP, global
+    batch evaluation.batch_size, BatchNorm over it, crops drawn per rank.
     Returns the backbone (eval mode) and the number of SGD steps it took."""
     device = targets.device
     torch.manual_seed(seed)
-    gen = utils.make_generator(device, seed)
-    net = models.Regressor(models.resnet18_cifar(width), models.resnet18_dim(width), targets.shape[1]).to(device)
+    gen = utils.make_generator(device, seed + ranks.rank)
+    net = models.Regressor(models.resnet18_cifar(width), models.resnet18_dim(width), targets.shape[1])
+    net = (models.sync_batchnorm(net, device) if ranks.world > 1 else net).to(device)
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
+    fwd = DDP(net, device_ids=[device.index] if device.type == "cuda" else None) if ranks.world > 1 else net
     opt = torch.optim.SGD(net.parameters(), lr=ec["lr"], momentum=ec["momentum"], weight_decay=ec["weight_decay"])
-    n, B = len(images), ec["batch_size"]
+    n, B = len(images), ec["batch_size"] // ranks.world
     steps = math.ceil(n / B)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * steps)
     net.train()
-    bar = tqdm(range(epochs), desc=desc, leave=False, dynamic_ncols=True)
+    bar = tqdm(range(epochs), desc=desc, leave=False, dynamic_ncols=True, disable=not ranks.main)
     for epoch in bar:
         perm = torch.randperm(n, generator=gen, device=device)
         total = torch.zeros((), device=device)
@@ -93,7 +99,7 @@ def pretrain_on_set(images, targets, ec, epochs, mean, std, seed, desc, width):
             if ec["augment"]:
                 x = utils.random_crop_flip(x, ec["crop_pad"], gen)
             with utils.autocast(device):
-                loss = models.mse(net(utils.to_channels_last(x, device)), targets[idx])
+                loss = models.mse(fwd(utils.to_channels_last(x, device)), targets[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -119,9 +125,10 @@ def real_views(data, T, idx, rotations):
     return utils.all_views(data.train_x[idx], rotations), T[idx].transpose(0, 1).flatten(0, 1)
 
 
-def full_dataset_backbone(path, data, T, rotations, cfg, teacher_hash, retrain, replace_stale):
+def full_dataset_backbone(path, data, T, rotations, cfg, teacher_hash, retrain, replace_stale, ranks=utils.Ranks()):
     """The full-dataset row's ResNet-18, trained once and reused while its settings match; one trained with
     other settings (another teacher, another recipe) is replaced only under `replace_stale` (--overwrite).
+    Under torchrun every rank trains it together (DDP, each on its share of the train images); rank 0 saves it.
     Returns it with its training time in seconds, its SGD steps and whether it was reused."""
     ec, width = cfg["evaluation"], cfg["network"]["width"]
     meta = {"dataset": cfg["dataset"], "teacher_hash": teacher_hash, "full_epochs": ec["full_epochs"],
@@ -139,12 +146,13 @@ def full_dataset_backbone(path, data, T, rotations, cfg, teacher_hash, retrain, 
                              f"pass --retrain-full or --overwrite to replace it")
         print(f"full_dataset: {path} was trained with other settings; retraining it (--overwrite)")
     t0 = time.time()
-    views, targets = real_views(data, T, torch.arange(len(data.train_x)), rotations)
+    views, targets = real_views(data, T, utils.shard(torch.arange(len(data.train_x)), ranks), rotations)
     g, steps = pretrain_on_set(views, targets, ec, ec["full_epochs"], data.mean, data.std, cfg["seed"],
-                               "full_dataset", width)
+                               "full_dataset", width, ranks)
     train_time = time.time() - t0
-    utils.atomic_save({"backbone": {k: v.cpu() for k, v in g.state_dict().items()}, "meta": meta,
-                       "train_time_s": train_time, "steps": steps}, path)
+    if ranks.main:
+        utils.atomic_save({"backbone": {k: v.cpu() for k, v in g.state_dict().items()}, "meta": meta,
+                           "train_time_s": train_time, "steps": steps}, path)
     return g, train_time, steps, False
 
 
@@ -193,7 +201,11 @@ def main(argv=None):
     args, overrides = parse_args(argv)
     cfg = utils.load_config(args.config, overrides)
     ec, N, width = cfg["evaluation"], cfg["storage"]["budget_N"], cfg["network"]["width"]
-    device = utils.get_device(args.device)
+    ranks, device = utils.init_ranks(args.device)  # rank 0 of 1 unless started by torchrun
+    if ec["batch_size"] % ranks.world:
+        raise utils.ConfigError(f"{args.config}: evaluation.batch_size {ec['batch_size']} (the full-dataset row's global "
+                                f"batch) is not divisible by the {ranks.world} torchrun processes")
+    say = print if ranks.main else (lambda *a, **k: None)
     utils.set_seed(cfg["seed"])
     target_name = args.target or cfg["dataset"]
     suffix = f"_to_{target_name.lower()}" if target_name != cfg["dataset"] else ""
@@ -201,7 +213,8 @@ def main(argv=None):
     out = Path(args.out) if args.out else Path("evaluation_models") / f"{name}_N{N}{suffix}"
     # the full-dataset model is a cache checked against its own metadata: it survives --overwrite
     lock = utils.claim_run_folder(out, [out / "results.json"], args.resume, args.overwrite,
-                                  keep=["resnet18_full_dataset.pth"])
+                                  keep=["resnet18_full_dataset.pth"]) if ranks.main else None
+    utils.barrier(ranks)
     assets = Path(args.assets) if args.assets else main_distill.default_out(cfg, name)
     krr_cfg = {**cfg, "distillation": {**cfg["distillation"], "method": "krr_st"}}
     krr_assets = Path(args.krr_assets) if args.krr_assets else main_distill.default_out(krr_cfg, name)
@@ -209,7 +222,7 @@ def main(argv=None):
     rows = list(args.rows)
     if "krr_st" in rows and not args.rows_given and not (krr_assets / "distilled_data.pth").is_file():
         rows.remove("krr_st")  # optional by default; asked for by --rows, a missing set is an error
-        print(f"krr_st: no assets at {krr_assets}, row skipped (run main_distill.py --distillation.method=krr_st)")
+        say(f"krr_st: no assets at {krr_assets}, row skipped (run main_distill.py --distillation.method=krr_st)")
     if not rotations and not args.rows_given:  # without rotations these rows repeat distilled / a real set
         rows = [r for r in rows if r not in NEEDS_ROTATIONS]
     seeds = [cfg["seed"] + i for i in range(args.seeds)]
@@ -233,12 +246,17 @@ def main(argv=None):
     bs = cfg["data"]["eval_batch_size"]
     T, target_scale = None, None
     if {"real_init", "random_subset", "full_dataset"} & set(rows):
-        T, target_scale = utils.teacher_targets(teacher, teacher_file, data, rotations, cfg["data"], out,
-                                                teacher_hash)
+        for turn in (True, False):  # rank 0 computes and caches the targets, then the others read the cache
+            if ranks.main == turn:
+                T, target_scale = utils.teacher_targets(teacher, teacher_file, data, rotations, cfg["data"], out,
+                                                        teacher_hash)
+            utils.barrier(ranks)
     derived = {"device": str(device), "rows": rows, "seeds": seeds, "target": target_name, "assets": str(assets),
-               "krr_assets": str(krr_assets), "out": str(out), "inputs": inputs, "target_scale": target_scale}
-    utils.print_config(cfg, derived)
-    utils.write_json({"config": cfg, "derived": derived}, out / "config.json")
+               "krr_assets": str(krr_assets), "out": str(out), "inputs": inputs, "target_scale": target_scale,
+               "processes": ranks.world}
+    if ranks.main:
+        utils.print_config(cfg, derived)
+        utils.write_json({"config": cfg, "derived": derived}, out / "config.json")
     teacher_feats = utils.split_features(teacher, target, bs)  # what every row's teacher fit is scored against
     budget = main_distill.storage_accounting(krr_cfg, res)  # N real images + targets: exactly the budget
     K = 1 + len(rotations)
@@ -286,9 +304,14 @@ def main(argv=None):
             raise ValueError(f"--resume: {out / 'results.json'} was computed from other inputs ({', '.join(stale)} "
                              f"changed since); rerun without --resume (--overwrite) to recompute every row")
         results = {k: v for k, v in saved["rows"].items() if k in rows}
-        print(f"resumed: rows {list(results)} already done")
+        say(f"resumed: rows {list(results)} already done")
     for row in [r for r in rows if r not in results]:
-        t0, accs, fits, extra, steps = time.time(), [], [], {}, 0
+        t0, cells, extra, steps = time.time(), [], {}, 0
+        if row == "full_dataset":  # every rank trains it (DDP under torchrun); rank 0 probes it below
+            g_full, train_time, steps, reused = full_dataset_backbone(
+                out / "resnet18_full_dataset.pth", data, T, rotations, cfg, teacher_hash, args.retrain_full,
+                args.overwrite, ranks)
+            extra = {"reused": reused, "train_time_s": train_time}
         if row in ("distilled", "distilled_exact", "krr_st"):
             views, targets, stored = distilled_set(row)
         elif row == "real_init":
@@ -296,7 +319,8 @@ def main(argv=None):
         else:
             stored = {"random_subset": budget["budget"], "full_dataset": len(data.train_x) * per_real,
                       "no_pretraining": 0, "teacher": None}[row]
-        for seed in (seeds if row in SEEDED else [cfg["seed"]]):
+        # the seeds of a seeded row are spread over the ranks; the other rows are rank 0's
+        for seed in seeds[ranks.rank::ranks.world] if row in SEEDED else [cfg["seed"]] * ranks.main:
             feats = None
             if row in ("distilled", "distilled_exact", "krr_st", "real_init"):
                 g, steps = pretrain_on_set(views, targets, ec, ec["epochs"], data.mean, data.std, seed,
@@ -308,10 +332,7 @@ def main(argv=None):
                 x, y = random_subset(data, T, N, seed)
                 g, steps = pretrain_on_set(x, y, ec, ec["epochs"], data.mean, data.std, seed, f"{row} s{seed}", width)
             elif row == "full_dataset":
-                g, train_time, steps, reused = full_dataset_backbone(
-                    out / "resnet18_full_dataset.pth", data, T, rotations, cfg, teacher_hash, args.retrain_full,
-                    args.overwrite)
-                extra = {"reused": reused, "train_time_s": train_time}
+                g = g_full
             elif row == "teacher":
                 g, feats = teacher, teacher_feats
             else:  # no_pretraining
@@ -319,11 +340,18 @@ def main(argv=None):
                 g = models.resnet18_cifar(width).to(device).eval()
             feats = feats if feats is not None else utils.split_features(g, target, bs)
             utils.check_features(feats, row)
-            accs.append(utils.probe_backbone(g, target, cfg["probe"], seed, bs, features=feats))
-            fits.append(utils.teacher_fit(feats, teacher_feats, cfg["probe"]["teacher_fit_ridge"]))
-            print(f"{row} seed {seed}: linear probe top-1 {accs[-1]:.2f}%, teacher fit R^2 {fits[-1]:.4f}")
-        results[row] = row_result(accs, fits, steps, stored, t0, **extra)
-        utils.write_json({"rows": results, "config": cfg, "derived": derived, "complete": False}, out / "results.json")
+            cells.append((seed, utils.probe_backbone(g, target, cfg["probe"], seed, bs, features=feats),
+                          utils.teacher_fit(feats, teacher_feats, cfg["probe"]["teacher_fit_ridge"]), steps))
+            print(f"{row} seed {seed}: linear probe top-1 {cells[-1][1]:.2f}%, teacher fit R^2 {cells[-1][2]:.4f}"
+                  + (f" (rank {ranks.rank})" if ranks.world > 1 else ""))
+        cells = sorted(c for part in utils.gather_objects(cells, ranks) for c in part)  # every rank's, by seed
+        _, accs, fits, steps = zip(*cells)
+        results[row] = row_result(list(accs), list(fits), steps[0], stored, t0, **extra)
+        if ranks.main:
+            utils.write_json({"rows": results, "config": cfg, "derived": derived, "complete": False},
+                             out / "results.json")
+    if not ranks.main:  # rank 0 writes the table
+        return None
 
     # ---------------------------------------------------------------- table
     results = summarize({r: results[r] for r in rows}, budget)

@@ -1,5 +1,6 @@
 """Networks, the Barlow Twins loss and LARS. Stands alone: torch only, sizes as arguments."""
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
@@ -67,6 +68,17 @@ def projector(in_dim, dims):
     return nn.Sequential(*layers)
 
 
+class BarlowTwins(nn.Module):
+    """Backbone + projector applied to both views in one forward (one DDP forward per step under torchrun)."""
+
+    def __init__(self, backbone, projector):
+        super().__init__()
+        self.backbone, self.projector = backbone, projector
+
+    def forward(self, v1, v2):
+        return self.projector(self.backbone(v1)), self.projector(self.backbone(v2))
+
+
 def off_diagonal(c):
     n = c.shape[0]
     return c.flatten()[:-1].view(n - 1, n + 1)[:, 1:].flatten()
@@ -83,6 +95,88 @@ def barlow_twins_loss(z1, z2, lambd, scale):
     on_diag = (torch.diagonal(c) - 1).pow(2).sum()
     off_diag = off_diagonal(c).pow(2).sum()
     return scale * (on_diag + lambd * off_diag)
+
+
+# --------------------------------------------------------------------------------------------
+# Several processes (torchrun): the global batch's embeddings and BatchNorm statistics
+# --------------------------------------------------------------------------------------------
+class _GatherRows(torch.autograd.Function):
+    """Every rank's rows, in rank order; backward returns this rank's rows of the gradient summed over ranks."""
+
+    @staticmethod
+    def forward(ctx, z):
+        parts = [torch.empty_like(z) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, z.contiguous())
+        ctx.rows = slice(dist.get_rank() * len(z), (dist.get_rank() + 1) * len(z))
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rows]
+
+
+def gather_rows(z):
+    """(world x b, ...) from every rank's (b, ...), differentiable; z itself in a single process. Each rank then
+    computes the loss of the global batch; DDP's gradient average over ranks makes the step the single-process
+    step on that batch (every rank's gradient of the same loss is summed here, then averaged there)."""
+    return _GatherRows.apply(z) if dist.is_initialized() and dist.get_world_size() > 1 else z
+
+
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm over the batch of every rank, for CPU process groups (gloo), where PyTorch's SyncBatchNorm does
+    not run: per-channel sums all-reduced with autograd. Same parameters and buffers as BatchNorm1d/2d."""
+
+    def _check_input_dim(self, x):
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input, got {x.dim()}D")
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        dims, C = [0] + list(range(2, x.dim())), x.shape[1]
+        stats = torch.cat([x.sum(dims), (x * x).sum(dims), x.new_full((1,), x.numel() / C)])
+        stats = _AllReduceSum.apply(stats)
+        n = stats[-1]
+        mean, var = stats[:C] / n, stats[C:2 * C] / n - (stats[:C] / n) ** 2
+        with torch.no_grad():  # running statistics as BatchNorm keeps them (unbiased variance)
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / (n - 1), self.momentum)
+            self.num_batches_tracked += 1
+        shape = [1, C] + [1] * (x.dim() - 2)
+        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+
+
+def sync_batchnorm(module, device):
+    """Every BatchNorm of `module` normalised over the global batch of all ranks: PyTorch's SyncBatchNorm on
+    CUDA, GlobalBatchNorm on the CPU. The state_dict keys stay those of BatchNorm (checkpoints load plainly)."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            bn = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                 child.track_running_stats)
+            bn.load_state_dict(child.state_dict())
+            setattr(module, name, bn)
+        else:
+            sync_batchnorm(child, device)
+    return module
 
 
 class LARS(torch.optim.Optimizer):

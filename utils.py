@@ -273,6 +273,55 @@ def get_device(name=None):
     return device
 
 
+# ============================================================================================
+# Several processes (torchrun). Nothing here joins a process group unless WORLD_SIZE > 1.
+# ============================================================================================
+@dataclass(frozen=True)
+class Ranks:
+    """This process among torchrun's: rank 0 of 1 when a script is started plainly."""
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self):
+        """Rank 0 alone writes files, logs and prints."""
+        return self.rank == 0
+
+
+def init_ranks(device_name=None):
+    """(Ranks, device). Under torchrun (WORLD_SIZE > 1) every process joins the default process group: nccl on
+    CUDA, one GPU per process (cuda:LOCAL_RANK), gloo on the CPU. A plain start: rank 0 of 1, no group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = get_device(device_name)
+    if world == 1:
+        return Ranks(), device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    atexit.register(lambda: torch.distributed.is_initialized() and torch.distributed.destroy_process_group())
+    return Ranks(torch.distributed.get_rank(), world), device
+
+
+def shard(x, ranks):
+    """Rank r's equal share of x's rows: r, r + W, r + 2W, ... (the last len(x) mod W rows are left out)."""
+    return x[ranks.rank:len(x) // ranks.world * ranks.world:ranks.world]
+
+
+def gather_objects(obj, ranks):
+    """[rank 0's obj, rank 1's obj, ...] on every rank (picklable objects; [obj] in a single process)."""
+    if ranks.world == 1:
+        return [obj]
+    out = [None] * ranks.world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def barrier(ranks):
+    if ranks.world > 1:
+        torch.distributed.barrier()
+
+
 def make_generator(device, seed):
     """A torch.Generator on `device`: all augmentation randomness is drawn from it."""
     return torch.Generator(device=device).manual_seed(seed)
@@ -1016,7 +1065,10 @@ def _lock_owner_alive(info):
         return False
     except (PermissionError, KeyError, ValueError, TypeError):
         return True
-    return True
+    try:  # a killed process that nobody reaped (a container without an init) is a zombie: gone as well
+        return Path(f"/proc/{int(info['pid'])}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _read_lock(folder):

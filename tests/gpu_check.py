@@ -128,17 +128,13 @@ def outer_step_setup(cfg, data, T, device, seed=0):
 
 def teacher_step_setup(cfg, data, device):
     """A ResNet-18 + projector + LARS at `cfg`'s pretrain sizes and one batch: what one teacher step needs."""
-    pc, width = cfg["pretrain"], cfg["network"]["width"]
-    backbone = models.resnet18_cifar(width).to(device)
-    if device.type == "cuda":
-        backbone = backbone.to(memory_format=torch.channels_last)
-    proj = models.projector(models.resnet18_dim(width), pc["projector_dims"]).to(device)
-    opt = models.LARS(models.lars_param_groups(backbone, proj), lr=0.1, momentum=pc["momentum"],
-                      weight_decay=pc["weight_decay"], eta=pc["lars_eta"])
+    pc = cfg["pretrain"]
+    net, opt = pretrain.build(pc, cfg["network"]["width"], device)
+    for group in opt.param_groups:
+        group["lr"] = 0.1
     gen = utils.make_generator(device, 0)
-    idx = torch.arange(pc["batch_size"], device=device) % len(data.train_x)
-    x = data.train_x[idx]
-    return lambda: pretrain.barlow_step(backbone, proj, opt, x, data, pc, gen, device)
+    x = data.train_x[torch.arange(pc["batch_size"], device=device) % len(data.train_x)]
+    return lambda: pretrain.barlow_step(net, opt, x, data, pc, gen, device)
 
 
 def check_syncs(cfg, data, T, device):

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import gpu_check
-import models
 import pretrain
 import utils
 from tiny import REPO
@@ -97,10 +96,9 @@ def test_a_teacher_epoch_reads_the_loss_back_once():
     cfg = tiny_cfg(**{"pretrain.batch_size": 8})
     pc = cfg["pretrain"]
     data, _ = gpu_check.cifar_like(cfg, CPU, 200)
-    net, head = models.resnet18_cifar(8), models.projector(64, pc["projector_dims"])
-    opt = models.LARS(models.lars_param_groups(net, head), lr=0.0, momentum=0.9, weight_decay=1e-4, eta=0.02)
+    net, opt = pretrain.build(pc, 8, CPU)
     with gpu_check.count_host_syncs(CPU) as counts:
-        loss, _ = pretrain.train_one_epoch(net, head, opt, data, pc, 0, utils.make_generator(CPU, 0), CPU)
+        loss, _ = pretrain.train_one_epoch(net, opt, data, pc, 0, utils.make_generator(CPU, 0), CPU)
     assert counts == {"item": 1} and loss > 0
 
 

@@ -1,0 +1,113 @@
+"""torchrun on the CPU (gloo, 2 processes), as on several GPUs (nccl): pretrain.py's DDP step is the
+single-process step on the same global batch; a 2-process teacher finishes, loads and resumes after a kill;
+main_evaluate's full-dataset row trains under DDP and its seeded rows are spread over the ranks;
+main_distill.py refuses torchrun."""
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import main_distill
+import main_evaluate
+import utils
+from tiny import REPO, write_config, write_teacher
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+CPU = ["--device", "cpu"]
+
+
+def kill_tree(pid):
+    """SIGKILL a process and all its descendants (torchrun's workers live in their own process groups)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    kids = children.read_text().split() if children.exists() else []
+    os.kill(pid, signal.SIGSTOP)  # no new children while the tree is walked
+    for kid in kids:
+        kill_tree(int(kid))
+    os.kill(pid, signal.SIGKILL)
+
+
+def torchrun(args, cwd, **kw):
+    run = subprocess.run(TORCHRUN + [str(a) for a in args], cwd=cwd, capture_output=True, text=True, env=ENV,
+                         timeout=600, **kw)
+    return run.returncode, run.stdout + run.stderr
+
+
+def test_ddp_step_is_the_single_process_step_on_the_global_batch(tmp_path):
+    cfg = write_config(tmp_path, pretrain__batch_size=64, pretrain__projector_dims=[64, 64])
+    rc, out = torchrun([REPO / "tests" / "ddp_first_step.py", cfg, tmp_path / "step.json"], cwd=tmp_path)
+    assert rc == 0, out
+    r = json.loads((tmp_path / "step.json").read_text())
+    assert r["world"] == 2 and r["global_batch"] == 64
+    assert r["loss"] == pytest.approx(r["single_loss"], rel=1e-5), r
+    assert r["max_weight_diff"] < 1e-3 * r["step_size"] and r["max_buffer_diff"] < 1e-4, r
+    # BatchNorm per rank would not be the same step: the comparison can tell
+    assert abs(r["unsynced_loss"] - r["single_loss"]) > 100 * abs(r["loss"] - r["single_loss"]), r
+
+
+def test_teacher_under_torchrun_finishes_loads_and_resumes_after_a_kill(tmp_path):
+    cfg = write_config(tmp_path, pretrain__epochs=6, pretrain__batch_size=64, pretrain__save_every=1,
+                       pretrain__knn_every=2)
+    args = ["pretrain.py", "DIGITS", "--config", str(cfg), "--out", str(tmp_path / "t"), *CPU]
+    run = tmp_path / "t" / "resnet18_barlow_twins_digits_run"
+    first = subprocess.Popen(TORCHRUN + args, cwd=REPO, env=ENV,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    t0 = time.time()
+    while not (run / "checkpoint.pth").exists():
+        assert first.poll() is None, first.stdout.read()
+        assert time.time() - t0 < 300
+        time.sleep(0.05)
+    kill_tree(first.pid)  # torchrun and both workers, right after the first checkpoint
+    first.communicate()
+    teacher = tmp_path / "t" / "resnet18_barlow_twins_digits.pth"
+    assert not teacher.exists()
+    plain = subprocess.run([sys.executable] + args + ["--resume"], cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert plain.returncode == 1 and "written by 2 process(es)" in plain.stderr  # 2 ranks' generators to continue
+    rc, out = torchrun(args + ["--resume"], cwd=REPO)
+    assert rc == 0 and "resumed run" in out, out
+    assert out.count("teacher written to") == 1  # rank 0 alone writes and prints
+    epochs = [json.loads(line)["epoch"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3, 4, 5, 6]
+    conf = utils.load_config(cfg)
+    g, meta = utils.load_teacher(teacher, conf, torch.device("cpu"), utils.load_data(conf))
+    assert meta["epochs"] == 6 and json.loads((run / "config.json").read_text())["derived"]["processes"] == 2
+
+
+def test_evaluation_under_torchrun(tmp_path):
+    """The full-dataset row trained with DDP probes within the spread of single-process trainings (seeds 0-2);
+    the seeded rows, spread over the two ranks, give the single-process numbers (one thread per process in
+    both, so the float reductions run in the same order)."""
+    cfg = write_config(tmp_path, evaluation__full_epochs=1, evaluation__epochs=3, probe__iterations=200)
+    teacher = write_teacher(tmp_path / "teacher.pth")
+    rows = ["--rows", "full_dataset,random_subset,no_pretraining", "--seeds", "2"]
+    common = ["--config", str(cfg), "--teacher", str(teacher), *CPU]
+    one = subprocess.run([sys.executable, "main_evaluate.py", *common, *rows, "--out", str(tmp_path / "one")],
+                         cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    single = json.loads((tmp_path / "one" / "results.json").read_text())["rows"]
+    full = [single["full_dataset"]["mean"]] + [
+        main_evaluate.main(common + ["--rows", "full_dataset", f"--seed={s}", "--out", str(tmp_path / f"one_s{s}")])
+        ["full_dataset"]["mean"] for s in (1, 2)]
+    rc, out = torchrun(["main_evaluate.py", *common, *rows, "--out", tmp_path / "two"], cwd=REPO)
+    assert rc == 0, out
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert two["complete"] and two["derived"]["processes"] == 2
+    ddp = two["rows"]["full_dataset"]["mean"]
+    mean, std = statistics.fmean(full), statistics.pstdev(full)
+    assert abs(ddp - mean) <= 3 * std + 0.5, (ddp, full)
+    for row in ("random_subset", "no_pretraining"):
+        assert two["rows"][row]["accs"] == single[row]["accs"], row
+    assert "seed 1: linear probe" in out and "(rank 1)" in out  # seed 1 ran on rank 1
+
+
+def test_distillation_refuses_torchrun(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="runs in one process.*not torchrun"):
+        main_distill.main(["--config", str(write_config(tmp_path)), *CPU])
