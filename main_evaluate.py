@@ -5,6 +5,8 @@
     python main_evaluate.py --config configs/cifar100.yaml --target CIFAR10  # transfer: probe on CIFAR-10
     python main_evaluate.py --config configs/cifar10.yaml --rows distilled,real_init,no_pretraining
     torchrun --nproc_per_node=4 main_evaluate.py --config configs/cifar10.yaml --seeds 4   # README, Several GPUs
+    python main_evaluate.py --config configs/cifar10.yaml --protocol both --student resnet18,vgg11_bn,alexnet
+    python main_evaluate.py --config configs/cifar10.yaml --protocol finetune --target TINY_IMAGENET
 
 Rows (each pre-trained with the same recipe, `evaluation:`, and probed the same way, `probe:`):
     distilled        this method's distilled set: all K views, targets from the approximation MLPs
@@ -20,7 +22,9 @@ Every row reports the probe's top-1, its teacher fit (R^2 of a ridge readout fro
 teacher's, fit on the target's train split, scored on its test split: it measures what distillation transfers
 and does not saturate where the probe does), its SGD steps and its storage.
 Writes evaluation_models/<config name>_N<budget>[_to_<target>]/ (or --out): results.json, results.md,
-config.json, resnet18_distilled_dataset.pth, resnet18_full_dataset.pth (reused unless --retrain-full).
+config.json, <student>_distilled_dataset.pth, <student>_full_dataset.pth (reused unless --retrain-full), the student
+being evaluation.student (resnet18 by default; --student a,b,c: one table per student in <out>/<student>/ and a
+cross-architecture summary, students.md / students.json, in <out>/).
 """
 import json
 import math
@@ -52,6 +56,11 @@ def parse_args(argv):
                    help="probe on this dataset instead of the source (same resolution)")
     p.add_argument("--rows", default=None, help=f"comma-separated subset of {','.join(ROWS)}")
     p.add_argument("--seeds", type=int, default=1, help="repeat the stochastic rows with this many seeds")
+    p.add_argument("--protocol", choices=["probe", "finetune", "both"], default="probe",
+                   help="linear probe on frozen features (default), fine-tuned transfer (finetune:), or both")
+    p.add_argument("--student", default=None,
+                   help=f"comma-separated students ({','.join(models.STUDENTS)}): one table each in <out>/<student>/ "
+                        f"and a summary; default: evaluation.student alone, in <out>/")
     p.add_argument("--retrain-full", action="store_true", help="retrain the full-dataset model even if saved")
     p.add_argument("--out", default=None, help="default: evaluation_models/<config name>_N<budget>[_to_<target>]")
     utils.add_common_args(p)
@@ -64,6 +73,12 @@ def parse_args(argv):
     if args.seeds < 1:
         p.error(f"--seeds must be >= 1, got {args.seeds}")
     args.rows = rows
+    args.protocol = ["probe", "finetune"] if args.protocol == "both" else [args.protocol]
+    if args.student is not None:
+        args.student = [x.strip() for x in args.student.split(",") if x.strip()]
+        bad = [x for x in args.student if x not in models.STUDENTS]
+        if bad or not args.student:
+            p.error(f"--student: unknown {bad}; choose from {','.join(models.STUDENTS)}")
     return args, utils.parse_overrides(rest)
 
 
@@ -71,7 +86,7 @@ def parse_args(argv):
 # SPEC 6.1: one pre-training recipe for every (images, targets) set
 # ============================================================================================
 def pretrain_on_set(images, targets, ec, epochs, mean, std, seed, desc, width, ranks=utils.Ranks()):
-    """ResNet-18 + Linear(8 width -> d_y), MSE to `targets`, SGD + cosine; a fresh crop + flip of every
+    """The student (evaluation.student) + Linear(its width -> d_y), MSE to `targets`, SGD + cosine; a fresh crop + flip of every
     view each epoch when `augment`. images: uint8 (normalised per batch) or normalised float.
     Under torchrun with `ranks` (the full-dataset row), images and targets are this rank's share: DDP, global
     batch evaluation.batch_size, BatchNorm over it, crops drawn per rank.
@@ -79,7 +94,7 @@ def pretrain_on_set(images, targets, ec, epochs, mean, std, seed, desc, width, r
     device = targets.device
     torch.manual_seed(seed)
     gen = utils.make_generator(device, seed + ranks.rank)
-    net = models.Regressor(models.resnet18_cifar(width), models.resnet18_dim(width), targets.shape[1])
+    net = models.Regressor(*models.student(ec["student"], width, images.shape[-1]), targets.shape[1])
     net = (models.sync_batchnorm(net, device) if ranks.world > 1 else net).to(device)
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
@@ -137,7 +152,7 @@ def full_dataset_backbone(path, data, T, rotations, cfg, teacher_hash, retrain, 
     if path.is_file() and not retrain:
         saved = utils.read_pth(path, "a full-dataset backbone written by main_evaluate.py", ["backbone", "meta"])
         if saved["meta"] == meta:
-            g = models.resnet18_cifar(width)
+            g = models.student(ec["student"], width, data.train_x.shape[-1])[0]
             g.load_state_dict(saved["backbone"], strict=True)
             print(f"full_dataset: reusing {path} (trained in {saved.get('train_time_s', float('nan')):.1f}s)")
             return g.to(T.device).eval(), saved.get("train_time_s"), saved.get("steps"), True
@@ -164,8 +179,8 @@ def summarize(results, budget):
     full = results.get("full_dataset", {}).get("mean")
     base = results.get("no_pretraining", {}).get("mean")
     for r in results.values():
-        r["retention"] = r["mean"] / full if full else None
-        r["gain_recovered"] = (r["mean"] - base) / (full - base) if full is not None and base is not None \
+        r["retention"] = r["mean"] / full if full and r["mean"] is not None else None
+        r["gain_recovered"] = (r["mean"] - base) / (full - base) if None not in (full, base, r["mean"]) \
             and full > base else None  # undefined when the full dataset does not beat random init
         floats = r["storage_floats"]
         r["storage_images"] = None if floats is None else floats / budget["floats_per_image"]
@@ -176,29 +191,57 @@ def summarize(results, budget):
 def markdown(results, header):
     fmt = lambda v, f: "-" if v is None else format(v, f)
     pm = lambda r, k, f: fmt(r[k + "_mean"] if k else r["mean"], f) + (
-        f" ± {fmt(r[k + '_std'] if k else r['std'], f)}" if len(r["accs"]) > 1 else "")
+        f" ± {fmt(r[k + '_std'] if k else r['std'], f)}" if r["seeds"] > 1 and r[k + "_mean" if k else "mean"]
+        is not None else "")
     reused = lambda r: f" (model reused, trained in {fmt(r['train_time_s'], '.1f')})" if r.get("reused") else ""
     budget = {True: "yes", False: "**over**", None: "-"}
-    lines = [header, "", "| row | top-1 (%) | teacher fit R² | seeds | gain recovered | retention | SGD steps | "
-             "storage (floats) | storage (images) | within budget | time (s) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [header, "", "| row | top-1 (%) | teacher fit R² | fine-tune top-1 (%) | seeds | gain recovered | retention | "
+             "SGD steps | storage (floats) | storage (images) | within budget | time (s) |", "|---" * 12 + "|"]
     for name, r in results.items():
-        lines.append(f"| {name} | {pm(r, '', '.2f')} | {pm(r, 'fit', '.3f')} | {len(r['accs'])} | "
+        lines.append(f"| {name} | {pm(r, '', '.2f')} | {pm(r, 'fit', '.3f')} | {pm(r, 'finetune', '.2f')} | {r['seeds']} | "
                      f"{fmt(r['gain_recovered'], '.1%')} | {fmt(r['retention'], '.1%')} | {fmt(r['steps'], ',')} | "
                      f"{fmt(r['storage_floats'], ',')} | {fmt(r['storage_images'], ',.1f')} | "
                      f"{budget[r['within_budget']]} | {r['time_s']:.1f}{reused(r)} |")
     return "\n".join(lines) + "\n"
 
 
-def row_result(accs, fits, steps, storage_floats, t0, **extra):
-    """One table row: probe accuracies and teacher fits over seeds, mean and (population) std."""
-    std = lambda v: statistics.pstdev(v) if len(v) > 1 else 0.0
-    return {"mean": statistics.fmean(accs), "std": std(accs), "accs": accs, "fit_mean": statistics.fmean(fits),
-            "fit_std": std(fits), "fits": fits, "steps": steps, "storage_floats": storage_floats,
-            "time_s": time.time() - t0, **extra}
+def row_result(accs, fits, finetunes, steps, storage_floats, t0, **extra):
+    """One table row over seeds: probe accuracies, teacher fits and fine-tune accuracies (each None when its
+    protocol did not run), mean and (population) std."""
+    mean = lambda v: None if None in v else statistics.fmean(v)
+    std = lambda v: None if None in v else statistics.pstdev(v) if len(v) > 1 else 0.0
+    return {"mean": mean(accs), "std": std(accs), "accs": accs, "fit_mean": mean(fits), "fit_std": std(fits),
+            "fits": fits, "finetune_mean": mean(finetunes), "finetune_std": std(finetunes), "finetunes": finetunes,
+            "seeds": len(accs), "steps": steps, "storage_floats": storage_floats, "time_s": time.time() - t0, **extra}
 
 
 def main(argv=None):
+    """One table (evaluation.student), or one per `--student` plus the cross-architecture summary."""
     args, overrides = parse_args(argv)
+    if args.student is None:
+        return evaluate(args, overrides)[0]
+    done = {s: evaluate(args, {**overrides, "evaluation.student": s}, sub=s) for s in args.student}
+    if next(iter(done.values()))[1] is None:  # not rank 0
+        return None
+    tables, out = {s: t for s, (t, _) in done.items()}, next(iter(done.values()))[1].parent
+    rows = list(dict.fromkeys(r for t in tables.values() for r in t))
+    one = lambda r, k: "-" if r is None or r[k + "mean"] is None else f"{r[k + 'mean']:.2f}" + (
+        f" ± {r[k + 'std']:.2f}" if r["seeds"] > 1 else "")
+    cell = lambda r: " / ".join(one(r, k) for k, p in (("", "probe"), ("finetune_", "finetune")) if p in args.protocol)
+    what = " / ".join({"probe": "linear-probe", "finetune": "fine-tune"}[p] for p in args.protocol)
+    md = [f"{what} top-1 (%) by pre-training source (rows) and student (columns); each student's own table "
+          "is in <out>/<student>/results.md.", "", "| row | " + " | ".join(args.student) + " |",
+          "|---" * (1 + len(args.student)) + "|"]
+    md += [f"| {r} | " + " | ".join(cell(tables[s].get(r)) for s in args.student) + " |" for r in rows]
+    (out / "students.md").write_text("\n".join(md) + "\n")
+    utils.write_json(tables, out / "students.json")
+    print("\n".join(md))
+    return tables
+
+
+def evaluate(args, overrides, sub=None):
+    """The table of every row for one student, written to <out>[/<sub>]: ({row: result}, out) on rank 0,
+    (None, None) on the others."""
     cfg = utils.load_config(args.config, overrides)
     ec, N, width = cfg["evaluation"], cfg["storage"]["budget_N"], cfg["network"]["width"]
     ranks, device = utils.init_ranks(args.device)  # rank 0 of 1 unless started by torchrun
@@ -211,9 +254,11 @@ def main(argv=None):
     suffix = f"_to_{target_name.lower()}" if target_name != cfg["dataset"] else ""
     name = utils.config_name(args.config)
     out = Path(args.out) if args.out else Path("evaluation_models") / f"{name}_N{N}{suffix}"
+    out = out / sub if sub else out
+    student, full_file = ec["student"], f"{ec['student']}_full_dataset.pth"
     # the full-dataset model is a cache checked against its own metadata: it survives --overwrite
     lock = utils.claim_run_folder(out, [out / "results.json"], args.resume, args.overwrite,
-                                  keep=["resnet18_full_dataset.pth"]) if ranks.main else None
+                                  keep=[full_file]) if ranks.main else None
     utils.barrier(ranks)
     assets = Path(args.assets) if args.assets else main_distill.default_out(cfg, name)
     krr_cfg = {**cfg, "distillation": {**cfg["distillation"], "method": "krr_st"}}
@@ -253,7 +298,7 @@ def main(argv=None):
             utils.barrier(ranks)
     derived = {"device": str(device), "rows": rows, "seeds": seeds, "target": target_name, "assets": str(assets),
                "krr_assets": str(krr_assets), "out": str(out), "inputs": inputs, "target_scale": target_scale,
-               "processes": ranks.world}
+               "processes": ranks.world, "protocol": args.protocol}
     if ranks.main:
         utils.print_config(cfg, derived)
         utils.write_json({"config": cfg, "derived": derived}, out / "config.json")
@@ -294,7 +339,8 @@ def main(argv=None):
     results = {}
     if args.resume:  # keep the rows a previous run of the same config finished
         saved = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else None
-        if saved is None or saved["config"] != cfg or saved["derived"]["seeds"] != seeds:
+        if saved is None or saved["config"] != cfg or saved["derived"]["seeds"] != seeds or \
+                saved["derived"].get("protocol") != args.protocol:
             changed = utils.config_changes(saved["config"], cfg) if saved else []
             raise ValueError(f"--resume: {out / 'results.json'} is missing or was written with another config/seeds"
                              + (f" (changed: {', '.join(changed)})" if changed else ""))
@@ -309,7 +355,7 @@ def main(argv=None):
         t0, cells, extra, steps = time.time(), [], {}, 0
         if row == "full_dataset":  # every rank trains it (DDP under torchrun); rank 0 probes it below
             g_full, train_time, steps, reused = full_dataset_backbone(
-                out / "resnet18_full_dataset.pth", data, T, rotations, cfg, teacher_hash, args.retrain_full,
+                out / full_file, data, T, rotations, cfg, teacher_hash, args.retrain_full,
                 args.overwrite, ranks)
             extra = {"reused": reused, "train_time_s": train_time}
         if row in ("distilled", "distilled_exact", "krr_st"):
@@ -327,7 +373,7 @@ def main(argv=None):
                                            f"{row} s{seed}", width)
                 if row == "distilled" and seed == seeds[0]:
                     utils.atomic_save({k: v.cpu() for k, v in g.state_dict().items()},
-                                      out / "resnet18_distilled_dataset.pth")
+                                      out / f"{student}_distilled_dataset.pth")
             elif row == "random_subset":
                 x, y = random_subset(data, T, N, seed)
                 g, steps = pretrain_on_set(x, y, ec, ec["epochs"], data.mean, data.std, seed, f"{row} s{seed}", width)
@@ -337,34 +383,42 @@ def main(argv=None):
                 g, feats = teacher, teacher_feats
             else:  # no_pretraining
                 torch.manual_seed(seed)
-                g = models.resnet18_cifar(width).to(device).eval()
+                g = models.student(student, width, res)[0].to(device).eval()
             feats = feats if feats is not None else utils.split_features(g, target, bs)
             utils.check_features(feats, row)
-            cells.append((seed, utils.probe_backbone(g, target, cfg["probe"], seed, bs, features=feats),
-                          utils.teacher_fit(feats, teacher_feats, cfg["probe"]["teacher_fit_ridge"]), steps))
-            print(f"{row} seed {seed}: linear probe top-1 {cells[-1][1]:.2f}%, teacher fit R^2 {cells[-1][2]:.4f}"
-                  + (f" (rank {ranks.rank})" if ranks.world > 1 else ""))
+            acc = fit = ft = None
+            if "probe" in args.protocol:
+                acc = utils.probe_backbone(g, target, cfg["probe"], seed, bs, features=feats)
+                fit = utils.teacher_fit(feats, teacher_feats, cfg["probe"]["teacher_fit_ridge"])
+            if "finetune" in args.protocol:
+                ft = utils.finetune(g, target, cfg["finetune"], seed, bs)
+            cells.append((seed, acc, fit, ft, steps))
+            print(f"{row} seed {seed}: " + ", ".join(f"{k} {v:.4g}" for k, v in (
+                ("linear probe top-1 %", acc), ("teacher fit R^2", fit), ("fine-tune top-1 %", ft)) if v is not None)
+                + (f" (rank {ranks.rank})" if ranks.world > 1 else ""))
         cells = sorted(c for part in utils.gather_objects(cells, ranks) for c in part)  # every rank's, by seed
-        _, accs, fits, steps = zip(*cells)
-        results[row] = row_result(list(accs), list(fits), steps[0], stored, t0, **extra)
+        _, accs, fits, fts, steps = zip(*cells)
+        results[row] = row_result(list(accs), list(fits), list(fts), steps[0], stored, t0, **extra)
         if ranks.main:
             utils.write_json({"rows": results, "config": cfg, "derived": derived, "complete": False},
                              out / "results.json")
     if not ranks.main:  # rank 0 writes the table
-        return None
+        return None, None
 
     # ---------------------------------------------------------------- table
     results = summarize({r: results[r] for r in rows}, budget)
-    header = (f"{cfg['dataset']} -> {target_name}, budget N={N} ({budget['budget']:,} floats), ResNet-18 "
-              f"(width {width}) pre-trained {ec['epochs']} epochs (full dataset {ec['full_epochs']}), "
-              f"augment={ec['augment']}, linear probe {cfg['probe']['iterations']} it., seeds {seeds}")
+    header = (f"{cfg['dataset']} -> {target_name}, budget N={N} ({budget['budget']:,} floats), student {student} "
+              f"(width {width}; the teacher row is the ResNet-18 teacher) pre-trained {ec['epochs']} epochs (full dataset {ec['full_epochs']}), "
+              f"augment={ec['augment']}, protocol {'+'.join(args.protocol)} (linear probe {cfg['probe']['iterations']} "
+              f"it., fine-tune {cfg['finetune']['iterations']} it.), seeds {seeds}"
+              + (f"; {target_name} images at {res} px" if target_name != cfg["dataset"] else ""))
     md = markdown(results, header)
     print(md)
     (out / "results.md").write_text(md)
     utils.write_json({"header": header, "rows": results, "config": cfg, "derived": derived, "complete": True},
                      out / "results.json")
     utils.release_run_folder(lock)
-    return results
+    return results, out
 
 
 if __name__ == "__main__":

@@ -17,20 +17,20 @@ def resnet18_dim(width=64):
     return 8 * width
 
 
-def resnet18_cifar(width=64):
+def resnet18_cifar(width=64, blocks=2):
     """torchvision ResNet-18 with a 3x3 stride-1 stem, no max-pool, fc = Identity -> 8*width features.
 
     width = 64 is the standard ResNet-18 (only the stem is swapped, so saved state_dicts load into the
     torchvision class after the same swap); a smaller width (the CPU-scale configs) rebuilds the four
     stages at width, 2w, 4w, 8w channels with torchvision's own blocks and initialisation. Used at
-    32 and 64 px alike (SPEC 1).
+    32 and 64 px alike (SPEC 1). blocks = 1 per stage is ResNet-10 (an evaluation student).
     """
     net = torchvision.models.resnet18()
-    if width != 64:
+    if width != 64 or blocks != 2:
         block = torchvision.models.resnet.BasicBlock
         net.inplanes, net.bn1 = width, nn.BatchNorm2d(width)
         for i in range(4):
-            setattr(net, f"layer{i + 1}", net._make_layer(block, width * 2**i, 2, stride=1 if i == 0 else 2))
+            setattr(net, f"layer{i + 1}", net._make_layer(block, width * 2**i, blocks, stride=1 if i == 0 else 2))
         for mod in net.modules():  # torchvision's ResNet initialisation, for the rebuilt stages
             if isinstance(mod, nn.Conv2d):
                 nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
@@ -38,6 +38,64 @@ def resnet18_cifar(width=64):
     net.maxpool = nn.Identity()
     net.fc = nn.Identity()
     return net
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation students (KRR-ST's cross-architecture set), CIFAR-size variants
+# --------------------------------------------------------------------------------------------
+def vgg11_bn_cifar(width=64, resolution=32):
+    """torchvision's VGG-11 (BatchNorm) layers, channels x width/64, flattened after the last pool (KRR-ST's
+    CIFAR VGG). Below 32 px only the max-pools that fit are kept (8 px: the first three)."""
+    pools = min(5, max(0, resolution.bit_length() - 1))
+    cfg, kept = [], 0
+    for v in torchvision.models.vgg.cfgs["A"]:
+        if v == "M":
+            kept += 1
+            if kept > pools:
+                continue
+        cfg.append(v if v == "M" else max(1, v * width // 64))
+    return nn.Sequential(torchvision.models.vgg.make_layers(cfg, batch_norm=True), nn.Flatten())
+
+
+def alexnet_cifar(width=64, resolution=32):
+    """AlexNet for small images (KRR-ST's CIFAR AlexNet: 5x5 and 3x3 convs with BatchNorm, three max-pools),
+    channels x width/64, flattened; torchvision's ImageNet AlexNet (11x11 stride 4) does not fit 8-64 px."""
+    c = [max(1, v * width // 64) for v in (128, 192, 256, 192, 192)]
+    layers, prev = [], 3
+    for i, (ch, k) in enumerate(zip(c, (5, 5, 3, 3, 3))):
+        layers += [nn.Conv2d(prev, ch, k, padding=k // 2), nn.BatchNorm2d(ch), nn.ReLU(inplace=True)]
+        if i in (0, 1, 4) and resolution >= 2 ** (1 + (0, 1, 4).index(i)):
+            layers.append(nn.MaxPool2d(2))
+        prev = ch
+    return nn.Sequential(*layers, nn.Flatten())
+
+
+def mobilenetv2_cifar(width=64):
+    """torchvision's MobileNetV2 (width_mult = width/64) with the CIFAR strides: stem and first down-sampling
+    stage at stride 1 (8x down-sampling in all), global average pool, classifier removed."""
+    setting = [[1, 16, 1, 1], [6, 24, 2, 1], [6, 32, 3, 2], [6, 64, 4, 2], [6, 96, 3, 1], [6, 160, 3, 2],
+               [6, 320, 1, 1]]
+    net = torchvision.models.mobilenet_v2(width_mult=width / 64, inverted_residual_setting=setting)
+    net.features[0][0].stride = (1, 1)
+    net.classifier = nn.Identity()
+    return net
+
+
+STUDENTS = {
+    "resnet18": lambda width, res: resnet18_cifar(width),
+    "resnet10": lambda width, res: resnet18_cifar(width, blocks=1),
+    "vgg11_bn": vgg11_bn_cifar,
+    "alexnet": alexnet_cifar,
+    "mobilenetv2": lambda width, res: mobilenetv2_cifar(width),
+}
+
+
+def student(name, width, resolution):
+    """(backbone, feature width) of an evaluation student; the width is read off the network at `resolution`."""
+    net = STUDENTS[name](width, resolution)
+    with torch.no_grad():
+        dim = net.eval()(torch.zeros(2, 3, resolution, resolution)).shape[1]
+    return net.train(), dim
 
 
 class Regressor(nn.Module):

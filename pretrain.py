@@ -126,7 +126,8 @@ def main(argv=None):
     inputs = {"train_hash": data.fingerprint}  # what --resume must find unchanged
     say(f"{data.name}: {len(data.train_x)} train / {len(data.test_x)} test images at {data.train_x.shape[-1]} px"
         + (f"; {ranks.world} processes, each with {len(data.train_x) // ranks.world} of them" if ranks.world > 1 else ""))
-    local = dataclasses.replace(data, train_x=utils.shard(data.train_x, ranks)).to(device)  # this rank's share
+    local = dataclasses.replace(data, train_x=utils.shard(data.train_x, ranks)) if ranks.world > 1 else data
+    local.to(device)  # this rank's share (all of it in one process)
     data = data.to(device) if ranks.main else None  # rank 0 alone runs the kNN monitor and the probe
 
     # ---------------------------------------------------------------- model, optimizer

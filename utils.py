@@ -5,6 +5,7 @@ checkpoints and logging. Everything a script needs twice lives here once.
 """
 import argparse
 import atexit
+import copy
 import hashlib
 import json
 import math
@@ -29,7 +30,7 @@ import models
 # ============================================================================================
 # Config: one schema, YAML is the only source of hyperparameters (SPEC: every default in YAML)
 # ============================================================================================
-DATASETS = ("CIFAR10", "CIFAR100", "STANFORD_DOGS", "DIGITS")
+DATASETS = ("CIFAR10", "CIFAR100", "STANFORD_DOGS", "TINY_IMAGENET", "DIGITS")
 PRECISIONS = ("float32", "tf32", "bfloat16")  # numerics of a frozen-network pass on CUDA (utils.precision)
 
 # key -> type. A tuple of strings is a choice; [type] is a list of that type.
@@ -61,11 +62,13 @@ SCHEMA = {
     },
     "approximation": {"hidden": int, "steps": int, "lr": float},
     "evaluation": {
-        "epochs": int, "full_epochs": int, "batch_size": int, "lr": float, "momentum": float,
+        "student": tuple(models.STUDENTS), "epochs": int, "full_epochs": int, "batch_size": int, "lr": float, "momentum": float,
         "weight_decay": float, "augment": bool, "crop_pad": int,
     },
     "probe": {"iterations": int, "batch_size": int, "lr": float, "momentum": float, "weight_decay": float,
               "teacher_fit_ridge": float},
+    "finetune": {"iterations": int, "batch_size": int, "lr": float, "momentum": float, "weight_decay": float,
+                 "augment": bool, "crop_pad": int},
 }
 
 
@@ -109,6 +112,8 @@ RANGES = {
     "evaluation.crop_pad": NONNEG,
     "probe.iterations": POSITIVE, "probe.batch_size": POSITIVE, "probe.lr": POS_REAL, "probe.momentum": MOMENTUM,
     "probe.weight_decay": NONNEG, "probe.teacher_fit_ridge": POS_REAL,
+    "finetune.iterations": POSITIVE, "finetune.batch_size": POSITIVE, "finetune.lr": POS_REAL,
+    "finetune.momentum": MOMENTUM, "finetune.weight_decay": NONNEG, "finetune.crop_pad": NONNEG,
 }
 LIST_LENGTHS = {"pretrain.crop_scale": (2, 2), "pretrain.jitter": (4, 4), "pretrain.solarize_p": (2, 2),
                 "pretrain.projector_dims": (1, None), "model_pool.widths": (1, None), "augmentations.rotate": (0, 3)}
@@ -383,6 +388,8 @@ CIFAR10_LAYOUT = ("data/cifar-10-python/{data_batch_1..5, test_batch, batches.me
 CIFAR100_LAYOUT = "data/data/cifar-100-python/{train, test, meta} (official python pickles, torchvision layout)"
 DOGS_LAYOUT = ("data/stanford-dogs/images/Images/<wnid>-<Breed>/*.jpg (120 breed folders), "
                "optionally data/stanford-dogs/{train_list.mat, test_list.mat}")
+TINY_LAYOUT = ("data/tiny-imagenet-200/{wnids.txt, train/<wnid>/images/*.JPEG, val/images/*.JPEG, "
+               "val/val_annotations.txt} (the official tiny-imagenet-200.zip, 64x64)")
 DOGS_TRAIN_PER_BREED = 100  # the official split's count, used when no .mat lists are present
 DIGITS_TEST_FRACTION = 0.25  # fixed stratified split of scikit-learn's 1,797 digits
 
@@ -497,7 +504,8 @@ def stanford_dogs_split(folder):
 
 
 def dogs_files_key(images, breeds, files, split):
-    """What a decoded Stanford Dogs cache was built from: split, breeds, and every file's name, size and mtime."""
+    """What a decoded image cache (Stanford Dogs, Tiny ImageNet) was built from: split, classes, and every
+    file's name, size and mtime."""
     h = hashlib.sha256(f"{split}|{'|'.join(breeds)}".encode())
     for f in files:
         st = (images / f).stat()
@@ -505,13 +513,15 @@ def dogs_files_key(images, breeds, files, split):
     return h.hexdigest()[:16]
 
 
-def decode_image_or_fail(path, size):
+DOGS_CHECKER = "; `python test_stanford_dogs.py` lists every unreadable file"
+
+
+def decode_image_or_fail(path, size, hint=DOGS_CHECKER):
     """_decode_image whose failure names the file (a truncated JPEG, a non-image with a .jpg name)."""
     try:
         return _decode_image(path, size)
     except Exception as e:
-        raise DatasetError(f"cannot decode {path} ({type(e).__name__}: {e}); `python test_stanford_dogs.py` "
-                           f"lists every unreadable file") from e
+        raise DatasetError(f"cannot decode {path} ({type(e).__name__}: {e}){hint}") from e
 
 
 def load_stanford_dogs(root, resolution):
@@ -531,19 +541,69 @@ def load_stanford_dogs(root, resolution):
                      ["train_x", "train_y", "test_x", "test_y"])
         return d["train_x"], d["train_y"], d["test_x"], d["test_y"], len(breeds), split
     index = {b: i for i, b in enumerate(breeds)}
-
-    def decode(files):
-        from concurrent.futures import ThreadPoolExecutor  # PIL decodes without the GIL
-        from tqdm import tqdm
-        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-            x = list(tqdm(pool.map(lambda f: decode_image_or_fail(images / f, resolution), files), total=len(files),
-                          desc="decode", leave=False))
-        return torch.stack(x), torch.tensor([index[f.split("/")[0]] for f in files], dtype=torch.int64)
-
-    train_x, train_y = decode(train_files)
-    test_x, test_y = decode(test_files)
+    label = lambda files: [index[f.split("/")[0]] for f in files]
+    (train_x, train_y), (test_x, test_y) = (decode_files(images, files, label(files), resolution)
+                                            for files in (train_files, test_files))
     atomic_save({"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}, cache)
     return train_x, train_y, test_x, test_y, len(breeds), split
+
+
+def decode_files(folder, files, labels, resolution, hint=DOGS_CHECKER):
+    """uint8 (n, 3, R, R) images of folder/files, decoded in threads (PIL decodes without the GIL), and labels."""
+    from concurrent.futures import ThreadPoolExecutor
+    from tqdm import tqdm
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        x = list(tqdm(pool.map(lambda f: decode_image_or_fail(folder / f, resolution, hint), files), total=len(files),
+                      desc="decode", leave=False))
+    return torch.stack(x), torch.tensor(labels, dtype=torch.int64)
+
+
+def tiny_imagenet_files(folder):
+    """(wnids, train files, train labels, val files, val labels), files relative to tiny-imagenet-200/; the val
+    split (labels in val/val_annotations.txt) is the test split, as the official test images have no labels."""
+    wnids_file, ann = folder / "wnids.txt", folder / "val" / "val_annotations.txt"
+    for p in (wnids_file, folder / "train", ann):
+        if not p.exists():
+            raise DatasetError(f"Tiny ImageNet: {p} not found; expected layout: {TINY_LAYOUT}")
+    wnids = [w.strip() for w in wnids_file.read_text().splitlines() if w.strip()]
+    if not wnids:
+        raise DatasetError(f"{wnids_file} lists no classes; expected one wnid per line")
+    train, train_y = [], []
+    for i, w in enumerate(wnids):
+        d = folder / "train" / w / "images"
+        files = sorted(p.name for p in d.iterdir() if p.suffix.lower() in (".jpeg", ".jpg", ".png")) if d.is_dir() else []
+        if not files:
+            raise DatasetError(f"Tiny ImageNet: no images in {d} (class {w} of {wnids_file}); expected layout: "
+                               f"{TINY_LAYOUT}")
+        train += [f"train/{w}/images/{f}" for f in files]
+        train_y += [i] * len(files)
+    index, val, val_y = {w: i for i, w in enumerate(wnids)}, [], []
+    for n, line in enumerate(ann.read_text().splitlines(), 1):
+        parts = line.split("\t")
+        if len(parts) < 2 or parts[1] not in index:
+            raise DatasetError(f"{ann}, line {n}: expected '<file>\\t<wnid>\\t...' with a wnid of {wnids_file.name}, "
+                               f"got {line[:80]!r}")
+        val.append(f"val/images/{parts[0]}")
+        val_y.append(index[parts[1]])
+    missing = [f for f in train + val if not (folder / f).is_file()]
+    if missing or not val:
+        raise DatasetError(f"Tiny ImageNet: {len(missing)} listed images missing under {folder}"
+                           + (f", e.g. {missing[0]}" if missing else f"; {ann} lists no images"))
+    return wnids, train, train_y, val, val_y
+
+
+def load_tiny_imagenet(root, resolution):
+    folder = Path(root) / "tiny-imagenet-200"
+    wnids, train, train_y, val, val_y = tiny_imagenet_files(folder)
+    cache = folder / f"cache_{resolution}px_{dogs_files_key(folder, wnids, train + val, 'val')}.pt"
+    if cache.is_file():
+        d = read_pth(cache, "a decoded Tiny ImageNet cache (delete it to re-decode)",
+                     ["train_x", "train_y", "test_x", "test_y"])
+        return d["train_x"], d["train_y"], d["test_x"], d["test_y"], len(wnids)
+    (train_x, train_y), (test_x, test_y) = (decode_files(folder, f, y, resolution, hint="")
+                                            for f, y in ((train, train_y), (val, val_y)))
+    atomic_save({"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}, cache)
+    return train_x, train_y, test_x, test_y, len(wnids)
 
 
 def load_digits(resolution):
@@ -574,6 +634,8 @@ def load_dataset(name, root, resolution, train_subset=0):
         parts = load_cifar100(root)
     elif name == "STANFORD_DOGS":
         parts = load_stanford_dogs(root, resolution)
+    elif name == "TINY_IMAGENET":
+        parts = load_tiny_imagenet(root, resolution)
     elif name == "DIGITS":
         parts = load_digits(resolution)
     else:
@@ -944,6 +1006,18 @@ def knn_accuracy(train_f, train_y, test_f, test_y, num_classes, k, temperature, 
     return 100.0 * correct / len(test_f)
 
 
+def batches(n, batch_size, iterations, gen):
+    """`iterations` random index batches of min(batch_size, n) from range(n), reshuffled each epoch (a
+    DataLoader with shuffle=True and drop_last), drawn from `gen` on its device."""
+    b = min(batch_size, n)
+    perm, pos = torch.randperm(n, generator=gen, device=gen.device), 0
+    for _ in range(iterations):
+        if pos + b > n:
+            perm, pos = torch.randperm(n, generator=gen, device=gen.device), 0
+        yield perm[pos:pos + b]
+        pos += b
+
+
 def linear_probe(train_f, train_y, test_f, test_y, num_classes, probe, seed):
     """Linear(d -> classes) on frozen features: SGD + cosine for `iterations` steps; test top-1 (%)."""
     dev = train_f.device
@@ -953,13 +1027,7 @@ def linear_probe(train_f, train_y, test_f, test_y, num_classes, probe, seed):
     opt = torch.optim.SGD(head.parameters(), lr=probe["lr"], momentum=probe["momentum"],
                           weight_decay=probe["weight_decay"])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, probe["iterations"])
-    n, b = len(train_f), min(probe["batch_size"], len(train_f))
-    perm, pos = torch.randperm(n, generator=gen, device=dev), 0
-    for _ in range(probe["iterations"]):
-        if pos + b > n:  # reshuffle each epoch, as a DataLoader with shuffle=True
-            perm, pos = torch.randperm(n, generator=gen, device=dev), 0
-        idx = perm[pos:pos + b]
-        pos += b
+    for idx in batches(len(train_f), probe["batch_size"], probe["iterations"], gen):
         loss = F.cross_entropy(head(train_f[idx]), train_y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -1004,6 +1072,35 @@ def probe_backbone(backbone, data, probe, seed, batch_size, features=None):
     """SPEC 6.2: features of both splits computed once (or passed in), then the linear probe."""
     train_f, test_f = features if features is not None else split_features(backbone, data, batch_size)
     return linear_probe(train_f, data.train_y, test_f, data.test_y, data.num_classes, probe, seed)
+
+
+def finetune(backbone, data, ft, seed, batch_size):
+    """Fine-tuned transfer (KRR-ST's protocol): a copy of `backbone` plus a new Linear head trained with the
+    labels of data's train split (SGD + cosine, `iterations` steps, crop + flip), top-1 (%) on its test split.
+    The pre-trained backbone itself is left unchanged."""
+    dev = data.train_x.device
+    torch.manual_seed(seed)
+    gen = make_generator(dev, seed)
+    net = copy.deepcopy(backbone).to(dev)
+    with torch.no_grad():
+        dim = net.eval()(normalize(data.train_x[:2], data.mean, data.std)).shape[1]
+    model = torch.nn.Sequential(net, torch.nn.Linear(dim, data.num_classes).to(dev)).train()
+    opt = torch.optim.SGD(model.parameters(), lr=ft["lr"], momentum=ft["momentum"], weight_decay=ft["weight_decay"])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, ft["iterations"])
+    for idx in batches(len(data.train_x), ft["batch_size"], ft["iterations"], gen):
+        x = normalize(data.train_x[idx], data.mean, data.std)
+        x = random_crop_flip(x, ft["crop_pad"], gen) if ft["augment"] else x
+        with autocast(dev):
+            loss = F.cross_entropy(model(to_channels_last(x, dev)).float(), data.train_y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.eval()
+    with torch.no_grad():
+        correct = sum((model(to_channels_last(normalize(x, data.mean, data.std), dev)).argmax(1) == y).sum()
+                      for x, y in zip(data.test_x.split(batch_size), data.test_y.split(batch_size)))
+    return 100.0 * correct.item() / len(data.test_x)
 
 
 # ============================================================================================

@@ -61,3 +61,27 @@ def write_mat_list(path, files):
 def cifar10_root(tmp_path):
     """A tiny CIFAR-10 (4 images per batch, bytes keys) under tmp_path; yields (root, written arrays)."""
     return tmp_path, make_cifar10(tmp_path)
+
+
+def make_tiny_imagenet(root, classes=3, per_class=4, val_per_class=2, seed=0):
+    """root/tiny-imagenet-200/ in the official layout (64x64 JPEGs); returns (folder, val labels by file)."""
+    rng = np.random.default_rng(seed)
+    folder = Path(root) / "tiny-imagenet-200"
+    wnids = [f"n0{i:07d}" for i in range(classes)]
+    (folder / "val" / "images").mkdir(parents=True)
+    (folder / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    save = lambda path: Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
+    lines, labels = [], {}
+    for i, w in enumerate(wnids):
+        d = folder / "train" / w / "images"
+        d.mkdir(parents=True)
+        for j in range(per_class):
+            save(d / f"{w}_{j}.JPEG")
+        (folder / "train" / w / f"{w}_boxes.txt").write_text("")
+        for j in range(val_per_class):
+            name = f"val_{i * val_per_class + j}.JPEG"
+            save(folder / "val" / "images" / name)
+            lines.append(f"{name}\t{w}\t0\t0\t63\t63")
+            labels[name] = i
+    (folder / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    return folder, labels

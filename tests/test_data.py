@@ -1,4 +1,6 @@
 """Loaders on tiny datasets written in the official layouts (SPEC 7); DatasetError messages."""
+import re
+import shutil
 import subprocess
 import sys
 
@@ -8,7 +10,7 @@ import torch
 from PIL import Image
 
 import utils
-from conftest import REPO, make_cifar10, make_dogs, write_mat_list, write_pickle
+from conftest import REPO, make_cifar10, make_dogs, make_tiny_imagenet, write_mat_list, write_pickle
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,3 +311,28 @@ def test_cifar100_offline_failure_says_where(tmp_path, monkeypatch):
     with pytest.raises(utils.DatasetError) as e:
         utils.load_dataset("CIFAR100", tmp_path, 32)
     assert str(tmp_path / "data" / "cifar-100-python") in str(e.value) and utils.CIFAR100_LAYOUT in str(e.value)
+
+
+def test_tiny_imagenet_reads_the_official_layout(tmp_path):
+    folder, labels = make_tiny_imagenet(tmp_path)
+    d = utils.load_dataset("TINY_IMAGENET", tmp_path, 16)
+    assert d.train_x.shape == (12, 3, 16, 16) and d.test_x.shape == (6, 3, 16, 16) and d.num_classes == 3
+    assert d.train_y.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert d.test_y.tolist() == [labels[f"val_{i}.JPEG"] for i in range(6)]
+    assert list(folder.glob("cache_16px_*.pt"))  # decoded once, keyed by the files
+    again = utils.load_dataset("TINY_IMAGENET", tmp_path, 16)
+    assert torch.equal(again.train_x, d.train_x) and again.fingerprint == d.fingerprint
+
+
+@pytest.mark.parametrize("break_it, names", [
+    (lambda f: (f / "wnids.txt").unlink(), "wnids.txt"),
+    (lambda f: (f / "val" / "val_annotations.txt").unlink(), "val_annotations.txt"),
+    (lambda f: shutil.rmtree(f / "train" / "n00000001" / "images"), "n00000001/images"),
+    (lambda f: (f / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn09999999\t0\t0\t1\t1\n"), "line 1"),
+    (lambda f: (f / "val" / "images" / "val_3.JPEG").unlink(), "val/images/val_3.JPEG"),
+])
+def test_a_malformed_tiny_imagenet_names_the_path(tmp_path, break_it, names):
+    folder, _ = make_tiny_imagenet(tmp_path)
+    break_it(folder)
+    with pytest.raises(utils.DatasetError, match=re.escape(names)):
+        utils.load_dataset("TINY_IMAGENET", tmp_path, 16)

@@ -191,3 +191,32 @@ def test_lars_allocates_its_momentum_buffers_once(monkeypatch):
     monkeypatch.setattr(torch, "zeros_like", lambda *a, **k: calls.append(1) or real(*a, **k))
     step()
     assert calls == [] and all(opt.state[p]["mu"] is m for p, m in zip(net.parameters(), mu))
+
+
+@pytest.mark.parametrize("name", list(models.STUDENTS))
+@pytest.mark.parametrize("res", [8, 32, 64])
+def test_every_student_builds_and_takes_a_regression_step(name, res):
+    """Each evaluation student at 8, 32 and 64 px: its feature width read off the network, one SGD step of
+    the regression head's MSE lowers that batch's loss (width 16: the CPU-scale students)."""
+    torch.manual_seed(0)
+    backbone, dim = models.student(name, 16, res)
+    net = models.Regressor(backbone, dim, 32)
+    x, y = torch.randn(8, 3, res, res), torch.randn(8, 32)
+    assert net.embed(x).shape == (8, dim) and net(x).shape == (8, 32)
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(2):
+        loss = models.mse(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+    assert losses[1] < losses[0], losses
+
+
+def test_student_widths_follow_the_network():
+    assert models.student("resnet10", 64, 32)[1] == 512 and models.student("vgg11_bn", 64, 32)[1] == 512
+    assert models.student("vgg11_bn", 64, 64)[1] == 2048  # flattened 2x2 after five pools, as KRR-ST's VGG
+    assert models.student("alexnet", 64, 32)[1] == 192 * 4 * 4 and models.student("mobilenetv2", 16, 8)[1] == 1280
+    assert len(models.resnet18_cifar(64, blocks=1).layer1) == 1  # ResNet-10
