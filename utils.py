@@ -303,8 +303,9 @@ def init_ranks(device_name=None):
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    atexit.register(lambda: torch.distributed.is_initialized() and torch.distributed.destroy_process_group())
+    if not torch.distributed.is_initialized():  # once per process (main_evaluate --student a,b evaluates twice)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(lambda: torch.distributed.is_initialized() and torch.distributed.destroy_process_group())
     return Ranks(torch.distributed.get_rank(), world), device
 
 
