@@ -261,6 +261,18 @@ def support_features(f, X_s, chunk, device):
                       for x in X_s.split(chunk)])
 
 
+def krr_forward(f, X_s, Y_s, x_t, dc, device, numerics=utils.precision):
+    """(KRR prediction of the real views x_t from the support set, support features): the features in
+    `distillation.krr_features` (`numerics(device, name)` makes that precision's context), the kernels and the
+    solve in float32. Its backward takes `utils.tf32(name == "tf32")`."""
+    with numerics(device, dc["krr_features"]):
+        with torch.no_grad():
+            Phi_t = f.embed(utils.to_channels_last(x_t, device))
+        Phi_s = support_features(f, X_s, dc["support_chunk"], device)
+    with utils.tf32(False):
+        return krr_predict(Phi_s, Phi_t, Y_s, dc["ridge"]), Phi_s
+
+
 def real_batch(data, T, dc, rotations, gen):
     """`outer_batch_size` real images in all K views (or identity only) with targets from T."""
     idx = torch.randperm(len(data.train_x), generator=gen, device=gen.device)[:dc["outer_batch_size"]]
@@ -274,19 +286,14 @@ def real_batch(data, T, dc, rotations, gen):
 def outer_step(distilled, pool, data, T, dc, opt, sched, gen, rng):
     """SPEC 4.2-7: KRR loss of one random pool model on a real batch, AdamW step, then the inner step.
     The features and their backward run in `distillation.krr_features`; the kernels and the solve in float32."""
-    dev, precision = pool.device, dc["krr_features"]
+    dev = pool.device
     x_t, y_t = real_batch(data, T, dc, distilled.rotations, gen)
     X_s, Y_s = distilled()
     j = rng.randrange(len(pool.models))
     f = pool.models[j].eval().requires_grad_(False)  # the outer gradient is for the distilled set only
-    with utils.precision(dev, precision):
-        with torch.no_grad():
-            Phi_t = f.embed(utils.to_channels_last(x_t, dev))
-        Phi_s = support_features(f, X_s, dc["support_chunk"], dev)
-    with utils.tf32(False):
-        loss = models.mse(krr_predict(Phi_s, Phi_t, Y_s, dc["ridge"]), y_t)
+    loss = models.mse(krr_forward(f, X_s, Y_s, x_t, dc, dev)[0], y_t)
     opt.zero_grad(set_to_none=True)
-    with utils.tf32(precision == "tf32"):
+    with utils.tf32(dc["krr_features"] == "tf32"):
         loss.backward()
     f.requires_grad_(True)
     opt.step()

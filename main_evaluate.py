@@ -86,8 +86,8 @@ def parse_args(argv):
 # SPEC 6.1: one pre-training recipe for every (images, targets) set
 # ============================================================================================
 def pretrain_on_set(images, targets, ec, epochs, mean, std, seed, desc, width, ranks=utils.Ranks()):
-    """The student (evaluation.student) + Linear(its width -> d_y), MSE to `targets`, SGD + cosine; a fresh crop + flip of every
-    view each epoch when `augment`. images: uint8 (normalised per batch) or normalised float.
+    """The student (evaluation.student) + Linear(its width -> d_y), MSE to `targets`, SGD + cosine; a fresh
+    crop + flip of every view each epoch when `augment`. images: uint8 (normalised per batch) or normalised float.
     Under torchrun with `ranks` (the full-dataset row), images and targets are this rank's share: DDP, global
     batch evaluation.batch_size, BatchNorm over it, crops drawn per rank.
     Returns the backbone (eval mode) and the number of SGD steps it took."""
@@ -154,12 +154,12 @@ def full_dataset_backbone(path, data, T, rotations, cfg, teacher_hash, retrain, 
         if saved["meta"] == meta:
             g = models.student(ec["student"], width, data.train_x.shape[-1])[0]
             g.load_state_dict(saved["backbone"], strict=True)
-            print(f"full_dataset: reusing {path} (trained in {saved.get('train_time_s', float('nan')):.1f}s)")
+            ranks.say(f"full_dataset: reusing {path} (trained in {saved.get('train_time_s', float('nan')):.1f}s)")
             return g.to(T.device).eval(), saved.get("train_time_s"), saved.get("steps"), True
         if not replace_stale:
             raise ValueError(f"{path} was trained with other settings ({saved['meta']}); "
                              f"pass --retrain-full or --overwrite to replace it")
-        print(f"full_dataset: {path} was trained with other settings; retraining it (--overwrite)")
+        ranks.say(f"full_dataset: {path} was trained with other settings; retraining it (--overwrite)")
     t0 = time.time()
     views, targets = real_views(data, T, utils.shard(torch.arange(len(data.train_x)), ranks), rotations)
     g, steps = pretrain_on_set(views, targets, ec, ec["full_epochs"], data.mean, data.std, cfg["seed"],
@@ -188,17 +188,21 @@ def summarize(results, budget):
     return results
 
 
+def mean_std(r, key, f):
+    """A row's "mean ± std" of `key` ("" the probe, "fit", "finetune") in format f; "-" where it did not run."""
+    mean, std = (r[key + "_mean"], r[key + "_std"]) if key else (r["mean"], r["std"])
+    return "-" if mean is None else format(mean, f) + (f" ± {format(std, f)}" if r["seeds"] > 1 else "")
+
+
 def markdown(results, header):
     fmt = lambda v, f: "-" if v is None else format(v, f)
-    pm = lambda r, k, f: fmt(r[k + "_mean"] if k else r["mean"], f) + (
-        f" ± {fmt(r[k + '_std'] if k else r['std'], f)}" if r["seeds"] > 1 and r[k + "_mean" if k else "mean"]
-        is not None else "")
     reused = lambda r: f" (model reused, trained in {fmt(r['train_time_s'], '.1f')})" if r.get("reused") else ""
     budget = {True: "yes", False: "**over**", None: "-"}
-    lines = [header, "", "| row | top-1 (%) | teacher fit R² | fine-tune top-1 (%) | seeds | gain recovered | retention | "
-             "SGD steps | storage (floats) | storage (images) | within budget | time (s) |", "|---" * 12 + "|"]
+    lines = [header, "", "| row | top-1 (%) | teacher fit R² | fine-tune top-1 (%) | seeds | gain recovered | "
+             "retention | SGD steps | storage (floats) | storage (images) | within budget | time (s) |", "|---" * 12 + "|"]
     for name, r in results.items():
-        lines.append(f"| {name} | {pm(r, '', '.2f')} | {pm(r, 'fit', '.3f')} | {pm(r, 'finetune', '.2f')} | {r['seeds']} | "
+        lines.append(f"| {name} | {mean_std(r, '', '.2f')} | {mean_std(r, 'fit', '.3f')} | "
+                     f"{mean_std(r, 'finetune', '.2f')} | {r['seeds']} | "
                      f"{fmt(r['gain_recovered'], '.1%')} | {fmt(r['retention'], '.1%')} | {fmt(r['steps'], ',')} | "
                      f"{fmt(r['storage_floats'], ',')} | {fmt(r['storage_images'], ',.1f')} | "
                      f"{budget[r['within_budget']]} | {r['time_s']:.1f}{reused(r)} |")
@@ -225,9 +229,8 @@ def main(argv=None):
         return None
     tables, out = {s: t for s, (t, _) in done.items()}, next(iter(done.values()))[1].parent
     rows = list(dict.fromkeys(r for t in tables.values() for r in t))
-    one = lambda r, k: "-" if r is None or r[k + "mean"] is None else f"{r[k + 'mean']:.2f}" + (
-        f" ± {r[k + 'std']:.2f}" if r["seeds"] > 1 else "")
-    cell = lambda r: " / ".join(one(r, k) for k, p in (("", "probe"), ("finetune_", "finetune")) if p in args.protocol)
+    cell = lambda r: " / ".join("-" if r is None else mean_std(r, k, ".2f")
+                                for k, p in (("", "probe"), ("finetune", "finetune")) if p in args.protocol)
     what = " / ".join({"probe": "linear-probe", "finetune": "fine-tune"}[p] for p in args.protocol)
     md = [f"{what} top-1 (%) by pre-training source (rows) and student (columns); each student's own table "
           "is in <out>/<student>/results.md.", "", "| row | " + " | ".join(args.student) + " |",
@@ -246,9 +249,8 @@ def evaluate(args, overrides, sub=None):
     ec, N, width = cfg["evaluation"], cfg["storage"]["budget_N"], cfg["network"]["width"]
     ranks, device = utils.init_ranks(args.device)  # rank 0 of 1 unless started by torchrun
     if ec["batch_size"] % ranks.world:
-        raise utils.ConfigError(f"{args.config}: evaluation.batch_size {ec['batch_size']} (the full-dataset row's global "
-                                f"batch) is not divisible by the {ranks.world} torchrun processes")
-    say = print if ranks.main else (lambda *a, **k: None)
+        raise utils.ConfigError(f"{args.config}: evaluation.batch_size {ec['batch_size']} (the full-dataset row's "
+                                f"global batch) is not divisible by the {ranks.world} torchrun processes")
     utils.set_seed(cfg["seed"])
     target_name = args.target or cfg["dataset"]
     suffix = f"_to_{target_name.lower()}" if target_name != cfg["dataset"] else ""
@@ -267,7 +269,7 @@ def evaluate(args, overrides, sub=None):
     rows = list(args.rows)
     if "krr_st" in rows and not args.rows_given and not (krr_assets / "distilled_data.pth").is_file():
         rows.remove("krr_st")  # optional by default; asked for by --rows, a missing set is an error
-        say(f"krr_st: no assets at {krr_assets}, row skipped (run main_distill.py --distillation.method=krr_st)")
+        ranks.say(f"krr_st: no assets at {krr_assets}, row skipped (run main_distill.py --distillation.method=krr_st)")
     if not rotations and not args.rows_given:  # without rotations these rows repeat distilled / a real set
         rows = [r for r in rows if r not in NEEDS_ROTATIONS]
     seeds = [cfg["seed"] + i for i in range(args.seeds)]
@@ -350,7 +352,7 @@ def evaluate(args, overrides, sub=None):
             raise ValueError(f"--resume: {out / 'results.json'} was computed from other inputs ({', '.join(stale)} "
                              f"changed since); rerun without --resume (--overwrite) to recompute every row")
         results = {k: v for k, v in saved["rows"].items() if k in rows}
-        say(f"resumed: rows {list(results)} already done")
+        ranks.say(f"resumed: rows {list(results)} already done")
     for row in [r for r in rows if r not in results]:
         t0, cells, extra, steps = time.time(), [], {}, 0
         if row == "full_dataset":  # every rank trains it (DDP under torchrun); rank 0 probes it below
@@ -408,7 +410,8 @@ def evaluate(args, overrides, sub=None):
     # ---------------------------------------------------------------- table
     results = summarize({r: results[r] for r in rows}, budget)
     header = (f"{cfg['dataset']} -> {target_name}, budget N={N} ({budget['budget']:,} floats), student {student} "
-              f"(width {width}; the teacher row is the ResNet-18 teacher) pre-trained {ec['epochs']} epochs (full dataset {ec['full_epochs']}), "
+              f"(width {width}; the teacher row is the ResNet-18 teacher) pre-trained {ec['epochs']} epochs "
+              f"(full dataset {ec['full_epochs']}), "
               f"augment={ec['augment']}, protocol {'+'.join(args.protocol)} (linear probe {cfg['probe']['iterations']} "
               f"it., fine-tune {cfg['finetune']['iterations']} it.), seeds {seeds}"
               + (f"; {target_name} images at {res} px" if target_name != cfg["dataset"] else ""))

@@ -117,15 +117,15 @@ def main(argv=None):
     lock = utils.claim_run_folder(run, [teacher_file, run / "checkpoint.pth"], args.resume, args.overwrite,
                                   also=[teacher_file]) if ranks.main else None
     utils.barrier(ranks)
-    say = print if ranks.main else (lambda *a, **k: None)
 
     # ---------------------------------------------------------------- data (uint8 on the device)
     data = utils.load_data(cfg)
     if len(data.train_x) < pc["batch_size"]:
         raise utils.ConfigError(f"{cfg_path}: pretrain.batch_size {pc['batch_size']} > {len(data.train_x)} train images")
     inputs = {"train_hash": data.fingerprint}  # what --resume must find unchanged
-    say(f"{data.name}: {len(data.train_x)} train / {len(data.test_x)} test images at {data.train_x.shape[-1]} px"
-        + (f"; {ranks.world} processes, each with {len(data.train_x) // ranks.world} of them" if ranks.world > 1 else ""))
+    ranks.say(f"{data.name}: {len(data.train_x)} train / {len(data.test_x)} test images at {data.train_x.shape[-1]} px"
+              + (f"; {ranks.world} processes, each with {len(data.train_x) // ranks.world} of them"
+                 if ranks.world > 1 else ""))
     local = dataclasses.replace(data, train_x=utils.shard(data.train_x, ranks)) if ranks.world > 1 else data
     local.to(device)  # this rank's share (all of it in one process)
     data = data.to(device) if ranks.main else None  # rank 0 alone runs the kNN monitor and the probe
@@ -151,7 +151,7 @@ def main(argv=None):
                              f"many (torchrun --nproc_per_node={len(rngs)}; plain python for 1)")
         utils.set_rng_state(rngs[ranks.rank], gen)
         start_epoch, knn, run_id = ckpt["epoch"], ckpt["knn_top1"], ckpt["run_id"]
-        say(f"resumed run {run_id} from {run / 'checkpoint.pth'} at epoch {start_epoch}")
+        ranks.say(f"resumed run {run_id} from {run / 'checkpoint.pth'} at epoch {start_epoch}")
     run_id = utils.gather_objects(run_id, ranks)[0]  # rank 0's
     log = utils.RunLog(run / "log.jsonl", resume_at=("epoch", start_epoch) if args.resume else None) \
         if ranks.main else None
@@ -188,7 +188,7 @@ def main(argv=None):
             saved_epoch = epoch + 1
         if ranks.main:
             log(**row)
-            say(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+            ranks.say(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
     if not ranks.main:  # the other processes are done: the weights they helped train are rank 0's too
         return None
 

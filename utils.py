@@ -62,8 +62,8 @@ SCHEMA = {
     },
     "approximation": {"hidden": int, "steps": int, "lr": float},
     "evaluation": {
-        "student": tuple(models.STUDENTS), "epochs": int, "full_epochs": int, "batch_size": int, "lr": float, "momentum": float,
-        "weight_decay": float, "augment": bool, "crop_pad": int,
+        "student": tuple(models.STUDENTS), "epochs": int, "full_epochs": int, "batch_size": int, "lr": float,
+        "momentum": float, "weight_decay": float, "augment": bool, "crop_pad": int,
     },
     "probe": {"iterations": int, "batch_size": int, "lr": float, "momentum": float, "weight_decay": float,
               "teacher_fit_ridge": float},
@@ -292,6 +292,11 @@ class Ranks:
         """Rank 0 alone writes files, logs and prints."""
         return self.rank == 0
 
+    def say(self, *args, **kwargs):
+        """print, on rank 0 only."""
+        if self.main:
+            print(*args, **kwargs)
+
 
 def init_ranks(device_name=None):
     """(Ranks, device). Under torchrun (WORLD_SIZE > 1) every process joins the default process group: nccl on
@@ -504,7 +509,7 @@ def stanford_dogs_split(folder):
     return breeds, train, test, f"first{DOGS_TRAIN_PER_BREED}"
 
 
-def dogs_files_key(images, breeds, files, split):
+def files_key(images, breeds, files, split):
     """What a decoded image cache (Stanford Dogs, Tiny ImageNet) was built from: split, classes, and every
     file's name, size and mtime."""
     h = hashlib.sha256(f"{split}|{'|'.join(breeds)}".encode())
@@ -517,7 +522,7 @@ def dogs_files_key(images, breeds, files, split):
 DOGS_CHECKER = "; `python test_stanford_dogs.py` lists every unreadable file"
 
 
-def decode_image_or_fail(path, size, hint=DOGS_CHECKER):
+def decode_image_or_fail(path, size, hint):
     """_decode_image whose failure names the file (a truncated JPEG, a non-image with a .jpg name)."""
     try:
         return _decode_image(path, size)
@@ -536,27 +541,30 @@ def load_stanford_dogs(root, resolution):
     if missing:
         raise DatasetError(f"{len(missing)} listed images missing under {images}, e.g. {missing[0]}")
     # keyed by what it was decoded from: a changed, added or removed file or breed decodes afresh
-    cache = folder / f"cache_{split}_{resolution}px_{dogs_files_key(images, breeds, train_files + test_files, split)}.pt"
-    if cache.is_file():
-        d = read_pth(cache, "a decoded Stanford Dogs cache (delete it to re-decode)",
-                     ["train_x", "train_y", "test_x", "test_y"])
-        return d["train_x"], d["train_y"], d["test_x"], d["test_y"], len(breeds), split
+    cache = folder / f"cache_{split}_{resolution}px_{files_key(images, breeds, train_files + test_files, split)}.pt"
     index = {b: i for i, b in enumerate(breeds)}
     label = lambda files: [index[f.split("/")[0]] for f in files]
-    (train_x, train_y), (test_x, test_y) = (decode_files(images, files, label(files), resolution)
-                                            for files in (train_files, test_files))
-    atomic_save({"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}, cache)
-    return train_x, train_y, test_x, test_y, len(breeds), split
+    return (*decoded_splits(cache, "Stanford Dogs", images, (train_files, label(train_files)),
+                            (test_files, label(test_files)), resolution, DOGS_CHECKER), len(breeds), split)
 
 
-def decode_files(folder, files, labels, resolution, hint=DOGS_CHECKER):
-    """uint8 (n, 3, R, R) images of folder/files, decoded in threads (PIL decodes without the GIL), and labels."""
+def decoded_splits(cache, what, folder, train, test, resolution, hint):
+    """(train_x, train_y, test_x, test_y) of the (files, labels) pairs under `folder`: read from `cache` when it
+    exists, else decoded in threads (PIL decodes without the GIL) and cached."""
     from concurrent.futures import ThreadPoolExecutor
     from tqdm import tqdm
+    keys = ["train_x", "train_y", "test_x", "test_y"]
+    if cache.is_file():
+        d = read_pth(cache, f"a decoded {what} cache (delete it to re-decode)", keys)
+        return tuple(d[k] for k in keys)
+    parts = []
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-        x = list(tqdm(pool.map(lambda f: decode_image_or_fail(folder / f, resolution, hint), files), total=len(files),
-                      desc="decode", leave=False))
-    return torch.stack(x), torch.tensor(labels, dtype=torch.int64)
+        for files, labels in (train, test):
+            x = list(tqdm(pool.map(lambda f: decode_image_or_fail(folder / f, resolution, hint), files),
+                          total=len(files), desc="decode", leave=False))
+            parts += [torch.stack(x), torch.tensor(labels, dtype=torch.int64)]
+    atomic_save(dict(zip(keys, parts)), cache)
+    return tuple(parts)
 
 
 def tiny_imagenet_files(folder):
@@ -572,7 +580,8 @@ def tiny_imagenet_files(folder):
     train, train_y = [], []
     for i, w in enumerate(wnids):
         d = folder / "train" / w / "images"
-        files = sorted(p.name for p in d.iterdir() if p.suffix.lower() in (".jpeg", ".jpg", ".png")) if d.is_dir() else []
+        files = sorted(p.name for p in d.iterdir() if p.suffix.lower() in (".jpeg", ".jpg", ".png")) \
+            if d.is_dir() else []
         if not files:
             raise DatasetError(f"Tiny ImageNet: no images in {d} (class {w} of {wnids_file}); expected layout: "
                                f"{TINY_LAYOUT}")
@@ -596,15 +605,9 @@ def tiny_imagenet_files(folder):
 def load_tiny_imagenet(root, resolution):
     folder = Path(root) / "tiny-imagenet-200"
     wnids, train, train_y, val, val_y = tiny_imagenet_files(folder)
-    cache = folder / f"cache_{resolution}px_{dogs_files_key(folder, wnids, train + val, 'val')}.pt"
-    if cache.is_file():
-        d = read_pth(cache, "a decoded Tiny ImageNet cache (delete it to re-decode)",
-                     ["train_x", "train_y", "test_x", "test_y"])
-        return d["train_x"], d["train_y"], d["test_x"], d["test_y"], len(wnids)
-    (train_x, train_y), (test_x, test_y) = (decode_files(folder, f, y, resolution, hint="")
-                                            for f, y in ((train, train_y), (val, val_y)))
-    atomic_save({"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}, cache)
-    return train_x, train_y, test_x, test_y, len(wnids)
+    cache = folder / f"cache_{resolution}px_{files_key(folder, wnids, train + val, 'val')}.pt"
+    return (*decoded_splits(cache, "Tiny ImageNet", folder, (train, train_y), (val, val_y), resolution, ""),
+            len(wnids))
 
 
 def load_digits(resolution):
@@ -961,7 +964,8 @@ def teacher_targets(teacher, teacher_file, data, rotations, dcfg, fallback_dir, 
 
     The raw features are cached on disk beside the teacher (or in `fallback_dir`, the run folder, when the
     teacher's folder is read-only), keyed by the teacher file's hash, the train split's hash and the rotations
-    (SPEC 4.1) and the precision `data.target_precision` they were computed in. s is one constant that sets the identity views' root-mean-square to `target_rms`: a short
+    (SPEC 4.1) and the precision `data.target_precision` they were computed in. s is one constant that sets the
+    identity views' root-mean-square to `target_rms`: a short
     teacher's eval-mode features can be 1e3-1e5 large, and the SGD of the pool and of the students diverges
     on them, while the KRR fit and the linear probe are unchanged by s. Every script derives s from the same
     teacher and split, so all of them see the same targets; the assets record it. `dcfg`: the config's data

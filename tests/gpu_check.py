@@ -30,6 +30,7 @@ from contextlib import chdir, contextmanager
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -175,14 +176,12 @@ def check_precision(cfg, data, T, device, inner_steps, seed=0):
     x_t, y_t = main_distill.real_batch(data, T, dc, distilled.rotations, gen)
 
     def run(name, dtype):
+        """outer_step's KRR loss and its gradient for the distilled set, in `name` and `dtype`."""
         d, g = copy.deepcopy(distilled).to(dtype), copy.deepcopy(f).to(dtype)
         X_s, Y_s = d()
-        with numerics(device, name):
-            Phi_t = g.embed(x_t.to(dtype))
-            Phi_s = main_distill.support_features(g, X_s, dc["support_chunk"], device)
-        with utils.tf32(False):
-            pred = main_distill.krr_predict(Phi_s, Phi_t, Y_s, dc["ridge"])
-            loss = models.mse(pred, y_t.to(dtype)) if dtype == torch.float64 else models.mse(pred, y_t)
+        pred, Phi_s = main_distill.krr_forward(g, X_s, Y_s, x_t.to(dtype), {**dc, "krr_features": name}, device,
+                                               numerics)
+        loss = F.mse_loss(pred, y_t.to(dtype))  # models.mse would round float64 to float32
         with utils.tf32(name == "tf32"):
             loss.backward()
         grad = torch.cat([p.grad.flatten() for p in d.parameters() if p.grad is not None]).double()
@@ -248,7 +247,8 @@ def check_alignment(cfg_path, teacher_file, device):
     with torch.no_grad(), utils.precision(device, cfg["data"]["target_precision"]):
         y = teacher(utils.to_channels_last(x_t, device)).float() * scale
     rel = lambda a, b: ((a - b).norm() / b.norm()).item()
-    return {"views aligned with their targets": rel(y, y_t) < 1e-3, "shifted targets detected": rel(y, y_t.roll(1, 0)) > 0.1}
+    return {"views aligned with their targets": rel(y, y_t) < 1e-3,
+            "shifted targets detected": rel(y, y_t.roll(1, 0)) > 0.1}
 
 
 def check_cpu_load(cfg_path, teacher_file, assets):
