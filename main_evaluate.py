@@ -24,7 +24,8 @@ and does not saturate where the probe does), its SGD steps and its storage.
 Writes evaluation_models/<config name>_N<budget>[_to_<target>]/ (or --out): results.json, results.md,
 config.json, <student>_distilled_dataset.pth, <student>_full_dataset.pth (reused unless --retrain-full), the student
 being evaluation.student (resnet18 by default; --student a,b,c: one table per student in <out>/<student>/ and a
-cross-architecture summary, students.md / students.json, in <out>/).
+cross-architecture summary, students.md / students.json, in <out>/). results.json is rewritten after every (row, seed)
+cell; --resume runs only the cells (and protocols) still missing, so it also adds seeds or a protocol to a table.
 """
 import json
 import math
@@ -146,8 +147,9 @@ def full_dataset_backbone(path, data, T, rotations, cfg, teacher_hash, retrain, 
     Under torchrun every rank trains it together (DDP, each on its share of the train images); rank 0 saves it.
     Returns it with its training time in seconds, its SGD steps and whether it was reused."""
     ec, width = cfg["evaluation"], cfg["network"]["width"]
+    recipe = {k: v for k, v in ec.items() if k != "random_init_bn"}  # what the model is trained with
     meta = {"dataset": cfg["dataset"], "teacher_hash": teacher_hash, "full_epochs": ec["full_epochs"],
-            "rotations": rotations, "evaluation": ec, "seed": cfg["seed"], "data": cfg["data"], "width": width,
+            "rotations": rotations, "evaluation": recipe, "seed": cfg["seed"], "data": cfg["data"], "width": width,
             "train_hash": data.fingerprint}
     if path.is_file() and not retrain:
         saved = utils.read_pth(path, "a full-dataset backbone written by main_evaluate.py", ["backbone", "meta"])
@@ -209,14 +211,40 @@ def markdown(results, header):
     return "\n".join(lines) + "\n"
 
 
-def row_result(accs, fits, finetunes, steps, storage_floats, t0, **extra):
-    """One table row over seeds: probe accuracies, teacher fits and fine-tune accuracies (each None when its
-    protocol did not run), mean and (population) std."""
+def row_result(row_cells, protocol, storage_floats):
+    """One table row from its (row, seed) cells: probe accuracies, teacher fits and fine-tune accuracies (None
+    where that protocol was not asked for), their mean and (population) std over seeds."""
+    values = lambda key, p: [c[key] if p in protocol else None for c in row_cells]
     mean = lambda v: None if None in v else statistics.fmean(v)
     std = lambda v: None if None in v else statistics.pstdev(v) if len(v) > 1 else 0.0
+    accs, fits, finetunes = values("probe", "probe"), values("fit", "probe"), values("finetune", "finetune")
+    extra = {k: row_cells[0][k] for k in ("reused", "train_time_s") if k in row_cells[0]}  # the full_dataset row's
     return {"mean": mean(accs), "std": std(accs), "accs": accs, "fit_mean": mean(fits), "fit_std": std(fits),
             "fits": fits, "finetune_mean": mean(finetunes), "finetune_std": std(finetunes), "finetunes": finetunes,
-            "seeds": len(accs), "steps": steps, "storage_floats": storage_floats, "time_s": time.time() - t0, **extra}
+            "seeds": len(row_cells), "steps": row_cells[0]["steps"], "storage_floats": storage_floats,
+            "time_s": sum(c["time_s"] for c in row_cells), **extra}
+
+
+def resumed_cells(path, cfg, target_name, inputs):
+    """The (row, seed) cells a previous run of this config wrote to `path` (none if it wrote nothing yet: a
+    student of --student a,b,c that had not started); refused, naming what changed, when its config, target or
+    inputs (teacher, train split, distilled sets) differ. Seeds, rows and protocols may differ: cells of other
+    seeds or protocols are kept for a later run and only the missing ones run."""
+    if not path.is_file():
+        print(f"--resume: no {path} yet; every cell runs")
+        return {}
+    saved = json.loads(path.read_text())
+    if saved["config"] != cfg or saved["derived"]["target"] != target_name or "cells" not in saved:
+        changed = utils.config_changes(saved["config"], cfg)
+        raise ValueError(f"--resume: {path} was written with another config or target"
+                         + (f" (changed: {', '.join(changed)})" if changed else "")
+                         + ("" if "cells" in saved else " (it predates per-seed cells: rerun with --overwrite)"))
+    old_inputs = saved["derived"].get("inputs", {})
+    stale = [k for k in inputs if k in old_inputs and old_inputs[k] != inputs[k]]
+    if stale:
+        raise ValueError(f"--resume: {path} was computed from other inputs ({', '.join(stale)} changed since); "
+                         f"rerun without --resume (--overwrite) to recompute every row")
+    return saved["cells"]
 
 
 def main(argv=None):
@@ -337,29 +365,23 @@ def evaluate(args, overrides, sub=None):
         views, targets = real_views(data, T, idx, rotations)
         return views, targets, len(idx) * per_real
 
-    # ---------------------------------------------------------------- rows (results saved after each one)
+    # ---------------------------------------------------------------- cells: one per (row, seed), saved as each ends
+    # cells[row][seed] = {"probe", "fit", "finetune", "steps", "time_s"}: a cell keeps what each protocol measured
+    cells = resumed_cells(out / "results.json", cfg, target_name, inputs) if args.resume else {}
+    if args.resume:
+        ranks.say(f"resumed: {sum(len(c) for c in cells.values())} (row, seed) cells already done")
+    wanted = {"probe": ("probe", "fit"), "finetune": ("finetune",)}
+    missing = lambda cell: [p for p in args.protocol if any(k not in cell for k in wanted[p])]
+    save = lambda complete: utils.write_json({"rows": results, "cells": cells, "config": cfg, "derived": derived,
+                                              "complete": complete}, out / "results.json")
     results = {}
-    if args.resume:  # keep the rows a previous run of the same config finished
-        saved = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else None
-        if saved is None or saved["config"] != cfg or saved["derived"]["seeds"] != seeds or \
-                saved["derived"].get("protocol") != args.protocol:
-            changed = utils.config_changes(saved["config"], cfg) if saved else []
-            raise ValueError(f"--resume: {out / 'results.json'} is missing or was written with another config/seeds"
-                             + (f" (changed: {', '.join(changed)})" if changed else ""))
-        old_inputs = saved["derived"].get("inputs", {})
-        stale = [k for k in inputs if k in old_inputs and old_inputs[k] != inputs[k]]
-        if stale:
-            raise ValueError(f"--resume: {out / 'results.json'} was computed from other inputs ({', '.join(stale)} "
-                             f"changed since); rerun without --resume (--overwrite) to recompute every row")
-        results = {k: v for k, v in saved["rows"].items() if k in rows}
-        ranks.say(f"resumed: rows {list(results)} already done")
-    for row in [r for r in rows if r not in results]:
-        t0, cells, extra, steps = time.time(), [], {}, 0
-        if row == "full_dataset":  # every rank trains it (DDP under torchrun); rank 0 probes it below
-            g_full, train_time, steps, reused = full_dataset_backbone(
-                out / full_file, data, T, rotations, cfg, teacher_hash, args.retrain_full,
-                args.overwrite, ranks)
-            extra = {"reused": reused, "train_time_s": train_time}
+    for row in rows:
+        row_seeds = seeds if row in SEEDED else [cfg["seed"]]
+        done = cells.setdefault(row, {})
+        todo = [s for s in row_seeds if missing(done.get(str(s), {}))]
+        if row == "full_dataset" and todo:  # every rank trains it (DDP under torchrun); rank 0 probes it below
+            g_full, train_time, full_steps, reused = full_dataset_backbone(
+                out / full_file, data, T, rotations, cfg, teacher_hash, args.retrain_full, args.overwrite, ranks)
         if row in ("distilled", "distilled_exact", "krr_st"):
             views, targets, stored = distilled_set(row)
         elif row == "real_init":
@@ -368,8 +390,8 @@ def evaluate(args, overrides, sub=None):
             stored = {"random_subset": budget["budget"], "full_dataset": len(data.train_x) * per_real,
                       "no_pretraining": 0, "teacher": None}[row]
         # the seeds of a seeded row are spread over the ranks; the other rows are rank 0's
-        for seed in seeds[ranks.rank::ranks.world] if row in SEEDED else [cfg["seed"]] * ranks.main:
-            feats = None
+        for seed in todo[ranks.rank::ranks.world] if row in SEEDED else todo * ranks.main:
+            t0, cell, feats, steps = time.time(), dict(done.get(str(seed), {})), None, 0
             if row in ("distilled", "distilled_exact", "krr_st", "real_init"):
                 g, steps = pretrain_on_set(views, targets, ec, ec["epochs"], data.mean, data.std, seed,
                                            f"{row} s{seed}", width)
@@ -380,30 +402,35 @@ def evaluate(args, overrides, sub=None):
                 x, y = random_subset(data, T, N, seed)
                 g, steps = pretrain_on_set(x, y, ec, ec["epochs"], data.mean, data.std, seed, f"{row} s{seed}", width)
             elif row == "full_dataset":
-                g = g_full
+                g, steps = g_full, full_steps
+                cell.update(reused=reused, train_time_s=train_time)
+                t0 -= 0 if reused else train_time  # a model trained now counts in the row's time
             elif row == "teacher":
                 g, feats = teacher, teacher_feats
-            else:  # no_pretraining
+            else:  # no_pretraining: a random student, its BatchNorm statistics as evaluation.random_init_bn says
                 torch.manual_seed(seed)
                 g = models.student(student, width, res)[0].to(device).eval()
+                g = utils.recalibrate_bn(g, target, bs) if ec["random_init_bn"] == "recalibrate" else g
             feats = feats if feats is not None else utils.split_features(g, target, bs)
             utils.check_features(feats, row)
-            acc = fit = ft = None
-            if "probe" in args.protocol:
-                acc = utils.probe_backbone(g, target, cfg["probe"], seed, bs, features=feats)
-                fit = utils.teacher_fit(feats, teacher_feats, cfg["probe"]["teacher_fit_ridge"])
-            if "finetune" in args.protocol:
-                ft = utils.finetune(g, target, cfg["finetune"], seed, bs)
-            cells.append((seed, acc, fit, ft, steps))
-            print(f"{row} seed {seed}: " + ", ".join(f"{k} {v:.4g}" for k, v in (
-                ("linear probe top-1 %", acc), ("teacher fit R^2", fit), ("fine-tune top-1 %", ft)) if v is not None)
-                + (f" (rank {ranks.rank})" if ranks.world > 1 else ""))
-        cells = sorted(c for part in utils.gather_objects(cells, ranks) for c in part)  # every rank's, by seed
-        _, accs, fits, fts, steps = zip(*cells)
-        results[row] = row_result(list(accs), list(fits), list(fts), steps[0], stored, t0, **extra)
+            todo_p = missing(cell)  # a cell that has one protocol runs only the other (its network trained again)
+            if "probe" in todo_p:
+                cell["probe"] = utils.probe_backbone(g, target, cfg["probe"], seed, bs, features=feats)
+                cell["fit"] = utils.teacher_fit(feats, teacher_feats, cfg["probe"]["teacher_fit_ridge"])
+            if "finetune" in todo_p:
+                cell["finetune"] = utils.finetune(g, target, cfg["finetune"], seed, bs)
+            cell.update(steps=steps, time_s=cell.get("time_s", 0.0) + time.time() - t0)
+            done[str(seed)] = cell
+            print(f"{row} seed {seed}: " + ", ".join(f"{k} {cell[c]:.4g}" for k, c in (
+                ("linear probe top-1 %", "probe"), ("teacher fit R^2", "fit"), ("fine-tune top-1 %", "finetune"))
+                if c in cell) + (f" (rank {ranks.rank})" if ranks.world > 1 else ""))
+            if ranks.world == 1:
+                save(False)  # under torchrun the cells are gathered and written once the row ends
+        for part in utils.gather_objects({str(s): c for s, c in done.items()}, ranks):
+            done.update(part)  # every rank's cells
+        results[row] = row_result([done[str(s)] for s in row_seeds], args.protocol, stored)
         if ranks.main:
-            utils.write_json({"rows": results, "config": cfg, "derived": derived, "complete": False},
-                             out / "results.json")
+            save(False)
     if not ranks.main:  # rank 0 writes the table
         return None, None
 
@@ -418,8 +445,8 @@ def evaluate(args, overrides, sub=None):
     md = markdown(results, header)
     print(md)
     (out / "results.md").write_text(md)
-    utils.write_json({"header": header, "rows": results, "config": cfg, "derived": derived, "complete": True},
-                     out / "results.json")
+    utils.write_json({"header": header, "rows": results, "cells": cells, "config": cfg, "derived": derived,
+                      "complete": True}, out / "results.json")
     utils.release_run_folder(lock)
     return results, out
 

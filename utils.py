@@ -64,6 +64,7 @@ SCHEMA = {
     "evaluation": {
         "student": tuple(models.STUDENTS), "epochs": int, "full_epochs": int, "batch_size": int, "lr": float,
         "momentum": float, "weight_decay": float, "augment": bool, "crop_pad": int,
+        "random_init_bn": ("recalibrate", "init"),
     },
     "probe": {"iterations": int, "batch_size": int, "lr": float, "momentum": float, "weight_decay": float,
               "teacher_fit_ridge": float},
@@ -1065,6 +1066,26 @@ def check_features(features, row):
             raise FloatingPointError(f"{row}: the pre-trained backbone gives non-finite features on the {split} "
                                      f"split; its accuracy would be meaningless (lower evaluation.lr, or check "
                                      f"the teacher's target scale)")
+
+
+@torch.no_grad()
+def recalibrate_bn(net, data, batch_size):
+    """Every BatchNorm's running statistics re-estimated on data's train split: a train-mode pass without
+    gradients, averaged exactly over the batches (momentum None); weights untouched; returns net in eval mode.
+    The no_pretraining row's option (`evaluation.random_init_bn: recalibrate`): at its initial statistics (mean
+    0, var 1) an eval-mode random VGG-11 gives features of scale ~1e-6 that the SGD probe reads at chance."""
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    net.train()
+    dev = next(net.parameters()).device
+    for part in data.train_x.split(batch_size):
+        net(to_channels_last(normalize(part.to(dev), data.mean, data.std), dev))  # float32: statistics, once
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    return net.eval()
 
 
 def split_features(backbone, data, batch_size):
