@@ -54,8 +54,8 @@ def test_recalibration_makes_a_random_students_features_readable(name, digits):
 def test_the_no_pretraining_row_follows_random_init_bn(tmp_path):
     """The no_pretraining row of a VGG-11 student probes at chance with its initial BatchNorm statistics and far
     above it with recalibrated ones; the fine-tune protocol (train mode) is the same network either way."""
-    cfg = str(write_config(tmp_path, probe__iterations=200, evaluation__student="vgg11_bn"))
-    teacher = str(write_teacher(tmp_path / "teacher.pth"))
+    cfg = str(write_config(tmp_path, probe__iterations=200, evaluation__student="vgg11_bn", network__width=16))
+    teacher = str(write_teacher(tmp_path / "teacher.pth", width=16))
     acc = {}
     for bn in ("init", "recalibrate"):
         r = main_evaluate.main(["--config", cfg, "--teacher", teacher, "--device", "cpu", "--rows", "no_pretraining",
@@ -79,8 +79,8 @@ def count_calls(monkeypatch, name, fail_on=None):
 
 @pytest.fixture
 def setting(tmp_path):
-    cfg = str(write_config(tmp_path, probe__iterations=30, finetune__iterations=5))
-    teacher = str(write_teacher(tmp_path / "teacher.pth"))
+    cfg = str(write_config(tmp_path, probe__iterations=30, finetune__iterations=5, network__width=16))
+    teacher = str(write_teacher(tmp_path / "teacher.pth", width=16))
     return ["--config", cfg, "--teacher", teacher, "--device", "cpu", "--rows", "teacher,no_pretraining",
             "--out", str(tmp_path / "ev")], tmp_path / "ev" / "results.json"
 

@@ -43,10 +43,11 @@ def write_config(tmp_path, **overrides):
     return path
 
 
-def write_teacher(path, dataset="DIGITS", resolution=8, seed=0):
-    """A random-init ResNet-18 saved in pretrain.py's teacher format."""
+def write_teacher(path, dataset="DIGITS", resolution=8, seed=0, width=64):
+    """A random-init ResNet-18 (of `width`) saved in pretrain.py's teacher format."""
     torch.manual_seed(seed)
-    g = models.resnet18_cifar()
-    meta = {"dataset": dataset, "resolution": resolution, "epochs": 0, "mean": [0.0] * 3, "std": [1.0] * 3, "d_y": 512}
+    g = models.resnet18_cifar(width)
+    meta = {"dataset": dataset, "resolution": resolution, "epochs": 0, "mean": [0.0] * 3, "std": [1.0] * 3,
+            "d_y": models.resnet18_dim(width), "width": width}
     utils.atomic_save({"backbone": g.state_dict(), "meta": meta}, path)
     return path
