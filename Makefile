@@ -17,6 +17,16 @@ cifar10-cpu:
 	$(PYTHON) main_distill.py --config $(CPU_CFG) --distillation.method=krr_st --overwrite
 	$(PYTHON) main_evaluate.py --config $(CPU_CFG) --seeds 3 --overwrite
 
+# Other students and fine-tuned transfer at CPU scale (after cifar10-cpu's teacher and distilled set; README table):
+# five students x {probe, fine-tune} x 3 seeds, then the random-init row with recalibrated BatchNorm statistics.
+# --resume: re-running it runs only the (student, row, seed) cells still missing.
+STUDENTS = resnet18,resnet10,vgg11_bn,alexnet,mobilenetv2
+cifar10-cpu-students:
+	$(PYTHON) main_evaluate.py --config $(CPU_CFG) --student $(STUDENTS) --protocol both --seeds 3 --resume \
+		--rows distilled,random_subset,no_pretraining,full_dataset --out evaluation_models/cifar10_cpu_students
+	$(PYTHON) main_evaluate.py --config $(CPU_CFG) --student $(STUDENTS) --protocol probe --seeds 3 --resume \
+		--rows no_pretraining --evaluation.random_init_bn=recalibrate --out evaluation_models/cifar10_cpu_students_recal
+
 # On a CUDA machine: one command says whether the CUDA path is correct and how fast it is (a few minutes;
 # exits 1 without CUDA). Report: gpu_check/gpu_check.md and .json.
 gpu-check:
@@ -43,4 +53,4 @@ cifar10-quick:
 test:
 	$(PYTHON) -m pytest -q --durations=15
 
-.PHONY: digits cifar10-cpu gpu-check cifar10-quick test
+.PHONY: digits cifar10-cpu cifar10-cpu-students gpu-check cifar10-quick test
