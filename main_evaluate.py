@@ -372,8 +372,8 @@ def evaluate(args, overrides, sub=None):
         ranks.say(f"resumed: {sum(len(c) for c in cells.values())} (row, seed) cells already done")
     wanted = {"probe": ("probe", "fit"), "finetune": ("finetune",)}
     missing = lambda cell: [p for p in args.protocol if any(k not in cell for k in wanted[p])]
-    save = lambda complete: utils.write_json({"rows": results, "cells": cells, "config": cfg, "derived": derived,
-                                              "complete": complete}, out / "results.json")
+    save = lambda **final: utils.write_json({"rows": results, "cells": cells, "config": cfg, "derived": derived,
+                                             "complete": False, **final}, out / "results.json")
     results = {}
     for row in rows:
         row_seeds = seeds if row in SEEDED else [cfg["seed"]]
@@ -425,12 +425,12 @@ def evaluate(args, overrides, sub=None):
                 ("linear probe top-1 %", "probe"), ("teacher fit R^2", "fit"), ("fine-tune top-1 %", "finetune"))
                 if c in cell) + (f" (rank {ranks.rank})" if ranks.world > 1 else ""))
             if ranks.world == 1:
-                save(False)  # under torchrun the cells are gathered and written once the row ends
+                save()  # under torchrun the cells are gathered and written once the row ends
         for part in utils.gather_objects({str(s): c for s, c in done.items()}, ranks):
             done.update(part)  # every rank's cells
         results[row] = row_result([done[str(s)] for s in row_seeds], args.protocol, stored)
         if ranks.main:
-            save(False)
+            save()
     if not ranks.main:  # rank 0 writes the table
         return None, None
 
@@ -445,8 +445,7 @@ def evaluate(args, overrides, sub=None):
     md = markdown(results, header)
     print(md)
     (out / "results.md").write_text(md)
-    utils.write_json({"header": header, "rows": results, "cells": cells, "config": cfg, "derived": derived,
-                      "complete": True}, out / "results.json")
+    save(header=header, complete=True)
     utils.release_run_folder(lock)
     return results, out
 

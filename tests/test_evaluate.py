@@ -53,7 +53,7 @@ def test_recalibration_makes_a_random_students_features_readable(name, digits):
 
 def test_the_no_pretraining_row_follows_random_init_bn(tmp_path):
     """The no_pretraining row of a VGG-11 student probes at chance with its initial BatchNorm statistics and far
-    above it with recalibrated ones; the fine-tune protocol (train mode) is the same network either way."""
+    above it with recalibrated ones."""
     cfg = str(write_config(tmp_path, probe__iterations=200, evaluation__student="vgg11_bn", network__width=16))
     teacher = str(write_teacher(tmp_path / "teacher.pth", width=16))
     acc = {}
