@@ -49,8 +49,53 @@ cifar10-quick:
 	@$(call step,evaluation_models/cifar10_quick_N100/results.md,evaluation_models/cifar10_quick_N100/results.json,\
 		$(PYTHON) main_evaluate.py --config $(QUICK_CFG))
 
+# One short GPU job (a lent H100-class GPU, at most ~10 minutes a command): the GPU check's sections, then
+# configs/cifar10_gpu.yaml end to end, every phase skipped with its reason when it cannot finish within
+# --budget-s (480 s); re-running skips finished phases. Report: gpu_session/ (4 small files). Needs
+# data/cifar-10-python/ (the 20,000-image subset is enough). Exits 1 without CUDA.
+gpu-session:
+	$(PYTHON) tests/gpu_session.py --out gpu_session --work gpu_session_work --budget-s 480
+
+# Where distillation pays (docs/results.md, "Storage-quality frontier"): 1 thread per job, as measured.
+# frontier-curve: budget N in {10, 30, 100} (U = V shrink at small N: the bases' fixed cost must fit), rows
+# distilled, init_only, real_init, krr_st, random_subset, no_pretraining, 3 seeds each; then the table and figure.
+# frontier-levers: one lever at a time at N = 100, measured as distilled - init_only (init changes: its own
+# init_only). Each experiment skips a finished distillation and resumes its evaluation (--resume).
+FRONTIER = OMP_NUM_THREADS=1 $(PYTHON)
+# $(call frontier_set,<assets folder>,<overrides>)
+frontier_set = ( [ -f $(1)/distilled_data.pth ] || $(FRONTIER) main_distill.py --config $(CPU_CFG) $(2) --out $(1) --overwrite )
+# $(call frontier_eval,<assets folder>,<rows>,<out>,<overrides>[,<krr assets>])
+frontier_eval = $(FRONTIER) main_evaluate.py --config $(CPU_CFG) $(4) --assets $(1) --seeds 3 --resume --rows $(2) \
+	--out $(3) $(if $(5),--krr-assets $(5))
+CURVE_ROWS = distilled,init_only,real_init,krr_st,random_subset,no_pretraining
+INIT_ROWS = distilled,init_only,real_init
+SET_ROWS = distilled,init_only
+# $(call frontier_n,<N>,<parameterization overrides>)
+frontier_n = $(call frontier_set,distilled_assets/frontier/N$(1),--storage.budget_N=$(1) $(2)) && \
+	$(call frontier_set,distilled_assets/frontier/N$(1)_krr_st,--storage.budget_N=$(1) --distillation.method=krr_st) && \
+	$(call frontier_eval,distilled_assets/frontier/N$(1),$(CURVE_ROWS),evaluation_models/frontier/N$(1),\
+	--storage.budget_N=$(1),distilled_assets/frontier/N$(1)_krr_st)
+# $(call frontier_lever,<name>,<rows>,<overrides>)
+frontier_lever = $(call frontier_set,distilled_assets/frontier/lever_$(1),$(3)) && \
+	$(call frontier_eval,distilled_assets/frontier/lever_$(1),$(2),evaluation_models/frontier/lever_$(1),$(3))
+frontier-curve:
+	$(call frontier_n,10,--parameterization.U=20 --parameterization.V=20)
+	$(call frontier_n,30,--parameterization.U=50 --parameterization.V=50)
+	$(call frontier_n,100,)
+	$(PYTHON) docs/frontier.py evaluation_models/frontier --out docs
+frontier-levers:
+	$(call frontier_lever,kmeans,$(INIT_ROWS),--distillation.init=kmeans)
+	$(call frontier_lever,herding,$(INIT_ROWS),--distillation.init=herding)
+	$(call frontier_lever,Z1000,distilled,--model_pool.inner_loop_steps_Z=1000)
+	$(call frontier_lever,kmeans_Z1000,distilled,--distillation.init=kmeans --model_pool.inner_loop_steps_Z=1000)
+	$(call frontier_lever,pool_w16_128,distilled,--model_pool.widths=[16,128])
+	$(call frontier_lever,rb8_U50_V50,$(SET_ROWS),--parameterization.U=50 --parameterization.V=50)
+	$(call frontier_lever,rb12_U100,$(SET_ROWS),--parameterization.image_basis_size=12)
+	$(call frontier_lever,rb16_U50_V50,$(SET_ROWS),--parameterization.image_basis_size=16 \
+		--parameterization.U=50 --parameterization.V=50)
+
 # The test suite (what CI runs).
 test:
 	$(PYTHON) -m pytest -q --durations=15
 
-.PHONY: digits cifar10-cpu cifar10-cpu-students gpu-check cifar10-quick test
+.PHONY: digits cifar10-cpu cifar10-cpu-students gpu-check gpu-session cifar10-quick frontier-curve frontier-levers test

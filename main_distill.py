@@ -40,60 +40,6 @@ def parse_args(argv):
     return args, utils.parse_overrides(rest)
 
 
-def default_out(cfg, name):
-    """distilled_assets/<config name>_N<budget>[_krr_st]"""
-    suffix = "_krr_st" if cfg["distillation"]["method"] == "krr_st" else ""
-    return Path("distilled_assets") / f"{name}_N{cfg['storage']['budget_N']}{suffix}"
-
-
-# ============================================================================================
-# SPEC 3: storage accounting decides m
-# ============================================================================================
-def storage_accounting(cfg, resolution):
-    """Every stored float, in a table; m is the largest count within budget unless the config fixes it."""
-    N, S = cfg["storage"]["budget_N"], cfg["storage"]
-    d_y = models.resnet18_dim(cfg["network"]["width"])  # the teacher's feature width
-    per_image = 3 * resolution * resolution + d_y  # an image plus its target representation (KRR-ST)
-    budget = N * per_image
-    if cfg["distillation"]["method"] == "krr_st":
-        m = N
-        rows = {"X (free pixels)": m * 3 * resolution**2, "Y (free targets)": m * d_y}
-        return {"budget_N": N, "floats_per_image": per_image, "budget": budget, "rows": rows, "m": m,
-                "m_max": N, "stored": sum(rows.values())}
-    P = cfg["parameterization"]
-    r_b, U, V, A = P["image_basis_size"], P["U"], P["V"], len(cfg["augmentations"]["rotate"])
-    h = cfg["approximation"]["hidden"]
-    rows = {"B_x": U * 3 * r_b**2, "mu_x": 3 * r_b**2, "B_y": V * d_y, "mu_y": d_y}
-    per_m = U + V + (A * V if S["store_augmented_targets"] else 0)
-    if not S["store_augmented_targets"]:
-        rows["approximation nets"] = A * (V * h + h + h * V + V)
-    fixed = sum(rows.values())
-    m_max = (budget - fixed) // per_m
-    if m_max < 1:
-        raise utils.ConfigError(
-            f"storage: budget {budget:,} floats (N={N} images x {per_image:,}) cannot hold the bases, means and "
-            f"approximation nets ({fixed:,} floats) plus one distilled image ({per_m} floats); "
-            f"raise storage.budget_N or lower parameterization.U / V")
-    m = S["m"] or m_max
-    stored = fixed + m * per_m
-    what = "C_x, C_y" + (", C_y^k" if S["store_augmented_targets"] else "")
-    rows[f"{what} (m x {per_m})"] = m * per_m
-    if stored > budget:
-        raise utils.ConfigError(
-            f"storage: m={m} needs {stored:,} floats > budget {budget:,} (N={N} images x {per_image:,} floats); "
-            f"fixed cost {fixed:,}, {per_m} floats per distilled image, so the largest m within budget is {m_max}")
-    return {"budget_N": N, "floats_per_image": per_image, "budget": budget, "rows": rows, "m": m,
-            "m_max": m_max, "stored": stored}
-
-
-def print_storage(table):
-    print(f"storage budget: N={table['budget_N']} images x {table['floats_per_image']:,} floats = {table['budget']:,}")
-    for k, v in table["rows"].items():
-        print(f"  {k:<34s}{v:>12,}")
-    print(f"  {'stored':<34s}{table['stored']:>12,}  ({100 * table['stored'] / table['budget']:.2f}% of budget)")
-    print(f"  m = {table['m']} distilled images (largest within budget: {table['m_max']})")
-
-
 # ============================================================================================
 # SPEC 2: the distilled set, parameterized (ours) or free (KRR-ST)
 # ============================================================================================
@@ -151,9 +97,60 @@ class FreeDistilled(nn.Module):
 
 
 @torch.no_grad()
+def select_init(features, m, how, gen):
+    """Indices of the m distinct real train images the set starts from (`distillation.init`): `random` (SPEC 2),
+    or spread over the teacher's feature space: `kmeans` (the image nearest each of m k-means centroids) or
+    `herding` (greedy: each pick moves the running mean of the picks closest to the mean of all features)."""
+    n = len(features)
+    if how == "random":
+        return torch.randperm(n, generator=gen, device=gen.device)[:m].to(features.device)
+    X = features.double()
+    if how == "herding":
+        chosen, total, mu = [], torch.zeros_like(X[0]), X.mean(0)
+        free = torch.ones(n, dtype=torch.bool, device=X.device)
+        for t in range(1, m + 1):  # the next pick minimises ||mu - (total + x) / t|| over the free images
+            score = ((t * mu - total)[None] - X).square().sum(1).masked_fill(~free, float("inf"))
+            i = int(score.argmin())
+            chosen.append(i)
+            free[i] = False
+            total += X[i]
+        return torch.tensor(chosen, device=features.device)
+    return kmeans_medoids(X, m, gen).to(features.device)
+
+
+def kmeans_medoids(X, m, gen):
+    """k-means++ seeding (drawn from `gen`), Lloyd's iterations until no assignment changes, then for each
+    centroid the nearest image not already taken: m distinct indices."""
+    n = len(X)
+    centers = X[torch.randint(n, (1,), generator=gen, device=gen.device).to(X.device)]
+    d2 = torch.cdist(X, centers).square().min(1).values
+    for _ in range(m - 1):
+        pick = torch.multinomial((d2 / d2.sum()).float().to(gen.device), 1, generator=gen).to(X.device)
+        centers = torch.cat([centers, X[pick]])
+        d2 = torch.minimum(d2, (X - X[pick]).square().sum(1))
+    assign = None
+    for _ in range(10 * n):  # Lloyd's iterations never cycle; the bound only guards against float ties
+        new = torch.cdist(X, centers).argmin(1)
+        if assign is not None and torch.equal(new, assign):
+            break
+        assign = new
+        counts = torch.bincount(assign, minlength=m)[:, None]
+        sums = torch.zeros_like(centers).index_add_(0, assign, X)
+        centers = torch.where(counts > 0, sums / counts.clamp_min(1), centers)  # an empty cluster keeps its centre
+    dist = torch.cdist(centers, X)
+    taken = torch.zeros(n, dtype=torch.bool, device=X.device)
+    chosen = []
+    for c in dist.min(1).values.argsort().tolist():  # the tightest centroids choose first
+        i = int(dist[c].masked_fill(taken, float("inf")).argmin())
+        chosen.append(i)
+        taken[i] = True
+    return torch.tensor(chosen)
+
+
+@torch.no_grad()
 def init_distilled(cfg, data, T, m, gen):
-    """Start from m random real train images: their PCA coefficients / pixels and teacher targets."""
-    idx = torch.randperm(len(data.train_x), generator=gen, device=gen.device)[:m].to(data.train_x.device)
+    """Start from m real train images (`distillation.init`): their PCA coefficients / pixels and teacher targets."""
+    idx = select_init(T[:, 0], m, cfg["distillation"]["init"], gen).to(data.train_x.device)
     if cfg["distillation"]["method"] == "krr_st":
         distilled = FreeDistilled(utils.normalize(data.train_x[idx], data.mean, data.std), T[idx, 0].clone())
     else:
@@ -190,9 +187,8 @@ class ModelPool:
             self.reset(j)
 
     def reset(self, j):
-        f = models.ConvNet(self.mp["widths"], self.resolution, self.d_y).to(self.device)
-        if self.device.type == "cuda":
-            f = f.to(memory_format=torch.channels_last)
+        f = utils.channels_last_module(models.ConvNet(self.mp["widths"], self.resolution, self.d_y).to(self.device),
+                                       self.device)
         self.models[j] = f
         self.opts[j] = torch.optim.SGD(f.parameters(), lr=self.mp["lr"], momentum=self.mp["momentum"],
                                        weight_decay=self.mp["weight_decay"])
@@ -324,16 +320,50 @@ def fit_approx_nets(C_y, C_yk, ac, seed):
     return nets, errors
 
 
-def save_grid(images, mean, std, path, max_images=100):
+def save_set(folder, distilled, base, cfg, data):
+    """One distilled set in `folder` (utils.save_distilled): `base` + the exported tensors, the approximation nets
+    fitted to its C_y -> C_y^k (SPEC 5), the controls and the image grid. Returns the nets' relative errors."""
+    asset = {**base, **{k: v.cpu() if torch.is_tensor(v) else v for k, v in distilled.export().items()}}
+    # Not part of the distilled set (nor of its budget): what main_evaluate's control rows need.
+    controls = {"init_indices": distilled.init_indices, "teacher_hash": base["teacher_hash"], "run_id": base["run_id"]}
+    nets, approx_errors = {}, {}
+    if base["method"] == "ours" and distilled.rotations:
+        C_y, C_yk = distilled.C_y.detach(), distilled.C_yk.detach()
+        controls["C_y_aug"] = C_yk.cpu()  # the learned C_y^k: the distilled_exact row
+        if cfg["storage"]["store_augmented_targets"]:
+            asset["C_y_aug"] = C_yk.cpu()
+        else:
+            fitted, errors = fit_approx_nets(C_y, C_yk, cfg["approximation"], cfg["seed"])
+            if not all(math.isfinite(e) for e in errors):
+                sys.exit(f"approximation nets for {folder} diverged (relative errors {errors}); the distilled set in "
+                         f"its run folder's checkpoint.pth is kept: refit them with `--resume --allow-changed "
+                         f"approximation.lr --approximation.lr=<lower>`")
+            for angle, net, err in zip(distilled.rotations, fitted, errors):
+                nets[angle] = (net, err)
+                # the no-shift baseline predicts c^{y,k} = c^y: relative error 1 by definition
+                approx_errors[f"rot_{angle}"] = {"relative_error": err, "no_shift_baseline": 1.0}
+                print(f"approximation net rot {angle}: relative error {err:.4f} (no-shift baseline 1.0000)")
+    utils.save_distilled(folder, asset, controls, nets)
+    with torch.no_grad():
+        save_grid(distilled.images(), data.mean, data.std, folder / "distilled_images.png")
+    return approx_errors
+
+
+def save_grid(images, mean, std, path, max_images=100, min_side=64):
+    """The first images, de-normalised, in a square grid; each drawn at least `min_side` pixels wide (whole-pixel
+    nearest upscaling), so a 16 px set is not a 170-pixel thumbnail."""
     from torchvision.utils import save_image
     x = images[:max_images].detach().float().cpu() * std.view(1, -1, 1, 1).cpu() + mean.view(1, -1, 1, 1).cpu()
-    save_image(x.clamp(0, 1), path, nrow=int(math.ceil(math.sqrt(len(x)))), padding=1)
+    scale = max(1, math.ceil(min_side / x.shape[-1]))
+    x = torch.nn.functional.interpolate(x, scale_factor=scale, mode="nearest")
+    save_image(x.clamp(0, 1), path, nrow=int(math.ceil(math.sqrt(len(x)))), padding=2)
 
 
 # ============================================================================================
 # main: arguments -> config -> data -> teacher targets -> distilled set -> pool -> loop -> assets
 # ============================================================================================
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)  # the command line, for the recovery hint
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         sys.exit("main_distill.py runs in one process: the bilevel loop is sequential (each outer step starts from "
                  "the last one's set and pool). Start it with `python main_distill.py ...`, not torchrun; "
@@ -347,12 +377,13 @@ def main(argv=None):
     utils.set_seed(cfg["seed"])
     gen, rng = utils.make_generator(device, cfg["seed"]), random.Random(cfg["seed"])
     name = utils.config_name(args.config)
-    out = Path(args.out) if args.out else default_out(cfg, name)
+    out = Path(args.out) if args.out else utils.distilled_folder(cfg, name)
     res = cfg["data"]["resolution"]
-    table = storage_accounting(cfg, res)
+    table = utils.storage_accounting(cfg, res)
     rotations = cfg["augmentations"]["rotate"]
     teacher_file = Path(args.teacher) if args.teacher else utils.teacher_path(name)
-    lock = utils.claim_run_folder(out, [out / "distilled_data.pth", out / "checkpoint.pth"], args.resume, args.overwrite)
+    lock = utils.claim_run_folder(out, [out / "distilled_data.pth", out / "checkpoint.pth"], args.resume, args.overwrite,
+                                  "main_distill.py")
 
     # ---------------------------------------------------------------- data, teacher targets T (N, K, d_y)
     data = utils.load_data(cfg)
@@ -379,7 +410,7 @@ def main(argv=None):
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         pool.load_state_dict(ckpt["pool"])
-        utils.set_rng_state(ckpt["rng"], gen)
+        utils.set_rng_state(ckpt["rng"], gen, out / "checkpoint.pth")
         rng.setstate(ckpt["py_rng"])
         step, curve, run_id = ckpt["step"], ckpt["curve"], ckpt["run_id"]
         print(f"resumed run {run_id} from {out / 'checkpoint.pth'} at step {step}")
@@ -387,9 +418,16 @@ def main(argv=None):
     derived = {"device": str(device), "m": table["m"], "K": 1 + len(rotations), "out": str(out), "run_id": run_id,
                "inputs": inputs, "target_scale": target_scale, "allow_changed": args.allow_changed}
     utils.print_config(cfg, derived)
-    print_storage(table)
+    utils.print_storage(table)
     utils.write_json({"config": cfg, "derived": derived, "storage": table}, out / "config.json")
+    base = {"method": dc["method"], "dataset": cfg["dataset"], "resolution": res, "m": table["m"],
+            "mean": data.mean.cpu(), "std": data.std.cpu(), "storage": table, "config": cfg,
+            "teacher_hash": inputs["teacher_hash"], "train_hash": inputs["train_hash"], "run_id": run_id,
+            "target_scale": target_scale, "store_augmented_targets": cfg["storage"]["store_augmented_targets"]}
     if not args.resume:
+        # the set before any outer step (main_evaluate's init_only row): what the bilevel loop adds is the difference
+        (out / utils.INIT_ONLY).mkdir(exist_ok=True)
+        save_set(out / utils.INIT_ONLY, distilled, {**base, "steps": 0}, cfg, data)
         t0 = time.time()
         X0, Y0 = distilled()
         pool.stagger(X0, Y0, rng)
@@ -406,8 +444,8 @@ def main(argv=None):
         with the last good checkpoint untouched."""
         if not utils.all_finite(losses + list(distilled.parameters())):
             sys.exit(f"non-finite outer loss or distilled tensors by step {step}; nothing of it was saved. "
-                     + utils.resume_hint(out / "checkpoint.pth", f"step {last_saved}",
-                                         f"python main_distill.py --config {args.config}", "distillation.lr_image"))
+                     + utils.resume_hint(out / "checkpoint.pth", f"step {last_saved}", "main_distill.py", argv,
+                                         "distillation.lr_image"))
 
     # ---------------------------------------------------------------- the bilevel loop
     bar = tqdm(total=dc["steps"], initial=step, desc="distill", dynamic_ncols=True)
@@ -433,37 +471,7 @@ def main(argv=None):
     bar.close()
 
     # ---------------------------------------------------------------- approximation nets and assets
-    asset = {"method": dc["method"], "dataset": cfg["dataset"], "resolution": res, "m": table["m"],
-             "mean": data.mean.cpu(), "std": data.std.cpu(), "storage": table, "config": cfg, "steps": step,
-             "teacher_hash": inputs["teacher_hash"], "train_hash": inputs["train_hash"], "run_id": run_id,
-             "target_scale": target_scale, "store_augmented_targets":
-             cfg["storage"]["store_augmented_targets"], **{k: v.cpu() if torch.is_tensor(v) else v
-                                                           for k, v in distilled.export().items()}}
-    approx_errors = {}
-    # Not part of the distilled set (nor of its budget): what main_evaluate's control rows need.
-    controls = {"init_indices": distilled.init_indices, "teacher_hash": asset["teacher_hash"], "run_id": run_id}
-    if dc["method"] == "ours" and rotations:
-        C_y, C_yk = distilled.C_y.detach(), distilled.C_yk.detach()
-        controls["C_y_aug"] = C_yk.cpu()  # the learned C_y^k: the distilled_exact row
-        if cfg["storage"]["store_augmented_targets"]:
-            asset["C_y_aug"] = C_yk.cpu()
-        else:
-            nets, errors = fit_approx_nets(C_y, C_yk, cfg["approximation"], cfg["seed"])
-            if not all(math.isfinite(e) for e in errors):
-                sys.exit(f"approximation nets diverged (relative errors {errors}); the distilled set in "
-                         f"{out / 'checkpoint.pth'} is kept: refit them with `--resume --allow-changed "
-                         f"approximation.lr --approximation.lr=<lower>`")
-            for angle, net, err in zip(rotations, nets, errors):
-                utils.atomic_save({"state_dict": {k: v.cpu() for k, v in net.state_dict().items()},
-                                   "V": C_y.shape[1], "hidden": cfg["approximation"]["hidden"], "rotation": angle,
-                                   "relative_error": err, "run_id": run_id}, out / f"approx_net_rot_{angle}.pth")
-                # the no-shift baseline predicts c^{y,k} = c^y: relative error 1 by definition
-                approx_errors[f"rot_{angle}"] = {"relative_error": err, "no_shift_baseline": 1.0}
-                print(f"approximation net rot {angle}: relative error {err:.4f} (no-shift baseline 1.0000)")
-    utils.atomic_save(controls, out / utils.CONTROLS_FILE)
-    utils.atomic_save(asset, out / "distilled_data.pth")
-    with torch.no_grad():
-        save_grid(distilled.images(), data.mean, data.std, out / "distilled_images.png")
+    approx_errors = save_set(out, distilled, {**base, "steps": step}, cfg, data)
     metrics = {"steps": step, "loss_curve": curve, "loss_first": curve[0][1] if curve else None,
                "loss_last": curve[-1][1] if curve else None, "storage": table,
                "approximation": approx_errors, "out": str(out), "run_id": run_id, "target_scale": target_scale}

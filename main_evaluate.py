@@ -10,6 +10,8 @@
 
 Rows (each pre-trained with the same recipe, `evaluation:`, and probed the same way, `probe:`):
     distilled        this method's distilled set: all K views, targets from the approximation MLPs
+    init_only        the same set before its first outer step (same PCA, m, images; approximation MLPs fitted to
+                     it): distilled - init_only is what the bilevel loop adds
     distilled_exact  the same images with the learned rotated targets C_y^k (over budget: the cost of the MLPs)
     real_init        the m real images the distilled set starts from, all K views, exact teacher targets
                      (over budget: the control distillation must beat)
@@ -37,13 +39,13 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-import main_distill
 import models
 import utils
 
-ROWS = ("distilled", "distilled_exact", "real_init", "krr_st", "random_subset", "full_dataset", "teacher",
+ROWS = ("distilled", "init_only", "distilled_exact", "real_init", "krr_st", "random_subset", "full_dataset", "teacher",
         "no_pretraining")
-SEEDED = ("distilled", "distilled_exact", "real_init", "krr_st", "random_subset", "no_pretraining")
+SEEDED = ("distilled", "init_only", "distilled_exact", "real_init", "krr_st", "random_subset", "no_pretraining")
+DISTILLED_ROWS = ("distilled", "init_only", "distilled_exact", "krr_st")  # rows read from a distilled_assets folder
 NEEDS_ROTATIONS = ("distilled_exact", "real_init")  # rows that exist only when the set has rotated views
 
 
@@ -97,8 +99,7 @@ def pretrain_on_set(images, targets, ec, epochs, mean, std, seed, desc, width, r
     gen = utils.make_generator(device, seed + ranks.rank)
     net = models.Regressor(*models.student(ec["student"], width, images.shape[-1]), targets.shape[1])
     net = (models.sync_batchnorm(net, device) if ranks.world > 1 else net).to(device)
-    if device.type == "cuda":
-        net = net.to(memory_format=torch.channels_last)
+    net = utils.channels_last_module(net, device)
     fwd = DDP(net, device_ids=[device.index] if device.type == "cuda" else None) if ranks.world > 1 else net
     opt = torch.optim.SGD(net.parameters(), lr=ec["lr"], momentum=ec["momentum"], weight_decay=ec["weight_decay"])
     n, B = len(images), ec["batch_size"] // ranks.world
@@ -157,7 +158,8 @@ def full_dataset_backbone(path, data, T, rotations, cfg, teacher_hash, retrain, 
             g = models.student(ec["student"], width, data.train_x.shape[-1])[0]
             g.load_state_dict(saved["backbone"], strict=True)
             ranks.say(f"full_dataset: reusing {path} (trained in {saved.get('train_time_s', float('nan')):.1f}s)")
-            return g.to(T.device).eval(), saved.get("train_time_s"), saved.get("steps"), True
+            return utils.channels_last_module(g.to(T.device), T.device).eval(), saved.get("train_time_s"), \
+                saved.get("steps"), True
         if not replace_stale:
             raise ValueError(f"{path} was trained with other settings ({saved['meta']}); "
                              f"pass --retrain-full or --overwrite to replace it")
@@ -176,14 +178,25 @@ def full_dataset_backbone(path, data, T, rotations, cfg, teacher_hash, retrain, 
 # ============================================================================================
 # The table
 # ============================================================================================
+MIN_GAIN_POINTS = 1.0  # gain recovered is shown only when full_dataset beats random init by more than this
+
+
+def gain_defined(full, base):
+    """Gain recovered is a ratio over (full_dataset - no_pretraining): shown only when that margin exceeds both
+    MIN_GAIN_POINTS and twice the spread of either row over its seeds (DIGITS: within noise, so it is blank)."""
+    if None in (full.get("mean"), base.get("mean")):
+        return False
+    spread = 2 * max(full.get("std") or 0.0, base.get("std") or 0.0)
+    return full["mean"] - base["mean"] > max(MIN_GAIN_POINTS, spread)
+
+
 def summarize(results, budget):
     """Retention vs full_dataset, gain recovered over no_pretraining, storage in images and vs the budget."""
-    full = results.get("full_dataset", {}).get("mean")
-    base = results.get("no_pretraining", {}).get("mean")
+    full, base = results.get("full_dataset", {}), results.get("no_pretraining", {})
     for r in results.values():
-        r["retention"] = r["mean"] / full if full and r["mean"] is not None else None
-        r["gain_recovered"] = (r["mean"] - base) / (full - base) if None not in (full, base, r["mean"]) \
-            and full > base else None  # undefined when the full dataset does not beat random init
+        r["retention"] = r["mean"] / full["mean"] if full.get("mean") and r["mean"] is not None else None
+        r["gain_recovered"] = (r["mean"] - base["mean"]) / (full["mean"] - base["mean"]) \
+            if r["mean"] is not None and gain_defined(full, base) else None
         floats = r["storage_floats"]
         r["storage_images"] = None if floats is None else floats / budget["floats_per_image"]
         r["within_budget"] = None if floats is None else floats <= budget["budget"]
@@ -196,19 +209,24 @@ def mean_std(r, key, f):
     return "-" if mean is None else format(mean, f) + (f" ± {format(std, f)}" if r["seeds"] > 1 else "")
 
 
-def markdown(results, header):
+def markdown(results, header, protocol):
+    """The table; the columns of a protocol that did not run are left out."""
     fmt = lambda v, f: "-" if v is None else format(v, f)
     reused = lambda r: f" (model reused, trained in {fmt(r['train_time_s'], '.1f')})" if r.get("reused") else ""
     budget = {True: "yes", False: "**over**", None: "-"}
-    lines = [header, "", "| row | top-1 (%) | teacher fit R² | fine-tune top-1 (%) | seeds | gain recovered | "
-             "retention | SGD steps | storage (floats) | storage (images) | within budget | time (s) |", "|---" * 12 + "|"]
-    for name, r in results.items():
-        lines.append(f"| {name} | {mean_std(r, '', '.2f')} | {mean_std(r, 'fit', '.3f')} | "
-                     f"{mean_std(r, 'finetune', '.2f')} | {r['seeds']} | "
-                     f"{fmt(r['gain_recovered'], '.1%')} | {fmt(r['retention'], '.1%')} | {fmt(r['steps'], ',')} | "
-                     f"{fmt(r['storage_floats'], ',')} | {fmt(r['storage_images'], ',.1f')} | "
-                     f"{budget[r['within_budget']]} | {r['time_s']:.1f}{reused(r)} |")
-    return "\n".join(lines) + "\n"
+    columns = ([("top-1 (%)", lambda r: mean_std(r, "", ".2f")), ("teacher fit R²", lambda r: mean_std(r, "fit", ".3f"))]
+               if "probe" in protocol else []) + \
+        ([("fine-tune top-1 (%)", lambda r: mean_std(r, "finetune", ".2f"))] if "finetune" in protocol else []) + [
+        ("seeds", lambda r: str(r["seeds"])), ("gain recovered", lambda r: fmt(r["gain_recovered"], ".1%")),
+        ("retention", lambda r: fmt(r["retention"], ".1%")), ("SGD steps", lambda r: fmt(r["steps"], ",")),
+        ("storage (floats)", lambda r: fmt(r["storage_floats"], ",")),
+        ("storage (images)", lambda r: fmt(r["storage_images"], ",.1f")),
+        ("within budget", lambda r: budget[r["within_budget"]]), ("time (s)", lambda r: f"{r['time_s']:.1f}{reused(r)}")]
+    lines = [header, "", "| row | " + " | ".join(c for c, _ in columns) + " |", "|---" * (1 + len(columns)) + "|"]
+    lines += [f"| {name} | " + " | ".join(f(r) for _, f in columns) + " |" for name, r in results.items()]
+    note = (f"Gain recovered = (row - no_pretraining) / (full_dataset - no_pretraining), blank when full_dataset "
+            f"beats no_pretraining by no more than {MIN_GAIN_POINTS:g} point or twice either row's std.")
+    return "\n".join(lines + ["", note]) + "\n"
 
 
 def row_result(row_cells, protocol, storage_floats):
@@ -225,6 +243,41 @@ def row_result(row_cells, protocol, storage_floats):
             "time_s": sum(c["time_s"] for c in row_cells), **extra}
 
 
+CELL_NUMBERS = {"probe": (0.0, 100.0), "fit": (None, 1.0), "finetune": (0.0, 100.0), "time_s": (0.0, None)}
+
+
+def read_results(path):
+    """results.json as main_evaluate.py writes it (save() in evaluate), every kept cell checked: a file that is
+    not JSON, lacks a part, or holds a value that cannot be right is refused, naming the file and the entry."""
+    def bad(what):
+        raise ValueError(f"{path} is not a results.json written by main_evaluate.py: {what}; move it aside or "
+                         f"rerun with --overwrite")
+    try:
+        saved = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        bad(f"{type(e).__name__}: {e}")
+    if not isinstance(saved, dict) or not all(isinstance(saved.get(k), dict) for k in ("config", "derived", "cells")):
+        bad("expected a mapping with 'config', 'derived' and 'cells' mappings")
+    if not isinstance(saved["derived"].get("target"), str) or not isinstance(saved["derived"].get("inputs", {}), dict):
+        bad("derived.target (a dataset name) or derived.inputs (a mapping) malformed")
+    for row, by_seed in saved["cells"].items():
+        if row not in ROWS or not isinstance(by_seed, dict):
+            bad(f"cells.{row}: expected one of the rows {list(ROWS)} mapping seeds to cells")
+        for seed, cell in by_seed.items():
+            where = f"cells.{row}.{seed}"
+            if not seed.isdigit() or not isinstance(cell, dict):
+                bad(f"{where}: expected a seed number mapping to a cell")
+            for key, (lo, hi) in CELL_NUMBERS.items():
+                v = cell.get(key)
+                if key in cell and not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                        and (lo is None or v >= lo) and (hi is None or v <= hi)):
+                    bad(f"{where}.{key} = {v!r}: expected a finite number" + (f" >= {lo}" if lo is not None else "")
+                        + (f" <= {hi}" if hi is not None else ""))
+            if not (isinstance(cell.get("steps"), int) and cell["steps"] >= 0):
+                bad(f"{where}.steps = {cell.get('steps')!r}: expected a count of SGD steps")
+    return saved
+
+
 def resumed_cells(path, cfg, target_name, inputs):
     """The (row, seed) cells a previous run of this config wrote to `path` (none if it wrote nothing yet: a
     student of --student a,b,c that had not started); refused, naming what changed, when its config, target or
@@ -233,12 +286,11 @@ def resumed_cells(path, cfg, target_name, inputs):
     if not path.is_file():
         print(f"--resume: no {path} yet; every cell runs")
         return {}
-    saved = json.loads(path.read_text())
-    if saved["config"] != cfg or saved["derived"]["target"] != target_name or "cells" not in saved:
+    saved = read_results(path)
+    if saved["config"] != cfg or saved["derived"]["target"] != target_name:
         changed = utils.config_changes(saved["config"], cfg)
         raise ValueError(f"--resume: {path} was written with another config or target"
-                         + (f" (changed: {', '.join(changed)})" if changed else "")
-                         + ("" if "cells" in saved else " (it predates per-seed cells: rerun with --overwrite)"))
+                         + (f" (changed: {', '.join(changed)})" if changed else ""))
     old_inputs = saved["derived"].get("inputs", {})
     stale = [k for k in inputs if k in old_inputs and old_inputs[k] != inputs[k]]
     if stale:
@@ -286,18 +338,22 @@ def evaluate(args, overrides, sub=None):
     out = Path(args.out) if args.out else Path("evaluation_models") / f"{name}_N{N}{suffix}"
     out = out / sub if sub else out
     student, full_file = ec["student"], f"{ec['student']}_full_dataset.pth"
-    # the full-dataset model is a cache checked against its own metadata: it survives --overwrite
-    lock = utils.claim_run_folder(out, [out / "results.json"], args.resume, args.overwrite,
-                                  keep=[full_file]) if ranks.main else None
-    utils.barrier(ranks)
-    assets = Path(args.assets) if args.assets else main_distill.default_out(cfg, name)
+    claim = lambda: utils.claim_run_folder(out, [out / "results.json"], args.resume, args.overwrite,
+                                           "main_evaluate.py", keep=[full_file])
+    if ranks.main:  # refused before any work; claimed (lock, owner, --overwrite) once every other check passed
+        utils.check_run_folder(out, [out / "results.json"], args.resume, args.overwrite, "main_evaluate.py")
+    assets = Path(args.assets) if args.assets else utils.distilled_folder(cfg, name)
     krr_cfg = {**cfg, "distillation": {**cfg["distillation"], "method": "krr_st"}}
-    krr_assets = Path(args.krr_assets) if args.krr_assets else main_distill.default_out(krr_cfg, name)
+    krr_assets = Path(args.krr_assets) if args.krr_assets else utils.distilled_folder(krr_cfg, name)
     rotations = cfg["augmentations"]["rotate"]
     rows = list(args.rows)
     if "krr_st" in rows and not args.rows_given and not (krr_assets / "distilled_data.pth").is_file():
         rows.remove("krr_st")  # optional by default; asked for by --rows, a missing set is an error
         ranks.say(f"krr_st: no assets at {krr_assets}, row skipped (run main_distill.py --distillation.method=krr_st)")
+    init_only = assets / utils.INIT_ONLY / "distilled_data.pth"
+    if "init_only" in rows and not args.rows_given and not init_only.is_file():
+        rows.remove("init_only")
+        ranks.say(f"init_only: no set at {init_only}, row skipped (main_distill.py writes it before its first step)")
     if not rotations and not args.rows_given:  # without rotations these rows repeat distilled / a real set
         rows = [r for r in rows if r not in NEEDS_ROTATIONS]
     seeds = [cfg["seed"] + i for i in range(args.seeds)]
@@ -314,11 +370,47 @@ def evaluate(args, overrides, sub=None):
     # what the table was computed from: a resumed table must find the same inputs
     inputs = {"teacher_hash": teacher_hash, "train_hash": data.fingerprint}
     for key, folder, readers in (("distilled", assets, {"distilled", "distilled_exact", "real_init"}),
+                                   ("init_only", assets / utils.INIT_ONLY, {"init_only"}),
                                    ("krr_st", krr_assets, {"krr_st"})):
         path = folder / "distilled_data.pth"
         if readers & set(rows) and path.is_file():
             inputs[f"{key}_hash"] = utils.file_hash(path)
+    def check_assets(folder, d):
+        """A distilled set is compared with the other rows only if it was built from the same inputs."""
+        pairs = {"dataset": (d["dataset"], cfg["dataset"]), "teacher": (d["teacher_hash"], teacher_hash),
+                 "train split": (d["train_hash"], data.fingerprint),
+                 "data.target_rms": (d["config"]["data"]["target_rms"], cfg["data"]["target_rms"])}
+        stale = [f"{k} ({str(a)[:16]} here {str(b)[:16]})" for k, (a, b) in pairs.items() if a != b]
+        if stale:
+            raise ValueError(f"{folder} was distilled from other inputs than this evaluation uses: {', '.join(stale)}; "
+                             f"rerun main_distill.py with this config and teacher")
+
+    def distilled_set(row):
+        """(views, targets, storage floats) of a distilled row; checked against this teacher and split."""
+        folder = {"krr_st": krr_assets, "init_only": assets / utils.INIT_ONLY}.get(row, assets)
+        views, targets, d = utils.load_distilled(folder, device, exact=row == "distilled_exact")
+        check_assets(folder, d)
+        stored = d["storage"]["stored"]
+        if row == "distilled_exact":  # learned C_y^k stored instead of the approximation nets
+            stored += len(d["rotations"]) * d["m"] * d["C_y"].shape[1] - d["storage"]["rows"].get("approximation nets", 0)
+        return views, targets, stored
+
+    def real_init_indices():
+        """The m train images the distilled set started from (its indices index this split: checked)."""
+        d = utils.read_pth(assets / "distilled_data.pth", "a distilled set written by main_distill.py",
+                           ["run_id", "teacher_hash", "train_hash", "dataset", "config"])
+        check_assets(assets, d)
+        return utils.read_controls(assets, run_id=d["run_id"])["init_indices"]
+
+    # every set this table reads, loaded and checked before anything is written
+    sets = {row: distilled_set(row) for row in rows if row in DISTILLED_ROWS}
+    init_idx = real_init_indices() if "real_init" in rows else None
+
     bs = cfg["data"]["eval_batch_size"]
+    cells = resumed_cells(out / "results.json", cfg, target_name, inputs) if args.resume else {}
+    # the full-dataset model is a cache checked against its own metadata: it survives --overwrite
+    lock = claim() if ranks.main else None
+    utils.barrier(ranks)
     T, target_scale = None, None
     if {"real_init", "random_subset", "full_dataset"} & set(rows):
         for turn in (True, False):  # rank 0 computes and caches the targets, then the others read the cache
@@ -333,41 +425,12 @@ def evaluate(args, overrides, sub=None):
         utils.print_config(cfg, derived)
         utils.write_json({"config": cfg, "derived": derived}, out / "config.json")
     teacher_feats = utils.split_features(teacher, target, bs)  # what every row's teacher fit is scored against
-    budget = main_distill.storage_accounting(krr_cfg, res)  # N real images + targets: exactly the budget
+    budget = utils.storage_accounting(krr_cfg, res)  # N real images + targets: exactly the budget
     K = 1 + len(rotations)
     per_real = 3 * res * res + d_y * K  # a real image stored with its K teacher targets
 
-    def check_assets(folder, d):
-        """A distilled set is compared with the other rows only if it was built from the same inputs."""
-        pairs = {"dataset": (d["dataset"], cfg["dataset"]), "teacher": (d["teacher_hash"], teacher_hash),
-                 "train split": (d["train_hash"], data.fingerprint),
-                 "data.target_rms": (d["config"]["data"]["target_rms"], cfg["data"]["target_rms"])}
-        stale = [f"{k} ({str(a)[:16]} here {str(b)[:16]})" for k, (a, b) in pairs.items() if a != b]
-        if stale:
-            raise ValueError(f"{folder} was distilled from other inputs than this evaluation uses: {', '.join(stale)}; "
-                             f"rerun main_distill.py with this config and teacher")
-
-    def distilled_set(row):
-        """(views, targets, storage floats) of a distilled row; checked against this teacher and split."""
-        folder = krr_assets if row == "krr_st" else assets
-        views, targets, d = utils.load_distilled(folder, device, exact=row == "distilled_exact")
-        check_assets(folder, d)
-        stored = d["storage"]["stored"]
-        if row == "distilled_exact":  # learned C_y^k stored instead of the approximation nets
-            stored += len(d["rotations"]) * d["m"] * d["C_y"].shape[1] - d["storage"]["rows"].get("approximation nets", 0)
-        return views, targets, stored
-
-    def real_init_set():
-        d = utils.read_pth(assets / "distilled_data.pth", "a distilled set written by main_distill.py",
-                           ["run_id", "teacher_hash", "train_hash", "dataset", "config"])
-        check_assets(assets, d)  # its indices index this split
-        idx = utils.read_controls(assets, run_id=d["run_id"])["init_indices"]
-        views, targets = real_views(data, T, idx, rotations)
-        return views, targets, len(idx) * per_real
-
     # ---------------------------------------------------------------- cells: one per (row, seed), saved as each ends
     # cells[row][seed] = {"probe", "fit", "finetune", "steps", "time_s"}: a cell keeps what each protocol measured
-    cells = resumed_cells(out / "results.json", cfg, target_name, inputs) if args.resume else {}
     if args.resume:
         ranks.say(f"resumed: {sum(len(c) for c in cells.values())} (row, seed) cells already done")
     wanted = {"probe": ("probe", "fit"), "finetune": ("finetune",)}
@@ -382,17 +445,18 @@ def evaluate(args, overrides, sub=None):
         if row == "full_dataset" and todo:  # every rank trains it (DDP under torchrun); rank 0 probes it below
             g_full, train_time, full_steps, reused = full_dataset_backbone(
                 out / full_file, data, T, rotations, cfg, teacher_hash, args.retrain_full, args.overwrite, ranks)
-        if row in ("distilled", "distilled_exact", "krr_st"):
-            views, targets, stored = distilled_set(row)
+        if row in DISTILLED_ROWS:
+            views, targets, stored = sets[row]
         elif row == "real_init":
-            views, targets, stored = real_init_set()
+            views, targets = real_views(data, T, init_idx, rotations)
+            stored = len(init_idx) * per_real
         else:
             stored = {"random_subset": budget["budget"], "full_dataset": len(data.train_x) * per_real,
                       "no_pretraining": 0, "teacher": None}[row]
         # the seeds of a seeded row are spread over the ranks; the other rows are rank 0's
         for seed in todo[ranks.rank::ranks.world] if row in SEEDED else todo * ranks.main:
             t0, cell, feats, steps = time.time(), dict(done.get(str(seed), {})), None, 0
-            if row in ("distilled", "distilled_exact", "krr_st", "real_init"):
+            if row in DISTILLED_ROWS + ("real_init",):
                 g, steps = pretrain_on_set(views, targets, ec, ec["epochs"], data.mean, data.std, seed,
                                            f"{row} s{seed}", width)
                 if row == "distilled" and seed == seeds[0]:
@@ -409,7 +473,7 @@ def evaluate(args, overrides, sub=None):
                 g, feats = teacher, teacher_feats
             else:  # no_pretraining: a random student, its BatchNorm statistics as evaluation.random_init_bn says
                 torch.manual_seed(seed)
-                g = models.student(student, width, res)[0].to(device).eval()
+                g = utils.channels_last_module(models.student(student, width, res)[0].to(device), device).eval()
                 g = utils.recalibrate_bn(g, target, bs) if ec["random_init_bn"] == "recalibrate" else g
             feats = feats if feats is not None else utils.split_features(g, target, bs)
             utils.check_features(feats, row)
@@ -442,7 +506,7 @@ def evaluate(args, overrides, sub=None):
               f"augment={ec['augment']}, protocol {'+'.join(args.protocol)} (linear probe {cfg['probe']['iterations']} "
               f"it., fine-tune {cfg['finetune']['iterations']} it.), seeds {seeds}"
               + (f"; {target_name} images at {res} px" if target_name != cfg["dataset"] else ""))
-    md = markdown(results, header)
+    md = markdown(results, header, args.protocol)
     print(md)
     (out / "results.md").write_text(md)
     save(header=header, complete=True)

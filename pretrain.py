@@ -60,8 +60,7 @@ def build(pc, width, device, ranks=utils.Ranks()):
     net = models.BarlowTwins(models.resnet18_cifar(width), models.projector(models.resnet18_dim(width),
                                                                            pc["projector_dims"]))
     net = (models.sync_batchnorm(net, device) if ranks.world > 1 else net).to(device)
-    if device.type == "cuda":
-        net.backbone.to(memory_format=torch.channels_last)
+    utils.channels_last_module(net.backbone, device)
     opt = models.LARS(models.lars_param_groups(net.backbone, net.projector), lr=0.0, momentum=pc["momentum"],
                       weight_decay=pc["weight_decay"], eta=pc["lars_eta"])
     return net, opt
@@ -99,6 +98,7 @@ def train_one_epoch(net, opt, data, pc, epoch, gen, device, ranks=utils.Ranks())
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)  # the command line, for the recovery hint
     args, overrides = parse_args(argv)
     cfg_path = args.config or f"configs/{args.dataset.lower()}.yaml"
     cfg = utils.load_config(cfg_path, overrides)
@@ -115,7 +115,7 @@ def main(argv=None):
     teacher_file = utils.teacher_path(utils.config_name(cfg_path), out)
     run = teacher_file.with_name(teacher_file.stem + "_run")
     lock = utils.claim_run_folder(run, [teacher_file, run / "checkpoint.pth"], args.resume, args.overwrite,
-                                  also=[teacher_file]) if ranks.main else None
+                                  "pretrain.py", also=[teacher_file]) if ranks.main else None
     utils.barrier(ranks)
 
     # ---------------------------------------------------------------- data (uint8 on the device)
@@ -149,7 +149,7 @@ def main(argv=None):
         if len(rngs) != ranks.world:
             raise ValueError(f"{run / 'checkpoint.pth'} was written by {len(rngs)} process(es); resume it with as "
                              f"many (torchrun --nproc_per_node={len(rngs)}; plain python for 1)")
-        utils.set_rng_state(rngs[ranks.rank], gen)
+        utils.set_rng_state(rngs[ranks.rank], gen, run / "checkpoint.pth")
         start_epoch, knn, run_id = ckpt["epoch"], ckpt["knn_top1"], ckpt["run_id"]
         ranks.say(f"resumed run {run_id} from {run / 'checkpoint.pth'} at epoch {start_epoch}")
     run_id = utils.gather_objects(run_id, ranks)[0]  # rank 0's
@@ -169,8 +169,8 @@ def main(argv=None):
         weights = [v for m in (backbone, proj) for v in m.state_dict().values() if v.is_floating_point()]
         if not (math.isfinite(loss) and utils.all_finite(weights)):  # checked before anything of it is saved
             sys.exit(f"non-finite loss or weights in epoch {epoch + 1} (mean loss {loss}); nothing of it was saved. "
-                     + utils.resume_hint(run / "checkpoint.pth", f"after epoch {saved_epoch}",
-                                         f"python pretrain.py {args.dataset} --config {cfg_path}", "pretrain.lr"))
+                     + utils.resume_hint(run / "checkpoint.pth", f"after epoch {saved_epoch}", "pretrain.py", argv,
+                                         "pretrain.lr"))
         eta_min = (time.time() - t_start) / (epoch + 1 - start_epoch) * (pc["epochs"] - epoch - 1) / 60
         row = {"epoch": epoch + 1, "loss": loss, "views_per_s": rate, "lr": opt.param_groups[0]["lr"], "eta_min": eta_min}
         if ranks.main and ((epoch + 1) % pc["knn_every"] == 0 or epoch + 1 == pc["epochs"]):
@@ -193,11 +193,7 @@ def main(argv=None):
         return None
 
     # ---------------------------------------------------------------- teacher file and probe
-    meta = {"dataset": cfg["dataset"], "resolution": cfg["data"]["resolution"], "epochs": pc["epochs"],
-            "mean": data.mean.tolist(), "std": data.std.tolist(), "d_y": models.resnet18_dim(width),
-            "width": width, "train_images": len(data.train_x), "train_hash": data.fingerprint, "split": data.split,
-            "run_id": run_id}
-    utils.atomic_save({"backbone": {k: v.cpu() for k, v in backbone.state_dict().items()}, "meta": meta}, teacher_file)
+    utils.save_teacher(teacher_file, backbone, cfg, data, run_id)
     t0 = time.time()
     probe = utils.probe_backbone(backbone, data, cfg["probe"], cfg["seed"], cfg["data"]["eval_batch_size"],
                                  features=feats)  # the last epoch's kNN features (None after a finished resume)

@@ -12,6 +12,7 @@ import math
 import os
 import pickle
 import random
+import shlex
 import socket
 import sys
 import time
@@ -51,7 +52,7 @@ SCHEMA = {
     "augmentations": {"rotate": [int]},
     "storage": {"budget_N": int, "m": int, "store_augmented_targets": bool},
     "distillation": {
-        "method": ("ours", "krr_st"), "steps": int, "outer_batch_size": int,
+        "method": ("ours", "krr_st"), "init": ("random", "kmeans", "herding"), "steps": int, "outer_batch_size": int,
         "real_views": ("all", "identity"), "lr_image": float, "lr_image_bases": float, "lr_repr": float,
         "lr_repr_bases": float, "krr_st_lr_pixels": float, "krr_st_lr_targets": float, "ridge": float,
         "krr_features": PRECISIONS, "support_chunk": int, "save_every": int, "log_every": int,
@@ -177,9 +178,12 @@ def _check_value(value, spec, where):
         if isinstance(value, bool):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         try:
-            return float(value)
+            value = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        if not math.isfinite(value):  # YAML reads .inf and .nan as floats: no range check may see them
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return value
     if spec is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if not isinstance(value, spec):
@@ -310,7 +314,9 @@ def init_ranks(device_name=None):
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():  # once per process (main_evaluate --student a,b evaluates twice)
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # device_id binds the nccl group to this process's GPU (no barrier guesswork, no hang on some NCCL versions)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                             **({"device_id": device} if device.type == "cuda" else {}))
         atexit.register(lambda: torch.distributed.is_initialized() and torch.distributed.destroy_process_group())
     return Ranks(torch.distributed.get_rank(), world), device
 
@@ -347,7 +353,9 @@ def autocast(device, enabled=True):
 @contextmanager
 def tf32(enabled):
     """TF32 tensor cores (10-bit mantissa inputs, float32 accumulation) for float32 convs and matmuls on CUDA,
-    set explicitly: PyTorch's own defaults differ (on for cuDNN convs, off for matmuls). Restored on exit."""
+    set explicitly: PyTorch's own defaults differ (on for cuDNN convs, off for matmuls). Restored on exit.
+    The legacy allow_tf32 flags only: torch.compile on torch 2.9-2.11 still reads them, and mixing them with the
+    newer fp32_precision API raises on a mixed read, so this repository never sets fp32_precision."""
     flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = enabled
     try:
@@ -366,6 +374,12 @@ def precision(device, name):
 
 def to_channels_last(x, device):
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+
+def channels_last_module(net, device):
+    """A network whose inputs are channels_last on CUDA gets its weights in that layout once, here: otherwise
+    cuDNN converts every conv's weight on every call. Unchanged on the CPU."""
+    return net.to(memory_format=torch.channels_last) if device.type == "cuda" else net
 
 
 # ============================================================================================
@@ -425,16 +439,41 @@ def _unpickle(path):
     return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in d.items()}
 
 
-def _cifar_arrays(path, label_key, layout):
+def _cifar_arrays(path, label_key, layout, num_classes):
+    """One official CIFAR pickle: 'data' uint8 (n, 3072) in R, G, B planes and n labels in [0, num_classes)."""
     if not path.is_file():
         raise DatasetError(f"missing {path}; expected layout: {layout}")
     try:
         d = _unpickle(path)
-        x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-        y = np.asarray(d[label_key], dtype=np.int64)
-    except Exception as e:  # truncated file, wrong keys, wrong sizes
-        raise DatasetError(f"could not read {path} as a CIFAR pickle ({e!r}); expected layout: {layout}") from e
-    return torch.from_numpy(x.copy()), torch.from_numpy(y)
+        data, labels = d["data"], d[label_key]
+    except Exception as e:  # truncated file, not a pickle, wrong keys
+        raise DatasetError(f"could not read {path} as a CIFAR pickle ({type(e).__name__}: {e}); "
+                           f"expected layout: {layout}") from None
+    data = np.asarray(data)
+    if data.ndim != 2 or data.shape[1] != 3072 or data.dtype != np.uint8:
+        raise DatasetError(f"{path}: 'data' is {data.dtype} of shape {data.shape}; expected uint8 (n, 3072) "
+                           f"(32 x 32 x 3 channel planes per row); expected layout: {layout}")
+    x = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
+    return x, check_labels(labels, len(x), num_classes, f"{path}: '{label_key}'")
+
+
+def check_labels(labels, n, num_classes, where):
+    """n integer labels in [0, num_classes) as int64, or a DatasetError naming `where`."""
+    y = np.asarray(labels)
+    if y.shape != (n,) or not (np.issubdtype(y.dtype, np.integer) or y.size == 0):
+        raise DatasetError(f"{where}: {y.shape[0] if y.ndim == 1 else y.shape} labels of type {y.dtype} for {n} "
+                           f"images; expected {n} integer labels")
+    if y.size and (y.min() < 0 or y.max() >= num_classes):
+        raise DatasetError(f"{where}: labels range over [{y.min()}, {y.max()}]; expected [0, {num_classes - 1}]")
+    return torch.from_numpy(y.astype(np.int64))
+
+
+def check_split(x, y, num_classes, where):
+    """What every loader returns (and a decoded cache read back): uint8 (n > 0, 3, H, H) images and n integer
+    labels in [0, num_classes)."""
+    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3 or x.shape[2] != x.shape[3] or len(x) == 0:
+        raise DatasetError(f"{where}: images {x.dtype} {tuple(x.shape)}; expected uint8 (n > 0, 3, H, H)")
+    check_labels(y.numpy(), len(x), num_classes, where)
 
 
 def load_cifar10(root):
@@ -443,8 +482,8 @@ def load_cifar10(root):
         folder = Path(root) / "cifar-10-batches-py"  # the official archive's folder name
     if not folder.is_dir():
         raise DatasetError(f"CIFAR-10 folder not found: {folder}; expected layout: {CIFAR10_LAYOUT}")
-    parts = [_cifar_arrays(folder / f"data_batch_{i}", "labels", CIFAR10_LAYOUT) for i in range(1, 6)]
-    test_x, test_y = _cifar_arrays(folder / "test_batch", "labels", CIFAR10_LAYOUT)
+    parts = [_cifar_arrays(folder / f"data_batch_{i}", "labels", CIFAR10_LAYOUT, 10) for i in range(1, 6)]
+    test_x, test_y = _cifar_arrays(folder / "test_batch", "labels", CIFAR10_LAYOUT, 10)
     train_x = torch.cat([p[0] for p in parts])
     train_y = torch.cat([p[1] for p in parts])
     return train_x, train_y, test_x, test_y, 10
@@ -453,14 +492,21 @@ def load_cifar10(root):
 def load_cifar100(root):
     folder = Path(root) / "data" / "cifar-100-python"
     if not all((folder / f).is_file() for f in ("train", "test")):
+        off = [p for p in (Path(root) / "cifar-100-python", Path(root).parent / "cifar-100-python")
+               if (p / "train").is_file()]
+        if off:  # data.root one level off: say so instead of downloading a second copy
+            raise DatasetError(f"CIFAR-100 not found at {folder}, but {off[0]} holds it: the layout is "
+                               f"{CIFAR100_LAYOUT}, i.e. data.root must be the folder that holds data/cifar-100-python/ "
+                               f"(here {off[0].parent.parent}); set data.root or move the folder")
         try:  # torchvision downloads into data/data/cifar-100-python
             from torchvision.datasets import CIFAR100
             CIFAR100(root=str(Path(root) / "data"), train=True, download=True)
         except Exception as e:
-            raise DatasetError(f"CIFAR-100 not found at {folder} and the download failed ({e!r}); "
-                               f"put the files there by hand: {CIFAR100_LAYOUT}") from e
-    train_x, train_y = _cifar_arrays(folder / "train", "fine_labels", CIFAR100_LAYOUT)
-    test_x, test_y = _cifar_arrays(folder / "test", "fine_labels", CIFAR100_LAYOUT)
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise DatasetError(f"CIFAR-100 not found at {folder} and the download failed ({type(e).__name__}: "
+                               f"{first}); put the files there by hand: {CIFAR100_LAYOUT}") from None
+    train_x, train_y = _cifar_arrays(folder / "train", "fine_labels", CIFAR100_LAYOUT, 100)
+    test_x, test_y = _cifar_arrays(folder / "test", "fine_labels", CIFAR100_LAYOUT, 100)
     return train_x, train_y, test_x, test_y, 100
 
 
@@ -646,6 +692,8 @@ def load_dataset(name, root, resolution, train_subset=0):
     else:
         raise ConfigError(f"unknown dataset {name!r}; expected one of {list(DATASETS)}")
     train_x, train_y, test_x, test_y, num_classes, *split = parts
+    for what, x, y in (("train", train_x, train_y), ("test", test_x, test_y)):
+        check_split(x, y, num_classes, f"{name} {what} split (data.root {root})")
     if train_x.shape[-1] != resolution:
         train_x, test_x = resize_uint8(train_x, resolution), resize_uint8(test_x, resolution)
     if train_subset:
@@ -805,7 +853,64 @@ def all_views(x, rotations):
 
 
 # ============================================================================================
-# Parameterization (SPEC 2): PCA bases, decoding images and targets
+# Storage accounting (SPEC 3): the budget, and m within it
+# ============================================================================================
+INIT_ONLY = "init_only"  # sub-folder: the same set at step 0, approximation nets fitted to it
+
+
+def distilled_folder(cfg, name):
+    """main_distill.py's default output: distilled_assets/<config name>_N<budget>[_krr_st]"""
+    suffix = "_krr_st" if cfg["distillation"]["method"] == "krr_st" else ""
+    return Path("distilled_assets") / f"{name}_N{cfg['storage']['budget_N']}{suffix}"
+
+
+def storage_accounting(cfg, resolution):
+    """Every stored float, in a table; m is the largest count within budget unless the config fixes it."""
+    N, S = cfg["storage"]["budget_N"], cfg["storage"]
+    d_y = models.resnet18_dim(cfg["network"]["width"])  # the teacher's feature width
+    per_image = 3 * resolution * resolution + d_y  # an image plus its target representation (KRR-ST)
+    budget = N * per_image
+    if cfg["distillation"]["method"] == "krr_st":
+        m = N
+        rows = {"X (free pixels)": m * 3 * resolution**2, "Y (free targets)": m * d_y}
+        return {"budget_N": N, "floats_per_image": per_image, "budget": budget, "rows": rows, "m": m,
+                "m_max": N, "stored": sum(rows.values())}
+    P = cfg["parameterization"]
+    r_b, U, V, A = P["image_basis_size"], P["U"], P["V"], len(cfg["augmentations"]["rotate"])
+    h = cfg["approximation"]["hidden"]
+    rows = {"B_x": U * 3 * r_b**2, "mu_x": 3 * r_b**2, "B_y": V * d_y, "mu_y": d_y}
+    per_m = U + V + (A * V if S["store_augmented_targets"] else 0)
+    if not S["store_augmented_targets"]:  # every parameter of the A approximation MLPs as built (SPEC 5)
+        rows["approximation nets"] = A * models.num_params(models.ApproxMLP(V, h))
+    fixed = sum(rows.values())
+    m_max = (budget - fixed) // per_m
+    if m_max < 1:
+        raise ConfigError(
+            f"storage: budget {budget:,} floats (N={N} images x {per_image:,}) cannot hold the bases, means and "
+            f"approximation nets ({fixed:,} floats) plus one distilled image ({per_m} floats); "
+            f"raise storage.budget_N or lower parameterization.U / V")
+    m = S["m"] or m_max
+    stored = fixed + m * per_m
+    what = "C_x, C_y" + (", C_y^k" if S["store_augmented_targets"] else "")
+    rows[f"{what} (m x {per_m})"] = m * per_m
+    if stored > budget:
+        raise ConfigError(
+            f"storage: m={m} needs {stored:,} floats > budget {budget:,} (N={N} images x {per_image:,} floats); "
+            f"fixed cost {fixed:,}, {per_m} floats per distilled image, so the largest m within budget is {m_max}")
+    return {"budget_N": N, "floats_per_image": per_image, "budget": budget, "rows": rows, "m": m,
+            "m_max": m_max, "stored": stored}
+
+
+def print_storage(table):
+    print(f"storage budget: N={table['budget_N']} images x {table['floats_per_image']:,} floats = {table['budget']:,}")
+    for k, v in table["rows"].items():
+        print(f"  {k:<34s}{v:>12,}")
+    print(f"  {'stored':<34s}{table['stored']:>12,}  ({100 * table['stored'] / table['budget']:.2f}% of budget)")
+    print(f"  m = {table['m']} distilled images (largest within budget: {table['m_max']})")
+
+
+# ============================================================================================
+# Parameterization (SPEC 2): PCA bases, the distilled set's file (writer and reader)
 # ============================================================================================
 def pca(X, k):
     """Top-k principal directions of the rows of X: (mean (D,), basis (k, D) with orthonormal rows)."""
@@ -833,6 +938,20 @@ def decode_images(C_x, B_x, mu_x, size):
 def decode_targets(C_y, B_y, mu_y):
     """y_i = mu_y + c_i^y B_y -> (m, d_y)."""
     return mu_y + C_y @ B_y
+
+
+def save_distilled(folder, asset, controls, nets):
+    """What main_distill.py writes and load_distilled reads back: distilled_data.pth (`asset`), controls.pth
+    (`controls`) and approx_net_rot_<angle>.pth for each {angle: (ApproxMLP, relative error)} of `nets`; every
+    file carries the run id, so a folder that mixes two runs is refused when read."""
+    folder = Path(folder)
+    V = asset["C_y"].shape[1] if nets else None
+    for angle, (net, err) in nets.items():
+        atomic_save({"state_dict": {k: v.cpu() for k, v in net.state_dict().items()}, "V": V,
+                     "hidden": net[0].out_features, "rotation": angle, "relative_error": err,
+                     "run_id": asset["run_id"]}, folder / f"approx_net_rot_{angle}.pth")
+    atomic_save(controls, folder / CONTROLS_FILE)
+    atomic_save(asset, folder / "distilled_data.pth")
 
 
 def load_distilled(folder, device, exact=False):
@@ -918,6 +1037,16 @@ def file_hash(path):
     return h.hexdigest()
 
 
+def save_teacher(path, backbone, cfg, data, run_id):
+    """The teacher file load_teacher reads: the backbone's weights and what it was trained on."""
+    width = cfg["network"]["width"]
+    meta = {"dataset": cfg["dataset"], "resolution": cfg["data"]["resolution"], "epochs": cfg["pretrain"]["epochs"],
+            "mean": data.mean.tolist(), "std": data.std.tolist(), "d_y": models.resnet18_dim(width),
+            "width": width, "train_images": len(data.train_x), "train_hash": data.fingerprint, "split": data.split,
+            "run_id": run_id}
+    atomic_save({"backbone": {k: v.cpu() for k, v in backbone.state_dict().items()}, "meta": meta}, path)
+
+
 def load_teacher(path, cfg, device, data=None):
     """The frozen Barlow Twins backbone g written by pretrain.py, checked against the config and, when the
     teacher recorded it, against the train split it was trained on (`data`: another subset or Dogs split
@@ -940,7 +1069,7 @@ def load_teacher(path, cfg, device, data=None):
                          f"{', split ' + data.split if data.split else ''}); retrain it with pretrain.py")
     g = models.resnet18_cifar(width)
     g.load_state_dict(d["backbone"], strict=True)
-    return g.to(device).eval(), meta
+    return channels_last_module(g.to(device), device).eval(), meta
 
 
 @torch.no_grad()
@@ -1204,12 +1333,28 @@ def _read_lock(folder):
         return {"pid": None, "host": None}
 
 
-def claim_run_folder(folder, outputs, resume, overwrite, also=(), keep=()):
-    """A run folder belongs to one run: refuse while a live process holds its lock, refuse existing outputs
-    without --resume/--overwrite, and under --overwrite move the old folder (plus `also`, its files outside it)
-    aside to <folder>.replaced-<time>-<id>/ in one rename before anything is written, so old and new never mix.
-    `keep`: files in it that are caches checked by their own metadata (moved back). Returns the lock path;
-    the lock is removed at exit (release_run_folder), and a killed run's stale lock is taken over."""
+OWNER_FILE = "owner.json"  # which script and which run a run folder belongs to
+
+
+def read_owner(folder):
+    """The owner record of a run folder ({script, run_id, started}), None if it has none; a corrupt one is refused."""
+    path = Path(folder) / OWNER_FILE
+    if not path.is_file():
+        return None
+    try:
+        owner = json.loads(path.read_text())
+        if not (isinstance(owner, dict) and isinstance(owner.get("script"), str) and isinstance(owner.get("run_id"), str)):
+            raise ValueError("expected {script, run_id}")
+    except (OSError, ValueError) as e:
+        raise RunFolderError(f"{path} is not a run folder's owner record ({type(e).__name__}: {e}); the folder's "
+                             f"owner is unknown: choose another --out, or --overwrite to move the folder aside") from None
+    return owner
+
+
+def check_run_folder(folder, outputs, resume, overwrite, script):
+    """The refusals of claim_run_folder, writing nothing: a live run's lock, outputs that exist without
+    --resume/--overwrite, and a folder that belongs to another script (or, without --resume, another run).
+    Returns the folder's owner record (None for a new folder)."""
     folder = Path(folder)
     if resume and overwrite:
         raise RunFolderError("pass --resume (continue the run) or --overwrite (replace it), not both")
@@ -1222,6 +1367,27 @@ def claim_run_folder(folder, outputs, resume, overwrite, also=(), keep=()):
     if existing and not (resume or overwrite):
         raise FileExistsError(f"outputs already exist: {existing}; pass --resume to continue the run, "
                               f"--overwrite to replace them, or choose another --out")
+    owner = read_owner(folder)
+    if owner is not None and not overwrite:
+        if owner["script"] != script:
+            raise RunFolderError(f"{folder} belongs to {owner['script']} (run {owner['run_id']}); {script} does not "
+                                 f"write into another script's run folder: choose another --out (or --overwrite "
+                                 f"to move that folder aside)")
+        if not resume:
+            raise FileExistsError(f"{folder} holds run {owner['run_id']} of {script}; pass --resume to continue "
+                                  f"it, --overwrite to replace it, or choose another --out")
+    return owner
+
+
+def claim_run_folder(folder, outputs, resume, overwrite, script, also=(), keep=()):
+    """A run folder belongs to one run of one script: check_run_folder's refusals first; then, under --overwrite,
+    move the old folder (plus `also`, its files outside it) aside to <folder>.replaced-<time>-<id>/ in one rename
+    before anything is written, so old and new never mix. `keep`: files in it that are caches checked by their
+    own metadata (moved back). Writes the owner record (kept by --resume) and a lock; returns the lock path. The
+    lock is removed at exit (release_run_folder), and a killed run's stale lock is taken over."""
+    folder = Path(folder)
+    owner = check_run_folder(folder, outputs, resume, overwrite, script)
+    held = _read_lock(folder)
     old = [Path(p) for p in also if Path(p).exists()] + ([folder] if folder.is_dir() and any(folder.iterdir()) else [])
     if overwrite and old:
         aside = folder.with_name(f"{folder.name}.replaced-{new_run_id()}")  # unique, even twice in a second
@@ -1249,6 +1415,8 @@ def claim_run_folder(folder, outputs, resume, overwrite, also=(), keep=()):
     with os.fdopen(fd, "w") as f:
         f.write(json.dumps(info))
     atexit.register(release_run_folder, lock)
+    if owner is None or overwrite:
+        write_json({"script": script, "run_id": new_run_id(), "started": info["started"]}, folder / OWNER_FILE)
     return lock
 
 
@@ -1303,15 +1471,23 @@ def _get_or(cfg, dotted):
 
 
 def rng_state(gen):
-    return {"torch": torch.get_rng_state(), "gen": gen.get_state(),
+    """The random states a checkpoint keeps, with the kind of device the run's generator lives on."""
+    return {"torch": torch.get_rng_state(), "gen": gen.get_state(), "device": gen.device.type,
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
-def set_rng_state(state, gen):
+def set_rng_state(state, gen, path="the checkpoint"):
+    """Restore rng_state's states. A generator state of another device kind does not fit (a CPU and a CUDA
+    generator's states differ in size): refused by name. CUDA states are restored for the GPUs both boxes have."""
+    if state.get("device") != gen.device.type:
+        raise ValueError(f"--resume: {path} was written by a run on {state.get('device', 'an unrecorded device')}, "
+                         f"this run is on {gen.device.type}: resume it on the same kind of device "
+                         f"(--device {state.get('device', 'cpu')}), or start afresh with --overwrite")
     torch.set_rng_state(state["torch"])
     gen.set_state(state["gen"])
     if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        for i, s in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)
 
 
 class RunLog:
@@ -1326,8 +1502,17 @@ class RunLog:
             self.path.unlink(missing_ok=True)
         elif self.path.exists():
             key, last = resume_at
-            rows = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get(key, 0) <= last]
+            rows = []
+            for n, line in enumerate(self.path.read_text().splitlines(), 1):
+                try:
+                    value = json.loads(line).get(key, 0) if line.strip() else None
+                    if value is not None and not isinstance(value, (int, float)):
+                        raise ValueError(f"{key} is {value!r}")
+                except (ValueError, AttributeError) as e:
+                    raise ValueError(f"{self.path}, line {n}: not a log row of this run ({type(e).__name__}: {e}); "
+                                     f"move the file aside to resume without it") from None
+                if value is not None and value <= last:
+                    rows.append(line)
             self.path.write_text("".join(r + "\n" for r in rows))
         self.t0 = time.time()
 
@@ -1351,9 +1536,23 @@ def all_finite(tensors):
     return bool(torch.stack([t.isfinite().all() for t in tensors]).all()) if tensors else True
 
 
-def resume_hint(checkpoint, step_name, argv_hint, lr_key):
-    """What a NaN stop tells the user: the last good checkpoint is kept, and how to continue from it."""
+def resume_hint(checkpoint, step_name, script, argv, lr_key):
+    """What a NaN stop tells the user: the command it was started with (every flag and override kept), changed
+    to continue from the last good checkpoint with a lower `lr_key`, or to start afresh if none was written."""
+    keep, allowed, args = [], [lr_key], list(argv)
+    while args:
+        a = args.pop(0)
+        if a in ("--resume", "--overwrite") or a.startswith(f"--{lr_key}="):
+            continue
+        if a == "--allow-changed" and args:
+            allowed += [k for k in args.pop(0).split(",") if k and k != lr_key]
+        elif a.startswith("--allow-changed="):
+            allowed += [k for k in a.split("=", 1)[1].split(",") if k and k != lr_key]
+        else:
+            keep.append(a)
+    command = "python " + shlex.join([script] + keep)
     if not Path(checkpoint).is_file():
-        return f"no checkpoint was written before it; rerun with a lower {lr_key}"
+        return (f"no checkpoint was written before it; start again with a lower learning rate, e.g. "
+                f"`{command} --overwrite --{lr_key}=<lower>`")
     return (f"the last good checkpoint {checkpoint} ({step_name}) is kept: continue from it with a lower "
-            f"learning rate, e.g. `{argv_hint} --resume --allow-changed {lr_key} --{lr_key}=<lower>`")
+            f"learning rate, e.g. `{command} --resume --allow-changed {','.join(allowed)} --{lr_key}=<lower>`")

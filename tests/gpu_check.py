@@ -117,7 +117,7 @@ def random_targets(cfg, n, device, seed=0):
 def outer_step_setup(cfg, data, T, device, seed=0):
     """A distilled set, pool and optimizer at `cfg`'s sizes: one outer step as a function of nothing."""
     gen = utils.make_generator(device, seed)
-    m = main_distill.storage_accounting(cfg, cfg["data"]["resolution"])["m"]
+    m = utils.storage_accounting(cfg, cfg["data"]["resolution"])["m"]
     distilled = main_distill.init_distilled(cfg, data, T, m, gen).to(device)
     opt = torch.optim.AdamW(distilled.param_groups(cfg["distillation"]), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
@@ -166,7 +166,7 @@ def check_precision(cfg, data, T, device, inner_steps, seed=0):
     first takes `inner_steps` inner steps on the initial set (a model of some age, as in the pool)."""
     dc = cfg["distillation"]
     gen = utils.make_generator(device, seed)
-    m = main_distill.storage_accounting(cfg, cfg["data"]["resolution"])["m"]
+    m = utils.storage_accounting(cfg, cfg["data"]["resolution"])["m"]
     distilled = main_distill.init_distilled(cfg, data, T, m, gen).to(device)
     pool = main_distill.ModelPool(cfg["model_pool"], cfg["data"]["resolution"], T.shape[-1], device)
     X0, Y0 = distilled()
@@ -300,51 +300,132 @@ def versions(device):
     return v
 
 
+class Report:
+    """A report rewritten after every section (<out>/<name>.json and .md): a section that raises, or stops with
+    sys.exit as the scripts do at a non-finite value, is recorded as failed with its error verbatim, and the
+    sections after it still run; a job killed at its time limit leaves every finished section readable."""
+
+    def __init__(self, out, name, render, data=None):
+        self.out, self.name, self.render = Path(out), name, render
+        self.data = data if data is not None else {}
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    def write(self):
+        utils.write_json(self.data, self.out / f"{self.name}.json")
+        text = self.render(self.data)
+        utils._write_atomically(self.out / f"{self.name}.md", lambda tmp: tmp.write_text(text))
+
+    def section(self, key, fn):
+        """data[key] = fn() (a dict with "ok"), or {"ok": False, "error": the traceback}; then write."""
+        t0 = time.time()
+        try:
+            result = fn()
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - every failure is the report's content
+            result = {"ok": False, "error": failure_text(e)}
+        result["seconds"] = time.time() - t0
+        self.data[key] = result
+        self.write()
+        return result
+
+
+def failure_text(e, limit=20_000):
+    """An exception as its traceback (a sys.exit as its message), cut to `limit` characters."""
+    import traceback
+    text = str(e.code) if isinstance(e, SystemExit) else "".join(traceback.format_exception(e))
+    return text if len(text) <= limit else text[:limit // 2] + "\n[...]\n" + text[-limit // 2:]
+
+
+def section_lines(report, key, lines_of):
+    """A section's Markdown: its lines when it ran, its error when it failed, nothing when it did not run yet."""
+    r = report.get(key)
+    if r is None:
+        return [f"- {key}: not run"]
+    if "error" in r:
+        return [f"- {key}: **FAILED** ({r['seconds']:.0f}s):", "", "```", r["error"].strip(), "```"]
+    return lines_of(r)
+
+
 def markdown(report):
-    """The report as Markdown tables."""
-    lines = ["# GPU check", "", " ".join(f"{k} `{v}`" for k, v in report["versions"].items()), "",
-             "| check | result |", "|---|---|"]
-    lines += [f"| {k} | {'ok' if v else 'FAILED'} |" for k, v in report["pipeline"]["checks"].items()]
-    lines += [f"| host syncs in {k} | {'none' if not v else v} |" for k, v in report["syncs"]["syncs"].items()]
-    p = report["precision"]
-    lines += ["", f"KRR precision against float64 ({p['support_views']} support views, {p['feature_dim']} features, "
-                  f"condition number of the solved matrix {p['solved_matrix_condition_number']:.3g}):", "",
-              "| krr_features | prediction rel. diff | tolerance | gradient cosine | gradient rel. diff |",
-              "|---|---|---|---|---|"]
-    lines += [f"| {n} | {r['prediction_rel_diff']:.2e} | {PREDICTION_TOLERANCE[n]} | {r['gradient_cosine']:.6f} | "
-              f"{r['gradient_rel_diff']:.2e} |" for n, r in p["precisions"].items()]
-    lines += ["", f"Rates ({report['rates_data']}):", "", "| rate | measured | target |", "|---|---|---|"]
-    lines += [f"| {k} | {v:,.1f} | {TARGETS[k]:,} |" for k, v in report["rates"].items()]
-    return "\n".join(lines) + "\n"
+    """The report as Markdown tables (the sections that ran so far)."""
+    lines = ["# GPU check", "", " ".join(f"{k} `{v}`" for k, v in report["versions"].items()), ""]
+
+    def pipeline(r):
+        return ["| check | result |", "|---|---|"] + [f"| {k} | {'ok' if v else 'FAILED'} |"
+                                                     for k, v in r["checks"].items()]
+
+    def syncs(r):
+        return [f"- host syncs in {k}: {'none' if not v else v}" for k, v in r["syncs"].items()]
+
+    def precision(p):
+        return [f"KRR precision against float64 ({p['support_views']} support views, {p['feature_dim']} features, "
+                f"condition number of the solved matrix {p['solved_matrix_condition_number']:.3g}):", "",
+                "| krr_features | prediction rel. diff | tolerance | gradient cosine | gradient rel. diff |",
+                "|---|---|---|---|---|"] + [
+            f"| {n} | {r['prediction_rel_diff']:.2e} | {PREDICTION_TOLERANCE[n]} | {r['gradient_cosine']:.6f} | "
+            f"{r['gradient_rel_diff']:.2e} |" for n, r in p["precisions"].items()]
+
+    def rates(r):
+        return [f"Rates ({r['data']}):", "", "| rate | measured | target |", "|---|---|---|"] + [
+            f"| {k} | {v:,.1f} | {TARGETS[k]:,} |" for k, v in r["rates"].items()]
+
+    for key, lines_of in (("pipeline", pipeline), ("syncs", syncs), ("precision", precision), ("rates", rates)):
+        lines += section_lines(report, key, lines_of) + [""]
+    return "\n".join(lines)
 
 
 SIZES = {  # what main() measures: configs/cifar10.yaml as it is
     "overrides": {}, "train_images": 50_000, "precision_train_images": 10_000, "inner_steps": 100, "repeats": 20}
+SECTIONS = ("pipeline", "precision", "syncs", "rates")
+
+
+def sections(device, sizes=SIZES, cifar_root="data"):
+    """{name: function returning that section's result}, in the order they run; the CIFAR-sized data is
+    built by the first section that needs it."""
+    cfg = utils.load_config(REPO / "configs" / "cifar10.yaml", sizes["overrides"])
+    cache = {}
+
+    def data(n):
+        if n not in cache:
+            x, source = cifar_like(cfg, device, n, cifar_root)
+            cache[n] = x, random_targets(cfg, len(x.train_x), device), source
+        return cache[n]
+
+    def pipeline():
+        with tempfile.TemporaryDirectory() as work:
+            return check_pipeline(work, device)
+
+    def rates():
+        x, T, source = data(sizes["train_images"])
+        return {"rates": measure_rates(cfg, x, T, device, sizes["repeats"]), "ok": True,
+                "data": f"{len(x.train_x):,} {source}, configs/cifar10.yaml"
+                        + (f" with {sizes['overrides']}" if sizes["overrides"] else "")}
+
+    n = sizes["precision_train_images"]
+    return {"pipeline": pipeline,
+            "precision": lambda: check_precision(cfg, *data(n)[:2], device, sizes["inner_steps"]),
+            "syncs": lambda: check_syncs(cfg, *data(n)[:2], device),
+            "rates": rates}
 
 
 def run_checks(out, device, sizes=SIZES, cifar_root="data"):
-    """Every part on `device` at `sizes`; writes <out>/gpu_check.json and .md and returns the report."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = utils.load_config(REPO / "configs" / "cifar10.yaml", sizes["overrides"])
-    report = {"versions": versions(device)}
+    """Every section on `device` at `sizes`; <out>/gpu_check.json and .md are rewritten after each. Returns the
+    report, its "ok" the correctness sections' (a rate is reported, never failed)."""
+    report = Report(out, "gpu_check", markdown, {"versions": versions(device)})
+    report.write()  # the one-line import/version check comes first: a broken install shows up here
     t0 = time.time()
-    with tempfile.TemporaryDirectory() as work:
-        report["pipeline"] = check_pipeline(work, device)
-    data, source = cifar_like(cfg, device, sizes["precision_train_images"], cifar_root)
-    T = random_targets(cfg, len(data.train_x), device)
-    report["precision"] = check_precision(cfg, data, T, device, sizes["inner_steps"])
-    report["syncs"] = check_syncs(cfg, data, T, device)
-    data, source = cifar_like(cfg, device, sizes["train_images"], cifar_root)
-    report["rates"] = measure_rates(cfg, data, random_targets(cfg, len(data.train_x), device), device,
-                                    sizes["repeats"])
-    report["rates_data"] = f"{len(data.train_x):,} {source}, configs/cifar10.yaml" + \
-                           (f" with {sizes['overrides']}" if sizes["overrides"] else "")
-    report["seconds"] = time.time() - t0
-    report["ok"] = all(report[k]["ok"] for k in ("pipeline", "precision", "syncs"))
-    utils.write_json(report, out / "gpu_check.json")
-    (out / "gpu_check.md").write_text(markdown(report))
-    return report
+    for name, fn in sections(device, sizes, cifar_root).items():
+        report.section(name, fn)
+    report.data["seconds"] = time.time() - t0
+    report.data["ok"] = all(report.data[k]["ok"] for k in SECTIONS)
+    report.write()
+    return report.data
+
+
+def require_cuda(command):
+    """Exit 1 before any work when no CUDA device is visible: these commands are for a CUDA machine."""
+    if not torch.cuda.is_available():
+        sys.exit(f"{command}: no CUDA device is visible (torch.cuda.is_available() is False); this is for a CUDA "
+                 f"machine. On the CPU, run the test suite: make test")
 
 
 def main(argv=None):
@@ -352,12 +433,10 @@ def main(argv=None):
     p.add_argument("--out", default="gpu_check", help="folder of gpu_check.json and gpu_check.md")
     p.add_argument("--data-root", default="data", help="where cifar-10-python/ is looked for (rates, precision)")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("gpu_check: no CUDA device is visible (torch.cuda.is_available() is False); this check is for a "
-                 "CUDA machine. On the CPU, run the test suite: make test")
+    require_cuda("gpu_check")
     report = run_checks(args.out, torch.device("cuda"), cifar_root=args.data_root)
     print(markdown(report))
-    failed = [k for k in ("pipeline", "precision", "syncs") if not report[k]["ok"]]
+    failed = [k for k in SECTIONS if not report[k]["ok"]]
     if failed:
         sys.exit(f"gpu_check: FAILED: {', '.join(failed)} (details in {args.out}/gpu_check.json)")
     print(f"gpu_check: all correctness checks passed in {report['seconds']:.0f}s; report in {args.out}/")

@@ -18,7 +18,7 @@ def cifar_cfg(**overrides):
 
 # ---------------------------------------------------------------------------------- SPEC 3
 def test_storage_matches_spec_example():
-    t = main_distill.storage_accounting(cifar_cfg(), 32)
+    t = utils.storage_accounting(cifar_cfg(), 32)
     assert t["budget"] == 358_400
     assert t["rows"]["B_x"] + t["rows"]["mu_x"] + t["rows"]["B_y"] + t["rows"]["mu_y"] == 257_280
     assert t["rows"]["approximation nets"] == 5_412
@@ -35,21 +35,21 @@ def test_storage_never_exceeds_budget_and_m_is_maximal(N, U, V, hidden, store):
     fixed = U * 768 + 768 + V * 512 + 512 + (0 if store else 3 * (2 * V * hidden + hidden + V))
     if fixed + per_m > N * 3584:  # the bases alone do not fit: a clear error, not a negative m
         with pytest.raises(utils.ConfigError, match="cannot hold the bases"):
-            main_distill.storage_accounting(cfg, 32)
+            utils.storage_accounting(cfg, 32)
         return
-    t = main_distill.storage_accounting(cfg, 32)
+    t = utils.storage_accounting(cfg, 32)
     assert t["stored"] <= t["budget"] and t["m"] >= 1
     assert t["stored"] + per_m > t["budget"]  # one more distilled image would not fit
 
 
 def test_fixed_m_over_budget_is_an_error_with_the_numbers():
     with pytest.raises(utils.ConfigError, match=r"m=240 needs 358,692 floats > budget 358,400.*largest m within budget is 239"):
-        main_distill.storage_accounting(cifar_cfg(**{"storage.m": 240}), 32)
-    assert main_distill.storage_accounting(cifar_cfg(**{"storage.m": 100}), 32)["m"] == 100
+        utils.storage_accounting(cifar_cfg(**{"storage.m": 240}), 32)
+    assert utils.storage_accounting(cifar_cfg(**{"storage.m": 100}), 32)["m"] == 100
 
 
 def test_krr_st_storage_is_exactly_the_budget():
-    t = main_distill.storage_accounting(cifar_cfg(**{"distillation.method": "krr_st"}), 32)
+    t = utils.storage_accounting(cifar_cfg(**{"distillation.method": "krr_st"}), 32)
     assert t["m"] == 100 and t["stored"] == t["budget"]
 
 
@@ -228,7 +228,7 @@ def test_chunked_inner_step_sees_every_view_in_every_chunk():
 
 def test_stanford_dogs_uses_its_whole_budget():
     cfg = utils.load_config(REPO / "configs" / "stanford_dogs.yaml")
-    table = main_distill.storage_accounting(cfg, 64)
+    table = utils.storage_accounting(cfg, 64)
     assert table["m"] == table["m_max"] == 1993 and cfg["distillation"]["support_chunk"] > 0
 
 
@@ -252,6 +252,9 @@ def test_short_run_lowers_the_outer_loss_and_writes_assets(tmp_path):
     views, targets, d = utils.load_distilled(out, torch.device("cpu"))
     assert views.shape == (64, 3, 8, 8) and targets.shape == (64, 512)
     assert d["storage"]["stored"] <= d["storage"]["budget"] and "C_yk" not in d
+    from PIL import Image
+    with Image.open(out / "distilled_images.png") as grid:  # 16 images of 8 px, each drawn 64 px wide, 4 x 4
+        assert grid.size == (4 * 66 + 2, 4 * 66 + 2)
     # the stored approximation nets reproduce the rotated targets up to their reported error
     rel = json.loads((out / "metrics.json").read_text())["approximation"]
     assert set(rel) == {"rot_90", "rot_180", "rot_270"}
@@ -349,3 +352,67 @@ def test_outer_step_updates_the_distilled_set_and_leaves_the_pool_trainable(tmp_
     assert torch.isfinite(loss) and not torch.equal(d.C_x, C_x0)
     assert all(p.requires_grad for f in pool.models for p in f.parameters())
     assert sum(pool.ages) == 1  # exactly one inner step
+
+
+# ---------------------------------------------------------------------------------- distillation.init, init_only
+def clustered(n_clusters=6, per=30, dim=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = 20 * torch.randn(n_clusters, dim, generator=g)
+    X = torch.cat([c + 0.1 * torch.randn(per, dim, generator=g) for c in centres])
+    return X, torch.arange(n_clusters).repeat_interleave(per)
+
+
+@pytest.mark.parametrize("how", ["random", "kmeans", "herding"])
+def test_selection_picks_m_distinct_train_images_repeatably(how):
+    X, _ = clustered()
+    pick = lambda seed: main_distill.select_init(X, 40, how, torch.Generator().manual_seed(seed))
+    idx = pick(0)
+    assert idx.shape == (40,) and len(set(idx.tolist())) == 40 and 0 <= idx.min() and idx.max() < len(X)
+    assert torch.equal(idx, pick(0))  # the seed fixes the selection
+
+
+def test_kmeans_selection_covers_every_cluster():
+    """m = number of clusters: kmeans takes one image of each; random draws of 6 from 6 clusters of equal size
+    miss one in 98% of draws (counted below on the same data)."""
+    X, cluster = clustered()
+    idx = main_distill.select_init(X, 6, "kmeans", torch.Generator().manual_seed(0))
+    assert sorted(cluster[idx].tolist()) == list(range(6))
+    random_hits = [len(set(cluster[main_distill.select_init(X, 6, "random", torch.Generator().manual_seed(s))]
+                           .tolist())) for s in range(20)]
+    assert sum(h == 6 for h in random_hits) <= 3
+
+
+def test_herding_matches_the_feature_mean_better_than_random_draws():
+    X, _ = clustered()
+    gap = lambda idx: (X[idx].mean(0) - X.mean(0)).norm()
+    herd = gap(main_distill.select_init(X, 60, "herding", torch.Generator().manual_seed(0)))
+    randoms = [gap(main_distill.select_init(X, 60, "random", torch.Generator().manual_seed(s))) for s in range(20)]
+    assert herd < 0.5 * min(randoms), (herd, min(randoms))
+
+
+def test_kmeans_picks_the_image_nearest_each_centre():
+    X, cluster = clustered(n_clusters=3, per=50)
+    idx = main_distill.select_init(X, 3, "kmeans", torch.Generator().manual_seed(1))
+    for i in idx.tolist():
+        members = X[cluster == cluster[i]]
+        assert (X[i] - members.mean(0)).norm() <= (members - members.mean(0)).norm(dim=1).min() + 1e-6
+
+
+def test_init_only_is_the_set_at_step_zero(tmp_path):
+    """The init_only folder holds the same PCA, m and starting images before any outer step, with approximation
+    nets fitted to it; the distilled set beside it has moved away from it."""
+    _, out = run_distill(tmp_path, "--distillation.steps=20", "--distillation.init=kmeans")
+    init_views, init_targets, d0 = utils.load_distilled(out / utils.INIT_ONLY, torch.device("cpu"))
+    views, targets, d = utils.load_distilled(out, torch.device("cpu"))
+    assert d0["steps"] == 0 and d["steps"] == 20 and d0["run_id"] == d["run_id"] and d0["m"] == d["m"]
+    assert d0["storage"] == d["storage"] and torch.equal(d0["mu_x"], d["mu_x"])
+    assert init_views.shape == views.shape and not torch.allclose(init_views, views)
+    assert torch.equal(utils.read_controls(out / utils.INIT_ONLY)["init_indices"],
+                       utils.read_controls(out)["init_indices"])
+    for angle in (90, 180, 270):
+        assert (out / utils.INIT_ONLY / f"approx_net_rot_{angle}.pth").is_file()
+    # its coefficients are the PCA projection of the chosen real images (SPEC 2): decode them again here
+    data = utils.load_data(utils.load_config(tmp_path / "digits.yaml"))
+    idx = utils.read_controls(out)["init_indices"]
+    low = utils.downsample(utils.normalize(data.train_x[idx], data.mean, data.std), 4)
+    assert torch.allclose(d0["C_x"], (low - d0["mu_x"]) @ d0["B_x"].T, atol=1e-4)

@@ -9,6 +9,7 @@ import torch
 import main_distill
 import main_evaluate
 import pretrain
+import utils
 from tiny import write_config, write_teacher
 
 E2E = {  # a teacher worth distilling from, and a pre-training long enough to show it
@@ -18,17 +19,55 @@ E2E = {  # a teacher worth distilling from, and a pre-training long enough to sh
 }
 
 
+READ = set()  # config keys read since the last clear (the dead-key test below)
+PIPELINE_READ = set()  # those the fixture's pipeline read
+
+
+class Recorded(dict):
+    """A loaded config that notes each key the code reads by name (cfg["a"]["b"], .get): a key the code
+    hard-codes instead is never read. Bulk reads (json, ==, ** unpacking) go through dict's C code, unnoted."""
+
+    def __init__(self, d, prefix=""):
+        super().__init__({k: Recorded(v, f"{prefix}{k}.") if isinstance(v, dict) else v for k, v in d.items()})
+        self.prefix = prefix
+
+    def __getitem__(self, key):
+        READ.add(self.prefix + key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        if key in self:
+            READ.add(self.prefix + key)
+        return super().get(key, default)
+
+
+def plain(obj):
+    """obj with every Recorded replaced by a plain dict: what the scripts save must load with weights_only."""
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in dict.items(obj)}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(plain(v) for v in obj)
+    return obj
+
+
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    """pretrain -> distill (ours and KRR-ST) -> evaluate, run in a fresh working directory."""
+    """pretrain -> distill (ours and KRR-ST) -> evaluate, run in a fresh working directory, every config read
+    recorded (READ) while the module's tests run."""
     work = tmp_path_factory.mktemp("e2e")
     cfg = str(write_config(work, **E2E))
-    with chdir(work):
-        pretrain.main(["DIGITS", "--config", cfg, "--device", "cpu"])
-        main_distill.main(["--config", cfg, "--device", "cpu"])
-        main_distill.main(["--config", cfg, "--device", "cpu", "--distillation.method=krr_st"])
-        results = main_evaluate.main(["--config", cfg, "--device", "cpu", "--seeds", "2"])
-    return work, results
+    load, save = utils.load_config, utils.atomic_save
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(utils, "load_config", lambda *a, **k: Recorded(load(*a, **k)))
+        mp.setattr(utils, "atomic_save", lambda obj, path: save(plain(obj), path))
+        READ.clear()
+        with chdir(work):
+            pretrain.main(["DIGITS", "--config", cfg, "--device", "cpu"])
+            main_distill.main(["--config", cfg, "--device", "cpu"])
+            main_distill.main(["--config", cfg, "--device", "cpu", "--distillation.method=krr_st"])
+            results = main_evaluate.main(["--config", cfg, "--device", "cpu", "--seeds", "2"])
+        PIPELINE_READ.update(READ)  # later tests' reads (a resume compares whole configs) cannot blind the test
+        yield work, results
 
 
 def test_every_row_is_present_and_written(pipeline):
@@ -44,6 +83,10 @@ def test_every_row_is_present_and_written(pipeline):
     assert results["random_subset"]["storage_images"] == 10
     assert results["distilled"]["storage_floats"] <= results["random_subset"]["storage_floats"]
     assert results["distilled"]["within_budget"] and results["krr_st"]["within_budget"]
+    # init_only: the same set before its first outer step, so the same storage and SGD steps, other numbers
+    assert results["init_only"]["within_budget"] and results["init_only"]["steps"] == results["distilled"]["steps"]
+    assert results["init_only"]["storage_floats"] == results["distilled"]["storage_floats"]
+    assert results["init_only"]["fits"] != results["distilled"]["fits"]
     assert not results["real_init"]["within_budget"] and not results["distilled_exact"]["within_budget"]
     # the same number of views (K m), so the same SGD steps; the random subset's N views take fewer
     assert results["distilled"]["steps"] == results["real_init"]["steps"] == results["distilled_exact"]["steps"]
@@ -198,3 +241,18 @@ def test_finetune_protocol_trains_every_row_with_labels(pipeline):
         assert min(r[row]["finetunes"]) > 50, (row, r[row]["finetunes"])
     md = (work / "ft" / "results.md").read_text()
     assert "fine-tune top-1 (%)" in md and "protocol probe+finetune" in md
+
+
+def test_every_config_key_is_read_by_name(pipeline):
+    """The dead-key test: every key of utils.SCHEMA is read by name somewhere in the three scripts' runs (the
+    fixture's pipeline plus a fine-tuning evaluation here); a hard-coded value leaves its key unread.
+    pretrain.compile is read on every run (it is CUDA-only in effect)."""
+    work, _ = pipeline
+    READ.clear()
+    with chdir(work):
+        main_evaluate.main(["--config", str(work / "digits.yaml"), "--device", "cpu", "--protocol", "finetune",
+                            "--rows", "no_pretraining", "--finetune.iterations=5", "--out", "dead_keys"])
+    leaves = lambda schema, prefix="": [x for k, v in schema.items() for x in (
+        leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"])]
+    unread = sorted(set(leaves(utils.SCHEMA)) - PIPELINE_READ - READ)
+    assert not unread, f"config keys the code never reads by name (hard-coded or dead): {unread}"

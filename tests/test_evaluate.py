@@ -122,3 +122,32 @@ def test_resume_refuses_another_config_or_target(setting):
     main_evaluate.main(common)
     with pytest.raises(ValueError, match="another config.*probe.iterations"):
         main_evaluate.main(common + ["--resume", "--probe.iterations=7"])
+
+
+def table_row(mean, std=0.0):
+    return {"mean": mean, "std": std, "fit_mean": 0.5, "fit_std": 0.0, "finetune_mean": None, "finetune_std": None,
+            "seeds": 3, "steps": 10, "storage_floats": 100, "time_s": 1.0}
+
+
+def test_gain_recovered_is_blank_when_the_full_dataset_is_within_noise_of_random_init():
+    """DIGITS' full dataset beats random init by 0.2 points: a ratio over that printed -250% and 150% gains."""
+    budget = {"floats_per_image": 10, "budget": 1000}
+    close = main_evaluate.summarize({"distilled": table_row(95.3), "full_dataset": table_row(94.7),
+                                     "no_pretraining": table_row(94.5, 0.4)}, budget)
+    assert close["distilled"]["gain_recovered"] is None
+    noisy = main_evaluate.summarize({"distilled": table_row(40.0), "full_dataset": table_row(33.0),
+                                     "no_pretraining": table_row(30.0, 2.0)}, budget)  # margin 3 < 2 x std 2
+    assert noisy["distilled"]["gain_recovered"] is None
+    clear = main_evaluate.summarize({"distilled": table_row(39.0), "full_dataset": table_row(42.0),
+                                     "no_pretraining": table_row(30.0, 0.5)}, budget)
+    assert clear["distilled"]["gain_recovered"] == pytest.approx(0.75)
+
+
+def test_the_table_leaves_out_the_columns_of_protocols_that_did_not_run():
+    results = main_evaluate.summarize({"distilled": table_row(39.0)}, {"floats_per_image": 10, "budget": 1000})
+    probe = main_evaluate.markdown(results, "h", ["probe"])
+    assert "| top-1 (%) | teacher fit R² |" in probe and "fine-tune" not in probe.split("\n")[2]
+    results["distilled"].update(finetune_mean=50.0, finetune_std=0.1)
+    finetune = main_evaluate.markdown(results, "h", ["finetune"])
+    header = finetune.split("\n")[2]
+    assert "fine-tune top-1 (%)" in header and "teacher fit" not in header and "| 50.00 ± 0.10 |" in finetune

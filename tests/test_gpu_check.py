@@ -38,11 +38,12 @@ def test_every_part_runs_on_the_cpu_and_writes_the_report(tmp_path):
     report = gpu_check.run_checks(tmp_path / "gc", CPU, TINY, cifar_root=tmp_path / "no_cifar")
     assert report["ok"], json.dumps(report, indent=1, default=str)
     saved = json.loads((tmp_path / "gc" / "gpu_check.json").read_text())
-    assert set(saved) >= {"versions", "pipeline", "precision", "syncs", "rates", "rates_data"}
+    assert set(saved) >= {"versions", "pipeline", "precision", "syncs", "rates"}
     assert all(saved["pipeline"]["checks"].values()) and len(saved["pipeline"]["checks"]) == 6
     assert saved["syncs"]["syncs"] == {"outer_step": {}, "teacher_step": {}}
-    assert all(v > 0 for v in saved["rates"].values()) and set(saved["rates"]) == set(gpu_check.TARGETS)
-    assert "random uint8" in saved["rates_data"]
+    rates = saved["rates"]["rates"]
+    assert all(v > 0 for v in rates.values()) and set(rates) == set(gpu_check.TARGETS)
+    assert "random uint8" in saved["rates"]["data"]
     md = (tmp_path / "gc" / "gpu_check.md").read_text()
     for text in ("views aligned with their targets", "| bfloat16 |", "outer_steps_per_s", "host syncs in outer_step"):
         assert text in md
@@ -100,6 +101,25 @@ def test_a_teacher_epoch_reads_the_loss_back_once():
     with gpu_check.count_host_syncs(CPU) as counts:
         loss, _ = pretrain.train_one_epoch(net, opt, data, pc, 0, utils.make_generator(CPU, 0), CPU)
     assert counts == {"item": 1} and loss > 0
+
+
+def test_the_report_survives_a_failing_section(tmp_path, monkeypatch):
+    """A section that raises, or stops with sys.exit as the scripts do at a non-finite value, is recorded with its
+    error verbatim; the report is rewritten after every section, so what passed before it is kept and the
+    sections after it still run (the report used to be written only at the end)."""
+    written = []
+    real_write = gpu_check.Report.write
+    monkeypatch.setattr(gpu_check.Report, "write", lambda self: (written.append(set(self.data)), real_write(self)))
+    monkeypatch.setattr(gpu_check, "check_pipeline", lambda work, device: {"checks": {"fake": True}, "ok": True})
+    monkeypatch.setattr(gpu_check, "check_precision", lambda *a: (_ for _ in ()).throw(RuntimeError("boom 17")))
+    monkeypatch.setattr(gpu_check, "check_syncs", lambda *a: sys.exit("non-finite outer loss by step 3"))
+    report = gpu_check.run_checks(tmp_path / "gc", CPU, TINY, cifar_root=tmp_path / "no_cifar")
+    assert not report["ok"] and report["pipeline"]["ok"] and report["rates"]["ok"]
+    assert "RuntimeError: boom 17" in report["precision"]["error"] and "Traceback" in report["precision"]["error"]
+    assert report["syncs"]["error"] == "non-finite outer loss by step 3"
+    assert written[0] == {"versions"} and written[1] == {"versions", "pipeline"}  # versions first, then each section
+    md = (tmp_path / "gc" / "gpu_check.md").read_text()
+    assert "precision: **FAILED**" in md and "boom 17" in md and "| fake | ok |" in md and "outer_steps_per_s" in md
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
