@@ -56,12 +56,14 @@ cifar10-quick:
 gpu-session:
 	$(PYTHON) tests/gpu_session.py --out gpu_session --work gpu_session_work --budget-s 480
 
-# Where distillation pays (docs/results.md, "Storage-quality frontier"): 1 thread per job, as measured.
+# Where distillation pays (docs/results.md, 2026-12-01 entry): 1 thread per job, as measured. Both targets are at
+# the parameterization the levers started from (r_b = 8, U = V = 100; the default is now r_b = 16, U = V = 50).
 # frontier-curve: budget N in {10, 30, 100} (U = V shrink at small N: the bases' fixed cost must fit), rows
-# distilled, init_only, real_init, krr_st, random_subset, no_pretraining, 3 seeds each; then the table and figure.
-# frontier-levers: one lever at a time at N = 100, measured as distilled - init_only (init changes: its own
-# init_only). Each experiment skips a finished distillation and resumes its evaluation (--resume).
+# distilled, init_only, real_init, krr_st, random_subset, no_pretraining, 3 seeds each; then the tables and figure.
+# frontier-levers: one lever at a time at N = 100, measured as distilled - init_only (a lever that changes the
+# initial set has its own init_only). A finished distillation is skipped, an evaluation resumed (--resume).
 FRONTIER = OMP_NUM_THREADS=1 $(PYTHON)
+RB8 = --parameterization.image_basis_size=8
 # $(call frontier_set,<assets folder>,<overrides>)
 frontier_set = ( [ -f $(1)/distilled_data.pth ] || $(FRONTIER) main_distill.py --config $(CPU_CFG) $(2) --out $(1) --overwrite )
 # $(call frontier_eval,<assets folder>,<rows>,<out>,<overrides>[,<krr assets>])
@@ -70,29 +72,32 @@ frontier_eval = $(FRONTIER) main_evaluate.py --config $(CPU_CFG) $(4) --assets $
 CURVE_ROWS = distilled,init_only,real_init,krr_st,random_subset,no_pretraining
 INIT_ROWS = distilled,init_only,real_init
 SET_ROWS = distilled,init_only
-# $(call frontier_n,<N>,<parameterization overrides>)
-frontier_n = $(call frontier_set,distilled_assets/frontier/N$(1),--storage.budget_N=$(1) $(2)) && \
+# $(call frontier_n,<N>,<U = V>)
+frontier_n = $(call frontier_set,distilled_assets/frontier/N$(1),--storage.budget_N=$(1) $(RB8) \
+	--parameterization.U=$(2) --parameterization.V=$(2)) && \
 	$(call frontier_set,distilled_assets/frontier/N$(1)_krr_st,--storage.budget_N=$(1) --distillation.method=krr_st) && \
 	$(call frontier_eval,distilled_assets/frontier/N$(1),$(CURVE_ROWS),evaluation_models/frontier/N$(1),\
 	--storage.budget_N=$(1),distilled_assets/frontier/N$(1)_krr_st)
 # $(call frontier_lever,<name>,<rows>,<overrides>)
 frontier_lever = $(call frontier_set,distilled_assets/frontier/lever_$(1),$(3)) && \
 	$(call frontier_eval,distilled_assets/frontier/lever_$(1),$(2),evaluation_models/frontier/lever_$(1),$(3))
+R8 = $(RB8) --parameterization.U=100 --parameterization.V=100
 frontier-curve:
-	$(call frontier_n,10,--parameterization.U=20 --parameterization.V=20)
-	$(call frontier_n,30,--parameterization.U=50 --parameterization.V=50)
-	$(call frontier_n,100,)
+	$(call frontier_n,10,20)
+	$(call frontier_n,30,50)
+	$(call frontier_n,100,100)
 	$(PYTHON) docs/frontier.py evaluation_models/frontier --out docs
 frontier-levers:
-	$(call frontier_lever,kmeans,$(INIT_ROWS),--distillation.init=kmeans)
-	$(call frontier_lever,herding,$(INIT_ROWS),--distillation.init=herding)
-	$(call frontier_lever,Z1000,distilled,--model_pool.inner_loop_steps_Z=1000)
-	$(call frontier_lever,kmeans_Z1000,distilled,--distillation.init=kmeans --model_pool.inner_loop_steps_Z=1000)
-	$(call frontier_lever,pool_w16_128,distilled,--model_pool.widths=[16,128])
-	$(call frontier_lever,rb8_U50_V50,$(SET_ROWS),--parameterization.U=50 --parameterization.V=50)
-	$(call frontier_lever,rb12_U100,$(SET_ROWS),--parameterization.image_basis_size=12)
-	$(call frontier_lever,rb16_U50_V50,$(SET_ROWS),--parameterization.image_basis_size=16 \
+	$(call frontier_lever,kmeans,$(INIT_ROWS),$(R8) --distillation.init=kmeans)
+	$(call frontier_lever,herding,$(INIT_ROWS),$(R8) --distillation.init=herding)
+	$(call frontier_lever,Z1000,distilled,$(R8) --model_pool.inner_loop_steps_Z=1000)
+	$(call frontier_lever,rb12_U100,$(SET_ROWS),--parameterization.image_basis_size=12 --parameterization.U=100 \
+		--parameterization.V=100)
+	$(call frontier_lever,rb16_U50_V50,$(INIT_ROWS),--parameterization.image_basis_size=16 \
 		--parameterization.U=50 --parameterization.V=50)
+	$(call frontier_lever,rb16_U80_V30,$(SET_ROWS),--parameterization.image_basis_size=16 \
+		--parameterization.U=80 --parameterization.V=30)
+	$(PYTHON) docs/frontier.py evaluation_models/frontier --out docs
 
 # The test suite (what CI runs).
 test:

@@ -72,8 +72,8 @@ def lever_table(folder, baseline):
              "| fit: distilled - init_only | real_init top-1 / fit |", "|---" * 8 + "|"]
     for path in sorted(folder.glob("lever_*/results.json")):
         p, f = cells(path, "probe"), cells(path, "fit")
-        for row in ("init_only", "real_init"):
-            if row not in p and baseline:  # the lever keeps the default initialisation: N100's row
+        if "init_only" not in p and baseline:  # the lever keeps N100's initial set: its init_only and real_init
+            for row in ("init_only", "real_init"):
                 p[row], f[row] = baseline[0].get(row, []), baseline[1].get(row, [])
         lines.append(f"| {path.parent.name[len('lever_'):]} | {mean_std(p.get('distilled', []), '.2f')} | "
                      f"{mean_std(p.get('init_only', []), '.2f')} | {diff(p, 'distilled', 'init_only', '+.2f')} | "
