@@ -9,7 +9,8 @@ digits:
 	$(PYTHON) main_evaluate.py --config configs/digits.yaml --overwrite
 
 # Real images at CPU scale: CIFAR-10 at 16 px, 10,000 train images, ResNet-18 width 16 (configs/cifar10_cpu.yaml;
-# about an hour on 2 cores). Needs data/cifar-10-python/ (see README, Data layouts). Every row, 3 evaluation seeds.
+# its distillation alone took 27 min on one shared thread, docs/results.md). Needs data/cifar-10-python/ (see
+# README, Data layouts). Every row, 3 evaluation seeds.
 CPU_CFG = configs/cifar10_cpu.yaml
 cifar10-cpu:
 	$(PYTHON) pretrain.py CIFAR10 --config $(CPU_CFG) --overwrite
