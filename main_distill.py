@@ -302,7 +302,15 @@ def outer_step(distilled, pool, data, T, dc, opt, sched, gen, rng):
 # SPEC 5: approximation networks
 # ============================================================================================
 def fit_approx_nets(C_y, C_yk, ac, seed):
-    """One MLP per rotation, full-batch Adam on (c^y -> c^{y,k} - c^y); relative errors ||err|| / ||shift||."""
+    """One MLP per rotation, full-batch Adam on (c^y -> c^{y,k} - c^y); relative errors ||err|| / ||shift||.
+    Seeded per net inside a forked random state: fitting the init_only set's nets before the loop leaves the
+    run's own random draws (pool re-initialisations) as they would be without it."""
+    devices = [C_y.device.index or 0] if C_y.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        return _fit_approx_nets(C_y, C_yk, ac, seed)
+
+
+def _fit_approx_nets(C_y, C_yk, ac, seed):
     nets, errors = [], []
     for k in range(len(C_yk)):
         torch.manual_seed(seed + k)

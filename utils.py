@@ -881,7 +881,8 @@ def storage_accounting(cfg, resolution):
     rows = {"B_x": U * 3 * r_b**2, "mu_x": 3 * r_b**2, "B_y": V * d_y, "mu_y": d_y}
     per_m = U + V + (A * V if S["store_augmented_targets"] else 0)
     if not S["store_augmented_targets"]:  # every parameter of the A approximation MLPs as built (SPEC 5)
-        rows["approximation nets"] = A * models.num_params(models.ApproxMLP(V, h))
+        with torch.device("meta"):  # counted, not initialised: the global random state stays untouched
+            rows["approximation nets"] = A * models.num_params(models.ApproxMLP(V, h))
     fixed = sum(rows.values())
     m_max = (budget - fixed) // per_m
     if m_max < 1:
