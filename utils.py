@@ -1,7 +1,17 @@
-"""Shared helpers for pretrain.py, main_distill.py and main_evaluate.py.
+"""Shared helpers for pretrain.py, main_distill.py and main_evaluate.py, and the files two of them exchange
+(each writer beside its reader).
 
-Sections: config, data, augmentation, parameterization, teacher and features, probes,
-checkpoints and logging. Everything a script needs twice lives here once.
+Sections, in file order:
+    Config                 SCHEMA, RANGES, load_config, overrides, the scripts' common arguments
+    Seeding, device        set_seed, get_device
+    Several processes      torchrun ranks, generators, autocast / TF32 / channels_last
+    Data                   the dataset loaders (every file and split checked), normalisation
+    Augmentation           batched random crops, jitter, flips, rotations (the views of SPEC 1 and 2)
+    Storage accounting     SPEC 3: the budget and m; the default folder names
+    Parameterization       SPEC 2: PCA, decoding, save_distilled / load_distilled, controls, approximation nets
+    Teacher and features   save_teacher / load_teacher, teacher targets, frozen features
+    Probes                 kNN, linear probe, teacher fit, fine-tuning, BatchNorm recalibration
+    Checkpoints            atomic writes, run folders (lock, owner), resume checks, logs, NaN guards
 """
 import argparse
 import atexit
@@ -284,7 +294,7 @@ def get_device(name=None):
 
 
 # ============================================================================================
-# Several processes (torchrun). Nothing here joins a process group unless WORLD_SIZE > 1.
+# Several processes (torchrun; nothing joins a process group unless WORLD_SIZE > 1), generators, numerics
 # ============================================================================================
 @dataclass(frozen=True)
 class Ranks:
@@ -1125,7 +1135,7 @@ def teacher_targets(teacher, teacher_file, data, rotations, dcfg, fallback_dir, 
 
 
 # ============================================================================================
-# Probes: weighted kNN monitor and the linear probe of SPEC 6.2 (shared by every row)
+# Probes and transfer: kNN monitor, linear probe (SPEC 6.2), teacher fit, fine-tuning, BatchNorm recalibration
 # ============================================================================================
 @torch.no_grad()
 def knn_accuracy(train_f, train_y, test_f, test_y, num_classes, k, temperature, chunk=1024):
@@ -1260,7 +1270,7 @@ def finetune(backbone, data, ft, seed, batch_size):
 
 
 # ============================================================================================
-# Checkpoints, run folders, logging
+# Checkpoints, run folders (lock and owner), resume checks, logging, NaN guards
 # ============================================================================================
 def read_pth(path, what, keys=(), map_location="cpu", weights_only=True):
     """torch.load whose failure names the file and what it should have been (not an unpickling trace)."""
