@@ -338,10 +338,9 @@ def evaluate(args, overrides, sub=None):
     out = Path(args.out) if args.out else Path("evaluation_models") / f"{name}_N{N}{suffix}"
     out = out / sub if sub else out
     student, full_file = ec["student"], f"{ec['student']}_full_dataset.pth"
-    claim = lambda: utils.claim_run_folder(out, [out / "results.json"], args.resume, args.overwrite,
-                                           "main_evaluate.py", keep=[full_file])
+    run_folder = (out, [out / "results.json"], args.resume, args.overwrite, "main_evaluate.py")
     if ranks.main:  # refused before any work; claimed (lock, owner, --overwrite) once every other check passed
-        utils.check_run_folder(out, [out / "results.json"], args.resume, args.overwrite, "main_evaluate.py")
+        utils.check_run_folder(*run_folder)
     assets = Path(args.assets) if args.assets else utils.distilled_folder(cfg, name)
     krr_cfg = {**cfg, "distillation": {**cfg["distillation"], "method": "krr_st"}}
     krr_assets = Path(args.krr_assets) if args.krr_assets else utils.distilled_folder(krr_cfg, name)
@@ -409,7 +408,7 @@ def evaluate(args, overrides, sub=None):
     bs = cfg["data"]["eval_batch_size"]
     cells = resumed_cells(out / "results.json", cfg, target_name, inputs) if args.resume else {}
     # the full-dataset model is a cache checked against its own metadata: it survives --overwrite
-    lock = claim() if ranks.main else None
+    lock = utils.claim_run_folder(*run_folder, keep=[full_file]) if ranks.main else None
     utils.barrier(ranks)
     T, target_scale = None, None
     if {"real_init", "random_subset", "full_dataset"} & set(rows):
