@@ -20,10 +20,12 @@ import os
 import random
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
@@ -66,9 +68,9 @@ class PCADistilled(nn.Module):
 
     def param_groups(self, dc):
         """Coefficients and bases get their own rates: a B_x step moves every image at once (SPEC 4.5)."""
-        groups = [([self.C_x], dc["lr_image"]), ([self.B_x], dc["lr_image_bases"]),
-                  ([self.C_y, self.C_yk], dc["lr_repr"]), ([self.B_y], dc["lr_repr_bases"])]
-        return [{"params": ps, "lr": lr} for ps, lr in groups if all(p.requires_grad for p in ps)]
+        groups = [([self.C_x], "lr_image", dc["lr_image"]), ([self.B_x], "lr_image_bases", dc["lr_image_bases"]),
+                  ([self.C_y, self.C_yk], "lr_repr", dc["lr_repr"]), ([self.B_y], "lr_repr_bases", dc["lr_repr_bases"])]
+        return [{"params": ps, "lr": lr, "key": key} for ps, key, lr in groups if all(p.requires_grad for p in ps)]
 
     def export(self):
         return {"mu_x": self.mu_x, "B_x": self.B_x.detach(), "C_x": self.C_x.detach(), "mu_y": self.mu_y,
@@ -90,7 +92,8 @@ class FreeDistilled(nn.Module):
         return self.X, self.Y
 
     def param_groups(self, dc):
-        return [{"params": [self.X], "lr": dc["krr_st_lr_pixels"]}, {"params": [self.Y], "lr": dc["krr_st_lr_targets"]}]
+        return [{"params": [self.X], "lr": dc["krr_st_lr_pixels"], "key": "krr_st_lr_pixels"},
+                {"params": [self.Y], "lr": dc["krr_st_lr_targets"], "key": "krr_st_lr_targets"}]
 
     def export(self):
         return {"X": self.X.detach(), "Y": self.Y.detach(), "rotations": []}
@@ -162,15 +165,70 @@ def init_distilled(cfg, data, T, m, gen):
 def pca_distilled(cfg, data, T, idx):
     """SPEC 2: PCA bases of the train images and teacher targets; coefficients of the real images idx."""
     P, bs = cfg["parameterization"], cfg["data"]["eval_batch_size"]
-    X_low = torch.cat([utils.downsample(utils.normalize(x, data.mean, data.std), P["image_basis_size"])
+    X_low = torch.cat([downsample(utils.normalize(x, data.mean, data.std), P["image_basis_size"])
                        for x in data.train_x.split(bs)])  # (N_train, 3 r_b^2)
-    mu_x, B_x = utils.pca(X_low, P["U"])
-    mu_y, B_y = utils.pca(T[:, 0], P["V"])
+    mu_x, B_x = pca(X_low, P["U"])
+    mu_y, B_y = pca(T[:, 0], P["V"])
     C_x = (X_low[idx] - mu_x) @ B_x.T
     C_y = (T[idx, 0] - mu_y) @ B_y.T
     C_yk = (T[idx, 1:] - mu_y).transpose(0, 1) @ B_y.T  # (K-1, m, V)
     return PCADistilled(mu_x, B_x, C_x, mu_y, B_y, C_y, C_yk, cfg["augmentations"]["rotate"],
                         data.train_x.shape[-1], P["learn_bases"])
+
+
+def pca(X, k):
+    """Top-k principal directions of the rows of X: (mean (D,), basis (k, D) with orthonormal rows)."""
+    X = X.double()
+    mu = X.mean(0)
+    Xc = X - mu
+    evals, evecs = torch.linalg.eigh(Xc.T @ Xc / X.shape[0])  # ascending
+    if k > X.shape[1]:
+        raise utils.ConfigError(f"asked for {k} PCA components of {X.shape[1]}-d data")
+    return mu.float(), evecs[:, -k:].flip(1).T.contiguous().float()
+
+
+def downsample(x, r_b):
+    """Normalised images (n, 3, H, W) -> flattened antialiased r_b x r_b (n, 3 r_b^2)."""
+    return F.interpolate(x, size=(r_b, r_b), mode="bilinear", antialias=True, align_corners=False).flatten(1)
+
+
+# ============================================================================================
+# SPEC 3: storage accounting decides m
+# ============================================================================================
+def storage_accounting(cfg, resolution):
+    """Every stored float, in a table; m is the largest count within budget unless the config fixes it."""
+    N, S, d_y = cfg["storage"]["budget_N"], cfg["storage"], models.resnet18_dim(cfg["network"]["width"])
+    per_image, budget = utils.storage_budget(cfg, resolution).values()
+    if cfg["distillation"]["method"] == "krr_st":
+        m = N
+        rows = {"X (free pixels)": m * 3 * resolution**2, "Y (free targets)": m * d_y}
+        return {"budget_N": N, "floats_per_image": per_image, "budget": budget, "rows": rows, "m": m,
+                "m_max": N, "stored": sum(rows.values())}
+    P = cfg["parameterization"]
+    r_b, U, V, A = P["image_basis_size"], P["U"], P["V"], len(cfg["augmentations"]["rotate"])
+    h = cfg["approximation"]["hidden"]
+    rows = {"B_x": U * 3 * r_b**2, "mu_x": 3 * r_b**2, "B_y": V * d_y, "mu_y": d_y}
+    per_m = U + V + (A * V if S["store_augmented_targets"] else 0)
+    if not S["store_augmented_targets"]:  # every parameter of the A approximation MLPs as built (SPEC 5)
+        with torch.device("meta"):  # counted, not initialised: the global random state stays untouched
+            rows["approximation nets"] = A * models.num_params(models.ApproxMLP(V, h))
+    fixed = sum(rows.values())
+    m_max = (budget - fixed) // per_m
+    if m_max < 1:
+        raise utils.ConfigError(
+            f"storage: budget {budget:,} floats (N={N} images x {per_image:,}) cannot hold the bases, means and "
+            f"approximation nets ({fixed:,} floats) plus one distilled image ({per_m} floats); "
+            f"raise storage.budget_N or lower parameterization.U / V")
+    m = S["m"] or m_max
+    stored = fixed + m * per_m
+    what = "C_x, C_y" + (", C_y^k" if S["store_augmented_targets"] else "")
+    rows[f"{what} (m x {per_m})"] = m * per_m
+    if stored > budget:
+        raise utils.ConfigError(
+            f"storage: m={m} needs {stored:,} floats > budget {budget:,} (N={N} images x {per_image:,} floats); "
+            f"fixed cost {fixed:,}, {per_m} floats per distilled image, so the largest m within budget is {m_max}")
+    return {"budget_N": N, "floats_per_image": per_image, "budget": budget, "rows": rows, "m": m,
+            "m_max": m_max, "stored": stored}
 
 
 # ============================================================================================
@@ -328,9 +386,10 @@ def _fit_approx_nets(C_y, C_yk, ac, seed):
     return nets, errors
 
 
-def save_set(folder, distilled, base, cfg, data):
+def save_set(folder, distilled, base, cfg, data, recovery):
     """One distilled set in `folder` (utils.save_distilled): `base` + the exported tensors, the approximation nets
-    fitted to its C_y -> C_y^k (SPEC 5), the controls and the image grid. Returns the nets' relative errors."""
+    fitted to its C_y -> C_y^k (SPEC 5), the controls and the image grid. Returns the nets' relative errors.
+    `recovery` = (argv, checkpoint, its step): what a divergence of the nets' fit tells the user to run."""
     asset = {**base, **{k: v.cpu() if torch.is_tensor(v) else v for k, v in distilled.export().items()}}
     # Not part of the distilled set (nor of its budget): what main_evaluate's control rows need.
     controls = {"init_indices": distilled.init_indices, "teacher_hash": base["teacher_hash"], "run_id": base["run_id"]}
@@ -342,10 +401,11 @@ def save_set(folder, distilled, base, cfg, data):
             asset["C_y_aug"] = C_yk.cpu()
         else:
             fitted, errors = fit_approx_nets(C_y, C_yk, cfg["approximation"], cfg["seed"])
-            if not all(math.isfinite(e) for e in errors):
-                sys.exit(f"approximation nets for {folder} diverged (relative errors {errors}); the distilled set in "
-                         f"its run folder's checkpoint.pth is kept: refit them with `--resume --allow-changed "
-                         f"approximation.lr --approximation.lr=<lower>`")
+            if not all(math.isfinite(e) for e in errors):  # the set itself is finite: only the nets are refit
+                argv, checkpoint, saved = recovery
+                raise utils.non_finite_stop(f"approximation nets for {folder} (relative errors {errors})",
+                                            "main_distill.py", argv, "approximation.lr", cfg["approximation"]["lr"],
+                                            checkpoint, saved)
             for angle, net, err in zip(distilled.rotations, fitted, errors):
                 nets[angle] = (net, err)
                 # the no-shift baseline predicts c^{y,k} = c^y: relative error 1 by definition
@@ -368,126 +428,224 @@ def save_grid(images, mean, std, path, max_images=100, min_side=64):
 
 
 # ============================================================================================
-# main: arguments -> config -> data -> teacher targets -> distilled set -> pool -> loop -> assets
+# main: arguments -> config -> checks -> run folder -> teacher targets -> set, pool -> loop -> assets
 # ============================================================================================
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)  # the command line, for the recovery hint
+@dataclass
+class State:
+    """What an outer step changes and a checkpoint keeps: the set, its optimizer and schedule, the pool, the
+    random states, the step and loss curve, and the schedule's history (a resume that changes steps or rates)."""
+    distilled: nn.Module
+    opt: torch.optim.Optimizer
+    sched: object
+    pool: ModelPool
+    gen: torch.Generator
+    rng: random.Random
+    run_id: str
+    step: int = 0
+    curve: list = field(default_factory=list)
+    schedule: list = field(default_factory=list)
+    scales: torch.Tensor = None  # each parameter group's largest |value| at the last finite check (check_finite)
+    scales_start: torch.Tensor = None  # ... at the start of this process's loop
+
+    def checkpoint(self, cfg, inputs):
+        return {"distilled": self.distilled.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "pool": self.pool.state_dict(), "rng": utils.rng_state(self.gen),
+                "py_rng": self.rng.getstate(), "step": self.step, "curve": self.curve, "schedule": self.schedule,
+                "config": cfg, "inputs": inputs, "run_id": self.run_id}
+
+
+def configure(argv):
+    """(args, config, ranks, device, the run folder, the teacher file)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        sys.exit("main_distill.py runs in one process: the bilevel loop is sequential (each outer step starts from "
-                 "the last one's set and pool). Start it with `python main_distill.py ...`, not torchrun; "
-                 "pretrain.py and main_evaluate.py take torchrun (README, Several GPUs).")
+        raise utils.UserError("main_distill.py runs in one process: the bilevel loop is sequential (each outer step "
+                              "starts from the last one's set and pool). Start it with `python main_distill.py ...`, "
+                              "not torchrun; pretrain.py and main_evaluate.py take torchrun (README, Several GPUs).")
     args, overrides = parse_args(argv)
     cfg = utils.load_config(args.config, overrides)
-    dc, mp = cfg["distillation"], cfg["model_pool"]
-    if dc["method"] == "krr_st":  # the baseline: no rotations, no bases (SPEC 6.3)
-        cfg["augmentations"]["rotate"] = []
-    device = utils.get_device(args.device)
-    utils.set_seed(cfg["seed"])
-    gen, rng = utils.make_generator(device, cfg["seed"]), random.Random(cfg["seed"])
     name = utils.config_name(args.config)
     out = Path(args.out) if args.out else utils.distilled_folder(cfg, name)
-    res = cfg["data"]["resolution"]
-    table = utils.storage_accounting(cfg, res)
-    rotations = cfg["augmentations"]["rotate"]
+    run = utils.RunFolder(out, "main_distill.py", outputs=(out / "distilled_data.pth", out / "checkpoint.pth"),
+                          checkpoint=out / "checkpoint.pth")
     teacher_file = Path(args.teacher) if args.teacher else utils.teacher_path(name)
-    lock = utils.claim_run_folder(out, [out / "distilled_data.pth", out / "checkpoint.pth"], args.resume, args.overwrite,
-                                  "main_distill.py")
+    ranks, device = utils.init_ranks(args.device)
+    return args, cfg, ranks, device, run, teacher_file
 
-    # ---------------------------------------------------------------- data, teacher targets T (N, K, d_y)
+
+def rotations_of(cfg):
+    return [] if cfg["distillation"]["method"] == "krr_st" else cfg["augmentations"]["rotate"]
+
+
+def load_checked(args, cfg, run, table, teacher_file, device):
+    """Everything that can refuse the run, before its folder is claimed: the folder's state, the data and the sizes
+    it must hold, the teacher against config and data, and under --resume the checkpoint (config and inputs)."""
+    run.check(args.resume, args.overwrite)
     data = utils.load_data(cfg)
     utils.check_sizes(cfg, len(data.train_x), table["m"])
     data = data.to(device)
     teacher, _ = utils.load_teacher(teacher_file, cfg, device, data)
     inputs = {"teacher_hash": utils.file_hash(teacher_file), "train_hash": data.fingerprint}
+    ckpt = utils.load_checkpoint(run.checkpoint, cfg, inputs, args.allow_changed) if args.resume else None
+    return data, teacher, inputs, ckpt
+
+
+def build(cfg, data, T, m, device, gen, rng):
+    """SPEC 2 and 4: the set at its m starting images, AdamW with the linear decay to 0, and the model pool."""
+    dc = cfg["distillation"]
+    distilled = init_distilled(cfg, data, T, m, gen).to(device)
+    opt = torch.optim.AdamW(distilled.param_groups(dc), weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / dc["steps"]))
+    pool = ModelPool(cfg["model_pool"], data.train_x.shape[-1], T.shape[-1], device, dc["support_chunk"])
+    return State(distilled, opt, sched, pool, gen, rng, utils.new_run_id(),
+                 schedule=[{"from_step": 0, "steps": dc["steps"], **rates(opt)}])
+
+
+def rates(opt):
+    """{config key: base learning rate} of each parameter group."""
+    return {f"distillation.{g['key']}": g["initial_lr"] for g in opt.param_groups}
+
+
+def restore(state, ckpt, cfg, path):
+    """The checkpoint's set, optimizer, schedule, pool and random states. The rates and the step count are the
+    config's (--allow-changed): the linear decay is recomputed from the resumed step, lr = base (1 - step / steps),
+    and a change is printed and appended to the schedule's history (kept in the set's metadata)."""
+    state.distilled.load_state_dict(ckpt["distilled"], strict=True)
+    bases = [g["initial_lr"] for g in state.opt.param_groups]  # this config's rates
+    state.opt.load_state_dict(ckpt["optimizer"])
+    state.sched.load_state_dict(ckpt["scheduler"])
+    state.sched.base_lrs = bases
+    for g, base, lam in zip(state.opt.param_groups, bases, state.sched.lr_lambdas):
+        g["initial_lr"], g["lr"] = base, base * lam(ckpt["step"])
+    state.pool.load_state_dict(ckpt["pool"])
+    utils.set_rng_state(ckpt["rng"], state.gen, path)
+    state.rng.setstate(ckpt["py_rng"])
+    state.step, state.curve, state.run_id, state.schedule = ckpt["step"], ckpt["curve"], ckpt["run_id"], ckpt["schedule"]
+    now = {"from_step": state.step, "steps": cfg["distillation"]["steps"], **rates(state.opt)}
+    if {k: v for k, v in now.items() if k != "from_step"} != {k: v for k, v in state.schedule[-1].items()
+                                                               if k != "from_step"}:
+        state.schedule.append(now)
+        print(f"resume: the schedule changed at step {state.step} (was {state.schedule[-2]}, now {now}): each rate "
+              f"is base x (1 - step / {now['steps']}) from here")
+    print(f"resumed run {state.run_id} from {path} at step {state.step}")
+
+
+def describe(cfg, table, state, data, inputs, target_scale, args, run, device):
+    """Print the resolved config and the storage table, write config.json; returns what every set file carries."""
+    derived = {"device": str(device), "m": table["m"], "K": 1 + len(rotations_of(cfg)), "out": str(run.folder),
+               "run_id": state.run_id, "inputs": inputs, "target_scale": target_scale,
+               "allow_changed": args.allow_changed}
+    utils.print_config(cfg, derived)
+    print_storage(table)
+    utils.write_json({"config": cfg, "derived": derived, "storage": table}, run.folder / "config.json")
+    return {"method": cfg["distillation"]["method"], "dataset": cfg["dataset"], "resolution": data.train_x.shape[-1],
+            "m": table["m"], "mean": data.mean.cpu(), "std": data.std.cpu(), "storage": table, "config": cfg,
+            "teacher_hash": inputs["teacher_hash"], "train_hash": inputs["train_hash"], "run_id": state.run_id,
+            "target_scale": target_scale, "store_augmented_targets": cfg["storage"]["store_augmented_targets"]}
+
+
+def print_storage(table):
+    print(f"storage budget: N={table['budget_N']} images x {table['floats_per_image']:,} floats = {table['budget']:,}")
+    for k, v in table["rows"].items():
+        print(f"  {k:<34s}{v:>12,}")
+    print(f"  {'stored':<34s}{table['stored']:>12,}  ({100 * table['stored'] / table['budget']:.2f}% of budget)")
+    print(f"  m = {table['m']} distilled images (largest within budget: {table['m_max']})")
+
+
+def group_scales(opt):
+    """The largest |value| of each parameter group (a device tensor: read it back with the finite check)."""
+    return torch.stack([torch.stack([p.detach().abs().max() for p in g["params"] if p.numel()]).max()
+                        for g in opt.param_groups])  # (C_y^k is empty without rotations)
+
+
+def check_finite(state, losses, argv, run, saved):
+    """Every outer loss since the last check and the distilled tensors finite (one host sync); else stop with the
+    last good checkpoint untouched, naming the parameter group that diverged: once the loss is non-finite every
+    group follows within a step, so the culprit is the group that had grown the most (largest |value| against its
+    start) by the last check that passed."""
+    scales = group_scales(state.opt)
+    if utils.all_finite(losses + [scales]):  # the check's host sync
+        state.scales = scales.cpu()
+        return
+    growth = state.scales / state.scales_start.clamp_min(1e-12)
+    group = state.opt.param_groups[int(growth.argmax())]
+    raise utils.non_finite_stop(f"outer loss or distilled tensors by step {state.step} (the group of "
+                                f"distillation.{group['key']} grew the most, {growth.max():.3g}x, by the last check)",
+                                "main_distill.py", argv, f"distillation.{group['key']}", group["initial_lr"],
+                                run.checkpoint, f"step {saved}")
+
+
+def distill(state, data, T, cfg, inputs, run, log, argv):
+    """SPEC 4: outer steps until distillation.steps; finite values checked at every log line and before every
+    checkpoint, which is written atomically."""
+    dc = cfg["distillation"]
+    state.scales = state.scales_start = group_scales(state.opt).cpu()
+    bar = tqdm(total=dc["steps"], initial=state.step, desc="distill", dynamic_ncols=True)
+    window, unchecked, t_log, s_log, saved = [], [], time.time(), state.step, state.step
+    while state.step < dc["steps"]:
+        loss = outer_step(state.distilled, state.pool, data, T, dc, state.opt, state.sched, state.gen, state.rng)
+        state.step += 1
+        window.append(loss)
+        unchecked.append(loss)
+        bar.update(1)
+        if state.step % dc["log_every"] == 0 or state.step == dc["steps"] or state.step == 1:
+            check_finite(state, unchecked, argv, run, saved)
+            mean_loss, unchecked = torch.stack(window).mean().item(), []
+            rate = (state.step - s_log) / (time.time() - t_log)
+            state.curve.append((state.step, mean_loss))
+            log(step=state.step, loss=mean_loss, lr_image=state.opt.param_groups[0]["lr"], steps_per_s=rate)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", steps_per_s=f"{rate:.1f}")
+            window, t_log, s_log = [], time.time(), state.step
+        if state.step % dc["save_every"] == 0 or state.step == dc["steps"]:
+            check_finite(state, unchecked, argv, run, saved)
+            unchecked, saved = [], state.step
+            utils.atomic_save(state.checkpoint(cfg, inputs), run.checkpoint)
+    bar.close()
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)  # the command line, for the recovery hint
+    args, cfg, ranks, device, run, teacher_file = configure(argv)
+    utils.set_seed(cfg["seed"])
+    gen, rng = utils.make_generator(device, cfg["seed"]), random.Random(cfg["seed"])
+    table = storage_accounting(cfg, cfg["data"]["resolution"])
+    data, teacher, inputs, ckpt = load_checked(args, cfg, run, table, teacher_file, device)
+
+    # ---------------------------------------------------------------- run folder, teacher targets T (N, K, d_y)
+    lock = run.claim(args.resume, args.overwrite)
     t0 = time.time()
-    T, target_scale = utils.teacher_targets(teacher, teacher_file, data, rotations, cfg["data"], out,
-                                            inputs["teacher_hash"])
+    with utils.rank0_first(ranks):  # rank 0 computes and caches them, the others read the cache
+        T, target_scale = utils.teacher_targets(teacher, teacher_file, data, rotations_of(cfg), cfg["data"],
+                                                run.folder, inputs["teacher_hash"])
     print(f"teacher targets {tuple(T.shape)} ready in {time.time() - t0:.1f}s, scaled by {target_scale:.4g} to "
           f"root-mean-square {cfg['data']['target_rms']} (mean norm {T[:, 0].norm(dim=1).mean().item():.3g})")
     del teacher
 
-    # ---------------------------------------------------------------- distilled set, optimizer, pool
-    distilled = init_distilled(cfg, data, T, table["m"], gen).to(device)
-    opt = torch.optim.AdamW(distilled.param_groups(dc), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / dc["steps"]))
-    pool = ModelPool(mp, res, T.shape[-1], device, dc["support_chunk"])
-    step, curve, run_id = 0, [], utils.new_run_id()
-    if args.resume:
-        ckpt = utils.load_checkpoint(out / "checkpoint.pth", cfg, inputs, args.allow_changed)
-        distilled.load_state_dict(ckpt["distilled"], strict=True)
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        pool.load_state_dict(ckpt["pool"])
-        utils.set_rng_state(ckpt["rng"], gen, out / "checkpoint.pth")
-        rng.setstate(ckpt["py_rng"])
-        step, curve, run_id = ckpt["step"], ckpt["curve"], ckpt["run_id"]
-        print(f"resumed run {run_id} from {out / 'checkpoint.pth'} at step {step}")
-    log = utils.RunLog(out / "log.jsonl", resume_at=("step", step) if args.resume else None)
-    derived = {"device": str(device), "m": table["m"], "K": 1 + len(rotations), "out": str(out), "run_id": run_id,
-               "inputs": inputs, "target_scale": target_scale, "allow_changed": args.allow_changed}
-    utils.print_config(cfg, derived)
-    utils.print_storage(table)
-    utils.write_json({"config": cfg, "derived": derived, "storage": table}, out / "config.json")
-    base = {"method": dc["method"], "dataset": cfg["dataset"], "resolution": res, "m": table["m"],
-            "mean": data.mean.cpu(), "std": data.std.cpu(), "storage": table, "config": cfg,
-            "teacher_hash": inputs["teacher_hash"], "train_hash": inputs["train_hash"], "run_id": run_id,
-            "target_scale": target_scale, "store_augmented_targets": cfg["storage"]["store_augmented_targets"]}
+    # ---------------------------------------------------------------- distilled set, optimizer, pool, resume
+    state = build(cfg, data, T, table["m"], device, gen, rng)
+    if ckpt:
+        restore(state, ckpt, cfg, run.checkpoint)
+    log = utils.RunLog(run.folder / "log.jsonl", resume_at=("step", state.step) if args.resume else None)
+    base = describe(cfg, table, state, data, inputs, target_scale, args, run, device)
     if not args.resume:
         # the set before any outer step (main_evaluate's init_only row): what the bilevel loop adds is the difference
-        (out / utils.INIT_ONLY).mkdir(exist_ok=True)
-        save_set(out / utils.INIT_ONLY, distilled, {**base, "steps": 0}, cfg, data)
+        save_set(run.folder / utils.INIT_ONLY, state.distilled, {**base, "steps": 0, "schedule": []}, cfg, data,
+                 (argv, None, None))
         t0 = time.time()
-        X0, Y0 = distilled()
-        pool.stagger(X0, Y0, rng)
-        print(f"model pool staggered (ages {pool.ages}) in {time.time() - t0:.1f}s")
+        state.pool.stagger(*state.distilled(), state.rng)
+        print(f"model pool staggered (ages {state.pool.ages}) in {time.time() - t0:.1f}s")
 
-    def checkpoint():
-        utils.atomic_save({"distilled": distilled.state_dict(), "optimizer": opt.state_dict(),
-                           "scheduler": sched.state_dict(), "pool": pool.state_dict(), "rng": utils.rng_state(gen),
-                           "py_rng": rng.getstate(), "step": step, "curve": curve, "config": cfg, "inputs": inputs,
-                           "run_id": run_id}, out / "checkpoint.pth")
-
-    def check_finite(losses, last_saved):
-        """Every outer loss since the last check and the distilled tensors finite (one host sync), else stop
-        with the last good checkpoint untouched."""
-        if not utils.all_finite(losses + list(distilled.parameters())):
-            sys.exit(f"non-finite outer loss or distilled tensors by step {step}; nothing of it was saved. "
-                     + utils.resume_hint(out / "checkpoint.pth", f"step {last_saved}", "main_distill.py", argv,
-                                         "distillation.lr_image"))
-
-    # ---------------------------------------------------------------- the bilevel loop
-    bar = tqdm(total=dc["steps"], initial=step, desc="distill", dynamic_ncols=True)
-    window, unchecked, t_log, s_log, last_saved = [], [], time.time(), step, step
-    while step < dc["steps"]:
-        loss = outer_step(distilled, pool, data, T, dc, opt, sched, gen, rng)
-        step += 1
-        window.append(loss)
-        unchecked.append(loss)
-        bar.update(1)
-        if step % dc["log_every"] == 0 or step == dc["steps"] or step == 1:
-            check_finite(unchecked, last_saved)
-            mean_loss, unchecked = torch.stack(window).mean().item(), []
-            rate = (step - s_log) / (time.time() - t_log)
-            curve.append((step, mean_loss))
-            log(step=step, loss=mean_loss, lr_image=opt.param_groups[0]["lr"], steps_per_s=rate)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", steps_per_s=f"{rate:.1f}")
-            window, t_log, s_log = [], time.time(), step
-        if step % dc["save_every"] == 0 or step == dc["steps"]:
-            check_finite(unchecked, last_saved)
-            unchecked, last_saved = [], step
-            checkpoint()
-    bar.close()
-
-    # ---------------------------------------------------------------- approximation nets and assets
-    approx_errors = save_set(out, distilled, {**base, "steps": step}, cfg, data)
-    metrics = {"steps": step, "loss_curve": curve, "loss_first": curve[0][1] if curve else None,
-               "loss_last": curve[-1][1] if curve else None, "storage": table,
-               "approximation": approx_errors, "out": str(out), "run_id": run_id, "target_scale": target_scale}
-    utils.write_json(metrics, out / "metrics.json")
+    # ---------------------------------------------------------------- the bilevel loop, then the assets
+    distill(state, data, T, cfg, inputs, run, log, argv)
+    approx_errors = save_set(run.folder, state.distilled, {**base, "steps": state.step, "schedule": state.schedule},
+                             cfg, data, (argv, run.checkpoint, f"step {state.step}"))
+    c = state.curve
+    metrics = {"steps": state.step, "loss_curve": c, "loss_first": c[0][1] if c else None,
+               "loss_last": c[-1][1] if c else None, "storage": table, "approximation": approx_errors,
+               "schedule": state.schedule, "out": str(run.folder), "run_id": state.run_id, "target_scale": target_scale}
+    utils.write_json(metrics, run.folder / "metrics.json")
     utils.release_run_folder(lock)
-    print(f"distilled set written to {out} (m={table['m']}, {step} steps)")
+    print(f"distilled set written to {run.folder} (m={table['m']}, {state.step} steps)")
     return metrics
 
 
 if __name__ == "__main__":
-    main()
+    utils.cli(main, "main_distill.py")

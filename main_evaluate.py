@@ -29,25 +29,22 @@ being evaluation.student (resnet18 by default; --student a,b,c: one table per st
 cross-architecture summary, students.md / students.json, in <out>/). results.json is rewritten after every (row, seed)
 cell; --resume runs only the cells (and protocols) still missing, so it also adds seeds or a protocol to a table.
 """
+import copy
 import json
 import math
 import statistics
+import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import models
 import utils
-
-ROWS = ("distilled", "init_only", "distilled_exact", "real_init", "krr_st", "random_subset", "full_dataset", "teacher",
-        "no_pretraining")
-SEEDED = ("distilled", "init_only", "distilled_exact", "real_init", "krr_st", "random_subset", "no_pretraining")
-DISTILLED_ROWS = ("distilled", "init_only", "distilled_exact", "krr_st")  # rows read from a distilled_assets folder
-NEEDS_ROTATIONS = ("distilled_exact", "real_init")  # rows that exist only when the set has rotated views
-
 
 def parse_args(argv):
     p = utils.script_parser(__doc__)
@@ -66,7 +63,7 @@ def parse_args(argv):
                         f"and a summary; default: evaluation.student alone, in <out>/")
     p.add_argument("--retrain-full", action="store_true", help="retrain the full-dataset model even if saved")
     p.add_argument("--out", default=None, help="default: evaluation_models/<config name>_N<budget>[_to_<target>]")
-    utils.add_common_args(p)
+    utils.add_common_args(p, allow_changed=False)  # a table resumes only under its own config
     args, rest = p.parse_known_args(argv)
     args.rows_given = args.rows is not None
     rows = [r.strip() for r in (args.rows or ",".join(ROWS)).split(",") if r.strip()]
@@ -85,15 +82,18 @@ def parse_args(argv):
     return args, utils.parse_overrides(rest)
 
 
+
+
 # ============================================================================================
 # SPEC 6.1: one pre-training recipe for every (images, targets) set
 # ============================================================================================
-def pretrain_on_set(images, targets, ec, epochs, mean, std, seed, desc, width, ranks=utils.Ranks()):
+def pretrain_on_set(images, targets, ec, epochs, mean, std, seed, desc, width, ranks=utils.Ranks(), argv=()):
     """The student (evaluation.student) + Linear(its width -> d_y), MSE to `targets`, SGD + cosine; a fresh
     crop + flip of every view each epoch when `augment`. images: uint8 (normalised per batch) or normalised float.
     Under torchrun with `ranks` (the full-dataset row), images and targets are this rank's share: DDP, global
     batch evaluation.batch_size, BatchNorm over it, crops drawn per rank.
-    Returns the backbone (eval mode) and the number of SGD steps it took."""
+    Returns the backbone (eval mode) and the number of SGD steps it took; a non-finite loss stops the run with the
+    command (`argv`, the evaluation's) to start it again at a lower evaluation.lr."""
     device = targets.device
     torch.manual_seed(seed)
     gen = utils.make_generator(device, seed + ranks.rank)
@@ -114,7 +114,7 @@ def pretrain_on_set(images, targets, ec, epochs, mean, std, seed, desc, width, r
             idx = perm[i * B:(i + 1) * B]
             x = utils.normalize(images[idx], mean, std) if images.dtype == torch.uint8 else images[idx]
             if ec["augment"]:
-                x = utils.random_crop_flip(x, ec["crop_pad"], gen)
+                x = random_crop_flip(x, ec["crop_pad"], gen)
             with utils.autocast(device):
                 loss = models.mse(fwd(utils.to_channels_last(x, device)), targets[idx])
             opt.zero_grad(set_to_none=True)
@@ -123,9 +123,11 @@ def pretrain_on_set(images, targets, ec, epochs, mean, std, seed, desc, width, r
             sched.step()
             total += loss.detach()
         if epoch % 10 == 0 or epoch == epochs - 1:
-            loss = total / steps
-            utils.check_finite(loss, f"{desc} epoch {epoch + 1}")
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            loss = (total / steps).item()
+            if not math.isfinite(loss):
+                raise utils.non_finite_stop(f"pre-training loss {loss} in {desc} epoch {epoch + 1}", "main_evaluate.py",
+                                            argv, "evaluation.lr", ec["lr"])
+            bar.set_postfix(loss=f"{loss:.4f}")
     return net.backbone.eval(), epochs * steps
 
 
@@ -142,7 +144,8 @@ def real_views(data, T, idx, rotations):
     return utils.all_views(data.train_x[idx], rotations), T[idx].transpose(0, 1).flatten(0, 1)
 
 
-def full_dataset_backbone(path, data, T, rotations, cfg, teacher_hash, retrain, replace_stale, ranks=utils.Ranks()):
+def full_dataset_backbone(path, data, T, rotations, cfg, teacher_hash, retrain, replace_stale, ranks=utils.Ranks(),
+                          argv=()):
     """The full-dataset row's ResNet-18, trained once and reused while its settings match; one trained with
     other settings (another teacher, another recipe) is replaced only under `replace_stale` (--overwrite).
     Under torchrun every rank trains it together (DDP, each on its share of the train images); rank 0 saves it.
@@ -153,26 +156,251 @@ def full_dataset_backbone(path, data, T, rotations, cfg, teacher_hash, retrain, 
             "rotations": rotations, "evaluation": recipe, "seed": cfg["seed"], "data": cfg["data"], "width": width,
             "train_hash": data.fingerprint}
     if path.is_file() and not retrain:
-        saved = utils.read_pth(path, "a full-dataset backbone written by main_evaluate.py", ["backbone", "meta"])
+        saved = utils.read_pth(path, "a full-dataset backbone written by main_evaluate.py",
+                               ["backbone", "meta", "train_time_s", "steps"], rebuild="pass --retrain-full")
         if saved["meta"] == meta:
             g = models.student(ec["student"], width, data.train_x.shape[-1])[0]
-            g.load_state_dict(saved["backbone"], strict=True)
-            ranks.say(f"full_dataset: reusing {path} (trained in {saved.get('train_time_s', float('nan')):.1f}s)")
-            return utils.channels_last_module(g.to(T.device), T.device).eval(), saved.get("train_time_s"), \
-                saved.get("steps"), True
+            utils.load_weights(g, saved["backbone"], path, f"a {ec['student']} student of width {width}")
+            ranks.say(f"full_dataset: reusing {path} (trained in {saved['train_time_s']:.1f}s)")
+            return utils.channels_last_module(g.to(T.device), T.device).eval(), saved["train_time_s"], \
+                saved["steps"], True
         if not replace_stale:
-            raise ValueError(f"{path} was trained with other settings ({saved['meta']}); "
-                             f"pass --retrain-full or --overwrite to replace it")
+            raise utils.InputError(f"{path} was trained with other settings ({saved['meta']}); "
+                                   f"pass --retrain-full or --overwrite to replace it")
         ranks.say(f"full_dataset: {path} was trained with other settings; retraining it (--overwrite)")
     t0 = time.time()
     views, targets = real_views(data, T, utils.shard(torch.arange(len(data.train_x)), ranks), rotations)
     g, steps = pretrain_on_set(views, targets, ec, ec["full_epochs"], data.mean, data.std, cfg["seed"],
-                               "full_dataset", width, ranks)
+                               "full_dataset", width, ranks, argv)
     train_time = time.time() - t0
     if ranks.main:
         utils.atomic_save({"backbone": {k: v.cpu() for k, v in g.state_dict().items()}, "meta": meta,
                            "train_time_s": train_time, "steps": steps}, path)
     return g, train_time, steps, False
+
+
+def random_crop_flip(x, pad, gen):
+    """Reflect-pad by `pad`, random crop back to H x W and horizontal flip, per sample (SPEC 6.1)."""
+    B, C, H, W = x.shape
+    dev = x.device
+    xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dy = torch.randint(0, 2 * pad + 1, (B,), generator=gen, device=dev)
+    dx = torch.randint(0, 2 * pad + 1, (B,), generator=gen, device=dev)
+    rows = (dy[:, None] + torch.arange(H, device=dev))[:, :, None]  # (B, H, 1)
+    cols = (dx[:, None] + torch.arange(W, device=dev))[:, None, :]  # (B, 1, W)
+    out = xp[torch.arange(B, device=dev)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)  # (B, C, H, W)
+    return utils.random_flip(out, 0.5, gen)
+
+# ============================================================================================
+# SPEC 6.2 and the other measurements of a pre-trained backbone: teacher fit, fine-tuning, BatchNorm recalibration
+# ============================================================================================
+def teacher_fit(features, teacher_features, ridge):
+    """R^2 on the test split of a ridge readout (fit on the train split) from a backbone's frozen features
+    to the teacher's: 1 - SSE / SST, SST around the teacher's train mean. How much of the teacher a
+    pre-trained student reproduces on unseen images (1 for the teacher itself). features and
+    teacher_features are (train, test) pairs; ridge is relative to the mean eigenvalue of the Gram matrix."""
+    (X, X_test), (Y, Y_test) = features, teacher_features
+    ones = lambda A: torch.cat([A.double(), A.new_ones(len(A), 1, dtype=torch.float64)], 1)
+    X, X_test, Y, Y_test = ones(X), ones(X_test), Y.double(), Y_test.double()
+    G = X.T @ X
+    lam = ridge * torch.trace(G) / len(G)
+    W = torch.linalg.solve(G + lam * torch.eye(len(G), dtype=G.dtype, device=G.device), X.T @ Y)
+    sse = (X_test @ W - Y_test).pow(2).sum()
+    sst = (Y_test - Y.mean(0)).pow(2).sum()
+    return (1 - sse / sst).item()
+
+
+def check_features(features, row):
+    """A backbone whose frozen features are not finite (a diverged student) is an error, never a probed number."""
+    for split, f in zip(("train", "test"), features):
+        if not torch.isfinite(f).all():
+            raise utils.RunStopped(f"{row}: the pre-trained backbone gives non-finite features on the {split} "
+                                   f"split; its accuracy would be meaningless (lower evaluation.lr, or check "
+                                   f"the teacher's target scale)")
+
+
+@torch.no_grad()
+def recalibrate_bn(net, data, batch_size):
+    """Every BatchNorm's running statistics re-estimated on data's train split: a train-mode pass without
+    gradients, averaged exactly over the batches (momentum None); weights untouched; returns net in eval mode.
+    The no_pretraining row's option (`evaluation.random_init_bn: recalibrate`): at its initial statistics (mean
+    0, var 1) an eval-mode random VGG-11 gives features of scale ~1e-6 that the SGD probe reads at chance."""
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    net.train()
+    dev = next(net.parameters()).device
+    for part in data.train_x.split(batch_size):
+        net(utils.to_channels_last(utils.normalize(part.to(dev), data.mean, data.std), dev))  # float32: statistics, once
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    return net.eval()
+
+
+def finetune(backbone, data, ft, seed, batch_size):
+    """Fine-tuned transfer (KRR-ST's protocol): a copy of `backbone` plus a new Linear head trained with the
+    labels of data's train split (SGD + cosine, `iterations` steps, crop + flip), top-1 (%) on its test split.
+    The pre-trained backbone itself is left unchanged."""
+    dev = data.train_x.device
+    torch.manual_seed(seed)
+    gen = utils.make_generator(dev, seed)
+    net = copy.deepcopy(backbone).to(dev)
+    with torch.no_grad():
+        dim = net.eval()(utils.normalize(data.train_x[:2], data.mean, data.std)).shape[1]
+    model = torch.nn.Sequential(net, torch.nn.Linear(dim, data.num_classes).to(dev)).train()
+    opt = torch.optim.SGD(model.parameters(), lr=ft["lr"], momentum=ft["momentum"], weight_decay=ft["weight_decay"])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, ft["iterations"])
+    for idx in utils.batches(len(data.train_x), ft["batch_size"], ft["iterations"], gen):
+        x = utils.normalize(data.train_x[idx], data.mean, data.std)
+        x = random_crop_flip(x, ft["crop_pad"], gen) if ft["augment"] else x
+        with utils.autocast(dev):
+            loss = F.cross_entropy(model(utils.to_channels_last(x, dev)).float(), data.train_y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.eval()
+    with torch.no_grad():
+        correct = sum((model(utils.to_channels_last(utils.normalize(x, data.mean, data.std), dev)).argmax(1) == y).sum()
+                      for x, y in zip(data.test_x.split(batch_size), data.test_y.split(batch_size)))
+    return 100.0 * correct.item() / len(data.test_x)
+
+
+# ============================================================================================
+# SPEC 6.3: the rows. Each row is a source: what it pre-trains on (views, targets) and what it stores.
+# ============================================================================================
+@dataclass
+class Inputs:
+    """What every row of one table reads: config, processes, folders, data, teacher and its features, the
+    distilled sets (checked), the teacher targets T, and the budget's arithmetic."""
+    args: object
+    cfg: dict
+    ranks: utils.Ranks
+    device: torch.device
+    out: Path
+    rows: list
+    seeds: list
+    assets: Path
+    krr_assets: Path
+    data: object = None
+    target: object = None
+    teacher: torch.nn.Module = None
+    teacher_file: Path = None
+    hashes: dict = field(default_factory=dict)
+    sets: dict = field(default_factory=dict)
+    init_idx: torch.Tensor = None
+    T: torch.Tensor = None
+    target_scale: float = None
+    teacher_feats: tuple = None
+    full: tuple = None  # (backbone, its training time, its SGD steps, reused) of the full_dataset row
+
+    @property
+    def rotations(self):
+        return self.cfg["augmentations"]["rotate"]
+
+    @property
+    def per_real(self):
+        """Floats of a real image stored with its K teacher targets."""
+        res, d_y = self.cfg["data"]["resolution"], models.resnet18_dim(self.cfg["network"]["width"])
+        return 3 * res * res + d_y * (1 + len(self.rotations))
+
+    @property
+    def budget(self):
+        return utils.storage_budget(self.cfg, self.cfg["data"]["resolution"])
+
+
+@dataclass(frozen=True)
+class Source:
+    """seeded: repeated with every --seeds seed; folder: the distilled_assets folder it is read from (None: built
+    from the train split); views(ev, seed): the (images, targets) a student pre-trains on, None for the rows that
+    pre-train nothing; stored(ev): the floats it keeps (None: not a stored set)."""
+    seeded: bool
+    folder: object
+    views: object
+    stored: object
+
+
+def distilled_floats(ev, row):
+    d = ev.sets[row][2]
+    stored = d["storage"]["stored"]
+    if row == "distilled_exact":  # learned C_y^k stored instead of the approximation nets
+        stored += len(d["rotations"]) * d["m"] * d["C_y"].shape[1] - d["storage"]["rows"].get("approximation nets", 0)
+    return stored
+
+
+ROWS = {
+    "distilled": Source(True, lambda ev: ev.assets, lambda ev, seed: ev.sets["distilled"][:2],
+                        lambda ev: distilled_floats(ev, "distilled")),
+    "init_only": Source(True, lambda ev: ev.assets / utils.INIT_ONLY, lambda ev, seed: ev.sets["init_only"][:2],
+                        lambda ev: distilled_floats(ev, "init_only")),
+    "distilled_exact": Source(True, lambda ev: ev.assets, lambda ev, seed: ev.sets["distilled_exact"][:2],
+                              lambda ev: distilled_floats(ev, "distilled_exact")),
+    "real_init": Source(True, None, lambda ev, seed: real_views(ev.data, ev.T, ev.init_idx, ev.rotations),
+                        lambda ev: len(ev.init_idx) * ev.per_real),
+    "krr_st": Source(True, lambda ev: ev.krr_assets, lambda ev, seed: ev.sets["krr_st"][:2],
+                     lambda ev: distilled_floats(ev, "krr_st")),
+    "random_subset": Source(True, None, lambda ev, seed: random_subset(ev.data, ev.T, ev.cfg["storage"]["budget_N"], seed),
+                            lambda ev: ev.budget["budget"]),
+    "full_dataset": Source(False, None, lambda ev, seed: None, lambda ev: len(ev.data.train_x) * ev.per_real),
+    "teacher": Source(False, None, lambda ev, seed: None, lambda ev: None),
+    "no_pretraining": Source(True, None, lambda ev, seed: None, lambda ev: 0),
+}
+NEEDS_ROTATIONS = ("distilled_exact", "real_init")  # rows that exist only when the set has rotated views
+NEEDS_TARGETS = ("real_init", "random_subset", "full_dataset")  # rows built from the teacher targets T
+
+
+def backbone(ev, row, seed, argv):
+    """The row's pre-trained backbone for `seed` and its SGD steps: a student pre-trained on the row's views, the
+    full-dataset model (trained before the cells), the teacher, or a random student."""
+    ec, width, res = ev.cfg["evaluation"], ev.cfg["network"]["width"], ev.cfg["data"]["resolution"]
+    views = ROWS[row].views(ev, seed)
+    if views is not None:
+        return pretrain_on_set(*views, ec, ec["epochs"], ev.data.mean, ev.data.std, seed, f"{row} s{seed}", width,
+                               argv=argv)
+    if row == "full_dataset":
+        return ev.full[0], ev.full[2]
+    if row == "teacher":
+        return ev.teacher, 0
+    torch.manual_seed(seed)  # no_pretraining: a random student, its BatchNorm statistics as random_init_bn says
+    g = utils.channels_last_module(models.student(ec["student"], width, res)[0].to(ev.device), ev.device).eval()
+    return (recalibrate_bn(g, ev.target, ev.cfg["data"]["eval_batch_size"]) if ec["random_init_bn"] == "recalibrate"
+            else g), 0
+
+
+def run_cell(ev, row, seed, cell, argv):
+    """One (row, seed) cell: the backbone, then each protocol that `cell` still lacks (a cell that has one protocol
+    runs only the other, its network trained again)."""
+    t0, bs = time.time(), ev.cfg["data"]["eval_batch_size"]
+    g, steps = backbone(ev, row, seed, argv)
+    if row == "full_dataset":
+        cell.update(reused=ev.full[3], train_time_s=ev.full[1])
+        t0 -= 0 if ev.full[3] else ev.full[1]  # a model trained now counts in the row's time
+    feats = ev.teacher_feats if row == "teacher" else utils.split_features(g, ev.target, bs)
+    check_features(feats, row)
+    todo = missing(cell, ev.args.protocol)
+    if "probe" in todo:
+        cell["probe"] = utils.probe_backbone(g, ev.target, ev.cfg["probe"], seed, bs, features=feats)
+        cell["fit"] = teacher_fit(feats, ev.teacher_feats, ev.cfg["probe"]["teacher_fit_ridge"])
+    if "finetune" in todo:
+        cell["finetune"] = finetune(g, ev.target, ev.cfg["finetune"], seed, bs)
+    if row == "distilled" and seed == ev.seeds[0]:
+        utils.atomic_save({k: v.cpu() for k, v in g.state_dict().items()},
+                          ev.out / f"{ev.cfg['evaluation']['student']}_distilled_dataset.pth")
+    cell.update(steps=steps, time_s=cell.get("time_s", 0.0) + time.time() - t0)
+    print(f"{row} seed {seed}: " + ", ".join(f"{k} {cell[c]:.4g}" for k, c in (
+        ("linear probe top-1 %", "probe"), ("teacher fit R^2", "fit"), ("fine-tune top-1 %", "finetune"))
+        if c in cell) + (f" (rank {ev.ranks.rank})" if ev.ranks.world > 1 else ""))
+    return cell
+
+
+WANTED = {"probe": ("probe", "fit"), "finetune": ("finetune",)}  # what each protocol measures in a cell
+
+
+def missing(cell, protocol):
+    """The protocols a cell has not measured yet."""
+    return [p for p in protocol if any(k not in cell for k in WANTED[p])]
 
 
 # ============================================================================================
@@ -243,14 +471,16 @@ def row_result(row_cells, protocol, storage_floats):
             "time_s": sum(c["time_s"] for c in row_cells), **extra}
 
 
-CELL_NUMBERS = {"probe": (0.0, 100.0), "fit": (None, 1.0), "finetune": (0.0, 100.0), "time_s": (0.0, None)}
+# a kept cell's numbers: accuracies in percent; teacher fit R^2 <= 1, and >= -1 (a readout worse than twice the
+# teacher's variance is a broken file, not a measurement); times >= 0
+CELL_NUMBERS = {"probe": (0.0, 100.0), "fit": (-1.0, 1.0), "finetune": (0.0, 100.0), "time_s": (0.0, None)}
 
 
 def read_results(path):
     """results.json as main_evaluate.py writes it (save() in evaluate), every kept cell checked: a file that is
     not JSON, lacks a part, or holds a value that cannot be right is refused, naming the file and the entry."""
     def bad(what):
-        raise ValueError(f"{path} is not a results.json written by main_evaluate.py: {what}; move it aside or "
+        raise utils.InputError(f"{path} is not a results.json written by main_evaluate.py: {what}; move it aside or "
                          f"rerun with --overwrite")
     try:
         saved = json.loads(Path(path).read_text())
@@ -289,22 +519,192 @@ def resumed_cells(path, cfg, target_name, inputs):
     saved = read_results(path)
     if saved["config"] != cfg or saved["derived"]["target"] != target_name:
         changed = utils.config_changes(saved["config"], cfg)
-        raise ValueError(f"--resume: {path} was written with another config or target"
+        raise utils.InputError(f"--resume: {path} was written with another config or target"
                          + (f" (changed: {', '.join(changed)})" if changed else ""))
     old_inputs = saved["derived"].get("inputs", {})
     stale = [k for k in inputs if k in old_inputs and old_inputs[k] != inputs[k]]
     if stale:
-        raise ValueError(f"--resume: {path} was computed from other inputs ({', '.join(stale)} changed since); "
+        raise utils.InputError(f"--resume: {path} was computed from other inputs ({', '.join(stale)} changed since); "
                          f"rerun without --resume (--overwrite) to recompute every row")
     return saved["cells"]
 
 
+# ============================================================================================
+# main: check inputs -> load sets -> targets -> cells -> table
+# ============================================================================================
+def check_inputs(args, overrides, sub):
+    """The table's Inputs with everything that can refuse it checked before anything is written: config, process
+    count, the run folder's state, the rows that can run, data, target data and teacher."""
+    cfg = utils.load_config(args.config, overrides)
+    ranks, device = utils.init_ranks(args.device)  # rank 0 of 1 unless started by torchrun
+    if cfg["evaluation"]["batch_size"] % ranks.world:
+        raise utils.ConfigError(f"{args.config}: evaluation.batch_size {cfg['evaluation']['batch_size']} (the "
+                                f"full-dataset row's global batch) is not divisible by the {ranks.world} processes")
+    utils.set_seed(cfg["seed"])
+    target_name, name = args.target or cfg["dataset"], utils.config_name(args.config)
+    suffix = f"_to_{target_name.lower()}" if target_name != cfg["dataset"] else ""
+    out = Path(args.out) if args.out else Path("evaluation_models") / f"{name}_N{cfg['storage']['budget_N']}{suffix}"
+    out = out / sub if sub else out
+    assets = Path(args.assets) if args.assets else utils.distilled_folder(cfg, name)
+    krr_assets = Path(args.krr_assets) if args.krr_assets else utils.distilled_folder(cfg, name, "krr_st")
+    ev = Inputs(args, cfg, ranks, device, out, available_rows(args, cfg, assets, krr_assets, ranks),
+                [cfg["seed"] + i for i in range(args.seeds)], assets, krr_assets)
+    if ranks.main:
+        run_folder(ev).check(args.resume, args.overwrite)
+    ev.data = utils.load_data(cfg)
+    utils.check_sizes(cfg, len(ev.data.train_x))
+    ev.data = ev.data.to(device)
+    dc = cfg["data"]
+    ev.target = ev.data if target_name == cfg["dataset"] else \
+        utils.load_dataset(target_name, dc["root"], dc["resolution"], 0, dc["cache_dir"]).to(device)
+    ev.teacher_file = Path(args.teacher) if args.teacher else utils.teacher_path(name)
+    ev.teacher, _ = utils.load_teacher(ev.teacher_file, cfg, device, ev.data)
+    ev.hashes = {"teacher_hash": utils.file_hash(ev.teacher_file), "train_hash": ev.data.fingerprint}
+    return ev
+
+
+def available_rows(args, cfg, assets, krr_assets, ranks):
+    """The asked rows (--rows), less, when --rows was not given, those whose inputs do not exist (krr_st, init_only)
+    or that repeat another row without rotations; asked for by --rows, a missing set is an error."""
+    rows = list(args.rows)
+    for row, path in (("krr_st", krr_assets), ("init_only", assets / utils.INIT_ONLY)):
+        if row in rows and not args.rows_given and not (path / "distilled_data.pth").is_file():
+            rows.remove(row)
+            ranks.say(f"{row}: no set at {path}, row skipped (main_distill.py"
+                      + (" --distillation.method=krr_st)" if row == "krr_st" else " writes it before its first step)"))
+    if not cfg["augmentations"]["rotate"] and not args.rows_given:
+        rows = [r for r in rows if r not in NEEDS_ROTATIONS]
+    return rows
+
+
+def run_folder(ev):
+    """The table's folder; the full-dataset model in it is a cache checked by its own metadata (kept by
+    --overwrite)."""
+    return utils.RunFolder(ev.out, "main_evaluate.py", outputs=(ev.out / "results.json",),
+                           keep=(f"{ev.cfg['evaluation']['student']}_full_dataset.pth",))
+
+
+def load_sets(ev):
+    """Every distilled set the rows read, decoded and checked against this table's dataset, teacher, split and
+    target scale; the real_init row's indices; the sets' file hashes join the table's inputs."""
+    for row in ev.rows:
+        if ROWS[row].folder is None:
+            continue
+        folder = ROWS[row].folder(ev)
+        views, targets, d = utils.load_distilled(folder, ev.device, exact=row == "distilled_exact")
+        check_assets(ev, folder, d)
+        ev.sets[row] = (views, targets, d)
+        ev.hashes[f"{'distilled' if folder == ev.assets else row}_hash"] = utils.file_hash(folder / "distilled_data.pth")
+    if "real_init" in ev.rows:
+        d = utils.read_pth(ev.assets / "distilled_data.pth", "a distilled set written by main_distill.py",
+                           ["run_id", "teacher_hash", "train_hash", "dataset", "config"])
+        check_assets(ev, ev.assets, d)
+        ev.init_idx = utils.read_controls(ev.assets, run_id=d["run_id"])["init_indices"]
+        ev.hashes["distilled_hash"] = utils.file_hash(ev.assets / "distilled_data.pth")
+
+
+def check_assets(ev, folder, d):
+    """A distilled set is compared with the other rows only if it was built from the same inputs."""
+    pairs = {"dataset": (d["dataset"], ev.cfg["dataset"]), "teacher": (d["teacher_hash"], ev.hashes["teacher_hash"]),
+             "train split": (d["train_hash"], ev.data.fingerprint),
+             "data.target_rms": (d["config"]["data"]["target_rms"], ev.cfg["data"]["target_rms"])}
+    stale = [f"{k} ({str(a)[:16]} here {str(b)[:16]})" for k, (a, b) in pairs.items() if a != b]
+    if stale:
+        raise utils.InputError(f"{folder} was distilled from other inputs than this evaluation uses: "
+                               f"{', '.join(stale)}; rerun main_distill.py with this config and teacher")
+
+
+def teacher_targets(ev):
+    """T for the rows built from real images (rank 0 computes and caches them, then the others read the cache),
+    the teacher's features of the target (every row's teacher fit is scored against them), and the full-dataset
+    model (every rank trains it under torchrun)."""
+    if set(NEEDS_TARGETS) & set(ev.rows):
+        with utils.rank0_first(ev.ranks):
+            ev.T, ev.target_scale = utils.teacher_targets(ev.teacher, ev.teacher_file, ev.data, ev.rotations,
+                                                          ev.cfg["data"], ev.out, ev.hashes["teacher_hash"])
+    ev.teacher_feats = utils.split_features(ev.teacher, ev.target, ev.cfg["data"]["eval_batch_size"])
+
+
+def run_cells(ev, cells, argv):
+    """One loop over the (row, seed) cells still missing: seeded rows' cells dealt to the ranks, the others rank
+    0's; results.json rewritten after each (under torchrun, rank 0's, then every rank's at the end). Returns the
+    table's rows."""
+    def row_seeds(row):
+        return ev.seeds if ROWS[row].seeded else [ev.cfg["seed"]]
+    todo = [(r, s) for r in ev.rows for s in row_seeds(r) if missing(cells.setdefault(r, {}).get(str(s), {}),
+                                                                       ev.args.protocol)]
+    if any(r == "full_dataset" for r, _ in todo):  # every rank trains it (DDP under torchrun)
+        ev.full = full_dataset_backbone(ev.out / run_folder(ev).keep[0], ev.data, ev.T, ev.rotations, ev.cfg,
+                                        ev.hashes["teacher_hash"], ev.args.retrain_full, ev.args.overwrite, ev.ranks)
+    seeded = [c for c in todo if ROWS[c[0]].seeded]
+    for row, seed in seeded[ev.ranks.rank::ev.ranks.world] + [c for c in todo if not ROWS[c[0]].seeded] * ev.ranks.main:
+        cells[row][str(seed)] = run_cell(ev, row, seed, dict(cells[row].get(str(seed), {})), argv)
+        if ev.ranks.main:
+            save(ev, cells, {})
+    for part in utils.gather_objects(cells, ev.ranks):  # every rank's cells
+        for row, by_seed in part.items():
+            cells[row].update(by_seed)
+    return {row: row_result([cells[row][str(s)] for s in row_seeds(row)], ev.args.protocol, ROWS[row].stored(ev))
+            for row in ev.rows}
+
+
+def save(ev, cells, results, **final):
+    utils.write_json({"rows": results, "cells": cells, "config": ev.cfg, "derived": derived(ev), "complete": False,
+                      **final}, ev.out / "results.json")
+
+
+def derived(ev):
+    return {"device": str(ev.device), "rows": ev.rows, "seeds": ev.seeds, "target": ev.target.name,
+            "assets": str(ev.assets), "krr_assets": str(ev.krr_assets), "out": str(ev.out), "inputs": ev.hashes,
+            "target_scale": ev.target_scale, "processes": ev.ranks.world, "protocol": ev.args.protocol}
+
+
+def write_table(ev, results, cells):
+    """results.md and the final results.json; returns the table's rows."""
+    cfg, ec, budget = ev.cfg, ev.cfg["evaluation"], ev.budget
+    results = summarize(results, budget)
+    header = (f"{cfg['dataset']} -> {ev.target.name}, budget N={cfg['storage']['budget_N']} ({budget['budget']:,} "
+              f"floats), student {ec['student']} (width {cfg['network']['width']}; the teacher row is the ResNet-18 "
+              f"teacher) pre-trained {ec['epochs']} epochs (full dataset {ec['full_epochs']}), augment={ec['augment']}, "
+              f"protocol {'+'.join(ev.args.protocol)} (linear probe {cfg['probe']['iterations']} it., fine-tune "
+              f"{cfg['finetune']['iterations']} it.), seeds {ev.seeds}"
+              + (f"; {ev.target.name} images at {cfg['data']['resolution']} px" if ev.target is not ev.data else ""))
+    md = markdown(results, header, ev.args.protocol)
+    print(md)
+    (ev.out / "results.md").write_text(md)
+    save(ev, cells, results, header=header, complete=True)
+    return results
+
+
+def evaluate(args, overrides, argv, sub=None):
+    """The table of every row for one student, written to <out>[/<sub>]: ({row: result}, out) on rank 0,
+    (None, None) on the others."""
+    ev = check_inputs(args, overrides, sub)
+    load_sets(ev)
+    cells = resumed_cells(ev.out / "results.json", ev.cfg, ev.target.name, ev.hashes) if args.resume else {}
+    lock = run_folder(ev).claim(args.resume, args.overwrite) if ev.ranks.main else None
+    utils.barrier(ev.ranks)
+    teacher_targets(ev)
+    if ev.ranks.main:
+        utils.print_config(ev.cfg, derived(ev))
+        utils.write_json({"config": ev.cfg, "derived": derived(ev)}, ev.out / "config.json")
+        if args.resume:
+            print(f"resumed: {sum(len(c) for c in cells.values())} (row, seed) cells already done")
+    results = run_cells(ev, cells, argv)
+    if not ev.ranks.main:  # rank 0 writes the table
+        return None, None
+    results = write_table(ev, results, cells)
+    utils.release_run_folder(lock)
+    return results, ev.out
+
+
 def main(argv=None):
     """One table (evaluation.student), or one per `--student` plus the cross-architecture summary."""
+    argv = sys.argv[1:] if argv is None else list(argv)  # the command line, for the recovery hint
     args, overrides = parse_args(argv)
     if args.student is None:
-        return evaluate(args, overrides)[0]
-    done = {s: evaluate(args, {**overrides, "evaluation.student": s}, sub=s) for s in args.student}
+        return evaluate(args, overrides, argv)[0]
+    done = {s: evaluate(args, {**overrides, "evaluation.student": s}, argv, sub=s) for s in args.student}
     if next(iter(done.values()))[1] is None:  # not rank 0
         return None
     tables, out = {s: t for s, (t, _) in done.items()}, next(iter(done.values()))[1].parent
@@ -322,196 +722,5 @@ def main(argv=None):
     return tables
 
 
-def evaluate(args, overrides, sub=None):
-    """The table of every row for one student, written to <out>[/<sub>]: ({row: result}, out) on rank 0,
-    (None, None) on the others."""
-    cfg = utils.load_config(args.config, overrides)
-    ec, N, width = cfg["evaluation"], cfg["storage"]["budget_N"], cfg["network"]["width"]
-    ranks, device = utils.init_ranks(args.device)  # rank 0 of 1 unless started by torchrun
-    if ec["batch_size"] % ranks.world:
-        raise utils.ConfigError(f"{args.config}: evaluation.batch_size {ec['batch_size']} (the full-dataset row's "
-                                f"global batch) is not divisible by the {ranks.world} torchrun processes")
-    utils.set_seed(cfg["seed"])
-    target_name = args.target or cfg["dataset"]
-    suffix = f"_to_{target_name.lower()}" if target_name != cfg["dataset"] else ""
-    name = utils.config_name(args.config)
-    out = Path(args.out) if args.out else Path("evaluation_models") / f"{name}_N{N}{suffix}"
-    out = out / sub if sub else out
-    student, full_file = ec["student"], f"{ec['student']}_full_dataset.pth"
-    run_folder = (out, [out / "results.json"], args.resume, args.overwrite, "main_evaluate.py")
-    if ranks.main:  # refused before any work; claimed (lock, owner, --overwrite) once every other check passed
-        utils.check_run_folder(*run_folder)
-    assets = Path(args.assets) if args.assets else utils.distilled_folder(cfg, name)
-    krr_cfg = {**cfg, "distillation": {**cfg["distillation"], "method": "krr_st"}}
-    krr_assets = Path(args.krr_assets) if args.krr_assets else utils.distilled_folder(krr_cfg, name)
-    rotations = cfg["augmentations"]["rotate"]
-    rows = list(args.rows)
-    if "krr_st" in rows and not args.rows_given and not (krr_assets / "distilled_data.pth").is_file():
-        rows.remove("krr_st")  # optional by default; asked for by --rows, a missing set is an error
-        ranks.say(f"krr_st: no assets at {krr_assets}, row skipped (run main_distill.py --distillation.method=krr_st)")
-    init_only = assets / utils.INIT_ONLY / "distilled_data.pth"
-    if "init_only" in rows and not args.rows_given and not init_only.is_file():
-        rows.remove("init_only")
-        ranks.say(f"init_only: no set at {init_only}, row skipped (main_distill.py writes it before its first step)")
-    if not rotations and not args.rows_given:  # without rotations these rows repeat distilled / a real set
-        rows = [r for r in rows if r not in NEEDS_ROTATIONS]
-    seeds = [cfg["seed"] + i for i in range(args.seeds)]
-    res, d_y = cfg["data"]["resolution"], models.resnet18_dim(width)
-
-    # ---------------------------------------------------------------- source and target data, teacher
-    data = utils.load_data(cfg)
-    utils.check_sizes(cfg, len(data.train_x))
-    data = data.to(device)
-    target = data if target_name == cfg["dataset"] else utils.load_dataset(target_name, cfg["data"]["root"], res).to(device)
-    teacher_file = Path(args.teacher) if args.teacher else utils.teacher_path(name)
-    teacher, _ = utils.load_teacher(teacher_file, cfg, device, data)
-    teacher_hash = utils.file_hash(teacher_file)
-    # what the table was computed from: a resumed table must find the same inputs
-    inputs = {"teacher_hash": teacher_hash, "train_hash": data.fingerprint}
-    for key, folder, readers in (("distilled", assets, {"distilled", "distilled_exact", "real_init"}),
-                                   ("init_only", assets / utils.INIT_ONLY, {"init_only"}),
-                                   ("krr_st", krr_assets, {"krr_st"})):
-        path = folder / "distilled_data.pth"
-        if readers & set(rows) and path.is_file():
-            inputs[f"{key}_hash"] = utils.file_hash(path)
-    def check_assets(folder, d):
-        """A distilled set is compared with the other rows only if it was built from the same inputs."""
-        pairs = {"dataset": (d["dataset"], cfg["dataset"]), "teacher": (d["teacher_hash"], teacher_hash),
-                 "train split": (d["train_hash"], data.fingerprint),
-                 "data.target_rms": (d["config"]["data"]["target_rms"], cfg["data"]["target_rms"])}
-        stale = [f"{k} ({str(a)[:16]} here {str(b)[:16]})" for k, (a, b) in pairs.items() if a != b]
-        if stale:
-            raise ValueError(f"{folder} was distilled from other inputs than this evaluation uses: {', '.join(stale)}; "
-                             f"rerun main_distill.py with this config and teacher")
-
-    def distilled_set(row):
-        """(views, targets, storage floats) of a distilled row; checked against this teacher and split."""
-        folder = {"krr_st": krr_assets, "init_only": assets / utils.INIT_ONLY}.get(row, assets)
-        views, targets, d = utils.load_distilled(folder, device, exact=row == "distilled_exact")
-        check_assets(folder, d)
-        stored = d["storage"]["stored"]
-        if row == "distilled_exact":  # learned C_y^k stored instead of the approximation nets
-            stored += len(d["rotations"]) * d["m"] * d["C_y"].shape[1] - d["storage"]["rows"].get("approximation nets", 0)
-        return views, targets, stored
-
-    def real_init_indices():
-        """The m train images the distilled set started from (its indices index this split: checked)."""
-        d = utils.read_pth(assets / "distilled_data.pth", "a distilled set written by main_distill.py",
-                           ["run_id", "teacher_hash", "train_hash", "dataset", "config"])
-        check_assets(assets, d)
-        return utils.read_controls(assets, run_id=d["run_id"])["init_indices"]
-
-    # every set this table reads, loaded and checked before anything is written
-    sets = {row: distilled_set(row) for row in rows if row in DISTILLED_ROWS}
-    init_idx = real_init_indices() if "real_init" in rows else None
-
-    bs = cfg["data"]["eval_batch_size"]
-    cells = resumed_cells(out / "results.json", cfg, target_name, inputs) if args.resume else {}
-    # the full-dataset model is a cache checked against its own metadata: it survives --overwrite
-    lock = utils.claim_run_folder(*run_folder, keep=[full_file]) if ranks.main else None
-    utils.barrier(ranks)
-    T, target_scale = None, None
-    if {"real_init", "random_subset", "full_dataset"} & set(rows):
-        for turn in (True, False):  # rank 0 computes and caches the targets, then the others read the cache
-            if ranks.main == turn:
-                T, target_scale = utils.teacher_targets(teacher, teacher_file, data, rotations, cfg["data"], out,
-                                                        teacher_hash)
-            utils.barrier(ranks)
-    derived = {"device": str(device), "rows": rows, "seeds": seeds, "target": target_name, "assets": str(assets),
-               "krr_assets": str(krr_assets), "out": str(out), "inputs": inputs, "target_scale": target_scale,
-               "processes": ranks.world, "protocol": args.protocol}
-    if ranks.main:
-        utils.print_config(cfg, derived)
-        utils.write_json({"config": cfg, "derived": derived}, out / "config.json")
-    teacher_feats = utils.split_features(teacher, target, bs)  # what every row's teacher fit is scored against
-    budget = utils.storage_accounting(krr_cfg, res)  # N real images + targets: exactly the budget
-    K = 1 + len(rotations)
-    per_real = 3 * res * res + d_y * K  # a real image stored with its K teacher targets
-
-    # ---------------------------------------------------------------- cells: one per (row, seed), saved as each ends
-    # cells[row][seed] = {"probe", "fit", "finetune", "steps", "time_s"}: a cell keeps what each protocol measured
-    if args.resume:
-        ranks.say(f"resumed: {sum(len(c) for c in cells.values())} (row, seed) cells already done")
-    wanted = {"probe": ("probe", "fit"), "finetune": ("finetune",)}
-    missing = lambda cell: [p for p in args.protocol if any(k not in cell for k in wanted[p])]
-    save = lambda **final: utils.write_json({"rows": results, "cells": cells, "config": cfg, "derived": derived,
-                                             "complete": False, **final}, out / "results.json")
-    results = {}
-    for row in rows:
-        row_seeds = seeds if row in SEEDED else [cfg["seed"]]
-        done = cells.setdefault(row, {})
-        todo = [s for s in row_seeds if missing(done.get(str(s), {}))]
-        if row == "full_dataset" and todo:  # every rank trains it (DDP under torchrun); rank 0 probes it below
-            g_full, train_time, full_steps, reused = full_dataset_backbone(
-                out / full_file, data, T, rotations, cfg, teacher_hash, args.retrain_full, args.overwrite, ranks)
-        if row in DISTILLED_ROWS:
-            views, targets, stored = sets[row]
-        elif row == "real_init":
-            views, targets = real_views(data, T, init_idx, rotations)
-            stored = len(init_idx) * per_real
-        else:
-            stored = {"random_subset": budget["budget"], "full_dataset": len(data.train_x) * per_real,
-                      "no_pretraining": 0, "teacher": None}[row]
-        # the seeds of a seeded row are spread over the ranks; the other rows are rank 0's
-        for seed in todo[ranks.rank::ranks.world] if row in SEEDED else todo * ranks.main:
-            t0, cell, feats, steps = time.time(), dict(done.get(str(seed), {})), None, 0
-            if row in DISTILLED_ROWS + ("real_init",):
-                g, steps = pretrain_on_set(views, targets, ec, ec["epochs"], data.mean, data.std, seed,
-                                           f"{row} s{seed}", width)
-                if row == "distilled" and seed == seeds[0]:
-                    utils.atomic_save({k: v.cpu() for k, v in g.state_dict().items()},
-                                      out / f"{student}_distilled_dataset.pth")
-            elif row == "random_subset":
-                x, y = random_subset(data, T, N, seed)
-                g, steps = pretrain_on_set(x, y, ec, ec["epochs"], data.mean, data.std, seed, f"{row} s{seed}", width)
-            elif row == "full_dataset":
-                g, steps = g_full, full_steps
-                cell.update(reused=reused, train_time_s=train_time)
-                t0 -= 0 if reused else train_time  # a model trained now counts in the row's time
-            elif row == "teacher":
-                g, feats = teacher, teacher_feats
-            else:  # no_pretraining: a random student, its BatchNorm statistics as evaluation.random_init_bn says
-                torch.manual_seed(seed)
-                g = utils.channels_last_module(models.student(student, width, res)[0].to(device), device).eval()
-                g = utils.recalibrate_bn(g, target, bs) if ec["random_init_bn"] == "recalibrate" else g
-            feats = feats if feats is not None else utils.split_features(g, target, bs)
-            utils.check_features(feats, row)
-            todo_p = missing(cell)  # a cell that has one protocol runs only the other (its network trained again)
-            if "probe" in todo_p:
-                cell["probe"] = utils.probe_backbone(g, target, cfg["probe"], seed, bs, features=feats)
-                cell["fit"] = utils.teacher_fit(feats, teacher_feats, cfg["probe"]["teacher_fit_ridge"])
-            if "finetune" in todo_p:
-                cell["finetune"] = utils.finetune(g, target, cfg["finetune"], seed, bs)
-            cell.update(steps=steps, time_s=cell.get("time_s", 0.0) + time.time() - t0)
-            done[str(seed)] = cell
-            print(f"{row} seed {seed}: " + ", ".join(f"{k} {cell[c]:.4g}" for k, c in (
-                ("linear probe top-1 %", "probe"), ("teacher fit R^2", "fit"), ("fine-tune top-1 %", "finetune"))
-                if c in cell) + (f" (rank {ranks.rank})" if ranks.world > 1 else ""))
-            if ranks.world == 1:
-                save()  # under torchrun the cells are gathered and written once the row ends
-        for part in utils.gather_objects({str(s): c for s, c in done.items()}, ranks):
-            done.update(part)  # every rank's cells
-        results[row] = row_result([done[str(s)] for s in row_seeds], args.protocol, stored)
-        if ranks.main:
-            save()
-    if not ranks.main:  # rank 0 writes the table
-        return None, None
-
-    # ---------------------------------------------------------------- table
-    results = summarize({r: results[r] for r in rows}, budget)
-    header = (f"{cfg['dataset']} -> {target_name}, budget N={N} ({budget['budget']:,} floats), student {student} "
-              f"(width {width}; the teacher row is the ResNet-18 teacher) pre-trained {ec['epochs']} epochs "
-              f"(full dataset {ec['full_epochs']}), "
-              f"augment={ec['augment']}, protocol {'+'.join(args.protocol)} (linear probe {cfg['probe']['iterations']} "
-              f"it., fine-tune {cfg['finetune']['iterations']} it.), seeds {seeds}"
-              + (f"; {target_name} images at {res} px" if target_name != cfg["dataset"] else ""))
-    md = markdown(results, header, args.protocol)
-    print(md)
-    (out / "results.md").write_text(md)
-    save(header=header, complete=True)
-    utils.release_run_folder(lock)
-    return results, out
-
-
 if __name__ == "__main__":
-    main()
+    utils.cli(main, "main_evaluate.py")

@@ -20,7 +20,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -45,6 +47,106 @@ def parse_args(argv):
     return args, overrides
 
 
+# ============================================================================================
+# SPEC 1: the two asymmetric views, batched on the device (one random draw per sample, from a generator)
+# ============================================================================================
+def _uniform(n, lo, hi, gen, device):
+    return torch.rand(n, generator=gen, device=device) * (hi - lo) + lo
+
+
+def _gray(x):
+    """ITU-R 601 luma, as torchvision's rgb_to_grayscale. (B, 3, H, W) -> (B, 1, H, W)."""
+    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
+
+def random_resized_crop(x, size, scale, gen, ratio=(3 / 4, 4 / 3)):
+    """Per-sample RandomResizedCrop via one affine matrix per image and grid_sample."""
+    B, dev = x.shape[0], x.device
+    area = _uniform(B, scale[0], scale[1], gen, dev)
+    log_r = _uniform(B, np.log(ratio[0]), np.log(ratio[1]), gen, dev)
+    w = (area * log_r.exp()).sqrt().clamp(max=1)  # crop width/height as fractions of the side
+    h = (area / log_r.exp()).sqrt().clamp(max=1)
+    cx = _uniform(B, -1, 1, gen, dev) * (1 - w)  # crop centre in [-1, 1] coordinates
+    cy = _uniform(B, -1, 1, gen, dev) * (1 - h)
+    theta = torch.zeros(B, 2, 3, device=dev)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w, cx, h, cy
+    grid = F.affine_grid(theta, (B, x.shape[1], size, size), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def rgb_to_hsv(x):
+    r, g, b = x.unbind(1)
+    maxc, minc = x.amax(1), x.amin(1)
+    delta = maxc - minc
+    s = delta / maxc.clamp_min(1e-8)
+    d = delta.clamp_min(1e-8)
+    h = torch.where(maxc == r, (g - b) / d, torch.where(maxc == g, 2 + (b - r) / d, 4 + (r - g) / d))
+    h = torch.where(delta > 0, (h / 6) % 1, torch.zeros_like(h))
+    return h, s, maxc
+
+
+def hsv_to_rgb(h, s, v):
+    """The offsets 5, 3, 1 (R, G, B) are Python numbers: no host-to-device copy of a constant per call."""
+    k = torch.stack([(n + h * 6) % 6 for n in (5.0, 3.0, 1.0)], 1)
+    return v.unsqueeze(1) - v.unsqueeze(1) * s.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
+
+
+def color_jitter(x, brightness, contrast, saturation, hue, p, gen):
+    """torchvision ColorJitter with per-sample factors, applied (in this fixed order) with prob. p."""
+    B, dev = x.shape[0], x.device
+    f = lambda a: _uniform(B, 1 - a, 1 + a, gen, dev).view(B, 1, 1, 1)
+    y = (x * f(brightness)).clamp(0, 1)
+    m = _gray(y).mean((1, 2, 3), keepdim=True)
+    y = ((y - m) * f(contrast) + m).clamp(0, 1)
+    g = _gray(y)
+    y = ((y - g) * f(saturation) + g).clamp(0, 1)
+    h, s, v = rgb_to_hsv(y)
+    y = hsv_to_rgb((h + _uniform(B, -hue, hue, gen, dev).view(B, 1, 1)) % 1, s, v)
+    return torch.where(utils.coin(B, p, gen, dev).view(B, 1, 1, 1), y, x)
+
+
+def random_grayscale(x, p, gen):
+    mask = utils.coin(x.shape[0], p, gen, x.device).view(-1, 1, 1, 1)
+    return torch.where(mask, _gray(x).expand_as(x), x)
+
+
+def random_solarize(x, p, gen, threshold=0.5):
+    mask = utils.coin(x.shape[0], p, gen, x.device).view(-1, 1, 1, 1)
+    return torch.where(mask & (x >= threshold), 1 - x, x)
+
+
+def barlow_views(x, mean, std, aug, gen):
+    """Two asymmetric Barlow Twins views (SPEC 1) of a uint8 batch, normalised float32."""
+    x = x.float() / 255
+    views = []
+    for solarize_p in aug["solarize_p"]:
+        v = random_resized_crop(x, x.shape[-1], aug["crop_scale"], gen)
+        v = color_jitter(v, *aug["jitter"], aug["jitter_p"], gen)
+        v = random_grayscale(v, aug["grayscale_p"], gen)
+        v = utils.random_flip(v, aug["flip_p"], gen)
+        v = random_solarize(v, solarize_p, gen)
+        views.append(utils.normalize(v, mean, std))
+    return views
+
+
+@torch.no_grad()
+def knn_accuracy(train_f, train_y, test_f, test_y, num_classes, k, temperature, chunk=1024):
+    """Weighted kNN (cosine similarity, exp(sim / T) votes), top-1 in percent."""
+    train_f = F.normalize(train_f, dim=1)
+    test_f = F.normalize(test_f, dim=1)
+    k = min(k, len(train_f))
+    correct = 0
+    for f, y in zip(test_f.split(chunk), test_y.split(chunk)):
+        sim, idx = (f @ train_f.T).topk(k, dim=1)
+        votes = torch.zeros(len(f), num_classes, device=f.device)
+        votes.scatter_add_(1, train_y[idx], (sim / temperature).exp())
+        correct += (votes.argmax(1) == y).sum().item()
+    return 100.0 * correct / len(test_f)
+
+
+# ============================================================================================
+# SPEC 1: the network, LARS, the warm-up + cosine schedule, one step, one epoch
+# ============================================================================================
 def lr_at(step, steps_per_epoch, pc):
     """Linear warm-up for `warmup_epochs`, then cosine to 0; lr scaled by batch / 256 (per step)."""
     peak = pc["lr"] * pc["batch_size"] / 256
@@ -69,7 +171,7 @@ def build(pc, width, device, ranks=utils.Ranks()):
 def barlow_step(net, opt, x, data, pc, gen, device):
     """One Barlow Twins step on the uint8 batch x (two fresh views each): the detached loss, no host sync.
     Under torchrun x is this rank's part of the global batch, and the loss is that of the global batch."""
-    v1, v2 = (utils.to_channels_last(v, device) for v in utils.barlow_views(x, data.mean, data.std, pc, gen))
+    v1, v2 = (utils.to_channels_last(v, device) for v in barlow_views(x, data.mean, data.std, pc, gen))
     with utils.autocast(device):
         z1, z2 = net(v1, v2)
     loss = models.barlow_twins_loss(models.gather_rows(z1), models.gather_rows(z2), pc["lambda_offdiag"],
@@ -97,109 +199,141 @@ def train_one_epoch(net, opt, data, pc, epoch, gen, device, ranks=utils.Ranks())
     return mean_loss, 2 * steps * B / (time.time() - t0)
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)  # the command line, for the recovery hint
+# ============================================================================================
+# main: arguments -> config -> checks -> run folder -> network -> resume -> epochs -> teacher file and probe
+# ============================================================================================
+def configure(argv):
+    """(args, config path, config) with every value checked; ranks and device; the run folder it writes."""
     args, overrides = parse_args(argv)
     cfg_path = args.config or f"configs/{args.dataset.lower()}.yaml"
     cfg = utils.load_config(cfg_path, overrides)
     if cfg["dataset"] != args.dataset:
         raise utils.ConfigError(f"{cfg_path}: dataset is {cfg['dataset']}, but the command asked for {args.dataset}")
-    pc = cfg["pretrain"]
     ranks, device = utils.init_ranks(args.device)  # rank 0 of 1 unless started by torchrun
-    if pc["batch_size"] % ranks.world:
-        raise utils.ConfigError(f"{cfg_path}: pretrain.batch_size {pc['batch_size']} (the global batch) is not "
-                                f"divisible by the {ranks.world} torchrun processes")
-    utils.set_seed(cfg["seed"])
-    gen = utils.make_generator(device, cfg["seed"] + ranks.rank)  # each rank draws its own augmentations
-    out = Path(args.out)
-    teacher_file = utils.teacher_path(utils.config_name(cfg_path), out)
-    run = teacher_file.with_name(teacher_file.stem + "_run")
-    lock = utils.claim_run_folder(run, [teacher_file, run / "checkpoint.pth"], args.resume, args.overwrite,
-                                  "pretrain.py", also=[teacher_file]) if ranks.main else None
-    utils.barrier(ranks)
+    if cfg["pretrain"]["batch_size"] % ranks.world:
+        raise utils.ConfigError(f"{cfg_path}: pretrain.batch_size {cfg['pretrain']['batch_size']} (the global batch) "
+                                f"is not divisible by the {ranks.world} torchrun processes")
+    teacher_file = utils.teacher_path(utils.config_name(cfg_path), Path(args.out))
+    folder = teacher_file.with_name(teacher_file.stem + "_run")
+    run = utils.RunFolder(folder, "pretrain.py", outputs=(teacher_file, folder / "checkpoint.pth"),
+                          checkpoint=folder / "checkpoint.pth", also=(teacher_file,))
+    return args, cfg_path, cfg, ranks, device, teacher_file, run
 
-    # ---------------------------------------------------------------- data (uint8 on the device)
+
+def load_checked(args, cfg_path, cfg, run, ranks):
+    """Everything that can refuse the run, before its folder is claimed: the folder's state, the data, the batch
+    size against it, and under --resume the checkpoint (config, inputs, process count)."""
+    if ranks.main:
+        run.check(args.resume, args.overwrite)
     data = utils.load_data(cfg)
-    if len(data.train_x) < pc["batch_size"]:
-        raise utils.ConfigError(f"{cfg_path}: pretrain.batch_size {pc['batch_size']} > {len(data.train_x)} train images")
+    if len(data.train_x) < cfg["pretrain"]["batch_size"]:
+        raise utils.ConfigError(f"{cfg_path}: pretrain.batch_size {cfg['pretrain']['batch_size']} > "
+                                f"{len(data.train_x)} train images")
     inputs = {"train_hash": data.fingerprint}  # what --resume must find unchanged
+    ckpt = None
+    if args.resume:
+        ckpt = utils.load_checkpoint(run.checkpoint, cfg, inputs, args.allow_changed)
+        if not isinstance(ckpt["rng"], list):
+            raise utils.InputError(f"{run.checkpoint} was written by an older version of pretrain.py (one generator "
+                                   f"state, not one per process); start afresh with --overwrite")
+        if len(ckpt["rng"]) != ranks.world:  # one generator state per rank
+            raise utils.InputError(f"{run.checkpoint} was written by {len(ckpt['rng'])} process(es); resume it with "
+                                   f"as many (torchrun --nproc_per_node={len(ckpt['rng'])}; plain python for 1)")
+    return data, inputs, ckpt
+
+
+def place_data(data, ranks, device):
+    """(this rank's share of the train split on the device, the whole split on rank 0 for kNN and probe)."""
     ranks.say(f"{data.name}: {len(data.train_x)} train / {len(data.test_x)} test images at {data.train_x.shape[-1]} px"
               + (f"; {ranks.world} processes, each with {len(data.train_x) // ranks.world} of them"
                  if ranks.world > 1 else ""))
     local = dataclasses.replace(data, train_x=utils.shard(data.train_x, ranks)) if ranks.world > 1 else data
-    local.to(device)  # this rank's share (all of it in one process)
-    data = data.to(device) if ranks.main else None  # rank 0 alone runs the kNN monitor and the probe
+    local.to(device)
+    return local, (data.to(device) if ranks.main else None)
 
-    # ---------------------------------------------------------------- model, optimizer
-    width = cfg["network"]["width"]
-    net, opt = build(pc, width, device, ranks)
-    backbone, proj = net.backbone, net.projector
-    fwd = DDP(net, device_ids=[device.index] if device.type == "cuda" else None) if ranks.world > 1 else net
-    if pc["compile"] and device.type == "cuda":
-        fwd = torch.compile(fwd)
 
-    # ---------------------------------------------------------------- resume
-    start_epoch, knn, run_id = 0, None, utils.new_run_id()
-    if args.resume:
-        ckpt = utils.load_checkpoint(run / "checkpoint.pth", cfg, inputs, args.allow_changed)
-        backbone.load_state_dict(ckpt["backbone"], strict=True)
-        proj.load_state_dict(ckpt["projector"], strict=True)
-        opt.load_state_dict(ckpt["optimizer"])
-        rngs = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]  # one generator state per rank
-        if len(rngs) != ranks.world:
-            raise ValueError(f"{run / 'checkpoint.pth'} was written by {len(rngs)} process(es); resume it with as "
-                             f"many (torchrun --nproc_per_node={len(rngs)}; plain python for 1)")
-        utils.set_rng_state(rngs[ranks.rank], gen, run / "checkpoint.pth")
-        start_epoch, knn, run_id = ckpt["epoch"], ckpt["knn_top1"], ckpt["run_id"]
-        ranks.say(f"resumed run {run_id} from {run / 'checkpoint.pth'} at epoch {start_epoch}")
-    run_id = utils.gather_objects(run_id, ranks)[0]  # rank 0's
-    log = utils.RunLog(run / "log.jsonl", resume_at=("epoch", start_epoch) if args.resume else None) \
-        if ranks.main else None
-    derived = {"device": str(device), "peak_lr": pc["lr"] * pc["batch_size"] / 256, "teacher_file": str(teacher_file),
-               "run_id": run_id, "inputs": inputs, "allow_changed": args.allow_changed, "processes": ranks.world}
-    if ranks.main:
-        utils.print_config(cfg, derived)
-        utils.write_json({"config": cfg, "derived": derived}, run / "config.json")
+def restore(ckpt, net, opt, gen, ranks, path):
+    """The checkpoint's weights, optimizer and this rank's generator: (first epoch, last kNN, run id)."""
+    net.backbone.load_state_dict(ckpt["backbone"], strict=True)
+    net.projector.load_state_dict(ckpt["projector"], strict=True)
+    opt.load_state_dict(ckpt["optimizer"])
+    utils.set_rng_state(ckpt["rng"][ranks.rank], gen, path)
+    ranks.say(f"resumed run {ckpt['run_id']} from {path} at epoch {ckpt['epoch']}")
+    return ckpt["epoch"], ckpt["knn_top1"], ckpt["run_id"]
 
-    # ---------------------------------------------------------------- loop
-    feats, t_start, saved_epoch = None, time.time(), start_epoch
-    for epoch in range(start_epoch, pc["epochs"]):
+
+def fit(net, fwd, opt, local, data, cfg, gen, device, ranks, run, start, knn, run_id, inputs, log, argv):
+    """The epochs from `start`: a non-finite epoch stops before anything of it is saved; kNN every knn_every
+    epochs (rank 0); a checkpoint every save_every. Returns the last kNN and its features."""
+    pc, feats, t_start, saved = cfg["pretrain"], None, time.time(), start
+    for epoch in range(start, pc["epochs"]):
         loss, rate = train_one_epoch(fwd, opt, local, pc, epoch, gen, device, ranks)
-        rate *= ranks.world  # views/s of all processes
-        weights = [v for m in (backbone, proj) for v in m.state_dict().values() if v.is_floating_point()]
-        if not (math.isfinite(loss) and utils.all_finite(weights)):  # checked before anything of it is saved
-            sys.exit(f"non-finite loss or weights in epoch {epoch + 1} (mean loss {loss}); nothing of it was saved. "
-                     + utils.resume_hint(run / "checkpoint.pth", f"after epoch {saved_epoch}", "pretrain.py", argv,
-                                         "pretrain.lr"))
-        eta_min = (time.time() - t_start) / (epoch + 1 - start_epoch) * (pc["epochs"] - epoch - 1) / 60
-        row = {"epoch": epoch + 1, "loss": loss, "views_per_s": rate, "lr": opt.param_groups[0]["lr"], "eta_min": eta_min}
+        weights = [v for m in (net.backbone, net.projector) for v in m.state_dict().values() if v.is_floating_point()]
+        if not (math.isfinite(loss) and utils.all_finite(weights)):
+            raise utils.non_finite_stop(f"loss or weights in epoch {epoch + 1} (mean loss {loss})", "pretrain.py", argv,
+                                        "pretrain.lr", pc["lr"], run.checkpoint, f"after epoch {saved}")
+        eta_min = (time.time() - t_start) / (epoch + 1 - start) * (pc["epochs"] - epoch - 1) / 60
+        row = {"epoch": epoch + 1, "loss": loss, "views_per_s": rate * ranks.world, "lr": opt.param_groups[0]["lr"],
+               "eta_min": eta_min}
         if ranks.main and ((epoch + 1) % pc["knn_every"] == 0 or epoch + 1 == pc["epochs"]):
-            feats = utils.split_features(backbone, data, cfg["data"]["eval_batch_size"])
-            knn = utils.knn_accuracy(feats[0], data.train_y, feats[1], data.test_y, data.num_classes,
-                                     pc["knn_k"], pc["knn_temperature"])
+            feats = utils.split_features(net.backbone, data, cfg["data"]["eval_batch_size"])
+            knn = knn_accuracy(feats[0], data.train_y, feats[1], data.test_y, data.num_classes, pc["knn_k"],
+                               pc["knn_temperature"])
             row["knn_top1"] = knn
         if (epoch + 1) % pc["save_every"] == 0 or epoch + 1 == pc["epochs"]:
             rngs = utils.gather_objects(utils.rng_state(gen), ranks)  # every rank's augmentation generator
             if ranks.main:
-                utils.atomic_save({"backbone": backbone.state_dict(), "projector": proj.state_dict(),
-                                   "optimizer": opt.state_dict(), "epoch": epoch + 1, "rng": rngs,
-                                   "knn_top1": knn, "config": cfg, "inputs": inputs, "run_id": run_id},
-                                  run / "checkpoint.pth")
-            saved_epoch = epoch + 1
+                utils.atomic_save({"backbone": net.backbone.state_dict(), "projector": net.projector.state_dict(),
+                                   "optimizer": opt.state_dict(), "epoch": epoch + 1, "rng": rngs, "knn_top1": knn,
+                                   "config": cfg, "inputs": inputs, "run_id": run_id}, run.checkpoint)
+            saved = epoch + 1
         if ranks.main:
             log(**row)
             ranks.say(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+    return knn, feats
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)  # the command line, for the recovery hint
+    args, cfg_path, cfg, ranks, device, teacher_file, run = configure(argv)
+    utils.set_seed(cfg["seed"])
+    gen = utils.make_generator(device, cfg["seed"] + ranks.rank)  # each rank draws its own augmentations
+    data, inputs, ckpt = load_checked(args, cfg_path, cfg, run, ranks)
+
+    # ---------------------------------------------------------------- claim the run folder, data on the device
+    lock = run.claim(args.resume, args.overwrite) if ranks.main else None
+    utils.barrier(ranks)
+    local, data = place_data(data, ranks, device)
+
+    # ---------------------------------------------------------------- network, optimizer, resume
+    net, opt = build(cfg["pretrain"], cfg["network"]["width"], device, ranks)
+    fwd = DDP(net, device_ids=[device.index] if device.type == "cuda" else None) if ranks.world > 1 else net
+    if cfg["pretrain"]["compile"] and device.type == "cuda":
+        fwd = torch.compile(fwd)
+    start, knn, run_id = restore(ckpt, net, opt, gen, ranks, run.checkpoint) if ckpt else (0, None, utils.new_run_id())
+    run_id = utils.gather_objects(run_id, ranks)[0]  # rank 0's
+    log = utils.RunLog(run.folder / "log.jsonl", resume_at=("epoch", start) if args.resume else None) \
+        if ranks.main else None
+    derived = {"device": str(device), "peak_lr": cfg["pretrain"]["lr"] * cfg["pretrain"]["batch_size"] / 256,
+               "teacher_file": str(teacher_file), "run_id": run_id, "inputs": inputs,
+               "allow_changed": args.allow_changed, "processes": ranks.world}
+    if ranks.main:
+        utils.print_config(cfg, derived)
+        utils.write_json({"config": cfg, "derived": derived}, run.folder / "config.json")
+
+    # ---------------------------------------------------------------- epochs
+    knn, feats = fit(net, fwd, opt, local, data, cfg, gen, device, ranks, run, start, knn, run_id, inputs, log, argv)
     if not ranks.main:  # the other processes are done: the weights they helped train are rank 0's too
         return None
 
     # ---------------------------------------------------------------- teacher file and probe
-    utils.save_teacher(teacher_file, backbone, cfg, data, run_id)
+    utils.save_teacher(teacher_file, net.backbone, cfg, data, run_id)
     t0 = time.time()
-    probe = utils.probe_backbone(backbone, data, cfg["probe"], cfg["seed"], cfg["data"]["eval_batch_size"],
+    probe = utils.probe_backbone(net.backbone, data, cfg["probe"], cfg["seed"], cfg["data"]["eval_batch_size"],
                                  features=feats)  # the last epoch's kNN features (None after a finished resume)
-    metrics = {"linear_probe_top1": probe, "knn_top1": knn, "epochs": pc["epochs"], "teacher_file": str(teacher_file),
-               "probe_time_s": time.time() - t0, "run_id": run_id}
-    utils.write_json(metrics, run / "metrics.json")
+    metrics = {"linear_probe_top1": probe, "knn_top1": knn, "epochs": cfg["pretrain"]["epochs"],
+               "teacher_file": str(teacher_file), "probe_time_s": time.time() - t0, "run_id": run_id}
+    utils.write_json(metrics, run.folder / "metrics.json")
     utils.release_run_folder(lock)
     print(f"teacher written to {teacher_file}; linear probe top-1 {probe:.2f}%"
           + (f" (kNN {knn:.2f}%)" if knn is not None else ""))
@@ -207,4 +341,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    utils.cli(main, "pretrain.py")

@@ -23,7 +23,9 @@ import os
 import pickle
 import random
 import shlex
+import shutil
 import socket
+import stat
 import sys
 import time
 import uuid
@@ -39,50 +41,54 @@ import yaml
 import models
 
 # ============================================================================================
+# Errors: a user's mistake is one line (cli), a bug keeps its traceback
+# ============================================================================================
+class UserError(Exception):
+    """A mistake in what the user gave (config, data, files, run folder, flags) or a run stopped on purpose: the
+    scripts' entry points print it as `<script>: error: <message>` and exit with `exit_code`, no traceback."""
+    exit_code = 2
+
+
+class ConfigError(UserError, ValueError):
+    """A config file or override that does not match SCHEMA."""
+
+
+class DatasetError(UserError, FileNotFoundError):
+    """A dataset folder that is missing or not in the expected layout."""
+
+
+class InputError(UserError, ValueError):
+    """A file read back that is not what it should be (teacher, distilled set, checkpoint, results), or a refused
+    --resume."""
+
+
+class MissingInput(UserError, FileNotFoundError):
+    """A file an earlier script writes is not there yet (teacher, distilled set, checkpoint)."""
+
+
+class RunFolderError(UserError, FileExistsError):
+    """A run folder that another run holds, or outputs that would be mixed or lost."""
+
+
+class RunStopped(UserError):
+    """A run stopped on a non-finite value: nothing of it was saved; the message says how to go on."""
+    exit_code = 1
+
+
+def cli(main, script):
+    """Run a script's main(); a UserError becomes one line on stderr and its exit code (as argparse does)."""
+    try:
+        return main()
+    except UserError as e:
+        print(f"{script}: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+
+
+# ============================================================================================
 # Config: one schema, YAML is the only source of hyperparameters (SPEC: every default in YAML)
 # ============================================================================================
 DATASETS = ("CIFAR10", "CIFAR100", "STANFORD_DOGS", "TINY_IMAGENET", "DIGITS")
 PRECISIONS = ("float32", "tf32", "bfloat16")  # numerics of a frozen-network pass on CUDA (utils.precision)
-
-# key -> type. A tuple of strings is a choice; [type] is a list of that type.
-SCHEMA = {
-    "dataset": DATASETS,
-    "seed": int,
-    "data": {"root": str, "resolution": int, "train_subset": int, "eval_batch_size": int, "target_rms": float,
-             "target_precision": PRECISIONS},
-    "network": {"width": int},
-    "pretrain": {
-        "epochs": int, "batch_size": int, "lr": float, "momentum": float, "weight_decay": float,
-        "lars_eta": float, "warmup_epochs": int, "lambda_offdiag": float, "loss_scale": float,
-        "projector_dims": [int], "crop_scale": [float], "jitter": [float], "jitter_p": float,
-        "grayscale_p": float, "flip_p": float, "solarize_p": [float], "knn_every": int, "save_every": int, "knn_k": int,
-        "knn_temperature": float, "compile": bool,
-    },
-    "parameterization": {"image_basis_size": int, "U": int, "V": int, "learn_bases": bool},
-    "augmentations": {"rotate": [int]},
-    "storage": {"budget_N": int, "m": int, "store_augmented_targets": bool},
-    "distillation": {
-        "method": ("ours", "krr_st"), "init": ("random", "kmeans", "herding"), "steps": int, "outer_batch_size": int,
-        "real_views": ("all", "identity"), "lr_image": float, "lr_image_bases": float, "lr_repr": float,
-        "lr_repr_bases": float, "krr_st_lr_pixels": float, "krr_st_lr_targets": float, "ridge": float,
-        "krr_features": PRECISIONS, "support_chunk": int, "save_every": int, "log_every": int,
-    },
-    "model_pool": {
-        "size_L": int, "inner_loop_steps_Z": int, "widths": [int], "lr": float, "momentum": float,
-        "weight_decay": float,
-    },
-    "approximation": {"hidden": int, "steps": int, "lr": float},
-    "evaluation": {
-        "student": tuple(models.STUDENTS), "epochs": int, "full_epochs": int, "batch_size": int, "lr": float,
-        "momentum": float, "weight_decay": float, "augment": bool, "crop_pad": int,
-        "random_init_bn": ("recalibrate", "init"),
-    },
-    "probe": {"iterations": int, "batch_size": int, "lr": float, "momentum": float, "weight_decay": float,
-              "teacher_fit_ridge": float},
-    "finetune": {"iterations": int, "batch_size": int, "lr": float, "momentum": float, "weight_decay": float,
-                 "augment": bool, "crop_pad": int},
-}
-
 
 
 def _range(lo=None, hi=None, lo_open=False, hi_open=False):
@@ -94,45 +100,138 @@ def _range(lo=None, hi=None, lo_open=False, hi_open=False):
     return ok, text
 
 
-POSITIVE, NONNEG, PROB, MOMENTUM = _range(1), _range(0), _range(0, 1), _range(0, 1, hi_open=True)
-POS_REAL = _range(0, lo_open=True)
+ANY, POSITIVE, NONNEG, PROB = None, _range(1), _range(0), _range(0, 1)
+MOMENTUM, POS_REAL = _range(0, 1, hi_open=True), _range(0, lo_open=True)
+ROTATION = (lambda v: v in (90, 180, 270), "one of 90, 180, 270")
 
-# dotted key -> allowed range, checked on every element of a list. Keys not named here take any value of
-# their type (seed, lrs that may be 0 to freeze a group, ...): one place for what "valid" means.
-RANGES = {
-    "seed": NONNEG, "data.resolution": POSITIVE, "data.train_subset": NONNEG, "data.eval_batch_size": POSITIVE,
-    "data.target_rms": POS_REAL, "network.width": POSITIVE,
-    "pretrain.epochs": POSITIVE, "pretrain.batch_size": _range(2), "pretrain.lr": NONNEG, "pretrain.momentum": MOMENTUM,
-    "pretrain.weight_decay": NONNEG, "pretrain.lars_eta": POS_REAL, "pretrain.warmup_epochs": NONNEG,
-    "pretrain.lambda_offdiag": NONNEG, "pretrain.loss_scale": POS_REAL, "pretrain.projector_dims": POSITIVE,
-    "pretrain.crop_scale": _range(0, 1, lo_open=True), "pretrain.jitter": NONNEG, "pretrain.jitter_p": PROB,
-    "pretrain.grayscale_p": PROB, "pretrain.flip_p": PROB, "pretrain.solarize_p": PROB, "pretrain.knn_every": POSITIVE,
-    "pretrain.save_every": POSITIVE,
-    "pretrain.knn_k": POSITIVE, "pretrain.knn_temperature": POS_REAL,
-    "parameterization.image_basis_size": POSITIVE, "parameterization.U": POSITIVE, "parameterization.V": POSITIVE,
-    "augmentations.rotate": (lambda v: v in (90, 180, 270), "one of 90, 180, 270"),
-    "storage.budget_N": POSITIVE, "storage.m": NONNEG,
-    "distillation.steps": POSITIVE, "distillation.outer_batch_size": POSITIVE, "distillation.lr_image": NONNEG,
-    "distillation.lr_image_bases": NONNEG, "distillation.lr_repr": NONNEG, "distillation.lr_repr_bases": NONNEG,
-    "distillation.krr_st_lr_pixels": NONNEG, "distillation.krr_st_lr_targets": NONNEG, "distillation.ridge": POS_REAL,
-    "distillation.support_chunk": NONNEG, "distillation.save_every": POSITIVE, "distillation.log_every": POSITIVE,
-    "model_pool.size_L": POSITIVE, "model_pool.inner_loop_steps_Z": POSITIVE, "model_pool.widths": POSITIVE,
-    "model_pool.lr": NONNEG, "model_pool.momentum": MOMENTUM, "model_pool.weight_decay": NONNEG,
-    "approximation.hidden": POSITIVE, "approximation.steps": POSITIVE, "approximation.lr": NONNEG,
-    "evaluation.epochs": POSITIVE, "evaluation.full_epochs": POSITIVE, "evaluation.batch_size": POSITIVE,
-    "evaluation.lr": NONNEG, "evaluation.momentum": MOMENTUM, "evaluation.weight_decay": NONNEG,
-    "evaluation.crop_pad": NONNEG,
-    "probe.iterations": POSITIVE, "probe.batch_size": POSITIVE, "probe.lr": POS_REAL, "probe.momentum": MOMENTUM,
-    "probe.weight_decay": NONNEG, "probe.teacher_fit_ridge": POS_REAL,
-    "finetune.iterations": POSITIVE, "finetune.batch_size": POSITIVE, "finetune.lr": POS_REAL,
-    "finetune.momentum": MOMENTUM, "finetune.weight_decay": NONNEG, "finetune.crop_pad": NONNEG,
+
+@dataclass(frozen=True)
+class Key:
+    """One config key: its type (a tuple of strings is a choice, [type] a list of that type), its range (checked
+    on every element of a list; ANY: every value of the type), a list's (min, max) length, and its meaning."""
+    type: object
+    range: tuple
+    meaning: str
+    length: tuple = None
+
+
+SCHEMA = {
+    "dataset": Key(DATASETS, ANY, "the source dataset (SPEC 7)"),
+    "seed": Key(int, NONNEG, "seeds python, numpy, torch and every augmentation generator"),
+    "data": {
+        "root": Key(str, ANY, "the folder that holds the dataset folders"),
+        "resolution": Key(int, POSITIVE, "image side H = W in pixels"),
+        "train_subset": Key(int, NONNEG, "keep this many train images (a fixed draw, seed 0); 0 = all"),
+        "eval_batch_size": Key(int, POSITIVE, "batch of frozen-network passes (targets, features, kNN)"),
+        "target_rms": Key(float, POS_REAL, "teacher targets scaled by one constant to this root-mean-square"),
+        "target_precision": Key(PRECISIONS, ANY, "numerics of the teacher-target pass on CUDA"),
+        "cache_dir": Key(str, ANY, "folder for decoded-image caches; '' = beside the data"),
+    },
+    "network": {"width": Key(int, POSITIVE, "first-stage channels of every ResNet-18 (64 = standard); d_y = 8 x width")},
+    "pretrain": {
+        "epochs": Key(int, POSITIVE, "Barlow Twins epochs"),
+        "batch_size": Key(int, _range(2), "global batch (all processes)"),
+        "lr": Key(float, NONNEG, "base LARS learning rate, scaled by batch_size / 256"),
+        "momentum": Key(float, MOMENTUM, "LARS momentum"),
+        "weight_decay": Key(float, NONNEG, "LARS weight decay (not on biases and norm parameters)"),
+        "lars_eta": Key(float, POS_REAL, "LARS trust coefficient"),
+        "warmup_epochs": Key(int, NONNEG, "linear warm-up epochs, then cosine to 0"),
+        "lambda_offdiag": Key(float, NONNEG, "weight of the off-diagonal cross-correlation terms"),
+        "loss_scale": Key(float, POS_REAL, "Barlow Twins loss scale"),
+        "projector_dims": Key([int], POSITIVE, "projector widths (Linear-BN-ReLU..., Linear)", (1, None)),
+        "crop_scale": Key([float], _range(0, 1, lo_open=True), "RandomResizedCrop area range [min, max]", (2, 2)),
+        "jitter": Key([float], NONNEG, "ColorJitter brightness, contrast, saturation, hue", (4, 4)),
+        "jitter_p": Key(float, PROB, "probability of colour jitter"),
+        "grayscale_p": Key(float, PROB, "probability of grayscale"),
+        "flip_p": Key(float, PROB, "probability of a horizontal flip"),
+        "solarize_p": Key([float], PROB, "probability of solarization, per view", (2, 2)),
+        "knn_every": Key(int, POSITIVE, "epochs between kNN monitors on the test split"),
+        "save_every": Key(int, POSITIVE, "epochs between checkpoints (the last epoch always)"),
+        "knn_k": Key(int, POSITIVE, "neighbours of the kNN monitor"),
+        "knn_temperature": Key(float, POS_REAL, "temperature of the kNN monitor's votes"),
+        "compile": Key(bool, ANY, "torch.compile the backbone + projector (CUDA only)"),
+    },
+    "parameterization": {
+        "image_basis_size": Key(int, POSITIVE, "r_b: the image bases' side in pixels"),
+        "U": Key(int, POSITIVE, "number of image bases (rows of B_x)"),
+        "V": Key(int, POSITIVE, "number of representation bases (rows of B_y)"),
+        "learn_bases": Key(bool, ANY, "learn B_x, B_y with the coefficients"),
+    },
+    "augmentations": {"rotate": Key([int], ROTATION, "predefined views besides the identity; K = 1 + len", (0, 3))},
+    "storage": {
+        "budget_N": Key(int, POSITIVE, "budget in images: N (3 H W + d_y) floats"),
+        "m": Key(int, NONNEG, "distilled images; 0 = the largest m within the budget"),
+        "store_augmented_targets": Key(bool, ANY, "ablation: store C_y^k instead of approximation MLPs"),
+    },
+    "distillation": {
+        "method": Key(("ours", "krr_st"), ANY, "this method, or the KRR-ST baseline"),
+        "init": Key(("random", "kmeans", "herding"), ANY, "how the m starting images are chosen"),
+        "steps": Key(int, POSITIVE, "outer steps"),
+        "outer_batch_size": Key(int, POSITIVE, "real images per outer step"),
+        "real_views": Key(("all", "identity"), ANY, "the real batch's views: all K, or the identity only"),
+        "lr_image": Key(float, NONNEG, "AdamW lr of C_x"),
+        "lr_image_bases": Key(float, NONNEG, "AdamW lr of B_x"),
+        "lr_repr": Key(float, NONNEG, "AdamW lr of C_y, C_y^k"),
+        "lr_repr_bases": Key(float, NONNEG, "AdamW lr of B_y"),
+        "krr_st_lr_pixels": Key(float, NONNEG, "KRR-ST: AdamW lr of the free pixels"),
+        "krr_st_lr_targets": Key(float, NONNEG, "KRR-ST: AdamW lr of the free targets"),
+        "ridge": Key(float, POS_REAL, "KRR ridge = ridge x trace(K_ss)"),
+        "krr_features": Key(PRECISIONS, ANY, "numerics of the pool's KRR features on CUDA"),
+        "support_chunk": Key(int, NONNEG, "views per support-set pass; 0 = all at once"),
+        "save_every": Key(int, POSITIVE, "steps between checkpoints"),
+        "log_every": Key(int, POSITIVE, "steps between log lines"),
+    },
+    "model_pool": {
+        "size_L": Key(int, POSITIVE, "ConvNets in the pool"),
+        "inner_loop_steps_Z": Key(int, POSITIVE, "a model is re-initialised at this age"),
+        "widths": Key([int], POSITIVE, "Conv-BN-ReLU-AvgPool block widths", (1, None)),
+        "lr": Key(float, NONNEG, "the pool's SGD learning rate"),
+        "momentum": Key(float, MOMENTUM, "the pool's SGD momentum"),
+        "weight_decay": Key(float, NONNEG, "the pool's SGD weight decay"),
+    },
+    "approximation": {
+        "hidden": Key(int, POSITIVE, "hidden width of each approximation MLP"),
+        "steps": Key(int, POSITIVE, "full-batch Adam steps"),
+        "lr": Key(float, NONNEG, "Adam learning rate"),
+    },
+    "evaluation": {
+        "student": Key(tuple(models.STUDENTS), ANY, "the pre-trained network of every row"),
+        "epochs": Key(int, POSITIVE, "pre-training epochs on a distilled set or subset"),
+        "full_epochs": Key(int, POSITIVE, "pre-training epochs on the whole train set"),
+        "batch_size": Key(int, POSITIVE, "pre-training batch (global under torchrun)"),
+        "lr": Key(float, NONNEG, "pre-training SGD learning rate (cosine)"),
+        "momentum": Key(float, MOMENTUM, "pre-training SGD momentum"),
+        "weight_decay": Key(float, NONNEG, "pre-training SGD weight decay"),
+        "augment": Key(bool, ANY, "a fresh reflect-pad crop + flip of every view each epoch"),
+        "crop_pad": Key(int, NONNEG, "reflect padding of that crop"),
+        "random_init_bn": Key(("recalibrate", "init"), ANY, "no_pretraining: BatchNorm statistics"),
+    },
+    "probe": {
+        "iterations": Key(int, POSITIVE, "linear-probe SGD steps"),
+        "batch_size": Key(int, POSITIVE, "linear-probe batch"),
+        "lr": Key(float, POS_REAL, "linear-probe learning rate (cosine)"),
+        "momentum": Key(float, MOMENTUM, "linear-probe momentum"),
+        "weight_decay": Key(float, NONNEG, "linear-probe weight decay"),
+        "teacher_fit_ridge": Key(float, POS_REAL, "teacher-fit readout ridge x mean Gram eigenvalue"),
+    },
+    "finetune": {
+        "iterations": Key(int, POSITIVE, "fine-tuning SGD steps"),
+        "batch_size": Key(int, POSITIVE, "fine-tuning batch"),
+        "lr": Key(float, POS_REAL, "fine-tuning learning rate (cosine)"),
+        "momentum": Key(float, MOMENTUM, "fine-tuning momentum"),
+        "weight_decay": Key(float, NONNEG, "fine-tuning weight decay"),
+        "augment": Key(bool, ANY, "reflect-pad crop + flip of every batch"),
+        "crop_pad": Key(int, NONNEG, "reflect padding of that crop"),
+    },
 }
-LIST_LENGTHS = {"pretrain.crop_scale": (2, 2), "pretrain.jitter": (4, 4), "pretrain.solarize_p": (2, 2),
-                "pretrain.projector_dims": (1, None), "model_pool.widths": (1, None), "augmentations.rotate": (0, 3)}
 
 
-class ConfigError(ValueError):
-    """A config file or override that does not match SCHEMA or RANGES."""
+def leaves(schema=SCHEMA, prefix=""):
+    """{dotted key: Key} of every key of the schema."""
+    out = {}
+    for k, v in schema.items():
+        out.update(leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 def _get(cfg, dotted):
@@ -141,49 +240,31 @@ def _get(cfg, dotted):
     return cfg
 
 
-def check_ranges(cfg, source):
-    """Every value inside its RANGES interval, lists of the right length: refused before any work starts."""
-    for dotted, (ok, text) in RANGES.items():
-        value = _get(cfg, dotted)
-        for v in (value if isinstance(value, list) else [value]):
-            if not ok(v):
-                raise ConfigError(f"{source}: {dotted} = {value!r}: expected {'each value ' if isinstance(value, list) else ''}{text}")
-    for dotted, (lo, hi) in LIST_LENGTHS.items():
-        n = len(_get(cfg, dotted))
-        if n < lo or (hi is not None and n > hi):
+def _check_value(value, key, where):
+    """`value` converted to `key.type` and inside key.range (each element of a list), or a ConfigError naming where."""
+    spec = key.type
+    if isinstance(spec, list):
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list of {spec[0].__name__}, got {value!r}")
+        value = [_check_type(v, spec[0], f"{where}[{i}]") for i, v in enumerate(value)]
+        lo, hi = key.length
+        if len(value) < lo or (hi is not None and len(value) > hi):
             want = f"{lo}" if lo == hi else f"at least {lo}" + (f" and at most {hi}" if hi is not None else "")
-            raise ConfigError(f"{source}: {dotted} has {n} values, expected {want}")
-    lo, hi = cfg["pretrain"]["crop_scale"]
-    if lo > hi:
-        raise ConfigError(f"{source}: pretrain.crop_scale = {[lo, hi]}: expected [min, max] with min <= max")
-    if len(set(cfg["augmentations"]["rotate"])) != len(cfg["augmentations"]["rotate"]):
-        raise ConfigError(f"{source}: augmentations.rotate = {cfg['augmentations']['rotate']}: a rotation listed twice")
-    if cfg["evaluation"]["crop_pad"] >= cfg["data"]["resolution"]:
-        raise ConfigError(f"{source}: evaluation.crop_pad = {cfg['evaluation']['crop_pad']}: expected < data.resolution "
-                          f"({cfg['data']['resolution']}; reflect padding needs it)")
+            raise ConfigError(f"{where} has {len(value)} values, expected {want}")
+    else:
+        value = _check_type(value, spec, where)
+    if key.range is not None:
+        ok, text = key.range
+        if not all(ok(v) for v in (value if isinstance(value, list) else [value])):
+            raise ConfigError(f"{where} = {value!r}: expected {'each value ' if isinstance(value, list) else ''}{text}")
+    return value
 
 
-def check_sizes(cfg, n_train, m=None):
-    """Counts that must fit the loaded train split (known only after loading): m and budget_N images are
-    drawn from it without replacement, so a larger value would silently shrink the set the table reports."""
-    checks = {"storage.budget_N": cfg["storage"]["budget_N"], "storage.m": m if m is not None else cfg["storage"]["m"],
-              "distillation.outer_batch_size": cfg["distillation"]["outer_batch_size"]}
-    for dotted, value in checks.items():
-        if value > n_train:
-            raise ConfigError(f"{dotted} = {value} exceeds the {n_train} images of the {cfg['dataset']} train split "
-                              f"(data.train_subset = {cfg['data']['train_subset']}); lower it")
-
-
-def _check_value(value, spec, where):
-    """Return `value` converted to `spec`'s type, or raise naming `where` (file: dotted.key)."""
+def _check_type(value, spec, where):
     if isinstance(spec, tuple):
         if value not in spec:
             raise ConfigError(f"{where}: expected one of {list(spec)}, got {value!r}")
         return value
-    if isinstance(spec, list):
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list of {spec[0].__name__}, got {value!r}")
-        return [_check_value(v, spec[0], f"{where}[{i}]") for i, v in enumerate(value)]
     if spec is float:  # PyYAML reads `1e-4` (no dot) as a string: convert it here, once.
         if isinstance(value, bool):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
@@ -218,6 +299,52 @@ def _check_section(cfg, schema, source, prefix=""):
     return out
 
 
+def _check_consistent(cfg, source):
+    """Rules between keys, after each key passed its own."""
+    lo, hi = cfg["pretrain"]["crop_scale"]
+    if lo > hi:
+        raise ConfigError(f"{source}: pretrain.crop_scale = {[lo, hi]}: expected [min, max] with min <= max")
+    if len(set(cfg["augmentations"]["rotate"])) != len(cfg["augmentations"]["rotate"]):
+        raise ConfigError(f"{source}: augmentations.rotate = {cfg['augmentations']['rotate']}: a rotation listed twice")
+    P, d_y = cfg["parameterization"], models.resnet18_dim(cfg["network"]["width"])
+    for key, n, of in (("U", 3 * P["image_basis_size"] ** 2, "3 x image_basis_size^2, the pixels of a basis image"),
+                       ("V", d_y, "d_y = 8 x network.width, the teacher's feature width")):
+        if P[key] > n:
+            raise ConfigError(f"{source}: parameterization.{key} = {P[key]}: expected <= {n} ({of})")
+    if cfg["evaluation"]["crop_pad"] >= cfg["data"]["resolution"]:
+        raise ConfigError(f"{source}: evaluation.crop_pad = {cfg['evaluation']['crop_pad']}: expected < data.resolution "
+                          f"({cfg['data']['resolution']}; reflect padding needs it)")
+
+
+def check_sizes(cfg, n_train, m=None):
+    """Counts that must fit the loaded train split (known only after loading): m and budget_N images are
+    drawn from it without replacement, so a larger value would silently shrink the set the table reports."""
+    checks = {"storage.budget_N": cfg["storage"]["budget_N"], "storage.m": m if m is not None else cfg["storage"]["m"],
+              "distillation.outer_batch_size": cfg["distillation"]["outer_batch_size"]}
+    for dotted, value in checks.items():
+        if value > n_train:
+            raise ConfigError(f"{dotted} = {value} exceeds the {n_train} images of the {cfg['dataset']} train split "
+                              f"(data.train_subset = {cfg['data']['train_subset']}); lower it")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys silently: this loader refuses them."""
+
+
+def _unique_mapping(loader, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ConfigError(f"{loader.name}, line {key_node.start_mark.line + 1}: key '{key}' is written twice in "
+                              f"its section; keep one")
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def parse_overrides(items):
     """['--distillation.steps=200', '--seed=1'] -> {'distillation.steps': 200, 'seed': 1} (values parsed as YAML)."""
     out = {}
@@ -225,7 +352,10 @@ def parse_overrides(items):
         if not (item.startswith("--") and "=" in item):
             raise ConfigError(f"unrecognised argument {item!r}: overrides look like --section.key=value")
         key, value = item[2:].split("=", 1)
-        out[key] = yaml.safe_load(value)
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not YAML ({str(e).splitlines()[0]})") from None
     return out
 
 
@@ -234,19 +364,23 @@ def load_config(path, overrides=None):
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path} (the configs live in configs/<dataset>.yaml)")
-    with open(path) as f:
-        cfg = yaml.safe_load(f) or {}
+    try:
+        with open(path) as f:
+            cfg = yaml.load(f, _UniqueKeyLoader) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
     for dotted, value in (overrides or {}).items():
+        if dotted not in leaves():
+            raise ConfigError(f"{path}: override --{dotted}: unknown key '{dotted}' (keys look like "
+                              f"section.key: {', '.join(list(leaves())[:3])}, ...; README, Configuration)")
         node, keys = cfg, dotted.split(".")
         for k in keys[:-1]:
             if not isinstance(node.get(k), dict):
-                raise ConfigError(f"{path}: override --{dotted}: unknown section '{k}'")
+                raise ConfigError(f"{path}: override --{dotted}: section '{k}' missing from the file")
             node = node[k]
-        if keys[-1] not in node:
-            raise ConfigError(f"{path}: override --{dotted}: unknown key '{dotted}'")
         node[keys[-1]] = value
     cfg = _check_section(cfg, SCHEMA, str(path))
-    check_ranges(cfg, str(path))
+    _check_consistent(cfg, str(path))
     return cfg
 
 
@@ -257,14 +391,16 @@ def script_parser(doc):
                                    allow_abbrev=False)
 
 
-def add_common_args(parser):
-    """--device/--resume/--overwrite/--allow-changed, shared by the three scripts."""
+def add_common_args(parser, allow_changed=True):
+    """--device/--resume/--overwrite, and --allow-changed for the scripts whose checkpoints continue a run."""
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
     parser.add_argument("--overwrite", action="store_true",
                         help="move the existing outputs aside (<out>.replaced-<time>-<id>/) and start afresh")
-    parser.add_argument("--allow-changed", default="", type=lambda s: [k for k in s.split(",") if k],
-                        help="with --resume: comma-separated config keys allowed to differ from the checkpoint's")
+    if allow_changed:
+        parser.add_argument("--allow-changed", default="", type=lambda s: [k for k in s.split(",") if k],
+                            help="with --resume: comma-separated config keys allowed to differ from the checkpoint's "
+                                 "(not those that change the checkpoint's tensors)")
     return parser
 
 
@@ -286,7 +422,7 @@ def get_device(name=None):
     if name is None:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {name} asked for, but torch sees no CUDA device")
+        raise UserError(f"--device {name} asked for, but torch sees no CUDA device")
     device = torch.device(name)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -348,6 +484,16 @@ def gather_objects(obj, ranks):
 def barrier(ranks):
     if ranks.world > 1:
         torch.distributed.barrier()
+
+
+@contextmanager
+def rank0_first(ranks):
+    """The block runs on rank 0 first (e.g. it computes and caches), then on the others (which read the cache)."""
+    if not ranks.main:
+        barrier(ranks)
+    yield
+    if ranks.main:
+        barrier(ranks)
 
 
 def make_generator(device, seed):
@@ -423,10 +569,6 @@ TINY_LAYOUT = ("data/tiny-imagenet-200/{wnids.txt, train/<wnid>/images/*.JPEG, v
                "val/val_annotations.txt} (the official tiny-imagenet-200.zip, 64x64)")
 DOGS_TRAIN_PER_BREED = 100  # the official split's count, used when no .mat lists are present
 DIGITS_TEST_FRACTION = 0.25  # fixed stratified split of scikit-learn's 1,797 digits
-
-
-class DatasetError(FileNotFoundError):
-    """A dataset folder that is missing or not in the expected layout."""
 
 
 def channel_stats(x, chunk=8192):
@@ -587,7 +729,7 @@ def decode_image_or_fail(path, size, hint):
         raise DatasetError(f"cannot decode {path} ({type(e).__name__}: {e}){hint}") from e
 
 
-def load_stanford_dogs(root, resolution):
+def load_stanford_dogs(root, resolution, cache_dir=""):
     folder = Path(root) / "stanford-dogs"
     breeds, train_files, test_files, split = stanford_dogs_split(folder)
     images = folder / "images" / "Images"
@@ -598,7 +740,8 @@ def load_stanford_dogs(root, resolution):
     if missing:
         raise DatasetError(f"{len(missing)} listed images missing under {images}, e.g. {missing[0]}")
     # keyed by what it was decoded from: a changed, added or removed file or breed decodes afresh
-    cache = folder / f"cache_{split}_{resolution}px_{files_key(images, breeds, train_files + test_files, split)}.pt"
+    cache = Path(cache_dir or folder) / \
+        f"cache_{split}_{resolution}px_{files_key(images, breeds, train_files + test_files, split)}.pt"
     index = {b: i for i, b in enumerate(breeds)}
     label = lambda files: [index[f.split("/")[0]] for f in files]
     return (*decoded_splits(cache, "Stanford Dogs", images, (train_files, label(train_files)),
@@ -607,7 +750,7 @@ def load_stanford_dogs(root, resolution):
 
 def decoded_splits(cache, what, folder, train, test, resolution, hint):
     """(train_x, train_y, test_x, test_y) of the (files, labels) pairs under `folder`: read from `cache` when it
-    exists, else decoded in threads (PIL decodes without the GIL) and cached."""
+    exists, else decoded in threads (PIL decodes without the GIL) and cached if the cache can be written."""
     from concurrent.futures import ThreadPoolExecutor
     from tqdm import tqdm
     keys = ["train_x", "train_y", "test_x", "test_y"]
@@ -620,7 +763,7 @@ def decoded_splits(cache, what, folder, train, test, resolution, hint):
             x = list(tqdm(pool.map(lambda f: decode_image_or_fail(folder / f, resolution, hint), files),
                           total=len(files), desc="decode", leave=False))
             parts += [torch.stack(x), torch.tensor(labels, dtype=torch.int64)]
-    atomic_save(dict(zip(keys, parts)), cache)
+    save_cache(dict(zip(keys, parts)), cache, f"the decoded {what} images")
     return tuple(parts)
 
 
@@ -659,10 +802,10 @@ def tiny_imagenet_files(folder):
     return wnids, train, train_y, val, val_y
 
 
-def load_tiny_imagenet(root, resolution):
+def load_tiny_imagenet(root, resolution, cache_dir=""):
     folder = Path(root) / "tiny-imagenet-200"
     wnids, train, train_y, val, val_y = tiny_imagenet_files(folder)
-    cache = folder / f"cache_{resolution}px_{files_key(folder, wnids, train + val, 'val')}.pt"
+    cache = Path(cache_dir or folder) / f"cache_{resolution}px_{files_key(folder, wnids, train + val, 'val')}.pt"
     return (*decoded_splits(cache, "Tiny ImageNet", folder, (train, train_y), (val, val_y), resolution, ""),
             len(wnids))
 
@@ -680,7 +823,7 @@ def load_digits(resolution):
     return x[tr], y[tr], x[te], y[te], 10
 
 
-def load_dataset(name, root, resolution, train_subset=0):
+def load_dataset(name, root, resolution, train_subset=0, cache_dir=""):
     """uint8 train/test tensors + labels + the train split's normalisation (SPEC 7).
 
     CIFAR below 32 px is downsampled (antialiased) once here; `train_subset` > 0 keeps that many train
@@ -694,9 +837,9 @@ def load_dataset(name, root, resolution, train_subset=0):
     elif name == "CIFAR100":
         parts = load_cifar100(root)
     elif name == "STANFORD_DOGS":
-        parts = load_stanford_dogs(root, resolution)
+        parts = load_stanford_dogs(root, resolution, cache_dir)
     elif name == "TINY_IMAGENET":
-        parts = load_tiny_imagenet(root, resolution)
+        parts = load_tiny_imagenet(root, resolution, cache_dir)
     elif name == "DIGITS":
         parts = load_digits(resolution)
     else:
@@ -729,7 +872,7 @@ def tensor_hash(*tensors):
 def load_data(cfg):
     """The config's source dataset: load_dataset with its data: keys."""
     d = cfg["data"]
-    return load_dataset(cfg["dataset"], d["root"], d["resolution"], d["train_subset"])
+    return load_dataset(cfg["dataset"], d["root"], d["resolution"], d["train_subset"], d["cache_dir"])
 
 
 def resize_uint8(x, size, chunk=8192):
@@ -749,105 +892,13 @@ def normalize(x, mean, std):
 # ============================================================================================
 # Augmentation: batched on the device, one random draw per sample, from a torch.Generator
 # ============================================================================================
-def _uniform(n, lo, hi, gen, device):
-    return torch.rand(n, generator=gen, device=device) * (hi - lo) + lo
-
-
-def _coin(n, p, gen, device):
+def coin(n, p, gen, device):
     return torch.rand(n, generator=gen, device=device) < p
 
 
-def _gray(x):
-    """ITU-R 601 luma, as torchvision's rgb_to_grayscale. (B, 3, H, W) -> (B, 1, H, W)."""
-    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
-
-
-def random_resized_crop(x, size, scale, gen, ratio=(3 / 4, 4 / 3)):
-    """Per-sample RandomResizedCrop via one affine matrix per image and grid_sample."""
-    B, dev = x.shape[0], x.device
-    area = _uniform(B, scale[0], scale[1], gen, dev)
-    log_r = _uniform(B, np.log(ratio[0]), np.log(ratio[1]), gen, dev)
-    w = (area * log_r.exp()).sqrt().clamp(max=1)  # crop width/height as fractions of the side
-    h = (area / log_r.exp()).sqrt().clamp(max=1)
-    cx = _uniform(B, -1, 1, gen, dev) * (1 - w)  # crop centre in [-1, 1] coordinates
-    cy = _uniform(B, -1, 1, gen, dev) * (1 - h)
-    theta = torch.zeros(B, 2, 3, device=dev)
-    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w, cx, h, cy
-    grid = F.affine_grid(theta, (B, x.shape[1], size, size), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-
-
-def rgb_to_hsv(x):
-    r, g, b = x.unbind(1)
-    maxc, minc = x.amax(1), x.amin(1)
-    delta = maxc - minc
-    s = delta / maxc.clamp_min(1e-8)
-    d = delta.clamp_min(1e-8)
-    h = torch.where(maxc == r, (g - b) / d, torch.where(maxc == g, 2 + (b - r) / d, 4 + (r - g) / d))
-    h = torch.where(delta > 0, (h / 6) % 1, torch.zeros_like(h))
-    return h, s, maxc
-
-
-def hsv_to_rgb(h, s, v):
-    """The offsets 5, 3, 1 (R, G, B) are Python numbers: no host-to-device copy of a constant per call."""
-    k = torch.stack([(n + h * 6) % 6 for n in (5.0, 3.0, 1.0)], 1)
-    return v.unsqueeze(1) - v.unsqueeze(1) * s.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
-
-
-def color_jitter(x, brightness, contrast, saturation, hue, p, gen):
-    """torchvision ColorJitter with per-sample factors, applied (in this fixed order) with prob. p."""
-    B, dev = x.shape[0], x.device
-    f = lambda a: _uniform(B, 1 - a, 1 + a, gen, dev).view(B, 1, 1, 1)
-    y = (x * f(brightness)).clamp(0, 1)
-    m = _gray(y).mean((1, 2, 3), keepdim=True)
-    y = ((y - m) * f(contrast) + m).clamp(0, 1)
-    g = _gray(y)
-    y = ((y - g) * f(saturation) + g).clamp(0, 1)
-    h, s, v = rgb_to_hsv(y)
-    y = hsv_to_rgb((h + _uniform(B, -hue, hue, gen, dev).view(B, 1, 1)) % 1, s, v)
-    return torch.where(_coin(B, p, gen, dev).view(B, 1, 1, 1), y, x)
-
-
-def random_grayscale(x, p, gen):
-    mask = _coin(x.shape[0], p, gen, x.device).view(-1, 1, 1, 1)
-    return torch.where(mask, _gray(x).expand_as(x), x)
-
-
 def random_flip(x, p, gen):
-    mask = _coin(x.shape[0], p, gen, x.device).view(-1, 1, 1, 1)
+    mask = coin(x.shape[0], p, gen, x.device).view(-1, 1, 1, 1)
     return torch.where(mask, x.flip(3), x)
-
-
-def random_solarize(x, p, gen, threshold=0.5):
-    mask = _coin(x.shape[0], p, gen, x.device).view(-1, 1, 1, 1)
-    return torch.where(mask & (x >= threshold), 1 - x, x)
-
-
-def barlow_views(x, mean, std, aug, gen):
-    """Two asymmetric Barlow Twins views (SPEC 1) of a uint8 batch, normalised float32."""
-    x = x.float() / 255
-    views = []
-    for solarize_p in aug["solarize_p"]:
-        v = random_resized_crop(x, x.shape[-1], aug["crop_scale"], gen)
-        v = color_jitter(v, *aug["jitter"], aug["jitter_p"], gen)
-        v = random_grayscale(v, aug["grayscale_p"], gen)
-        v = random_flip(v, aug["flip_p"], gen)
-        v = random_solarize(v, solarize_p, gen)
-        views.append(normalize(v, mean, std))
-    return views
-
-
-def random_crop_flip(x, pad, gen):
-    """Reflect-pad by `pad`, random crop back to H x W and horizontal flip, per sample (SPEC 6.1)."""
-    B, C, H, W = x.shape
-    dev = x.device
-    xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-    dy = torch.randint(0, 2 * pad + 1, (B,), generator=gen, device=dev)
-    dx = torch.randint(0, 2 * pad + 1, (B,), generator=gen, device=dev)
-    rows = (dy[:, None] + torch.arange(H, device=dev))[:, :, None]  # (B, H, 1)
-    cols = (dx[:, None] + torch.arange(W, device=dev))[:, None, :]  # (B, 1, W)
-    out = xp[torch.arange(B, device=dev)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)  # (B, C, H, W)
-    return random_flip(out, 0.5, gen)
 
 
 def rotate(x, angle):
@@ -868,77 +919,22 @@ def all_views(x, rotations):
 INIT_ONLY = "init_only"  # sub-folder: the same set at step 0, approximation nets fitted to it
 
 
-def distilled_folder(cfg, name):
-    """main_distill.py's default output: distilled_assets/<config name>_N<budget>[_krr_st]"""
-    suffix = "_krr_st" if cfg["distillation"]["method"] == "krr_st" else ""
+def distilled_folder(cfg, name, method=None):
+    """main_distill.py's default output: distilled_assets/<config name>_N<budget>[_krr_st] (of `method`, default the
+    config's)."""
+    suffix = "_krr_st" if (method or cfg["distillation"]["method"]) == "krr_st" else ""
     return Path("distilled_assets") / f"{name}_N{cfg['storage']['budget_N']}{suffix}"
 
 
-def storage_accounting(cfg, resolution):
-    """Every stored float, in a table; m is the largest count within budget unless the config fixes it."""
-    N, S = cfg["storage"]["budget_N"], cfg["storage"]
-    d_y = models.resnet18_dim(cfg["network"]["width"])  # the teacher's feature width
-    per_image = 3 * resolution * resolution + d_y  # an image plus its target representation (KRR-ST)
-    budget = N * per_image
-    if cfg["distillation"]["method"] == "krr_st":
-        m = N
-        rows = {"X (free pixels)": m * 3 * resolution**2, "Y (free targets)": m * d_y}
-        return {"budget_N": N, "floats_per_image": per_image, "budget": budget, "rows": rows, "m": m,
-                "m_max": N, "stored": sum(rows.values())}
-    P = cfg["parameterization"]
-    r_b, U, V, A = P["image_basis_size"], P["U"], P["V"], len(cfg["augmentations"]["rotate"])
-    h = cfg["approximation"]["hidden"]
-    rows = {"B_x": U * 3 * r_b**2, "mu_x": 3 * r_b**2, "B_y": V * d_y, "mu_y": d_y}
-    per_m = U + V + (A * V if S["store_augmented_targets"] else 0)
-    if not S["store_augmented_targets"]:  # every parameter of the A approximation MLPs as built (SPEC 5)
-        with torch.device("meta"):  # counted, not initialised: the global random state stays untouched
-            rows["approximation nets"] = A * models.num_params(models.ApproxMLP(V, h))
-    fixed = sum(rows.values())
-    m_max = (budget - fixed) // per_m
-    if m_max < 1:
-        raise ConfigError(
-            f"storage: budget {budget:,} floats (N={N} images x {per_image:,}) cannot hold the bases, means and "
-            f"approximation nets ({fixed:,} floats) plus one distilled image ({per_m} floats); "
-            f"raise storage.budget_N or lower parameterization.U / V")
-    m = S["m"] or m_max
-    stored = fixed + m * per_m
-    what = "C_x, C_y" + (", C_y^k" if S["store_augmented_targets"] else "")
-    rows[f"{what} (m x {per_m})"] = m * per_m
-    if stored > budget:
-        raise ConfigError(
-            f"storage: m={m} needs {stored:,} floats > budget {budget:,} (N={N} images x {per_image:,} floats); "
-            f"fixed cost {fixed:,}, {per_m} floats per distilled image, so the largest m within budget is {m_max}")
-    return {"budget_N": N, "floats_per_image": per_image, "budget": budget, "rows": rows, "m": m,
-            "m_max": m_max, "stored": stored}
-
-
-def print_storage(table):
-    print(f"storage budget: N={table['budget_N']} images x {table['floats_per_image']:,} floats = {table['budget']:,}")
-    for k, v in table["rows"].items():
-        print(f"  {k:<34s}{v:>12,}")
-    print(f"  {'stored':<34s}{table['stored']:>12,}  ({100 * table['stored'] / table['budget']:.2f}% of budget)")
-    print(f"  m = {table['m']} distilled images (largest within budget: {table['m_max']})")
+def storage_budget(cfg, resolution):
+    """{floats_per_image, budget}: N images cost N (3 H W + d_y) floats, an image plus its target (KRR-ST)."""
+    per_image = 3 * resolution * resolution + models.resnet18_dim(cfg["network"]["width"])
+    return {"floats_per_image": per_image, "budget": cfg["storage"]["budget_N"] * per_image}
 
 
 # ============================================================================================
 # Parameterization (SPEC 2): PCA bases, the distilled set's file (writer and reader)
 # ============================================================================================
-def pca(X, k):
-    """Top-k principal directions of the rows of X: (mean (D,), basis (k, D) with orthonormal rows)."""
-    X = X.double()
-    mu = X.mean(0)
-    Xc = X - mu
-    evals, evecs = torch.linalg.eigh(Xc.T @ Xc / X.shape[0])  # ascending
-    if k > X.shape[1]:
-        raise ConfigError(f"asked for {k} PCA components of {X.shape[1]}-d data")
-    return mu.float(), evecs[:, -k:].flip(1).T.contiguous().float()
-
-
-def downsample(x, r_b):
-    """Normalised images (n, 3, H, W) -> flattened antialiased r_b x r_b (n, 3 r_b^2)."""
-    return F.interpolate(x, size=(r_b, r_b), mode="bilinear", antialias=True, align_corners=False).flatten(1)
-
-
 def decode_images(C_x, B_x, mu_x, size):
     """x_i = bilinear_upsample(reshape(mu_x + c_i^x B_x)) -> (m, 3, size, size)."""
     r_b = int(round((mu_x.numel() / 3) ** 0.5))
@@ -975,20 +971,20 @@ def load_distilled(folder, device, exact=False):
     folder = Path(folder)
     path = folder / "distilled_data.pth"
     if not path.is_file():
-        raise FileNotFoundError(f"no distilled set at {path}; run main_distill.py with this config first")
-    d = read_pth(path, "a distilled set written by main_distill.py",
-                 ["method", "rotations", "resolution", "run_id", "train_hash", "target_scale"], device)
+        raise MissingInput(f"no distilled set at {path}; run main_distill.py with this config first")
+    d = read_pth(path, "a distilled set written by main_distill.py", DISTILLED_KEYS, device,
+                 rebuild="rerun main_distill.py")
     if d["method"] == "krr_st":
         return d["X"].float(), d["Y"].float(), d
     X = decode_images(d["C_x"], d["B_x"], d["mu_x"], d["resolution"])
     views, targets = [X], [decode_targets(d["C_y"], d["B_y"], d["mu_y"])]
-    stored_C_yk = read_controls(folder, device, d.get("run_id"))["C_y_aug"] if exact else d.get("C_y_aug")
+    stored_C_yk = read_controls(folder, device, d["run_id"])["C_y_aug"] if exact else d.get("C_y_aug")
     for k, angle in enumerate(d["rotations"]):
         views.append(rotate(X, angle))
         if exact or d["store_augmented_targets"]:
             C_yk = stored_C_yk[k]
         else:
-            net = load_approx_net(folder / f"approx_net_rot_{angle}.pth", device, d.get("run_id"))
+            net = load_approx_net(folder / f"approx_net_rot_{angle}.pth", device, d["run_id"])
             with torch.no_grad():
                 C_yk = d["C_y"] + net(d["C_y"])
         targets.append(decode_targets(C_yk, d["B_y"], d["mu_y"]))
@@ -996,12 +992,14 @@ def load_distilled(folder, device, exact=False):
 
 
 CONTROLS_FILE = "controls.pth"  # init indices and learned C_y^k, outside distilled_data.pth and its budget
+DISTILLED_KEYS = ["method", "dataset", "rotations", "resolution", "m", "storage", "config", "run_id", "teacher_hash",
+                  "train_hash", "target_scale", "store_augmented_targets", "steps"]
 
 
 def check_same_run(path, found, run_id):
     """A file of a distilled_assets folder must come from the run that wrote distilled_data.pth beside it."""
     if found != run_id:
-        raise ValueError(f"{path} belongs to run {found}, but distilled_data.pth beside it to run {run_id}: the "
+        raise InputError(f"{path} belongs to run {found}, but distilled_data.pth beside it to run {run_id}: the "
                          f"folder mixes two runs; rerun main_distill.py into an empty folder (or --overwrite)")
 
 
@@ -1009,8 +1007,9 @@ def read_controls(folder, device="cpu", run_id=None):
     """controls.pth of a distilled_assets folder: init indices and learned C_y^k (not part of the set)."""
     path = Path(folder) / CONTROLS_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"no {path}: the real_init and distilled_exact rows need it; rerun main_distill.py")
-    c = read_pth(path, "the controls written by main_distill.py", ["init_indices", "run_id"], device)
+        raise MissingInput(f"no {path}: the real_init and distilled_exact rows need it; rerun main_distill.py")
+    c = read_pth(path, "the controls written by main_distill.py", ["init_indices", "run_id"], device,
+                 rebuild="rerun main_distill.py")
     if run_id is not None:
         check_same_run(path, c["run_id"], run_id)
     return c
@@ -1018,12 +1017,12 @@ def read_controls(folder, device="cpu", run_id=None):
 
 def load_approx_net(path, device, run_id):
     if not Path(path).is_file():
-        raise FileNotFoundError(f"approximation net missing: {path}; rerun main_distill.py")
+        raise MissingInput(f"approximation net missing: {path}; rerun main_distill.py")
     s = read_pth(path, "an approximation net written by main_distill.py", ["state_dict", "V", "hidden", "run_id"],
-                 device)
+                 device, rebuild="rerun main_distill.py")
     check_same_run(path, s["run_id"], run_id)
     net = models.ApproxMLP(s["V"], s["hidden"]).to(device)
-    net.load_state_dict(s["state_dict"])
+    load_weights(net, s["state_dict"], path, f"an approximation MLP {s['V']} -> {s['hidden']} -> {s['V']}")
     return net.eval()
 
 
@@ -1058,28 +1057,34 @@ def save_teacher(path, backbone, cfg, data, run_id):
     atomic_save({"backbone": {k: v.cpu() for k, v in backbone.state_dict().items()}, "meta": meta}, path)
 
 
+TEACHER_META = ["dataset", "resolution", "width", "train_hash", "train_images", "split", "run_id"]
+
+
 def load_teacher(path, cfg, device, data=None):
     """The frozen Barlow Twins backbone g written by pretrain.py, checked against the config and, when the
     teacher recorded it, against the train split it was trained on (`data`: another subset or Dogs split
     would pair its targets with images it never saw)."""
     path, dataset, resolution, width = Path(path), cfg["dataset"], cfg["data"]["resolution"], cfg["network"]["width"]
     if not path.is_file():
-        raise FileNotFoundError(f"teacher not found: {path}; run `python pretrain.py {dataset}` first")
-    d = read_pth(path, "a teacher file written by pretrain.py", ["backbone", "meta"])
+        raise MissingInput(f"teacher not found: {path}; run `python pretrain.py {dataset}` first")
+    d = read_pth(path, "a teacher file written by pretrain.py", ["backbone", "meta"], rebuild="retrain it with pretrain.py")
     meta = d["meta"]
+    missing = [k for k in TEACHER_META if not (isinstance(meta, dict) and k in meta)]
+    if missing:
+        raise InputError(f"{path} is not a teacher file of this version: its meta lacks {missing}; retrain it with "
+                         f"pretrain.py")
     if meta["dataset"] != dataset or meta["resolution"] != resolution:
-        raise ValueError(f"{path} is a teacher for {meta['dataset']} at {meta['resolution']} px, "
+        raise InputError(f"{path} is a teacher for {meta['dataset']} at {meta['resolution']} px, "
                          f"but the config asks for {dataset} at {resolution} px")
-    if meta.get("width", 64) != width:
-        raise ValueError(f"{path} is a ResNet-18 of width {meta.get('width', 64)}, but the config asks for "
-                         f"network.width {width}")
-    if data is not None and meta.get("train_hash") not in (None, data.fingerprint):
-        raise ValueError(f"{path} was trained on another {dataset} train split (hash {meta['train_hash']}, "
-                         f"{meta.get('train_images')} images{', split ' + meta['split'] if meta.get('split') else ''}) "
+    if meta["width"] != width:
+        raise InputError(f"{path} is a ResNet-18 of width {meta['width']}, but the config asks for network.width {width}")
+    if data is not None and meta["train_hash"] != data.fingerprint:
+        raise InputError(f"{path} was trained on another {dataset} train split (hash {meta['train_hash']}, "
+                         f"{meta['train_images']} images{', split ' + meta['split'] if meta['split'] else ''}) "
                          f"than the config loads (hash {data.fingerprint}, {len(data.train_x)} images"
                          f"{', split ' + data.split if data.split else ''}); retrain it with pretrain.py")
     g = models.resnet18_cifar(width)
-    g.load_state_dict(d["backbone"], strict=True)
+    load_weights(g, d["backbone"], path, f"a ResNet-18 (CIFAR stem) of width {width}")
     return channels_last_module(g.to(device), device).eval(), meta
 
 
@@ -1104,7 +1109,7 @@ def teacher_targets(teacher, teacher_file, data, rotations, dcfg, fallback_dir, 
     """T[i, k] = s g(a_k(x_i)) for every train image and view: (N_train, K, d_y), and the scale s.
 
     The raw features are cached on disk beside the teacher (or in `fallback_dir`, the run folder, when the
-    teacher's folder is read-only), keyed by the teacher file's hash, the train split's hash and the rotations
+    teacher's folder cannot take it; or nowhere, with a warning), keyed by the teacher file's hash, the train split's hash and the rotations
     (SPEC 4.1) and the precision `data.target_precision` they were computed in. s is one constant that sets the
     identity views' root-mean-square to `target_rms`: a short
     teacher's eval-mode features can be 1e3-1e5 large, and the SGD of the pool and of the students diverges
@@ -1123,12 +1128,11 @@ def teacher_targets(teacher, teacher_file, data, rotations, dcfg, fallback_dir, 
     else:
         T = torch.stack([embed_all(teacher, data.train_x, data.mean, data.std, dcfg["eval_batch_size"], a,
                                    dcfg["target_precision"]) for a in [0] + list(rotations)], dim=1)
-        path = beside if os.access(beside.parent, os.W_OK) else fallback
-        if path == fallback:
-            print(f"teacher folder {beside.parent} is not writable: caching the targets in {fallback}")
-        atomic_save(T.cpu(), path)
+        if not (os.access(beside.parent, os.W_OK) and save_cache(T.cpu(), beside, "the teacher targets")):
+            print(f"caching the teacher targets in the run folder instead: {fallback}")
+            save_cache(T.cpu(), fallback, "the teacher targets")
     if T.shape[:2] != (len(data.train_x), 1 + len(rotations)) or not torch.isfinite(T).all():
-        raise ValueError(f"teacher targets from {teacher_file} are malformed or not finite (shape {tuple(T.shape)}); "
+        raise InputError(f"teacher targets from {teacher_file} are malformed or not finite (shape {tuple(T.shape)}); "
                          f"delete {found[0] if found else 'the cache'} or retrain the teacher")
     scale = dcfg["target_rms"] / T[:, 0].pow(2).mean().sqrt().clamp_min(1e-12).item()
     return T.mul_(scale), scale
@@ -1137,21 +1141,6 @@ def teacher_targets(teacher, teacher_file, data, rotations, dcfg, fallback_dir, 
 # ============================================================================================
 # Probes and transfer: kNN monitor, linear probe (SPEC 6.2), teacher fit, fine-tuning, BatchNorm recalibration
 # ============================================================================================
-@torch.no_grad()
-def knn_accuracy(train_f, train_y, test_f, test_y, num_classes, k, temperature, chunk=1024):
-    """Weighted kNN (cosine similarity, exp(sim / T) votes), top-1 in percent."""
-    train_f = F.normalize(train_f, dim=1)
-    test_f = F.normalize(test_f, dim=1)
-    k = min(k, len(train_f))
-    correct = 0
-    for f, y in zip(test_f.split(chunk), test_y.split(chunk)):
-        sim, idx = (f @ train_f.T).topk(k, dim=1)
-        votes = torch.zeros(len(f), num_classes, device=f.device)
-        votes.scatter_add_(1, train_y[idx], (sim / temperature).exp())
-        correct += (votes.argmax(1) == y).sum().item()
-    return 100.0 * correct / len(test_f)
-
-
 def batches(n, batch_size, iterations, gen):
     """`iterations` random index batches of min(batch_size, n) from range(n), reshuffled each epoch (a
     DataLoader with shuffle=True and drop_last), drawn from `gen` on its device."""
@@ -1183,51 +1172,6 @@ def linear_probe(train_f, train_y, test_f, test_y, num_classes, probe, seed):
         return 100.0 * (head(test_f).argmax(1) == test_y).float().mean().item()
 
 
-def teacher_fit(features, teacher_features, ridge):
-    """R^2 on the test split of a ridge readout (fit on the train split) from a backbone's frozen features
-    to the teacher's: 1 - SSE / SST, SST around the teacher's train mean. How much of the teacher a
-    pre-trained student reproduces on unseen images (1 for the teacher itself). features and
-    teacher_features are (train, test) pairs; ridge is relative to the mean eigenvalue of the Gram matrix."""
-    (X, X_test), (Y, Y_test) = features, teacher_features
-    ones = lambda A: torch.cat([A.double(), A.new_ones(len(A), 1, dtype=torch.float64)], 1)
-    X, X_test, Y, Y_test = ones(X), ones(X_test), Y.double(), Y_test.double()
-    G = X.T @ X
-    lam = ridge * torch.trace(G) / len(G)
-    W = torch.linalg.solve(G + lam * torch.eye(len(G), dtype=G.dtype, device=G.device), X.T @ Y)
-    sse = (X_test @ W - Y_test).pow(2).sum()
-    sst = (Y_test - Y.mean(0)).pow(2).sum()
-    return (1 - sse / sst).item()
-
-
-def check_features(features, row):
-    """A backbone whose frozen features are not finite (a diverged student) is an error, never a probed number."""
-    for split, f in zip(("train", "test"), features):
-        if not torch.isfinite(f).all():
-            raise FloatingPointError(f"{row}: the pre-trained backbone gives non-finite features on the {split} "
-                                     f"split; its accuracy would be meaningless (lower evaluation.lr, or check "
-                                     f"the teacher's target scale)")
-
-
-@torch.no_grad()
-def recalibrate_bn(net, data, batch_size):
-    """Every BatchNorm's running statistics re-estimated on data's train split: a train-mode pass without
-    gradients, averaged exactly over the batches (momentum None); weights untouched; returns net in eval mode.
-    The no_pretraining row's option (`evaluation.random_init_bn: recalibrate`): at its initial statistics (mean
-    0, var 1) an eval-mode random VGG-11 gives features of scale ~1e-6 that the SGD probe reads at chance."""
-    norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-    net.train()
-    dev = next(net.parameters()).device
-    for part in data.train_x.split(batch_size):
-        net(to_channels_last(normalize(part.to(dev), data.mean, data.std), dev))  # float32: statistics, once
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
-    return net.eval()
-
-
 def split_features(backbone, data, batch_size):
     """Frozen features of the train and test splits (normalised, un-augmented): what kNN and probe read."""
     return (embed_all(backbone, data.train_x, data.mean, data.std, batch_size),
@@ -1240,49 +1184,28 @@ def probe_backbone(backbone, data, probe, seed, batch_size, features=None):
     return linear_probe(train_f, data.train_y, test_f, data.test_y, data.num_classes, probe, seed)
 
 
-def finetune(backbone, data, ft, seed, batch_size):
-    """Fine-tuned transfer (KRR-ST's protocol): a copy of `backbone` plus a new Linear head trained with the
-    labels of data's train split (SGD + cosine, `iterations` steps, crop + flip), top-1 (%) on its test split.
-    The pre-trained backbone itself is left unchanged."""
-    dev = data.train_x.device
-    torch.manual_seed(seed)
-    gen = make_generator(dev, seed)
-    net = copy.deepcopy(backbone).to(dev)
-    with torch.no_grad():
-        dim = net.eval()(normalize(data.train_x[:2], data.mean, data.std)).shape[1]
-    model = torch.nn.Sequential(net, torch.nn.Linear(dim, data.num_classes).to(dev)).train()
-    opt = torch.optim.SGD(model.parameters(), lr=ft["lr"], momentum=ft["momentum"], weight_decay=ft["weight_decay"])
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, ft["iterations"])
-    for idx in batches(len(data.train_x), ft["batch_size"], ft["iterations"], gen):
-        x = normalize(data.train_x[idx], data.mean, data.std)
-        x = random_crop_flip(x, ft["crop_pad"], gen) if ft["augment"] else x
-        with autocast(dev):
-            loss = F.cross_entropy(model(to_channels_last(x, dev)).float(), data.train_y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    model.eval()
-    with torch.no_grad():
-        correct = sum((model(to_channels_last(normalize(x, data.mean, data.std), dev)).argmax(1) == y).sum()
-                      for x, y in zip(data.test_x.split(batch_size), data.test_y.split(batch_size)))
-    return 100.0 * correct.item() / len(data.test_x)
-
-
 # ============================================================================================
 # Checkpoints, run folders (lock and owner), resume checks, logging, NaN guards
 # ============================================================================================
-def read_pth(path, what, keys=(), map_location="cpu", weights_only=True):
-    """torch.load whose failure names the file and what it should have been (not an unpickling trace)."""
+def read_pth(path, what, keys=(), map_location="cpu", weights_only=True, rebuild=""):
+    """torch.load whose failure names the file and what it should have been (not an unpickling trace); a file
+    without `keys` (another kind of file, or one from before they existed) is refused saying how to `rebuild` it."""
     try:
         d = torch.load(path, map_location=map_location, weights_only=weights_only)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise ValueError(f"{path} could not be read as {what}: {type(e).__name__}: {first}") from e
+        raise InputError(f"{path} could not be read as {what}: {type(e).__name__}: {first_line(e)}") from None
     missing = [k for k in keys if not (isinstance(d, dict) and k in d)]
     if missing:
-        raise ValueError(f"{path} is not {what}: keys {missing} missing")
+        raise InputError(f"{path} is not {what} of this version: keys {missing} missing" + (f"; {rebuild}" if rebuild else ""))
     return d
+
+
+def load_weights(net, state_dict, path, what):
+    """load_state_dict(strict) whose failure names the file and the network it should hold."""
+    try:
+        net.load_state_dict(state_dict, strict=True)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise InputError(f"{path} does not hold the weights of {what}: {first_line(e)}") from None
 
 
 def _write_atomically(path, write):
@@ -1295,10 +1218,16 @@ def _write_atomically(path, write):
         write(tmp)
         os.replace(tmp, path)
     except Exception as e:
-        tmp.unlink(missing_ok=True)
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise OSError(f"could not write {path} ({type(e).__name__}: {first}); check free disk space and "
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # a read-only folder: nothing was written there; the first error is the one to tell
+            pass
+        raise OSError(f"could not write {path} ({type(e).__name__}: {first_line(e)}); check free disk space and "
                       f"permissions there") from e
+
+
+def first_line(e):
+    return (str(e).strip().splitlines() or [""])[0]
 
 
 def atomic_save(obj, path):
@@ -1309,11 +1238,20 @@ def write_json(obj, path):
     _write_atomically(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1, default=str)))
 
 
+def save_cache(obj, path, what):
+    """A cache is optional: one that cannot be written (read-only or full disk) is skipped with one warning
+    naming the path, and the run goes on from memory. Returns whether it was written."""
+    try:
+        atomic_save(obj, path)
+        return True
+    except OSError as e:
+        print(f"warning: {what} not cached: {e}; the run goes on without it (set data.cache_dir to a writable "
+              f"folder to keep it)", file=sys.stderr)
+        return False
+
+
 LOCK_FILE = "run.lock"
-
-
-class RunFolderError(RuntimeError):
-    """A run folder that another run holds, or outputs that would be mixed or lost."""
+OWNER_FILE = "owner.json"  # which script and which run a run folder belongs to
 
 
 def _lock_owner_alive(info):
@@ -1335,16 +1273,19 @@ def _lock_owner_alive(info):
 
 
 def _read_lock(folder):
+    """The lock's record, None without a lock; an unreadable lock is refused naming it (no run writes one: a lock
+    is created with its content in one step)."""
     path = Path(folder) / LOCK_FILE
     try:
-        return json.loads(path.read_text())
+        info = json.loads(path.read_text())
+        if not isinstance(info, dict):
+            raise ValueError("not a mapping")
+        return info
     except FileNotFoundError:
         return None
-    except (OSError, ValueError):
-        return {"pid": None, "host": None}
-
-
-OWNER_FILE = "owner.json"  # which script and which run a run folder belongs to
+    except (OSError, ValueError) as e:
+        raise RunFolderError(f"{path} cannot be read as a run lock ({type(e).__name__}: {first_line(e)}); if no run "
+                             f"is using {folder}, delete {path}") from None
 
 
 def read_owner(folder):
@@ -1362,78 +1303,128 @@ def read_owner(folder):
     return owner
 
 
-def check_run_folder(folder, outputs, resume, overwrite, script):
-    """The refusals of claim_run_folder, writing nothing: a live run's lock, outputs that exist without
-    --resume/--overwrite, and a folder that belongs to another script (or, without --resume, another run).
-    Returns the folder's owner record (None for a new folder)."""
-    folder = Path(folder)
-    if resume and overwrite:
-        raise RunFolderError("pass --resume (continue the run) or --overwrite (replace it), not both")
-    held = _read_lock(folder)
-    if held is not None and _lock_owner_alive(held):
-        raise RunFolderError(f"{folder} is in use by another run (pid {held.get('pid')} on {held.get('host')}, "
-                             f"lock {folder / LOCK_FILE}); wait for it, choose another --out, or delete the lock "
-                             f"if no run is using the folder")
-    existing = [str(p) for p in outputs if Path(p).exists()]
-    if existing and not (resume or overwrite):
-        raise FileExistsError(f"outputs already exist: {existing}; pass --resume to continue the run, "
-                              f"--overwrite to replace them, or choose another --out")
-    owner = read_owner(folder)
-    if owner is not None and not overwrite:
-        if owner["script"] != script:
-            raise RunFolderError(f"{folder} belongs to {owner['script']} (run {owner['run_id']}); {script} does not "
-                                 f"write into another script's run folder: choose another --out (or --overwrite "
+@dataclass
+class RunFolder:
+    """A run folder belongs to one run of one script. `outputs`: files whose presence means a run produced
+    something (some may lie outside the folder: `also`, moved aside with it); `checkpoint`: what --resume continues
+    from (None: --resume needs none); `keep`: caches inside it, checked by their own metadata, that --overwrite
+    keeps. check() refuses, writing nothing; claim() (after every other check of the script passed) writes the
+    owner record and a lock, or removes what it wrote and says why."""
+    folder: Path
+    script: str
+    outputs: tuple = ()
+    checkpoint: Path = None
+    also: tuple = ()
+    keep: tuple = ()
+
+    def _hint(self):
+        if self.checkpoint is not None and Path(self.checkpoint).is_file():
+            return "pass --resume to continue it, --overwrite to move it aside and start afresh, or choose another --out"
+        return "it has nothing to resume from: pass --overwrite to move it aside and start afresh, or choose another --out"
+
+    def check(self, resume, overwrite):
+        """The folder's owner record (None for a folder holding no run), or a RunFolderError naming the folder."""
+        folder = Path(self.folder)
+        if resume and overwrite:
+            raise RunFolderError("pass --resume (continue the run) or --overwrite (replace it), not both")
+        try:
+            if not stat.S_ISDIR(os.stat(folder).st_mode):
+                raise RunFolderError(f"{folder} is a file, not a folder: choose another --out")
+        except FileNotFoundError:
+            pass  # a new folder
+        except OSError as e:  # a parent that is a file, a name too long, no permission
+            raise RunFolderError(f"--out {folder} cannot be a run folder ({type(e).__name__}: {first_line(e)}); "
+                                 f"choose another --out") from None
+        held = _read_lock(folder)
+        if held is not None and _lock_owner_alive(held):
+            raise RunFolderError(f"{folder} is in use by another run (pid {held.get('pid')} on {held.get('host')}, "
+                                 f"lock {folder / LOCK_FILE}); wait for it, choose another --out, or delete the lock "
+                                 f"if no run is using the folder")
+        owner = read_owner(folder)
+        if owner is not None and owner["script"] != self.script and not overwrite:
+            raise RunFolderError(f"{folder} belongs to {owner['script']} (run {owner['run_id']}); {self.script} does "
+                                 f"not write into another script's run folder: choose another --out (or --overwrite "
                                  f"to move that folder aside)")
-        if not resume:
-            raise FileExistsError(f"{folder} holds run {owner['run_id']} of {script}; pass --resume to continue "
-                                  f"it, --overwrite to replace it, or choose another --out")
-    return owner
+        if owner is not None and self._holds_nothing():
+            owner = None  # a refused or killed start left only its owner record: no run to protect
+        existing = [str(p) for p in self.outputs if Path(p).exists()]
+        if not (resume or overwrite) and (existing or owner is not None):
+            what = f"outputs already exist: {existing}" if existing else f"{folder} holds run {owner['run_id']}"
+            raise RunFolderError(f"{what} of {self.script}; {self._hint()}")
+        if resume and self.checkpoint is not None and not Path(self.checkpoint).is_file():
+            raise MissingInput(f"--resume: no checkpoint at {self.checkpoint}, nothing to continue; "
+                               + ("run without --resume" if owner is None and not existing
+                                  else "pass --overwrite instead to move the folder aside and start afresh"))
+        return owner
 
+    def _holds_nothing(self):
+        return all(p.name in (OWNER_FILE, LOCK_FILE) for p in Path(self.folder).iterdir()) and \
+            not any(Path(p).exists() for p in self.also)
 
-def claim_run_folder(folder, outputs, resume, overwrite, script, also=(), keep=()):
-    """A run folder belongs to one run of one script: check_run_folder's refusals first; then, under --overwrite,
-    move the old folder (plus `also`, its files outside it) aside to <folder>.replaced-<time>-<id>/ in one rename
-    before anything is written, so old and new never mix. `keep`: files in it that are caches checked by their
-    own metadata (moved back). Writes the owner record (kept by --resume) and a lock; returns the lock path. The
-    lock is removed at exit (release_run_folder), and a killed run's stale lock is taken over."""
-    folder = Path(folder)
-    owner = check_run_folder(folder, outputs, resume, overwrite, script)
-    held = _read_lock(folder)
-    old = [Path(p) for p in also if Path(p).exists()] + ([folder] if folder.is_dir() and any(folder.iterdir()) else [])
-    if overwrite and old:
+    def claim(self, resume, overwrite):
+        """check(), then under --overwrite the old folder (and `also`) moved aside to <folder>.replaced-<time>-<id>/
+        in one rename, so old and new never mix; then the lock (created with its content in one step) and, for a new
+        run, the owner record. A claim that fails half-way removes what it wrote. Returns the lock's path."""
+        folder = Path(self.folder)
+        owner = self.check(resume, overwrite)
+        created = not folder.exists()
+        lock = folder / LOCK_FILE
+        try:
+            if overwrite and (any(Path(p).exists() for p in self.also) or (folder.is_dir() and any(folder.iterdir()))):
+                self._move_aside(folder)
+            folder.mkdir(parents=True, exist_ok=True)
+            lock.unlink(missing_ok=True)  # check() found none, or a stale one: take it over
+            _create_lock(lock)
+            atexit.register(release_run_folder, lock)
+            if owner is None or overwrite:
+                write_json({"script": self.script, "run_id": new_run_id(), "started": time.strftime("%Y-%m-%d %H:%M:%S")},
+                           folder / OWNER_FILE)
+        except (OSError, RunFolderError) as e:
+            release_run_folder(lock)
+            if created:
+                shutil.rmtree(folder, ignore_errors=True)
+            if isinstance(e, RunFolderError):
+                raise
+            raise RunFolderError(f"could not claim the run folder {folder}: {type(e).__name__}: {first_line(e)}; "
+                                 f"check the path, free disk space and permissions") from None
+        return lock
+
+    def _move_aside(self, folder):
         aside = folder.with_name(f"{folder.name}.replaced-{new_run_id()}")  # unique, even twice in a second
         if folder.is_dir():
             os.rename(folder, aside)  # one step: the folder holds either the old run or nothing
         aside.mkdir(exist_ok=True)
         (aside / LOCK_FILE).unlink(missing_ok=True)
-        for p in also:
+        for p in self.also:
             if Path(p).exists():
                 os.rename(p, aside / Path(p).name)
         folder.mkdir(parents=True, exist_ok=True)
-        for name in keep:
+        for name in self.keep:
             if (aside / name).exists():
                 os.rename(aside / name, folder / name)
         print(f"--overwrite: the previous outputs were moved to {aside} (delete it when no longer needed)")
-    folder.mkdir(parents=True, exist_ok=True)
-    lock = folder / LOCK_FILE
+
+
+def _create_lock(lock):
+    """The lock file with its content, or nothing: written beside it, then hard-linked into place (which fails if a
+    lock appeared meanwhile), so no reader ever sees an empty lock."""
     info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    if held is not None or lock.exists():  # stale (its process is gone): take it over
-        lock.unlink(missing_ok=True)
+    tmp = lock.with_name(f"{lock.name}.{os.getpid()}.partial")
     try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        tmp.write_text(json.dumps(info))
+        os.link(tmp, lock)
     except FileExistsError:
-        raise RunFolderError(f"{folder} was claimed by another run a moment ago (lock {lock})") from None
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(info))
-    atexit.register(release_run_folder, lock)
-    if owner is None or overwrite:
-        write_json({"script": script, "run_id": new_run_id(), "started": info["started"]}, folder / OWNER_FILE)
-    return lock
+        raise RunFolderError(f"{lock.parent} was claimed by another run a moment ago (lock {lock})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def release_run_folder(lock):
     """Remove this process's lock (at the end of a run, and at exit after a crash)."""
-    info = _read_lock(Path(lock).parent)
+    try:
+        info = _read_lock(Path(lock).parent)
+    except RunFolderError:
+        return
     if info is not None and info.get("pid") == os.getpid() and info.get("host") == socket.gethostname():
         Path(lock).unlink(missing_ok=True)
 
@@ -1454,22 +1445,37 @@ def config_changes(old, new, prefix=""):
     return out
 
 
+# Keys that change what a checkpoint's tensors are (their shapes, or which tensors exist): --allow-changed refuses
+# them, since the checkpoint cannot continue under them.
+STATE_KEYS = ("dataset", "data.resolution", "data.train_subset", "network.width", "pretrain.projector_dims",
+              "parameterization.image_basis_size", "parameterization.U", "parameterization.V",
+              "parameterization.learn_bases", "augmentations.rotate", "storage.budget_N", "storage.m",
+              "storage.store_augmented_targets", "distillation.method", "model_pool.size_L", "model_pool.widths")
+
+
 def load_checkpoint(path, cfg, inputs, allow_changed=()):
     """Load a run checkpoint for --resume. It continues the same run, so the config and the inputs (file and
     data hashes) must be the ones it was written with; `allow_changed` names config keys the user changes on
-    purpose (e.g. a lower learning rate after a divergence)."""
+    purpose (a lower learning rate after a divergence, more steps), never one of STATE_KEYS."""
     if not Path(path).is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-    ckpt = read_pth(path, "a checkpoint of this script", ["config"], weights_only=False)
+        raise MissingInput(f"--resume: no checkpoint at {path}")
+    shaped = [k for k in allow_changed if k in STATE_KEYS]
+    if shaped:
+        raise InputError(f"--allow-changed {','.join(shaped)}: {'this key changes' if len(shaped) == 1 else 'these keys change'} "
+                         f"the tensors of {path}, which cannot continue under {'it' if len(shaped) == 1 else 'them'}; "
+                         f"start a new run instead (--overwrite, or another --out)")
+    ckpt = read_pth(path, "a checkpoint of this script", ["config", "inputs", "run_id"], weights_only=False)
     changed = [k for k in config_changes(ckpt["config"], cfg) if k not in allow_changed]
     if changed:
         diff = ", ".join(f"{k}: {_get_or(ckpt['config'], k)!r} -> {_get_or(cfg, k)!r}" for k in changed)
-        raise ValueError(f"--resume: {path} was written with another config ({diff}); resume with the same "
-                         f"config, or name the keys you change on purpose: --allow-changed {','.join(changed)}")
-    stale = [f"{k} ({ckpt.get('inputs', {}).get(k)} -> {v})" for k, v in inputs.items()
-             if ckpt.get("inputs", {}).get(k) != v]
+        fixable = [k for k in changed if k not in STATE_KEYS]
+        raise InputError(f"--resume: {path} was written with another config ({diff}); resume with the same config"
+                         + (f", or name the keys you change on purpose: --allow-changed {','.join(fixable)}"
+                            if fixable == changed else "; a changed " + ", ".join(k for k in changed if k in STATE_KEYS)
+                            + " needs a new run (--overwrite, or another --out)"))
+    stale = [f"{k} ({ckpt['inputs'].get(k)} -> {v})" for k, v in inputs.items() if ckpt["inputs"].get(k) != v]
     if stale:
-        raise ValueError(f"--resume: the inputs of {path} changed since it was written: {', '.join(stale)}; "
+        raise InputError(f"--resume: the inputs of {path} changed since it was written: {', '.join(stale)}; "
                          f"start a new run (--overwrite) or restore the original inputs")
     return ckpt
 
@@ -1490,10 +1496,10 @@ def rng_state(gen):
 def set_rng_state(state, gen, path="the checkpoint"):
     """Restore rng_state's states. A generator state of another device kind does not fit (a CPU and a CUDA
     generator's states differ in size): refused by name. CUDA states are restored for the GPUs both boxes have."""
-    if state.get("device") != gen.device.type:
-        raise ValueError(f"--resume: {path} was written by a run on {state.get('device', 'an unrecorded device')}, "
-                         f"this run is on {gen.device.type}: resume it on the same kind of device "
-                         f"(--device {state.get('device', 'cpu')}), or start afresh with --overwrite")
+    if state["device"] != gen.device.type:
+        raise InputError(f"--resume: {path} was written by a run on {state['device']}, this run is on "
+                         f"{gen.device.type}: resume it on the same kind of device (--device {state['device']}), or "
+                         f"start afresh with --overwrite")
     torch.set_rng_state(state["torch"])
     gen.set_state(state["gen"])
     if state["cuda"] is not None and torch.cuda.is_available():
@@ -1520,7 +1526,7 @@ class RunLog:
                     if value is not None and not isinstance(value, (int, float)):
                         raise ValueError(f"{key} is {value!r}")
                 except (ValueError, AttributeError) as e:
-                    raise ValueError(f"{self.path}, line {n}: not a log row of this run ({type(e).__name__}: {e}); "
+                    raise InputError(f"{self.path}, line {n}: not a log row of this run ({type(e).__name__}: {e}); "
                                      f"move the file aside to resume without it") from None
                 if value is not None and value <= last:
                     rows.append(line)
@@ -1534,22 +1540,17 @@ class RunLog:
         return row
 
 
-def check_finite(loss, where, recovery="lower the learning rate or check the data"):
-    """Stop a run whose loss (a float or a 0-d tensor) is NaN or inf, saying where and what to do."""
-    value = float(loss.detach()) if torch.is_tensor(loss) else float(loss)
-    if not math.isfinite(value):
-        sys.exit(f"non-finite loss {value} at {where}; {recovery}")
-
-
 def all_finite(tensors):
     """One device-side reduction and one host sync for a whole list of tensors (parameters, losses)."""
     tensors = [t.detach() for t in tensors]
     return bool(torch.stack([t.isfinite().all() for t in tensors]).all()) if tensors else True
 
 
-def resume_hint(checkpoint, step_name, script, argv, lr_key):
-    """What a NaN stop tells the user: the command it was started with (every flag and override kept), changed
-    to continue from the last good checkpoint with a lower `lr_key`, or to start afresh if none was written."""
+def non_finite_stop(what, script, argv, lr_key, lr, checkpoint=None, saved=None):
+    """The one stop of all three scripts at a non-finite value: a RunStopped saying what went non-finite and the
+    command that goes on: the one the run was started with (every flag and override kept) with `lr_key` at a
+    tenth of its value `lr`, resuming from the last good `checkpoint` (`saved` names its step) when one was
+    written, else starting afresh. Nothing of the failed part was saved."""
     keep, allowed, args = [], [lr_key], list(argv)
     while args:
         a = args.pop(0)
@@ -1562,8 +1563,10 @@ def resume_hint(checkpoint, step_name, script, argv, lr_key):
         else:
             keep.append(a)
     command = "python " + shlex.join([script] + keep)
-    if not Path(checkpoint).is_file():
-        return (f"no checkpoint was written before it; start again with a lower learning rate, e.g. "
-                f"`{command} --overwrite --{lr_key}=<lower>`")
-    return (f"the last good checkpoint {checkpoint} ({step_name}) is kept: continue from it with a lower "
-            f"learning rate, e.g. `{command} --resume --allow-changed {','.join(allowed)} --{lr_key}=<lower>`")
+    lower = f"--{lr_key}={lr / 10:.3g}"
+    if checkpoint is None or not Path(checkpoint).is_file():
+        hint = f"start again with a lower {lr_key}: `{command} --overwrite {lower}`"
+    else:
+        hint = (f"the last good checkpoint {checkpoint} ({saved}) is kept: continue from it with a lower {lr_key}: "
+                f"`{command} --resume --allow-changed {','.join(allowed)} {lower}`")
+    return RunStopped(f"non-finite {what}; nothing of it was saved. {hint}")

@@ -49,7 +49,7 @@ loss = pretrain.barlow_step(DDP(net), lars(net), parts[ranks.rank], data, pc,
                             utils.make_generator(device, cfg["seed"] + ranks.rank), device)
 
 # the single-process step on the same global batch of views
-views = [utils.barlow_views(x, data.mean, data.std, pc, utils.make_generator(device, cfg["seed"] + r))
+views = [pretrain.barlow_views(x, data.mean, data.std, pc, utils.make_generator(device, cfg["seed"] + r))
          for r, x in enumerate(parts)]
 opt = lars(single)
 z1, z2 = single(torch.cat([v[0] for v in views]), torch.cat([v[1] for v in views]))

@@ -117,7 +117,7 @@ def random_targets(cfg, n, device, seed=0):
 def outer_step_setup(cfg, data, T, device, seed=0):
     """A distilled set, pool and optimizer at `cfg`'s sizes: one outer step as a function of nothing."""
     gen = utils.make_generator(device, seed)
-    m = utils.storage_accounting(cfg, cfg["data"]["resolution"])["m"]
+    m = main_distill.storage_accounting(cfg, cfg["data"]["resolution"])["m"]
     distilled = main_distill.init_distilled(cfg, data, T, m, gen).to(device)
     opt = torch.optim.AdamW(distilled.param_groups(cfg["distillation"]), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
@@ -166,7 +166,7 @@ def check_precision(cfg, data, T, device, inner_steps, seed=0):
     first takes `inner_steps` inner steps on the initial set (a model of some age, as in the pool)."""
     dc = cfg["distillation"]
     gen = utils.make_generator(device, seed)
-    m = utils.storage_accounting(cfg, cfg["data"]["resolution"])["m"]
+    m = main_distill.storage_accounting(cfg, cfg["data"]["resolution"])["m"]
     distilled = main_distill.init_distilled(cfg, data, T, m, gen).to(device)
     pool = main_distill.ModelPool(cfg["model_pool"], cfg["data"]["resolution"], T.shape[-1], device)
     X0, Y0 = distilled()
@@ -279,7 +279,7 @@ def measure_rates(cfg, data, T, device, repeats):
     """Augmentation images/s over the whole train set (two views each), teacher views/s at
     pretrain.batch_size, outer steps/s at cfg's distillation sizes."""
     gen = utils.make_generator(device, 0)
-    augment = lambda: [utils.barlow_views(part, data.mean, data.std, cfg["pretrain"], gen)
+    augment = lambda: [pretrain.barlow_views(part, data.mean, data.std, cfg["pretrain"], gen)
                        for part in data.train_x.split(10_000)]
     teacher = teacher_step_setup(cfg, data, device)
     outer = outer_step_setup(cfg, data, T, device)

@@ -57,7 +57,7 @@ def estimate_s(phase, cfg, rates):
         return OVERHEAD * (dc["steps"] + mp["size_L"] * mp["inner_loop_steps_Z"] / 6) / steps_s
     if phase == "krr_st":  # N support views instead of K m, un-rotated real views: about half an outer step
         return OVERHEAD * dc["steps"] / 2 / steps_s
-    m = utils.storage_accounting(cfg, cfg["data"]["resolution"])["m"]
+    m = main_distill.storage_accounting(cfg, cfg["data"]["resolution"])["m"]
     N = cfg["storage"]["budget_N"]
     student_views = ec["epochs"] * (3 * K * m + 2 * N) + ec["full_epochs"] * K * n  # a student view ~ a teacher view
     return OVERHEAD * student_views / views_s

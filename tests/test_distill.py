@@ -18,7 +18,7 @@ def cifar_cfg(**overrides):
 
 # ---------------------------------------------------------------------------------- SPEC 3
 def test_storage_matches_spec_example():
-    t = utils.storage_accounting(cifar_cfg(), 32)
+    t = main_distill.storage_accounting(cifar_cfg(), 32)
     assert t["budget"] == 358_400
     assert t["rows"]["B_x"] + t["rows"]["mu_x"] + t["rows"]["B_y"] + t["rows"]["mu_y"] == 257_280
     assert t["rows"]["approximation nets"] == 5_412
@@ -35,21 +35,21 @@ def test_storage_never_exceeds_budget_and_m_is_maximal(N, U, V, hidden, store):
     fixed = U * 768 + 768 + V * 512 + 512 + (0 if store else 3 * (2 * V * hidden + hidden + V))
     if fixed + per_m > N * 3584:  # the bases alone do not fit: a clear error, not a negative m
         with pytest.raises(utils.ConfigError, match="cannot hold the bases"):
-            utils.storage_accounting(cfg, 32)
+            main_distill.storage_accounting(cfg, 32)
         return
-    t = utils.storage_accounting(cfg, 32)
+    t = main_distill.storage_accounting(cfg, 32)
     assert t["stored"] <= t["budget"] and t["m"] >= 1
     assert t["stored"] + per_m > t["budget"]  # one more distilled image would not fit
 
 
 def test_fixed_m_over_budget_is_an_error_with_the_numbers():
     with pytest.raises(utils.ConfigError, match=r"m=240 needs 358,692 floats > budget 358,400.*largest m within budget is 239"):
-        utils.storage_accounting(cifar_cfg(**{"storage.m": 240}), 32)
-    assert utils.storage_accounting(cifar_cfg(**{"storage.m": 100}), 32)["m"] == 100
+        main_distill.storage_accounting(cifar_cfg(**{"storage.m": 240}), 32)
+    assert main_distill.storage_accounting(cifar_cfg(**{"storage.m": 100}), 32)["m"] == 100
 
 
 def test_krr_st_storage_is_exactly_the_budget():
-    t = utils.storage_accounting(cifar_cfg(**{"distillation.method": "krr_st"}), 32)
+    t = main_distill.storage_accounting(cifar_cfg(**{"distillation.method": "krr_st"}), 32)
     assert t["m"] == 100 and t["stored"] == t["budget"]
 
 
@@ -71,20 +71,20 @@ def test_pca_parameterization_round_trip(tmp_path):
     d = main_distill.init_distilled(cfg, data, T, m, gen)
     idx = torch.randperm(len(data.train_x), generator=torch.Generator().manual_seed(0))[:m]
     real = utils.normalize(data.train_x[idx], data.mean, data.std)
-    low = utils.downsample(real, r_b).view(m, 3, r_b, r_b)
+    low = main_distill.downsample(real, r_b).view(m, 3, r_b, r_b)
     expected = F.interpolate(low, size=(8, 8), mode="bilinear", align_corners=False)
     assert torch.allclose(d.images(), expected, atol=1e-4)
     views, Y = d()
     assert views.shape == (4 * m, 3, 8, 8) and Y.shape == (4 * m, 512)
     assert torch.equal(views[m:2 * m], torch.rot90(views[:m], 1, (2, 3)))
     # targets: projections onto V=8 PCA directions of T, reconstructed without the discarded part
-    mu_y, B_y = utils.pca(T[:, 0], 8)
+    mu_y, B_y = main_distill.pca(T[:, 0], 8)
     assert torch.allclose(Y[:m], mu_y + (T[idx, 0] - mu_y) @ B_y.T @ B_y, atol=1e-4)
 
 
 def test_pca_reconstructs_with_its_mean():
     X = torch.randn(100, 6) @ torch.randn(6, 6)
-    mu, B = utils.pca(X, 6)
+    mu, B = main_distill.pca(X, 6)
     assert torch.allclose(B @ B.T, torch.eye(6), atol=1e-5)
     assert torch.allclose(mu + (X - mu) @ B.T @ B, X, atol=1e-4)
 
@@ -196,8 +196,8 @@ def test_chunked_outer_step_equals_one_pass(tmp_path):
         loss = main_distill.outer_step(d, pool, data, T, cfg["distillation"], opt, sched, gen, random.Random(0))
         steps[chunk] = (loss, {k: v.detach().clone() for k, v in d.state_dict().items()})
     torch.testing.assert_close(steps[3][0], steps[0][0], rtol=1e-5, atol=1e-6)
-    for k, v in steps[0][1].items():
-        torch.testing.assert_close(steps[3][1][k], v, rtol=1e-5, atol=1e-6)
+    for k, v in steps[0][1].items():  # Adam divides by |gradient|: an element whose gradient is near 0 moves by a
+        torch.testing.assert_close(steps[3][1][k], v, rtol=1e-5, atol=1e-5)  # rounding-sized amount (lr 1e-2 here)
 
 
 def test_chunked_inner_step_sees_every_view_in_every_chunk():
@@ -228,7 +228,7 @@ def test_chunked_inner_step_sees_every_view_in_every_chunk():
 
 def test_stanford_dogs_uses_its_whole_budget():
     cfg = utils.load_config(REPO / "configs" / "stanford_dogs.yaml")
-    table = utils.storage_accounting(cfg, 64)
+    table = main_distill.storage_accounting(cfg, 64)
     assert table["m"] == table["m_max"] == 1993 and cfg["distillation"]["support_chunk"] > 0
 
 
@@ -414,7 +414,7 @@ def test_init_only_is_the_set_at_step_zero(tmp_path):
     # its coefficients are the PCA projection of the chosen real images (SPEC 2): decode them again here
     data = utils.load_data(utils.load_config(tmp_path / "digits.yaml"))
     idx = utils.read_controls(out)["init_indices"]
-    low = utils.downsample(utils.normalize(data.train_x[idx], data.mean, data.std), 4)
+    low = main_distill.downsample(utils.normalize(data.train_x[idx], data.mean, data.std), 4)
     assert torch.allclose(d0["C_x"], (low - d0["mu_x"]) @ d0["B_x"].T, atol=1e-4)
 
 
@@ -425,7 +425,7 @@ def test_the_storage_table_and_the_approximation_nets_leave_the_global_random_st
     torch.manual_seed(0)
     expected = torch.rand(3)
     torch.manual_seed(0)
-    utils.storage_accounting(cfg, 32)
+    main_distill.storage_accounting(cfg, 32)
     main_distill.fit_approx_nets(torch.randn(8, 4, generator=torch.Generator().manual_seed(1)),
                                  torch.randn(3, 8, 4, generator=torch.Generator().manual_seed(2)),
                                  {"hidden": 2, "steps": 3, "lr": 1e-2}, seed=5)

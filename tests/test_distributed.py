@@ -109,7 +109,7 @@ def test_evaluation_under_torchrun(tmp_path):
 
 def test_distillation_refuses_torchrun(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(SystemExit, match="runs in one process.*not torchrun"):
+    with pytest.raises(utils.UserError, match="runs in one process.*not torchrun"):
         main_distill.main(["--config", str(write_config(tmp_path)), *CPU])
 
 

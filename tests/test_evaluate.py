@@ -21,7 +21,7 @@ def test_recalibrated_statistics_are_the_train_splits_own(digits):
     torch.manual_seed(0)
     net = models.student("vgg11_bn", 16, 8)[0]
     before = {k: v.clone() for k, v in net.state_dict().items() if "running" not in k and "num_batches" not in k}
-    utils.recalibrate_bn(net, digits, batch_size=1347)  # one batch: the running variance is the unbiased one
+    main_evaluate.recalibrate_bn(net, digits, batch_size=1347)  # one batch: the running variance is the unbiased one
     conv, bn = net[0][0], net[0][1]
     with torch.no_grad():
         h = conv(utils.normalize(digits.train_x, digits.mean, digits.std))
@@ -44,7 +44,7 @@ def test_recalibration_makes_a_random_students_features_readable(name, digits):
     net = models.student(name, 16, 8)[0].eval()
     probe = {"iterations": 200, "batch_size": 512, "lr": 0.2, "momentum": 0.9, "weight_decay": 0.0}
     init = utils.split_features(net, digits, 512)
-    recal = utils.split_features(utils.recalibrate_bn(net, digits, 512), digits, 512)
+    recal = utils.split_features(main_evaluate.recalibrate_bn(net, digits, 512), digits, 512)
     assert init[0].std(0).mean() < 1e-2 < 0.1 < recal[0].std(0).mean()
     acc_init = utils.probe_backbone(net, digits, probe, 0, 512, features=init)
     acc_recal = utils.probe_backbone(net, digits, probe, 0, 512, features=recal)

@@ -49,7 +49,7 @@ def test_a_nan_epoch_keeps_the_last_good_teacher_checkpoint_resumable(tmp_path, 
         return loss * float("nan") if len(calls) == 7 else loss  # 5 steps per epoch: step 2 of epoch 2
 
     monkeypatch.setattr(models, "barlow_twins_loss", nan_in_epoch_2)
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(utils.RunStopped) as e:
         pretrain.main(args)
     run = tmp_path / "t" / "resnet18_barlow_twins_digits_run"
     msg = str(e.value)
@@ -79,7 +79,7 @@ def test_distillation_checks_before_every_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(main_distill, "outer_step", nan_at_step_7)
     extra = ["--distillation.steps=20", "--distillation.save_every=5", "--distillation.log_every=50"]
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(utils.RunStopped) as e:
         distill(tmp_path, *extra)
     assert "by step 10" in str(e.value) and "(step 5)" in str(e.value)
     ckpt = torch.load(tmp_path / "assets" / "checkpoint.pth", weights_only=False)
@@ -118,9 +118,9 @@ def test_runlog_refuses_non_finite_values(tmp_path):
 def test_non_finite_features_are_an_error_naming_the_row():
     good, bad = torch.ones(4, 3), torch.ones(4, 3)
     bad[1, 2] = float("nan")
-    utils.check_features((good, good), "random_subset")
-    with pytest.raises(FloatingPointError, match="distilled: .*non-finite features on the test split"):
-        utils.check_features((good, bad), "distilled")
+    main_evaluate.check_features((good, good), "random_subset")
+    with pytest.raises(utils.RunStopped, match="distilled: .*non-finite features on the test split"):
+        main_evaluate.check_features((good, bad), "distilled")
 
 
 # ------------------------------------------------------------------------------------- invalid values
@@ -245,7 +245,9 @@ def test_evaluation_refuses_stale_assets_and_a_resume_over_changed_inputs(tmp_pa
     # a set distilled on another train split (a subset) is not compared with rows on the whole split
     (tmp_path / "sub").mkdir()
     sub = write_config(tmp_path / "sub", data__train_subset=1000)
-    distill(tmp_path, "--distillation.steps=5", out="assets_sub", cfg=sub)
+    sub_teacher = write_teacher(tmp_path / "sub" / "teacher.pth",  # the teacher of that split
+                                train_hash=utils.load_data(utils.load_config(sub)).fingerprint)
+    distill(tmp_path, "--distillation.steps=5", out="assets_sub", cfg=sub, teacher=sub_teacher)
     with pytest.raises(ValueError, match="distilled from other inputs .*train split"):
         evaluate(tmp_path, "--overwrite", assets="assets_sub")
 

@@ -156,23 +156,26 @@ def test_a_script_does_not_write_into_another_scripts_folder(tmp_path):
     with pytest.raises(utils.RunFolderError, match="belongs to main_evaluate.py"):
         distill(tmp_path, evals, "--resume")
     with pytest.raises(utils.RunFolderError, match="belongs to main_evaluate.py"):
-        utils.check_run_folder(evals, [], False, False, "pretrain.py")
+        utils.RunFolder(evals, "pretrain.py").check(False, False)
     assert (evals / "results.json").read_text() == results and not (evals / "distilled_data.pth").exists()
     distill(tmp_path, evals, "--overwrite")  # the same --overwrite semantics: moved aside, then written
     assert (evals / "distilled_data.pth").is_file() and list(tmp_path.glob("eval.replaced-*/results.json"))
 
 
 def test_a_second_run_of_the_same_script_needs_resume_or_overwrite(tmp_path, monkeypatch):
-    """A run killed before writing any output still owns its folder: a new run is refused, --resume is the
-    same run."""
+    """A run killed before its first checkpoint still owns its folder (its init_only set is there): a new run is
+    refused, and the message offers --overwrite, not a --resume that would find nothing to resume."""
     out = tmp_path / "assets"
     monkeypatch.setattr(main_distill, "outer_step", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         distill(tmp_path, out)
     owner = json.loads((out / utils.OWNER_FILE).read_text())
     assert owner["script"] == "main_distill.py"
-    with pytest.raises(FileExistsError, match=f"holds run {owner['run_id']} of main_distill.py; pass --resume"):
+    with pytest.raises(utils.RunFolderError, match=f"holds run {owner['run_id']} of main_distill.py; it has nothing "
+                                                   f"to resume from: pass --overwrite"):
         distill(tmp_path, out)
+    with pytest.raises(utils.MissingInput, match="no checkpoint .* pass --overwrite instead"):
+        distill(tmp_path, out, "--resume")
 
 
 def test_a_corrupt_owner_record_is_refused(tmp_path):
@@ -260,8 +263,8 @@ def test_a_checkpoint_of_another_device_kind_is_refused_by_name(tmp_path):
 
 # ----------------------------------------------------------------------------- recovery hints that work
 def hint_command(message):
-    """The command between backticks in a NaN stop's message, as an argv list with <lower> filled in."""
-    command = re.search(r"`([^`]+)`", message).group(1).replace("<lower>", "1e-3")
+    """The command between backticks in a NaN stop's message, as an argv list (it runs as printed)."""
+    command = re.search(r"`([^`]+)`", message).group(1)
     argv = shlex.split(command)
     assert argv[0] == "python"
     return argv[1], argv[2:]
@@ -282,18 +285,20 @@ def test_the_distillation_nan_hint_reproduces_the_command_and_resumes(tmp_path, 
     argv = ["--config", str(cfg), "--teacher", str(tmp_path / "teacher.pth"), "--out", str(tmp_path / "my run"),
             *CPU, "--distillation.steps=12", "--distillation.save_every=5", "--distillation.log_every=4",
             "--distillation.lr_image=0.05"]
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(utils.RunStopped) as e:
         main_distill.main(argv)
     script, hinted = hint_command(str(e.value))
     assert script == "main_distill.py"
     for flag in ("--out", "--teacher", "--device", "--distillation.steps=12", "--resume"):
         assert any(a == flag or a.startswith(flag) for a in hinted), (flag, hinted)
-    assert "--distillation.lr_image=1e-3" in hinted and "--distillation.lr_image=0.05" not in hinted
+    lowered = [a for a in hinted if a.startswith("--distillation.lr_") and a.split("=")[0] in str(e.value)]
+    assert len(lowered) == 1 and "--distillation.lr_image=0.05" not in hinted  # one group's rate, a tenth of it
     monkeypatch.setattr(main_distill, "outer_step", real_step)
-    metrics = main_distill.main(hinted)  # the hint as printed, <lower> filled in
+    metrics = main_distill.main(hinted)  # the hint as printed
     assert metrics["steps"] == 12
     ckpt = torch.load(tmp_path / "my run" / "checkpoint.pth", weights_only=False)
-    assert ckpt["config"]["distillation"]["lr_image"] == 1e-3
+    key, value = lowered[0][2:].split("=")
+    assert ckpt["config"]["distillation"][key.split(".")[1]] == float(value)
 
 
 def test_the_teacher_nan_hint_without_a_checkpoint_starts_afresh(tmp_path, monkeypatch):
@@ -302,7 +307,7 @@ def test_the_teacher_nan_hint_without_a_checkpoint_starts_afresh(tmp_path, monke
     real_loss = models.barlow_twins_loss
     monkeypatch.setattr(models, "barlow_twins_loss", lambda *a, **k: real_loss(*a, **k) * float("nan"))
     argv = ["DIGITS", "--config", str(write_config(tmp_path)), "--out", str(tmp_path / "t"), *CPU, "--epochs", "1"]
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(utils.RunStopped) as e:
         pretrain.main(argv)
     script, hinted = hint_command(str(e.value))
     assert script == "pretrain.py" and "--overwrite" in hinted and "--resume" not in hinted

@@ -43,11 +43,15 @@ def write_config(tmp_path, **overrides):
     return path
 
 
-def write_teacher(path, dataset="DIGITS", resolution=8, seed=0, width=64):
-    """A random-init ResNet-18 (of `width`) saved in pretrain.py's teacher format."""
+def write_teacher(path, dataset="DIGITS", resolution=8, seed=0, width=64, train_hash=None):
+    """A random-init ResNet-18 (of `width`) saved in pretrain.py's teacher format; its train split is DIGITS' at
+    `resolution` (another dataset's teacher is refused before its split is compared)."""
     torch.manual_seed(seed)
     g = models.resnet18_cifar(width)
+    if train_hash is None and dataset == "DIGITS":
+        train_hash = utils.load_dataset("DIGITS", "data", resolution).fingerprint
     meta = {"dataset": dataset, "resolution": resolution, "epochs": 0, "mean": [0.0] * 3, "std": [1.0] * 3,
-            "d_y": models.resnet18_dim(width), "width": width}
+            "d_y": models.resnet18_dim(width), "width": width, "train_hash": train_hash, "train_images": 0,
+            "split": "", "run_id": f"test-teacher-{seed}"}
     utils.atomic_save({"backbone": g.state_dict(), "meta": meta}, path)
     return path
