@@ -47,7 +47,9 @@ def test_ddp_step_is_the_single_process_step_on_the_global_batch(tmp_path):
     r = json.loads((tmp_path / "step.json").read_text())
     assert r["world"] == 2 and r["global_batch"] == 64
     assert r["loss"] == pytest.approx(r["single_loss"], rel=1e-5), r
-    assert r["max_weight_diff"] < 1e-3 * r["step_size"] and r["max_buffer_diff"] < 1e-4, r
+    # float32 sums in another order (two ranks' halves, then the all-reduce) move single weights by up to 0.22% of
+    # the step on torch 2.14.1 here (LARS' per-layer trust ratio scales such differences): 0.5% bounds them
+    assert r["max_weight_diff"] < 5e-3 * r["step_size"] and r["max_buffer_diff"] < 1e-4, r
     # BatchNorm per rank would not be the same step: the comparison can tell
     assert abs(r["unsynced_loss"] - r["single_loss"]) > 100 * abs(r["loss"] - r["single_loss"]), r
 
