@@ -14,16 +14,20 @@ config name being its file stem (cifar10, cifar10_cpu):
                               the learned C_y^k, for main_evaluate's real_init and distilled_exact rows
     distilled_images.png      the decoded images, de-normalised
     config.json, log.jsonl, metrics.json (loss curve, storage, approximation errors), checkpoint.pth
+    init_only/, snapshots/step_<n>/  the same files for the set at step 0 and after each of
+                              distillation.snapshot_steps (the gain against outer steps)
 """
 import math
 import os
 import random
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
@@ -178,10 +182,12 @@ def pca_distilled(cfg, data, T, idx):
 # ============================================================================================
 class ModelPool:
     """L ConvNets, each with its own SGD state and age; a model is re-initialised at age Z.
-    `chunk` (distillation.support_chunk): views per forward pass of the inner step, 0 = all at once."""
+    `chunk` (distillation.support_chunk): views per forward pass of the inner step, 0 = all at once;
+    `fused`: fused SGD kernels (fused_optimizers(), CUDA only)."""
 
-    def __init__(self, mp, resolution, d_y, device, chunk=0):
+    def __init__(self, mp, resolution, d_y, device, chunk=0, fused=False):
         self.mp, self.resolution, self.d_y, self.device, self.chunk = mp, resolution, d_y, device, chunk
+        self.fused = fused
         self.models, self.opts, self.ages = [None] * mp["size_L"], [None] * mp["size_L"], [0] * mp["size_L"]
         for j in range(mp["size_L"]):
             self.reset(j)
@@ -191,7 +197,7 @@ class ModelPool:
                                        self.device)
         self.models[j] = f
         self.opts[j] = torch.optim.SGD(f.parameters(), lr=self.mp["lr"], momentum=self.mp["momentum"],
-                                       weight_decay=self.mp["weight_decay"])
+                                       weight_decay=self.mp["weight_decay"], **({"fused": True} if self.fused else {}))
         self.ages[j] = 0
 
     def inner_step(self, j, X, Y):
@@ -234,7 +240,10 @@ class ModelPool:
 
 def krr_predict(Phi_s, Phi_t, Y_s, ridge):
     """Yhat_t = K_ts (K_ss + ridge tr(K_ss) I)^-1 Y_s in float32 (float64 features stay float64), features
-    with a constant-1 column."""
+    with a constant-1 column. The ridge keeps K_ss + lam I positive definite: a Cholesky factor and two triangular
+    solves (cuSOLVER potrf, cuBLAS trsm), none of which reads a value back to the host on CUDA. A factorisation
+    that fails (info > 0: a non-finite feature, a matrix no longer positive definite in float32) makes the
+    prediction NaN on the device, which the loop's next finiteness check stops on."""
     dtype = torch.promote_types(Phi_s.dtype, torch.float32)
     Phi_s = torch.cat([Phi_s.to(dtype), Phi_s.new_ones(len(Phi_s), 1, dtype=dtype)], 1)
     Phi_t = torch.cat([Phi_t.to(dtype), Phi_t.new_ones(len(Phi_t), 1, dtype=dtype)], 1)
@@ -242,29 +251,90 @@ def krr_predict(Phi_s, Phi_t, Y_s, ridge):
     K_ts = Phi_t @ Phi_s.T  # (b', m')
     lam = ridge * torch.trace(K_ss).detach()
     eye = torch.eye(len(K_ss), device=K_ss.device, dtype=dtype)
-    # solve_ex: no host sync on CUDA to check for singularity (the ridge keeps K_ss + lam I positive
-    # definite; a failed solve would surface as a non-finite loss at the next log step)
-    return K_ts @ torch.linalg.solve_ex(K_ss + lam * eye, Y_s.to(dtype))[0]
+    L, info = torch.linalg.cholesky_ex(K_ss + lam * eye)  # K_ss + lam I = L L^T
+    alpha = torch.linalg.solve_triangular(L.T, torch.linalg.solve_triangular(L, Y_s.to(dtype), upper=False),
+                                          upper=True)  # (K_ss + lam I)^-1 Y_s
+    return torch.where(info == 0, K_ts @ alpha, torch.nan)
 
 
-def support_features(f, X_s, chunk, device):
+# ------------------------------------------------------------------ the frozen model's KRR passes and their levers
+def frozen_blocks(f, fold_bn):
+    """The eval-mode pool ConvNet f as tensors, one (conv weight, conv bias, BN scale, BN shift) per block: eval-mode
+    BatchNorm is x * scale + shift with scale = gamma / sqrt(var + eps), shift = beta - mean * scale. With
+    `fold_bn` (distillation.fold_bn) both are folded into the conv (W scale, b scale + shift; scale and shift None):
+    the same function, one pass fewer over every block's activations."""
+    layers = list(f.features)
+    blocks = []
+    for conv, bn in zip(layers[0::4], layers[1::4]):
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        shift = bn.bias - bn.running_mean * scale
+        if fold_bn:
+            blocks.append((conv.weight * scale.view(-1, 1, 1, 1), conv.bias * scale + shift, None, None))
+        else:
+            blocks.append((conv.weight, conv.bias, scale, shift))
+    return blocks
+
+
+def blocks_embed(x, blocks):
+    """ConvNet.embed from frozen_blocks' tensors: [conv -> (BN) -> ReLU -> AvgPool2] per block, flattened. A pure
+    function of tensors, so one torch.compile graph serves every pool model (and every re-initialisation)."""
+    for W, b, scale, shift in blocks:
+        x = F.conv2d(x, W, b, padding=1)
+        if scale is not None:
+            x = x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+        x = F.avg_pool2d(F.relu(x), 2)
+    return x.flatten(1)
+
+
+_COMPILED = {}
+
+
+def compiled_blocks_embed():
+    """blocks_embed under torch.compile (built once per process; it recompiles per input shape only)."""
+    if "embed" not in _COMPILED:
+        _COMPILED["embed"] = torch.compile(blocks_embed, dynamic=False)
+    return _COMPILED["embed"]
+
+
+def frozen_embed(f, dc, device):
+    """x -> f.embed(x) for the KRR passes of an eval-mode, frozen f: f.embed itself unless a lever is on:
+    `distillation.fold_bn` folds BatchNorm into the convs, `distillation.compile_features` runs the passes under
+    torch.compile on CUDA (on the CPU the key is read and the eager function runs)."""
+    fold, compile_ = dc["fold_bn"], dc["compile_features"] and device.type == "cuda"
+    if not (fold or compile_):
+        return f.embed
+    blocks = frozen_blocks(f, fold)
+    embed = compiled_blocks_embed() if compile_ else blocks_embed
+    return lambda x: embed(x, blocks)
+
+
+def support_features(f, X_s, chunk, device, embed=None):
     """Phi_s = f.embed(X_s) in one pass, or chunk by chunk with each chunk's activations recomputed in
     backward (activation checkpointing): the same values and gradients (f is in eval mode), the memory of
-    one chunk, and no tensor near 2^31 elements (Stanford Dogs' 4 x 1,993 views at 64 px)."""
+    one chunk, and no tensor near 2^31 elements (Stanford Dogs' 4 x 1,993 views at 64 px). `embed`: the pass to
+    use instead of f.embed (frozen_embed's levers)."""
+    embed = embed or f.embed
     if not chunk or chunk >= len(X_s):
-        return f.embed(utils.to_channels_last(X_s, device))
-    return torch.cat([checkpoint(f.embed, utils.to_channels_last(x, device), use_reentrant=False)
+        return embed(utils.to_channels_last(X_s, device))
+    return torch.cat([checkpoint(embed, utils.to_channels_last(x, device), use_reentrant=False)
                       for x in X_s.split(chunk)])
 
 
+def real_precision(dc):
+    """The precision of the real views' no-grad forward: `distillation.real_features`, `same` = krr_features."""
+    return dc["krr_features"] if dc["real_features"] == "same" else dc["real_features"]
+
+
 def krr_forward(f, X_s, Y_s, x_t, dc, device, numerics=utils.precision):
-    """(KRR prediction of the real views x_t from the support set, support features): the features in
-    `distillation.krr_features` (`numerics(device, name)` makes that precision's context), the kernels and the
-    solve in float32. Its backward takes `utils.tf32(name == "tf32")`."""
+    """(KRR prediction of the real views x_t from the support set, support features): the support features in
+    `distillation.krr_features`, the real views' (no gradient) in `distillation.real_features` (`numerics(device,
+    name)` makes a precision's context), the kernels and the solve in float32. Its backward takes
+    `utils.tf32(name == "tf32")` of krr_features."""
+    embed = frozen_embed(f, dc, device)
+    with numerics(device, real_precision(dc)), torch.no_grad():
+        Phi_t = embed(utils.to_channels_last(x_t, device))
     with numerics(device, dc["krr_features"]):
-        with torch.no_grad():
-            Phi_t = f.embed(utils.to_channels_last(x_t, device))
-        Phi_s = support_features(f, X_s, dc["support_chunk"], device)
+        Phi_s = support_features(f, X_s, dc["support_chunk"], device, embed)
     with utils.tf32(False):
         return krr_predict(Phi_s, Phi_t, Y_s, dc["ridge"]), Phi_s
 
@@ -279,22 +349,46 @@ def real_batch(data, T, dc, rotations, gen):
     return utils.all_views(x, rotations), T[idx].transpose(0, 1).flatten(0, 1)  # view-major, as all_views
 
 
+def fused_optimizers(dc, device):
+    """`distillation.fused_optimizers`: fused AdamW and pool SGD kernels (one launch per step instead of one per
+    operation and tensor group), on CUDA only; the CPU keeps the default implementation."""
+    return dc["fused_optimizers"] and device.type == "cuda"
+
+
+def make_optimizer(distilled, dc, fused=False):
+    """AdamW (weight decay 0) on the learned distilled tensors, each group at its rate (SPEC 4.5)."""
+    return torch.optim.AdamW(distilled.param_groups(dc), weight_decay=0.0, **({"fused": True} if fused else {}))
+
+
+@contextmanager
+def cudnn_benchmark(enabled):
+    """torch.backends.cudnn.benchmark = `enabled` inside the block (distillation.cudnn_benchmark: the shapes of
+    an outer step never change, so cuDNN may time its algorithms once per shape), restored on exit."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 def outer_step(distilled, pool, data, T, dc, opt, sched, gen, rng):
     """SPEC 4.2-7: KRR loss of one random pool model on a real batch, AdamW step, then the inner step.
     The features and their backward run in `distillation.krr_features`; the kernels and the solve in float32."""
-    dev = pool.device
-    x_t, y_t = real_batch(data, T, dc, distilled.rotations, gen)
-    X_s, Y_s = distilled()
-    j = rng.randrange(len(pool.models))
-    f = pool.models[j].eval().requires_grad_(False)  # the outer gradient is for the distilled set only
-    loss = models.mse(krr_forward(f, X_s, Y_s, x_t, dc, dev)[0], y_t)
-    opt.zero_grad(set_to_none=True)
-    with utils.tf32(dc["krr_features"] == "tf32"):
-        loss.backward()
-    f.requires_grad_(True)
-    opt.step()
-    sched.step()
-    pool.inner_step(j, X_s, Y_s)
+    with cudnn_benchmark(dc["cudnn_benchmark"]):
+        dev = pool.device
+        x_t, y_t = real_batch(data, T, dc, distilled.rotations, gen)
+        X_s, Y_s = distilled()
+        j = rng.randrange(len(pool.models))
+        f = pool.models[j].eval().requires_grad_(False)  # the outer gradient is for the distilled set only
+        loss = models.mse(krr_forward(f, X_s, Y_s, x_t, dc, dev)[0], y_t)
+        opt.zero_grad(set_to_none=True)
+        with utils.tf32(dc["krr_features"] == "tf32"):
+            loss.backward()
+        f.requires_grad_(True)
+        opt.step()
+        sched.step()
+        pool.inner_step(j, X_s, Y_s)
     return loss.detach()
 
 
@@ -357,6 +451,15 @@ def save_set(folder, distilled, base, cfg, data):
     return approx_errors
 
 
+def save_snapshot(out, step, distilled, base, cfg, data):
+    """The set after `step` outer steps (a step of distillation.snapshot_steps) in <out>/snapshots/step_<step>/, the
+    same files as the final set (save_set): main_evaluate reads it with --assets, as the gain-against-steps curve
+    (tests/gpu_session.py) does. Its approximation nets are fitted in a forked random state, as init_only's."""
+    folder = out / "snapshots" / f"step_{step}"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_set(folder, distilled, {**base, "steps": step}, cfg, data)
+
+
 def save_grid(images, mean, std, path, max_images=100, min_side=64):
     """The first images, de-normalised, in a square grid; each drawn at least `min_side` pixels wide (whole-pixel
     nearest upscaling), so a 16 px set is not a 170-pixel thumbnail."""
@@ -408,9 +511,9 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- distilled set, optimizer, pool
     distilled = init_distilled(cfg, data, T, table["m"], gen).to(device)
-    opt = torch.optim.AdamW(distilled.param_groups(dc), weight_decay=0.0)
+    opt = make_optimizer(distilled, dc, fused_optimizers(dc, device))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / dc["steps"]))
-    pool = ModelPool(mp, res, T.shape[-1], device, dc["support_chunk"])
+    pool = ModelPool(mp, res, T.shape[-1], device, dc["support_chunk"], fused_optimizers(dc, device))
     step, curve, run_id = 0, [], utils.new_run_id()
     if args.resume:
         ckpt = utils.load_checkpoint(out / "checkpoint.pth", cfg, inputs, args.allow_changed)
@@ -476,6 +579,9 @@ def main(argv=None):
             check_finite(unchecked, last_saved)
             unchecked, last_saved = [], step
             checkpoint()
+        if step in dc["snapshot_steps"] and step < dc["steps"]:  # the final set is written below
+            check_finite(unchecked, last_saved)
+            save_snapshot(out, step, distilled, base, cfg, data)
     bar.close()
 
     # ---------------------------------------------------------------- approximation nets and assets

@@ -66,6 +66,8 @@ SCHEMA = {
         "real_views": ("all", "identity"), "lr_image": float, "lr_image_bases": float, "lr_repr": float,
         "lr_repr_bases": float, "krr_st_lr_pixels": float, "krr_st_lr_targets": float, "ridge": float,
         "krr_features": PRECISIONS, "support_chunk": int, "save_every": int, "log_every": int,
+        "snapshot_steps": [int], "real_features": ("same",) + PRECISIONS, "fold_bn": bool, "compile_features": bool,
+        "fused_optimizers": bool, "cudnn_benchmark": bool,
     },
     "model_pool": {
         "size_L": int, "inner_loop_steps_Z": int, "widths": [int], "lr": float, "momentum": float,
@@ -116,6 +118,7 @@ RANGES = {
     "distillation.lr_image_bases": NONNEG, "distillation.lr_repr": NONNEG, "distillation.lr_repr_bases": NONNEG,
     "distillation.krr_st_lr_pixels": NONNEG, "distillation.krr_st_lr_targets": NONNEG, "distillation.ridge": POS_REAL,
     "distillation.support_chunk": NONNEG, "distillation.save_every": POSITIVE, "distillation.log_every": POSITIVE,
+    "distillation.snapshot_steps": POSITIVE,
     "model_pool.size_L": POSITIVE, "model_pool.inner_loop_steps_Z": POSITIVE, "model_pool.widths": POSITIVE,
     "model_pool.lr": NONNEG, "model_pool.momentum": MOMENTUM, "model_pool.weight_decay": NONNEG,
     "approximation.hidden": POSITIVE, "approximation.steps": POSITIVE, "approximation.lr": NONNEG,
