@@ -22,7 +22,6 @@ import os
 import random
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -360,35 +359,22 @@ def make_optimizer(distilled, dc, fused=False):
     return torch.optim.AdamW(distilled.param_groups(dc), weight_decay=0.0, **({"fused": True} if fused else {}))
 
 
-@contextmanager
-def cudnn_benchmark(enabled):
-    """torch.backends.cudnn.benchmark = `enabled` inside the block (distillation.cudnn_benchmark: the shapes of
-    an outer step never change, so cuDNN may time its algorithms once per shape), restored on exit."""
-    before = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = before
-
-
 def outer_step(distilled, pool, data, T, dc, opt, sched, gen, rng):
     """SPEC 4.2-7: KRR loss of one random pool model on a real batch, AdamW step, then the inner step.
     The features and their backward run in `distillation.krr_features`; the kernels and the solve in float32."""
-    with cudnn_benchmark(dc["cudnn_benchmark"]):
-        dev = pool.device
-        x_t, y_t = real_batch(data, T, dc, distilled.rotations, gen)
-        X_s, Y_s = distilled()
-        j = rng.randrange(len(pool.models))
-        f = pool.models[j].eval().requires_grad_(False)  # the outer gradient is for the distilled set only
-        loss = models.mse(krr_forward(f, X_s, Y_s, x_t, dc, dev)[0], y_t)
-        opt.zero_grad(set_to_none=True)
-        with utils.tf32(dc["krr_features"] == "tf32"):
-            loss.backward()
-        f.requires_grad_(True)
-        opt.step()
-        sched.step()
-        pool.inner_step(j, X_s, Y_s)
+    dev = pool.device
+    x_t, y_t = real_batch(data, T, dc, distilled.rotations, gen)
+    X_s, Y_s = distilled()
+    j = rng.randrange(len(pool.models))
+    f = pool.models[j].eval().requires_grad_(False)  # the outer gradient is for the distilled set only
+    loss = models.mse(krr_forward(f, X_s, Y_s, x_t, dc, dev)[0], y_t)
+    opt.zero_grad(set_to_none=True)
+    with utils.tf32(dc["krr_features"] == "tf32"):
+        loss.backward()
+    f.requires_grad_(True)
+    opt.step()
+    sched.step()
+    pool.inner_step(j, X_s, Y_s)
     return loss.detach()
 
 

@@ -67,7 +67,7 @@ SCHEMA = {
         "lr_repr_bases": float, "krr_st_lr_pixels": float, "krr_st_lr_targets": float, "ridge": float,
         "krr_features": PRECISIONS, "support_chunk": int, "save_every": int, "log_every": int,
         "snapshot_steps": [int], "real_features": ("same",) + PRECISIONS, "fold_bn": bool, "compile_features": bool,
-        "fused_optimizers": bool, "cudnn_benchmark": bool,
+        "fused_optimizers": bool,
     },
     "model_pool": {
         "size_L": int, "inner_loop_steps_Z": int, "widths": [int], "lr": float, "momentum": float,
