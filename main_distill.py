@@ -237,12 +237,38 @@ class ModelPool:
         self.ages = list(s["ages"])
 
 
+def cholesky_solve(L, Y):
+    """(L L^T)^-1 Y by two triangular solves (cuBLAS trsm on CUDA, whatever the preferred linalg backend)."""
+    return torch.linalg.solve_triangular(L.T, torch.linalg.solve_triangular(L, Y, upper=False), upper=True)
+
+
+class PositiveDefiniteSolve(torch.autograd.Function):
+    """X = A^-1 Y for a symmetric positive-definite A, by its Cholesky factor L, forward and backward:
+    gY = A^-1 gX and gA = -gY X^T, the gradient an LU solve gives, at O(n^2 k) (differentiating through the
+    factor instead would add O(n^3) matrix products). Nothing is read back to the host on CUDA: a factorisation that
+    fails (info > 0: a non-finite entry, or A no longer positive definite in float32) makes X NaN on the device,
+    which the loop's next finiteness check stops on. The backward runs in strict float32, as torch's linalg
+    backwards do."""
+
+    @staticmethod
+    def forward(ctx, A, Y):
+        L, info = torch.linalg.cholesky_ex(A)
+        X = torch.where(info == 0, cholesky_solve(L, Y), torch.nan)
+        ctx.save_for_backward(L, X)
+        return X
+
+    @staticmethod
+    def backward(ctx, gX):
+        L, X = ctx.saved_tensors
+        with utils.tf32(False):
+            gY = cholesky_solve(L, gX)
+            return -gY @ X.T, gY
+
+
 def krr_predict(Phi_s, Phi_t, Y_s, ridge):
     """Yhat_t = K_ts (K_ss + ridge tr(K_ss) I)^-1 Y_s in float32 (float64 features stay float64), features
-    with a constant-1 column. The ridge keeps K_ss + lam I positive definite: a Cholesky factor and two triangular
-    solves (cuSOLVER potrf, cuBLAS trsm), none of which reads a value back to the host on CUDA. A factorisation
-    that fails (info > 0: a non-finite feature, a matrix no longer positive definite in float32) makes the
-    prediction NaN on the device, which the loop's next finiteness check stops on."""
+    with a constant-1 column. The ridge keeps K_ss + lam I positive definite: PositiveDefiniteSolve (Cholesky,
+    no host sync on CUDA; NaN where the factorisation fails)."""
     dtype = torch.promote_types(Phi_s.dtype, torch.float32)
     Phi_s = torch.cat([Phi_s.to(dtype), Phi_s.new_ones(len(Phi_s), 1, dtype=dtype)], 1)
     Phi_t = torch.cat([Phi_t.to(dtype), Phi_t.new_ones(len(Phi_t), 1, dtype=dtype)], 1)
@@ -250,10 +276,7 @@ def krr_predict(Phi_s, Phi_t, Y_s, ridge):
     K_ts = Phi_t @ Phi_s.T  # (b', m')
     lam = ridge * torch.trace(K_ss).detach()
     eye = torch.eye(len(K_ss), device=K_ss.device, dtype=dtype)
-    L, info = torch.linalg.cholesky_ex(K_ss + lam * eye)  # K_ss + lam I = L L^T
-    alpha = torch.linalg.solve_triangular(L.T, torch.linalg.solve_triangular(L, Y_s.to(dtype), upper=False),
-                                          upper=True)  # (K_ss + lam I)^-1 Y_s
-    return torch.where(info == 0, K_ts @ alpha, torch.nan)
+    return K_ts @ PositiveDefiniteSolve.apply(K_ss + lam * eye, Y_s.to(dtype))
 
 
 # ------------------------------------------------------------------ the frozen model's KRR passes and their levers
