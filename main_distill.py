@@ -384,7 +384,8 @@ def make_optimizer(distilled, dc, fused=False):
 
 def outer_step(distilled, pool, data, T, dc, opt, sched, gen, rng):
     """SPEC 4.2-7: KRR loss of one random pool model on a real batch, AdamW step, then the inner step.
-    The features and their backward run in `distillation.krr_features`; the kernels and the solve in float32."""
+    The support features and their backward run in `distillation.krr_features`, the real views' forward in
+    `distillation.real_features`; the kernels and the solve in float32."""
     dev = pool.device
     x_t, y_t = real_batch(data, T, dc, distilled.rotations, gen)
     X_s, Y_s = distilled()

@@ -16,6 +16,10 @@
    epoch at configs/cifar10.yaml): FLOPs counted by FlopCounterMode on the real step functions, steps/s, TFLOP/s
    and the fraction of the bf16 and tf32 8192^3 matrix-product ceilings measured in the same run.
 
+sections() also returns what tests/gpu_session.py runs as phases of their own: one per speed lever of the outer
+step (LEVERS: the default config and the lever timed one after the other) and teacher:compile (pretrain.compile's
+speed and loss curve beside the eager teacher's).
+
 Writes <out>/gpu_check.json and gpu_check.md (GPU name, torch / CUDA / cuDNN versions). Exits 1 when a
 correctness check fails; a rate below its target is printed beside the target, not failed (rates move
 from run to run). tests/test_gpu_check.py runs every part of this file on the CPU at tiny sizes.
