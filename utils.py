@@ -180,6 +180,12 @@ SCHEMA = {
         "support_chunk": Key(int, NONNEG, "views per support-set pass; 0 = all at once"),
         "save_every": Key(int, POSITIVE, "steps between checkpoints"),
         "log_every": Key(int, POSITIVE, "steps between log lines"),
+        "snapshot_steps": Key([int], POSITIVE, "write the set after these outer steps (gain against steps)", (0, None)),
+        "real_features": Key(("same",) + PRECISIONS, ANY, "numerics of the real views' no-grad pass; same = krr_"
+                             "features"),
+        "fold_bn": Key(bool, ANY, "fold the frozen model's BatchNorm into its convs for the KRR passes"),
+        "compile_features": Key(bool, ANY, "torch.compile the KRR feature passes (CUDA only)"),
+        "fused_optimizers": Key(bool, ANY, "fused AdamW and pool SGD kernels (CUDA only)"),
     },
     "model_pool": {
         "size_L": Key(int, POSITIVE, "ConvNets in the pool"),
