@@ -42,7 +42,8 @@ def test_recalibration_makes_a_random_students_features_readable(name, digits):
     student: mobilenetv2 10.2 -> 15.6, and resnet18 falls 79.1 -> 54.9 (README, Other students)."""
     torch.manual_seed(0)
     net = models.student(name, 16, 8)[0].eval()
-    probe = {"iterations": 200, "batch_size": 512, "lr": 0.2, "momentum": 0.9, "weight_decay": 0.0}
+    probe = {"iterations": 200, "batch_size": 512, "lr": 0.2, "momentum": 0.9, "weight_decay": 0.0,
+             "cuda_graph": False}
     init = utils.split_features(net, digits, 512)
     recal = utils.split_features(utils.recalibrate_bn(net, digits, 512), digits, 512)
     assert init[0].std(0).mean() < 1e-2 < 0.1 < recal[0].std(0).mean()
@@ -151,3 +152,24 @@ def test_the_table_leaves_out_the_columns_of_protocols_that_did_not_run():
     finetune = main_evaluate.markdown(results, "h", ["finetune"])
     header = finetune.split("\n")[2]
     assert "fine-tune top-1 (%)" in header and "teacher fit" not in header and "| 50.00 ± 0.10 |" in finetune
+
+
+def test_the_cpu_batch_layout_keeps_a_students_gradients_repeatable():
+    """random_crop_flip returns a channels_last-strided batch. On torch 2.14.1's CPU the backward of a 1x1 stride-2
+    convolution (each ResNet-18 downsample) on that layout gave other weight gradients from run to run (101 of 200
+    runs on 2 threads) and corrupted the heap on 1 thread; utils.to_channels_last hands the CPU contiguous batches."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)  # where the kernel split its work between threads and differed
+    try:
+        x = utils.random_crop_flip(torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(0)), 1,
+                                   torch.Generator().manual_seed(0))
+        x = utils.to_channels_last(x, torch.device("cpu"))
+        conv = torch.nn.Conv2d(4, 8, 1, stride=2, bias=False)
+        grads = []
+        for _ in range(20):
+            conv.zero_grad()
+            conv(x).pow(2).mean().backward()
+            grads.append(conv.weight.grad.clone())
+    finally:
+        torch.set_num_threads(n)
+    assert all(torch.equal(g, grads[0]) for g in grads)
