@@ -332,6 +332,39 @@ def measure_lever(cfg_path, base, overrides, data, T, device, repeats):
     return {**out, "overrides": overrides, "ok": True}
 
 
+def eval_graphs(cfg, data, T, device, epochs, probe_images, seed=0):
+    """evaluation.cuda_graph and probe.cuda_graph measured, each beside the eager loop from the same seed: `epochs`
+    epochs of the distilled row's student pre-training (the K m views of an initial set at cfg's sizes; a call
+    includes its graph's warm-up and capture, as every evaluation cell pays them) and the linear probe
+    (probe.iterations steps on `probe_images` random features of the student's width, 10 classes). Each is timed
+    after one warm-up call; how far the graphed network and head are from the eager ones (largest difference
+    over the largest weight): the same arithmetic, so rounding only."""
+    ec, pc = cfg["evaluation"], cfg["probe"]
+    distilled, _, _, _ = benchmark.distilled_and_pool(cfg, data, T, device, seed)
+    with torch.no_grad():
+        X, Y = (t.detach() for t in distilled())
+    gen = torch.Generator().manual_seed(seed)
+    width = models.student(ec["student"], cfg["network"]["width"], cfg["data"]["resolution"])[1]
+    feats = torch.randn(probe_images, width, generator=gen).to(device)
+    labels = torch.randint(0, 10, (probe_images,), generator=gen).to(device)
+    out, nets = {}, {}
+    for name, on in (("eager", False), ("graphed", True)):
+        e, p = {**ec, "cuda_graph": on}, {**pc, "cuda_graph": on}
+        train = lambda: main_evaluate.pretrain_on_set(X, Y, e, epochs, data.mean, data.std, seed,
+                                                      f"eval_graphs {name}", cfg["network"]["width"])
+        probe = lambda: utils.train_linear_head(feats, labels, 10, p, seed)
+        out[name] = {"student_s": timed(train, 1, device), "probe_s": timed(probe, 1, device)}
+        nets[name] = (train()[0].state_dict(), probe().state_dict())
+    rel = lambda a, b: max((a[k].float() - b[k].float()).abs().max().item() for k in a if a[k].is_floating_point()) \
+        / max(a[k].float().abs().max().item() for k in a if a[k].is_floating_point())
+    return {**out, "student_speedup": out["eager"]["student_s"] / out["graphed"]["student_s"],
+            "probe_speedup": out["eager"]["probe_s"] / out["graphed"]["probe_s"],
+            "student_rel_diff": rel(nets["eager"][0], nets["graphed"][0]),
+            "probe_rel_diff": rel(nets["eager"][1], nets["graphed"][1]),
+            "epochs": epochs, "views": len(X), "probe_images": probe_images, "probe_steps": pc["iterations"],
+            "ok": True}
+
+
 def teacher_compile(cfg, data, device, steps, window=0.2, backend="inductor"):
     """pretrain.compile measured: `steps` teacher steps eager and under torch.compile (the same seed, initial
     weights, batches and cosine schedule), each timed after its first step (which pays the compilation); the two
@@ -466,7 +499,8 @@ def markdown(report):
 
 SIZES = {  # what main() measures: configs/cifar10.yaml as it is
     "overrides": {}, "train_images": 50_000, "precision_train_images": 10_000, "inner_steps": 100, "repeats": 20,
-    "ceiling_n": 8192, "student_epochs": 2, "lever_repeats": 10, "teacher_compile_steps": 300}
+    "ceiling_n": 8192, "student_epochs": 2, "lever_repeats": 10, "teacher_compile_steps": 300,
+    "graph_epochs": 20, "probe_images": 20_000}
 SECTIONS = ("pipeline", "precision", "syncs", "rates")  # what gpu_check runs; sections() also has the levers'
 
 
@@ -504,6 +538,8 @@ def sections(device, sizes=SIZES, cifar_root="data"):
             "syncs": lambda: check_syncs(cfg, *data(n)[:2], device),
             "rates": rates,
             **{f"lever:{name}": (lambda o=overrides: lever(o)) for name, overrides in LEVERS.items()},
+            "lever:eval_graphs": lambda: eval_graphs(cfg, *data(sizes["train_images"])[:2], device,
+                                                     sizes["graph_epochs"], sizes["probe_images"]),
             "teacher:compile": lambda: teacher_compile(cfg, data(sizes["train_images"])[0], device,
                                                        sizes["teacher_compile_steps"],
                                                        backend="inductor" if device.type == "cuda" else "eager")}

@@ -49,7 +49,7 @@ CONFIG = REPO / "configs" / "cifar10_gpu.yaml"
 DECISIVE = ("distilled", "init_only", "real_init", "random_subset")  # evaluated with SEEDS seeds
 REST = ("krr_st", "no_pretraining", "full_dataset", "teacher")  # one seed
 SEEDS = 3
-CHEAP_LEVERS = ("real_bf16", "krr_bf16", "fold_bn", "fused_optimizers", "cudnn_benchmark_off")
+CHEAP_LEVERS = ("real_bf16", "krr_bf16", "fold_bn", "fused_optimizers", "cudnn_benchmark_off", "eval_graphs")
 COMPILE_LEVERS = ("compile_features", "all")
 # A priori seconds of the check's sections (no rate is measured before them; 2026-12-04 on an H200: 21, 27, 4, 3
 # s, the rates section since then also measures the ceilings, the inner step and a student epoch).
@@ -87,6 +87,8 @@ def estimate_s(phase, cfg, rates, seeds=SEEDS, sizes=gpu_check.SIZES):
         return len(snapshots) * seeds * cell(ec["epochs"] * K * m)
     if phase == "evaluate:rest":
         return cell(ec["epochs"] * N) + cell(ec["full_epochs"] * K * n) + 2 * CELL_OVERHEAD_S
+    if phase == "lever:eval_graphs":  # eager and graphed, each a warm-up call and a timed one
+        return 4 * (OVERHEAD * sizes["graph_epochs"] * K * m / student_s + CELL_OVERHEAD_S)
     if phase.startswith("lever:"):  # the default and the lever: a first step, a warm-up and the timed steps each
         compile_s = COMPILE_S if phase.split(":")[1] in COMPILE_LEVERS else 0
         return 2 * (SETUP_S + (sizes["lever_repeats"] + 2) / steps_s) + compile_s
@@ -315,6 +317,17 @@ def lever_lines(phases):
     return lines
 
 
+def eval_graph_lines(p):
+    if "student_speedup" not in p:
+        return []
+    return ["", f"Evaluation under CUDA graphs (lever:eval_graphs; evaluation.cuda_graph and probe.cuda_graph, off by "
+                f"default): the distilled row's student, {p['epochs']} epochs on {p['views']:,} views, eager "
+                f"{p['eager']['student_s']:.2f} s, graphed {p['graphed']['student_s']:.2f} s ({p['student_speedup']:.2f}x,"
+                f" weights differ by {p['student_rel_diff']:.1e} of the largest); the probe, {p['probe_steps']:,} steps on "
+                f"{p['probe_images']:,} features, eager {p['eager']['probe_s']:.2f} s, graphed {p['graphed']['probe_s']:.2f}"
+                f" s ({p['probe_speedup']:.2f}x, head differs by {p['probe_rel_diff']:.1e})"]
+
+
 def teacher_compile_lines(p):
     if "speedup" not in p:
         return []
@@ -359,7 +372,8 @@ def markdown(report):
             lines += [f"- host syncs in {k}: {v or 'none'}" for k, v in r.get("syncs", {}).items()]
             if "precisions" in r:
                 lines += [""] + gpu_check.precision_lines(r)
-    lines += lever_lines(phases) + teacher_compile_lines(phases.get("teacher:compile", {}))
+    lines += lever_lines(phases) + eval_graph_lines(phases.get("lever:eval_graphs", {}))
+    lines += teacher_compile_lines(phases.get("teacher:compile", {}))
     for name in ("evaluate", "evaluate:rest"):
         if phases.get(name, {}).get("table"):
             lines += ["", f"{name}:", "", phases[name]["table"].strip()]

@@ -18,9 +18,9 @@ TINY = {  # configs/cifar10.yaml shrunk to seconds on the CPU
                   "pretrain.projector_dims": [32, 32], "parameterization.image_basis_size": 4,
                   "parameterization.U": 8, "parameterization.V": 8, "storage.budget_N": 10, "storage.m": 16,
                   "distillation.outer_batch_size": 32, "model_pool.size_L": 2, "model_pool.widths": [8, 16],
-                  "model_pool.inner_loop_steps_Z": 20},
+                  "model_pool.inner_loop_steps_Z": 20, "probe.iterations": 30},
     "train_images": 256, "precision_train_images": 256, "inner_steps": 2, "repeats": 2, "ceiling_n": 64,
-    "student_epochs": 1, "lever_repeats": 1, "teacher_compile_steps": 3}
+    "student_epochs": 1, "lever_repeats": 1, "teacher_compile_steps": 3, "graph_epochs": 2, "probe_images": 64}
 
 
 def tiny_cfg(**more):
@@ -183,3 +183,11 @@ def test_gpu_check_passes_on_cuda(tmp_path):
     report = gpu_check.run_checks(tmp_path / "gc", torch.device("cuda"), cifar_root=REPO / "data")
     print(gpu_check.markdown(report))
     assert report["ok"], json.dumps({k: report[k] for k in ("pipeline", "precision", "syncs")}, default=str)
+
+
+def test_the_evaluation_graphs_lever_times_both_loops_and_matches_on_the_cpu():
+    """lever:eval_graphs: the eager and the graphed student and probe, each timed; on the CPU the graphed keys fall
+    back to the eager steps, so the networks and heads are the same to the last bit."""
+    r = gpu_check.sections(CPU, TINY, cifar_root="no_cifar")["lever:eval_graphs"]()
+    assert r["ok"] and r["student_rel_diff"] == 0 and r["probe_rel_diff"] == 0
+    assert r["student_speedup"] > 0 and r["probe_speedup"] > 0 and r["probe_steps"] == 30 and r["epochs"] == 2
