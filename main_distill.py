@@ -14,6 +14,8 @@ config name being its file stem (cifar10, cifar10_cpu):
                               the learned C_y^k, for main_evaluate's real_init and distilled_exact rows
     distilled_images.png      the decoded images, de-normalised
     config.json, log.jsonl, metrics.json (loss curve, storage, approximation errors), checkpoint.pth
+    init_only/, snapshots/step_<n>/  the same files for the set at step 0 and after each of
+                              distillation.snapshot_steps (the gain against outer steps)
 """
 import math
 import os
@@ -236,10 +238,12 @@ def storage_accounting(cfg, resolution):
 # ============================================================================================
 class ModelPool:
     """L ConvNets, each with its own SGD state and age; a model is re-initialised at age Z.
-    `chunk` (distillation.support_chunk): views per forward pass of the inner step, 0 = all at once."""
+    `chunk` (distillation.support_chunk): views per forward pass of the inner step, 0 = all at once;
+    `fused`: fused SGD kernels (fused_optimizers(), CUDA only)."""
 
-    def __init__(self, mp, resolution, d_y, device, chunk=0):
+    def __init__(self, mp, resolution, d_y, device, chunk=0, fused=False):
         self.mp, self.resolution, self.d_y, self.device, self.chunk = mp, resolution, d_y, device, chunk
+        self.fused = fused
         self.models, self.opts, self.ages = [None] * mp["size_L"], [None] * mp["size_L"], [0] * mp["size_L"]
         for j in range(mp["size_L"]):
             self.reset(j)
@@ -249,7 +253,7 @@ class ModelPool:
                                        self.device)
         self.models[j] = f
         self.opts[j] = torch.optim.SGD(f.parameters(), lr=self.mp["lr"], momentum=self.mp["momentum"],
-                                       weight_decay=self.mp["weight_decay"])
+                                       weight_decay=self.mp["weight_decay"], **({"fused": True} if self.fused else {}))
         self.ages[j] = 0
 
     def inner_step(self, j, X, Y):
@@ -290,9 +294,38 @@ class ModelPool:
         self.ages = list(s["ages"])
 
 
+def cholesky_solve(L, Y):
+    """(L L^T)^-1 Y by two triangular solves (cuBLAS trsm on CUDA, whatever the preferred linalg backend)."""
+    return torch.linalg.solve_triangular(L.T, torch.linalg.solve_triangular(L, Y, upper=False), upper=True)
+
+
+class PositiveDefiniteSolve(torch.autograd.Function):
+    """X = A^-1 Y for a symmetric positive-definite A, by its Cholesky factor L, forward and backward:
+    gY = A^-1 gX and gA = -gY X^T, the gradient an LU solve gives, at O(n^2 k) (differentiating through the
+    factor instead would add O(n^3) matrix products). Nothing is read back to the host on CUDA: a factorisation that
+    fails (info > 0: a non-finite entry, or A no longer positive definite in float32) makes X NaN on the device,
+    which the loop's next finiteness check stops on. The backward runs in strict float32, as torch's linalg
+    backwards do."""
+
+    @staticmethod
+    def forward(ctx, A, Y):
+        L, info = torch.linalg.cholesky_ex(A)
+        X = torch.where(info == 0, cholesky_solve(L, Y), torch.nan)
+        ctx.save_for_backward(L, X)
+        return X
+
+    @staticmethod
+    def backward(ctx, gX):
+        L, X = ctx.saved_tensors
+        with utils.tf32(False):
+            gY = cholesky_solve(L, gX)
+            return -gY @ X.T, gY
+
+
 def krr_predict(Phi_s, Phi_t, Y_s, ridge):
     """Yhat_t = K_ts (K_ss + ridge tr(K_ss) I)^-1 Y_s in float32 (float64 features stay float64), features
-    with a constant-1 column."""
+    with a constant-1 column. The ridge keeps K_ss + lam I positive definite: PositiveDefiniteSolve (Cholesky,
+    no host sync on CUDA; NaN where the factorisation fails)."""
     dtype = torch.promote_types(Phi_s.dtype, torch.float32)
     Phi_s = torch.cat([Phi_s.to(dtype), Phi_s.new_ones(len(Phi_s), 1, dtype=dtype)], 1)
     Phi_t = torch.cat([Phi_t.to(dtype), Phi_t.new_ones(len(Phi_t), 1, dtype=dtype)], 1)
@@ -300,29 +333,87 @@ def krr_predict(Phi_s, Phi_t, Y_s, ridge):
     K_ts = Phi_t @ Phi_s.T  # (b', m')
     lam = ridge * torch.trace(K_ss).detach()
     eye = torch.eye(len(K_ss), device=K_ss.device, dtype=dtype)
-    # solve_ex: no host sync on CUDA to check for singularity (the ridge keeps K_ss + lam I positive
-    # definite; a failed solve would surface as a non-finite loss at the next log step)
-    return K_ts @ torch.linalg.solve_ex(K_ss + lam * eye, Y_s.to(dtype))[0]
+    return K_ts @ PositiveDefiniteSolve.apply(K_ss + lam * eye, Y_s.to(dtype))
 
 
-def support_features(f, X_s, chunk, device):
+# ------------------------------------------------------------------ the frozen model's KRR passes and their levers
+def frozen_blocks(f, fold_bn):
+    """The eval-mode pool ConvNet f as tensors, one (conv weight, conv bias, BN scale, BN shift) per block: eval-mode
+    BatchNorm is x * scale + shift with scale = gamma / sqrt(var + eps), shift = beta - mean * scale. With
+    `fold_bn` (distillation.fold_bn) both are folded into the conv (W scale, b scale + shift; scale and shift None):
+    the same function, one pass fewer over every block's activations."""
+    layers = list(f.features)
+    blocks = []
+    for conv, bn in zip(layers[0::4], layers[1::4]):
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        shift = bn.bias - bn.running_mean * scale
+        if fold_bn:
+            blocks.append((conv.weight * scale.view(-1, 1, 1, 1), conv.bias * scale + shift, None, None))
+        else:
+            blocks.append((conv.weight, conv.bias, scale, shift))
+    return blocks
+
+
+def blocks_embed(x, blocks):
+    """ConvNet.embed from frozen_blocks' tensors: [conv -> (BN) -> ReLU -> AvgPool2] per block, flattened. A pure
+    function of tensors, so one torch.compile graph serves every pool model (and every re-initialisation)."""
+    for W, b, scale, shift in blocks:
+        x = F.conv2d(x, W, b, padding=1)
+        if scale is not None:
+            x = x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+        x = F.avg_pool2d(F.relu(x), 2)
+    return x.flatten(1)
+
+
+_COMPILED = {}
+
+
+def compiled_blocks_embed():
+    """blocks_embed under torch.compile (built once per process; it recompiles per input shape only)."""
+    if "embed" not in _COMPILED:
+        _COMPILED["embed"] = torch.compile(blocks_embed, dynamic=False)
+    return _COMPILED["embed"]
+
+
+def frozen_embed(f, dc, device):
+    """x -> f.embed(x) for the KRR passes of an eval-mode, frozen f: f.embed itself unless a lever is on:
+    `distillation.fold_bn` folds BatchNorm into the convs, `distillation.compile_features` runs the passes under
+    torch.compile on CUDA (on the CPU the key is read and the eager function runs)."""
+    fold, compile_ = dc["fold_bn"], dc["compile_features"] and device.type == "cuda"
+    if not (fold or compile_):
+        return f.embed
+    blocks = frozen_blocks(f, fold)
+    embed = compiled_blocks_embed() if compile_ else blocks_embed
+    return lambda x: embed(x, blocks)
+
+
+def support_features(f, X_s, chunk, device, embed=None):
     """Phi_s = f.embed(X_s) in one pass, or chunk by chunk with each chunk's activations recomputed in
     backward (activation checkpointing): the same values and gradients (f is in eval mode), the memory of
-    one chunk, and no tensor near 2^31 elements (Stanford Dogs' 4 x 1,993 views at 64 px)."""
+    one chunk, and no tensor near 2^31 elements (Stanford Dogs' 4 x 1,993 views at 64 px). `embed`: the pass to
+    use instead of f.embed (frozen_embed's levers)."""
+    embed = embed or f.embed
     if not chunk or chunk >= len(X_s):
-        return f.embed(utils.to_channels_last(X_s, device))
-    return torch.cat([checkpoint(f.embed, utils.to_channels_last(x, device), use_reentrant=False)
+        return embed(utils.to_channels_last(X_s, device))
+    return torch.cat([checkpoint(embed, utils.to_channels_last(x, device), use_reentrant=False)
                       for x in X_s.split(chunk)])
 
 
+def real_precision(dc):
+    """The precision of the real views' no-grad forward: `distillation.real_features`, `same` = krr_features."""
+    return dc["krr_features"] if dc["real_features"] == "same" else dc["real_features"]
+
+
 def krr_forward(f, X_s, Y_s, x_t, dc, device, numerics=utils.precision):
-    """(KRR prediction of the real views x_t from the support set, support features): the features in
-    `distillation.krr_features` (`numerics(device, name)` makes that precision's context), the kernels and the
-    solve in float32. Its backward takes `utils.tf32(name == "tf32")`."""
+    """(KRR prediction of the real views x_t from the support set, support features): the support features in
+    `distillation.krr_features`, the real views' (no gradient) in `distillation.real_features` (`numerics(device,
+    name)` makes a precision's context), the kernels and the solve in float32. Its backward takes
+    `utils.tf32(name == "tf32")` of krr_features."""
+    embed = frozen_embed(f, dc, device)
+    with numerics(device, real_precision(dc)), torch.no_grad():
+        Phi_t = embed(utils.to_channels_last(x_t, device))
     with numerics(device, dc["krr_features"]):
-        with torch.no_grad():
-            Phi_t = f.embed(utils.to_channels_last(x_t, device))
-        Phi_s = support_features(f, X_s, dc["support_chunk"], device)
+        Phi_s = support_features(f, X_s, dc["support_chunk"], device, embed)
     with utils.tf32(False):
         return krr_predict(Phi_s, Phi_t, Y_s, dc["ridge"]), Phi_s
 
@@ -337,9 +428,21 @@ def real_batch(data, T, dc, rotations, gen):
     return utils.all_views(x, rotations), T[idx].transpose(0, 1).flatten(0, 1)  # view-major, as all_views
 
 
+def fused_optimizers(dc, device):
+    """`distillation.fused_optimizers`: fused AdamW and pool SGD kernels (one launch per step instead of one per
+    operation and tensor group), on CUDA only; the CPU keeps the default implementation."""
+    return dc["fused_optimizers"] and device.type == "cuda"
+
+
+def make_optimizer(distilled, dc, fused=False):
+    """AdamW (weight decay 0) on the learned distilled tensors, each group at its rate (SPEC 4.5)."""
+    return torch.optim.AdamW(distilled.param_groups(dc), weight_decay=0.0, **({"fused": True} if fused else {}))
+
+
 def outer_step(distilled, pool, data, T, dc, opt, sched, gen, rng):
     """SPEC 4.2-7: KRR loss of one random pool model on a real batch, AdamW step, then the inner step.
-    The features and their backward run in `distillation.krr_features`; the kernels and the solve in float32."""
+    The support features and their backward run in `distillation.krr_features`, the real views' forward in
+    `distillation.real_features`; the kernels and the solve in float32."""
     dev = pool.device
     x_t, y_t = real_batch(data, T, dc, distilled.rotations, gen)
     X_s, Y_s = distilled()
@@ -359,6 +462,9 @@ def outer_step(distilled, pool, data, T, dc, opt, sched, gen, rng):
 # ============================================================================================
 # SPEC 5: approximation networks
 # ============================================================================================
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, which the nets were always fitted with
+
+
 def fit_approx_nets(C_y, C_yk, ac, seed):
     """One MLP per rotation, full-batch Adam on (c^y -> c^{y,k} - c^y); relative errors ||err|| / ||shift||.
     Seeded per net inside a forked random state: fitting the init_only set's nets before the loop leaves the
@@ -369,21 +475,45 @@ def fit_approx_nets(C_y, C_yk, ac, seed):
 
 
 def _fit_approx_nets(C_y, C_yk, ac, seed):
-    nets, errors = [], []
-    for k in range(len(C_yk)):
+    """The K nets fitted together as one batched MLP: their weights stacked (net k initialised by seed + k, as
+    when each was fitted alone) in one flat vector that one Adam update moves, forward and backward written out
+    with batched matmuls. Each net's gradient is that of its own mean squared error, and Adam acts per element,
+    so every net follows its separate fit (bit for bit on the CPU: tests/test_fast_eval.py) at a third of the
+    steps' launches and none of autograd's or the optimizer's Python work."""
+    (m, V), K = C_y.shape, len(C_yk)
+    nets = []
+    for k in range(K):
         torch.manual_seed(seed + k)
-        net = models.ApproxMLP(C_y.shape[1], ac["hidden"]).to(C_y.device)
-        opt = torch.optim.Adam(net.parameters(), lr=ac["lr"])
-        shift = C_yk[k] - C_y
-        for _ in range(ac["steps"]):
-            loss = models.mse(net(C_y), shift)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        with torch.no_grad():
-            errors.append(((net(C_y) - shift).norm() / shift.norm().clamp_min(1e-12)).item())
-        nets.append(net.eval())
-    return nets, errors
+        nets.append(models.ApproxMLP(V, ac["hidden"]).to(C_y.device))
+    layers = [[n[0].weight, n[0].bias, n[2].weight, n[2].bias] for n in nets]
+    shapes = [(K, *p.shape) for p in layers[0]]
+    theta = torch.cat([torch.stack(ps).detach().flatten() for ps in zip(*layers)])  # W1, b1, W2, b2 of every net
+    grad, exp_avg, exp_avg_sq = torch.zeros_like(theta), torch.zeros_like(theta), torch.zeros_like(theta)
+    view = lambda flat: [t.view(s) for t, s in zip(flat.split([math.prod(s) for s in shapes]), shapes)]
+    (W1, b1, W2, b2), (dW1, db1, dW2, db2) = view(theta), view(grad)
+    X, shift = C_y.expand(K, m, V), C_yk - C_y
+    (beta1, beta2), lr = ADAM_BETAS, ac["lr"]
+    for t in range(1, ac["steps"] + 1):
+        Z = torch.baddbmm(b1[:, None], X, W1.transpose(1, 2))  # (K, m, hidden)
+        H = Z.relu()
+        d_out = (torch.baddbmm(b2[:, None], H, W2.transpose(1, 2)) - shift).mul_(2 / (m * V))  # d mse / d output
+        torch.bmm(d_out.transpose(1, 2), H, out=dW2)
+        torch.sum(d_out, 1, out=db2)
+        d_Z = torch.bmm(d_out, W2).masked_fill_(Z <= 0, 0)
+        torch.bmm(d_Z.transpose(1, 2), X, out=dW1)
+        torch.sum(d_Z, 1, out=db1)
+        # Adam, as torch.optim.Adam's single-tensor update computes it
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (exp_avg_sq.sqrt() / (1 - beta2 ** t) ** 0.5).add_(ADAM_EPS)
+        theta.addcdiv_(exp_avg, denom, value=-(lr / (1 - beta1 ** t)))
+    errors = []
+    with torch.no_grad():
+        for k, net in enumerate(nets):
+            for p, fitted in zip(layers[k], (W1[k], b1[k], W2[k], b2[k])):
+                p.copy_(fitted)
+            errors.append(((net(C_y) - shift[k]).norm() / shift[k].norm().clamp_min(1e-12)).item())
+    return [net.eval() for net in nets], errors
 
 
 def save_set(folder, distilled, base, cfg, data, recovery):
@@ -415,6 +545,15 @@ def save_set(folder, distilled, base, cfg, data, recovery):
     with torch.no_grad():
         save_grid(distilled.images(), data.mean, data.std, folder / "distilled_images.png")
     return approx_errors
+
+
+def save_snapshot(out, state, base, cfg, data, recovery):
+    """The set after state.step outer steps (one of distillation.snapshot_steps) in <out>/snapshots/step_<n>/, the
+    same files as the final set (save_set): main_evaluate reads it with --assets, as the gain-against-steps curve
+    (tests/gpu_session.py) does. Its approximation nets are fitted in a forked random state, as init_only's."""
+    folder = out / "snapshots" / f"step_{state.step}"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_set(folder, state.distilled, {**base, "steps": state.step, "schedule": state.schedule}, cfg, data, recovery)
 
 
 def save_grid(images, mean, std, path, max_images=100, min_side=64):
@@ -492,9 +631,10 @@ def build(cfg, data, T, m, device, gen, rng):
     """SPEC 2 and 4: the set at its m starting images, AdamW with the linear decay to 0, and the model pool."""
     dc = cfg["distillation"]
     distilled = init_distilled(cfg, data, T, m, gen).to(device)
-    opt = torch.optim.AdamW(distilled.param_groups(dc), weight_decay=0.0)
+    fused = fused_optimizers(dc, device)
+    opt = make_optimizer(distilled, dc, fused)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / dc["steps"]))
-    pool = ModelPool(cfg["model_pool"], data.train_x.shape[-1], T.shape[-1], device, dc["support_chunk"])
+    pool = ModelPool(cfg["model_pool"], data.train_x.shape[-1], T.shape[-1], device, dc["support_chunk"], fused)
     return State(distilled, opt, sched, pool, gen, rng, utils.new_run_id(),
                  schedule=[{"from_step": 0, "steps": dc["steps"], **rates(opt)}])
 
@@ -573,9 +713,9 @@ def check_finite(state, losses, argv, run, saved):
                                 run.checkpoint, f"step {saved}")
 
 
-def distill(state, data, T, cfg, inputs, run, log, argv):
+def distill(state, data, T, cfg, inputs, run, log, argv, base):
     """SPEC 4: outer steps until distillation.steps; finite values checked at every log line and before every
-    checkpoint, which is written atomically."""
+    checkpoint, which is written atomically; the set written at each of distillation.snapshot_steps."""
     dc = cfg["distillation"]
     state.scales = state.scales_start = group_scales(state.opt).cpu()
     bar = tqdm(total=dc["steps"], initial=state.step, desc="distill", dynamic_ncols=True)
@@ -598,6 +738,9 @@ def distill(state, data, T, cfg, inputs, run, log, argv):
             check_finite(state, unchecked, argv, run, saved)
             unchecked, saved = [], state.step
             utils.atomic_save(state.checkpoint(cfg, inputs), run.checkpoint)
+        if state.step in dc["snapshot_steps"] and state.step < dc["steps"]:  # the final set is written by main
+            check_finite(state, unchecked, argv, run, saved)
+            save_snapshot(run.folder, state, base, cfg, data, (argv, run.checkpoint, f"step {saved}"))
     bar.close()
 
 
@@ -634,7 +777,7 @@ def main(argv=None):
         print(f"model pool staggered (ages {state.pool.ages}) in {time.time() - t0:.1f}s")
 
     # ---------------------------------------------------------------- the bilevel loop, then the assets
-    distill(state, data, T, cfg, inputs, run, log, argv)
+    distill(state, data, T, cfg, inputs, run, log, argv, base)
     approx_errors = save_set(run.folder, state.distilled, {**base, "steps": state.step, "schedule": state.schedule},
                              cfg, data, (argv, run.checkpoint, f"step {state.step}"))
     c = state.curve

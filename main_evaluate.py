@@ -91,7 +91,8 @@ def pretrain_on_set(images, targets, ec, epochs, mean, std, seed, desc, width, r
     """The student (evaluation.student) + Linear(its width -> d_y), MSE to `targets`, SGD + cosine; a fresh
     crop + flip of every view each epoch when `augment`. images: uint8 (normalised per batch) or normalised float.
     Under torchrun with `ranks` (the full-dataset row), images and targets are this rank's share: DDP, global
-    batch evaluation.batch_size, BatchNorm over it, crops drawn per rank.
+    batch evaluation.batch_size, BatchNorm over it, crops drawn per rank. The loss every 10 epochs is read on the
+    host one reading late (LateRead): the loop never waits for the device.
     Returns the backbone (eval mode) and the number of SGD steps it took; a non-finite loss stops the run with the
     command (`argv`, the evaluation's) to start it again at a lower evaluation.lr."""
     device = targets.device
@@ -101,12 +102,12 @@ def pretrain_on_set(images, targets, ec, epochs, mean, std, seed, desc, width, r
     net = (models.sync_batchnorm(net, device) if ranks.world > 1 else net).to(device)
     net = utils.channels_last_module(net, device)
     fwd = DDP(net, device_ids=[device.index] if device.type == "cuda" else None) if ranks.world > 1 else net
-    opt = torch.optim.SGD(net.parameters(), lr=ec["lr"], momentum=ec["momentum"], weight_decay=ec["weight_decay"])
     n, B = len(images), ec["batch_size"] // ranks.world
     steps = math.ceil(n / B)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * steps)
+    step = student_step(net, fwd, ec, epochs * steps, graphed=ec["cuda_graph"] and ranks.world == 1)
     net.train()
     bar = tqdm(range(epochs), desc=desc, leave=False, dynamic_ncols=True, disable=not ranks.main)
+    logged = None  # (epoch, its mean loss on the way to the host)
     for epoch in bar:
         perm = torch.randperm(n, generator=gen, device=device)
         total = torch.zeros((), device=device)
@@ -115,20 +116,75 @@ def pretrain_on_set(images, targets, ec, epochs, mean, std, seed, desc, width, r
             x = utils.normalize(images[idx], mean, std) if images.dtype == torch.uint8 else images[idx]
             if ec["augment"]:
                 x = random_crop_flip(x, ec["crop_pad"], gen)
-            with utils.autocast(device):
-                loss = models.mse(fwd(utils.to_channels_last(x, device)), targets[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.detach()
+            total += step(utils.to_channels_last(x, device), targets[idx])
         if epoch % 10 == 0 or epoch == epochs - 1:
-            loss = (total / steps).item()
-            if not math.isfinite(loss):
-                raise utils.non_finite_stop(f"pre-training loss {loss} in {desc} epoch {epoch + 1}", "main_evaluate.py",
-                                            argv, "evaluation.lr", ec["lr"])
-            bar.set_postfix(loss=f"{loss:.4f}")
+            if logged is not None:
+                bar.set_postfix(loss=f"{check_loss(*logged, desc, ec, argv):.4f}")
+            logged = (epoch, LateRead(total / steps))
+    check_loss(*logged, desc, ec, argv)
     return net.backbone.eval(), epochs * steps
+
+
+class LateRead:
+    """A device scalar on its way to the host: copied into pinned memory without the host waiting, and read a while
+    later (float(...)), when the device is long past it, so that the read costs no wait. On the CPU, the tensor."""
+
+    def __init__(self, t):
+        t = t.detach()
+        self.value, self.event = (t.to("cpu", non_blocking=True), torch.cuda.Event()) if t.is_cuda else (t, None)
+        if self.event is not None:
+            self.event.record()
+
+    def __float__(self):
+        if self.event is not None:
+            self.event.synchronize()
+        return float(self.value)
+
+
+def check_loss(epoch, loss, desc, ec, argv):
+    """A logged epoch's mean loss as a float; a non-finite one stops the run with the command to start it again at
+    a lower evaluation.lr."""
+    value = float(loss)
+    if not math.isfinite(value):
+        raise utils.non_finite_stop(f"pre-training loss {value} in {desc} epoch {epoch + 1}", "main_evaluate.py",
+                                    argv, "evaluation.lr", ec["lr"])
+    return value
+
+
+def student_step(net, fwd, ec, total_steps, graphed):
+    """step(x, y) -> the batch's loss (detached): one SGD step (momentum, weight decay, cosine over total_steps) of
+    `net` through `fwd` (net or its DDP wrapper). graphed (evaluation.cuda_graph, one process): forward, backward
+    and utils.sgd_step replayed as one CUDA graph per full batch (utils.CudaGraphStep), each step's learning rate
+    read from the device; the same numbers as torch.optim.SGD + CosineAnnealingLR (bit for bit on the CPU, where
+    the step runs eagerly: tests/test_fast_eval.py)."""
+    device = next(net.parameters()).device
+    if graphed:
+        params = list(net.parameters())
+        bufs = [torch.zeros_like(p) for p in params]
+        lrs = iter(utils.to_device(utils.cosine_lrs(ec["lr"], total_steps), device))
+
+        def train(x, y, lr):
+            for p in params:
+                p.grad = None
+            with utils.autocast(device, cache=False):  # a graph keeps no cast weights between replays
+                loss = models.mse(fwd(x), y)
+            loss.backward()
+            utils.sgd_step(params, [p.grad for p in params], bufs, lr, ec["momentum"], ec["weight_decay"])
+            return loss.detach()
+        replay = utils.CudaGraphStep(train, enabled=True)
+        return lambda x, y: replay(x, y, next(lrs))
+    opt = torch.optim.SGD(net.parameters(), lr=ec["lr"], momentum=ec["momentum"], weight_decay=ec["weight_decay"])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total_steps)
+
+    def step(x, y):
+        with utils.autocast(device):
+            loss = models.mse(fwd(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        return loss.detach()
+    return step
 
 
 def random_subset(data, T, n, seed):
@@ -151,7 +207,7 @@ def full_dataset_backbone(path, data, T, rotations, cfg, teacher_hash, retrain, 
     Under torchrun every rank trains it together (DDP, each on its share of the train images); rank 0 saves it.
     Returns it with its training time in seconds, its SGD steps and whether it was reused."""
     ec, width = cfg["evaluation"], cfg["network"]["width"]
-    recipe = {k: v for k, v in ec.items() if k != "random_init_bn"}  # what the model is trained with
+    recipe = {k: v for k, v in ec.items() if k not in ("random_init_bn", "cuda_graph")}  # what it is trained with
     meta = {"dataset": cfg["dataset"], "teacher_hash": teacher_hash, "full_epochs": ec["full_epochs"],
             "rotations": rotations, "evaluation": recipe, "seed": cfg["seed"], "data": cfg["data"], "width": width,
             "train_hash": data.fingerprint}
@@ -239,6 +295,18 @@ def recalibrate_bn(net, data, batch_size):
     return net.eval()
 
 
+def batches(n, batch_size, iterations, gen):
+    """`iterations` random index batches of min(batch_size, n) from range(n), reshuffled each epoch (a
+    DataLoader with shuffle=True and drop_last), drawn from `gen` on its device."""
+    b = min(batch_size, n)
+    perm, pos = torch.randperm(n, generator=gen, device=gen.device), 0
+    for _ in range(iterations):
+        if pos + b > n:
+            perm, pos = torch.randperm(n, generator=gen, device=gen.device), 0
+        yield perm[pos:pos + b]
+        pos += b
+
+
 def finetune(backbone, data, ft, seed, batch_size):
     """Fine-tuned transfer (KRR-ST's protocol): a copy of `backbone` plus a new Linear head trained with the
     labels of data's train split (SGD + cosine, `iterations` steps, crop + flip), top-1 (%) on its test split.
@@ -252,7 +320,7 @@ def finetune(backbone, data, ft, seed, batch_size):
     model = torch.nn.Sequential(net, torch.nn.Linear(dim, data.num_classes).to(dev)).train()
     opt = torch.optim.SGD(model.parameters(), lr=ft["lr"], momentum=ft["momentum"], weight_decay=ft["weight_decay"])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, ft["iterations"])
-    for idx in utils.batches(len(data.train_x), ft["batch_size"], ft["iterations"], gen):
+    for idx in batches(len(data.train_x), ft["batch_size"], ft["iterations"], gen):
         x = utils.normalize(data.train_x[idx], data.mean, data.std)
         x = random_crop_flip(x, ft["crop_pad"], gen) if ft["augment"] else x
         with utils.autocast(dev):

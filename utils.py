@@ -4,7 +4,7 @@
 Sections, in file order:
     Config                 SCHEMA, RANGES, load_config, overrides, the scripts' common arguments
     Seeding, device        set_seed, get_device
-    Several processes      torchrun ranks, generators, autocast / TF32 / channels_last
+    Several processes      torchrun ranks, generators, autocast / TF32 / channels_last, CUDA-graph steps, SGD
     Data                   the dataset loaders (every file and split checked), normalisation
     Augmentation           batched random crops, jitter, flips, rotations (the views of SPEC 1 and 2)
     Storage accounting     SPEC 3: the budget and m; the default folder names
@@ -180,6 +180,12 @@ SCHEMA = {
         "support_chunk": Key(int, NONNEG, "views per support-set pass; 0 = all at once"),
         "save_every": Key(int, POSITIVE, "steps between checkpoints"),
         "log_every": Key(int, POSITIVE, "steps between log lines"),
+        "snapshot_steps": Key([int], POSITIVE, "write the set after these outer steps (gain against steps)", (0, None)),
+        "real_features": Key(("same",) + PRECISIONS, ANY, "numerics of the real views' no-grad pass; same = krr_"
+                             "features"),
+        "fold_bn": Key(bool, ANY, "fold the frozen model's BatchNorm into its convs for the KRR passes"),
+        "compile_features": Key(bool, ANY, "torch.compile the KRR feature passes (CUDA only)"),
+        "fused_optimizers": Key(bool, ANY, "fused AdamW and pool SGD kernels (CUDA only)"),
     },
     "model_pool": {
         "size_L": Key(int, POSITIVE, "ConvNets in the pool"),
@@ -205,6 +211,7 @@ SCHEMA = {
         "augment": Key(bool, ANY, "a fresh reflect-pad crop + flip of every view each epoch"),
         "crop_pad": Key(int, NONNEG, "reflect padding of that crop"),
         "random_init_bn": Key(("recalibrate", "init"), ANY, "no_pretraining: BatchNorm statistics"),
+        "cuda_graph": Key(bool, ANY, "CUDA: each full batch's step replayed as one CUDA graph"),
     },
     "probe": {
         "iterations": Key(int, POSITIVE, "linear-probe SGD steps"),
@@ -213,6 +220,7 @@ SCHEMA = {
         "momentum": Key(float, MOMENTUM, "linear-probe momentum"),
         "weight_decay": Key(float, NONNEG, "linear-probe weight decay"),
         "teacher_fit_ridge": Key(float, POS_REAL, "teacher-fit readout ridge x mean Gram eigenvalue"),
+        "cuda_graph": Key(bool, ANY, "CUDA: each probe step replayed as one CUDA graph"),
     },
     "finetune": {
         "iterations": Key(int, POSITIVE, "fine-tuning SGD steps"),
@@ -430,7 +438,7 @@ def get_device(name=None):
 
 
 # ============================================================================================
-# Several processes (torchrun; nothing joins a process group unless WORLD_SIZE > 1), generators, numerics
+# Several processes (torchrun; nothing joins a process group unless WORLD_SIZE > 1), generators, numerics, CUDA graphs
 # ============================================================================================
 @dataclass(frozen=True)
 class Ranks:
@@ -501,9 +509,9 @@ def make_generator(device, seed):
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def autocast(device, enabled=True):
-    """bf16 autocast on CUDA, a no-op on CPU (CPU bf16 convs are slower than fp32)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+def autocast(device, enabled=True, cache=True):
+    """bf16 autocast on CUDA, a no-op on CPU (CPU bf16 convs are slower than fp32). cache=False inside a CUDA graph."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled and device.type == "cuda", cache_enabled=cache)
 
 
 @contextmanager
@@ -529,13 +537,66 @@ def precision(device, name):
 
 
 def to_channels_last(x, device):
-    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+    """x in the layout the device's convolutions want: channels_last on CUDA, contiguous NCHW on the CPU (where a
+    channels_last-strided batch, as random_crop_flip returns, sends a 1x1 stride-2 convolution's backward into a
+    oneDNN kernel that corrupts the heap and gives run-to-run different gradients on torch 2.14.1)."""
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x.contiguous()
 
 
 def channels_last_module(net, device):
     """A network whose inputs are channels_last on CUDA gets its weights in that layout once, here: otherwise
     cuDNN converts every conv's weight on every call. Unchanged on the CPU."""
     return net.to(memory_format=torch.channels_last) if device.type == "cuda" else net
+
+
+GRAPH_WARMUP = 3  # eager calls before a capture (cuBLAS workspaces, cuDNN autotuning, the allocator's first blocks)
+
+
+class CudaGraphStep:
+    """A training step, step(*inputs) -> a tensor or None, changing its state in place, replayed as one CUDA graph:
+    the first GRAPH_WARMUP calls run eagerly on a side stream, the next is captured on static copies of its inputs,
+    and every later call copies its inputs into them and replays (the same kernels on the same tensors, no host work
+    but the copies). The returned tensor is the graph's own, overwritten by the next call: read it before. A call
+    whose shapes differ from the first call's (a last, smaller batch) runs eagerly, as does every call when
+    `enabled` is false or the inputs are not on CUDA (the CPU's clean fallback)."""
+
+    def __init__(self, step, enabled):
+        self.step, self.enabled, self.calls, self.shapes, self.side, self.graph = step, enabled, 0, None, None, None
+
+    def __call__(self, *inputs):
+        shapes = [t.shape for t in inputs]
+        self.shapes = self.shapes or shapes
+        if not (self.enabled and inputs[0].is_cuda) or shapes != self.shapes:
+            return self.step(*inputs)
+        if self.calls < GRAPH_WARMUP:
+            self.calls += 1
+            self.side = torch.cuda.Stream() if self.side is None else self.side
+            self.side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side):
+                out = self.step(*inputs)
+            torch.cuda.current_stream().wait_stream(self.side)
+            return out
+        if self.graph is None:
+            self.static = [t.clone() for t in inputs]
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = self.step(*self.static)
+        else:
+            for s, t in zip(self.static, inputs):
+                s.copy_(t)
+        self.graph.replay()
+        return self.out
+
+
+@torch.no_grad()
+def sgd_step(params, grads, bufs, lr, momentum, weight_decay):
+    """torch.optim.SGD's update (no dampening, no Nesterov) with lr a 0-d tensor on the device, so that a CUDA graph
+    can replay it with each step's rate: buffers start at 0, so the first one is the gradient, as in SGD; the same
+    numbers as SGD with that lr (bit for bit on the CPU, tested)."""
+    for p, grad, buf in zip(params, grads, bufs):
+        grad = grad.add(p, alpha=weight_decay) if weight_decay else grad
+        buf.mul_(momentum).add_(grad)
+        p.addcmul_(buf, lr, value=-1)
 
 
 # ============================================================================================
@@ -1141,33 +1202,66 @@ def teacher_targets(teacher, teacher_file, data, rotations, dcfg, fallback_dir, 
 # ============================================================================================
 # Probes and transfer: kNN monitor, linear probe (SPEC 6.2), teacher fit, fine-tuning, BatchNorm recalibration
 # ============================================================================================
-def batches(n, batch_size, iterations, gen):
-    """`iterations` random index batches of min(batch_size, n) from range(n), reshuffled each epoch (a
-    DataLoader with shuffle=True and drop_last), drawn from `gen` on its device."""
+def batch_indices(n, batch_size, iterations, gen):
+    """main_evaluate.batches' index batches laid out before a loop: (iterations, min(batch_size, n)) on gen's
+    device, the same draws (one randperm per epoch of n // b batches)."""
     b = min(batch_size, n)
-    perm, pos = torch.randperm(n, generator=gen, device=gen.device), 0
-    for _ in range(iterations):
-        if pos + b > n:
-            perm, pos = torch.randperm(n, generator=gen, device=gen.device), 0
-        yield perm[pos:pos + b]
-        pos += b
+    per_epoch = n // b
+    perms = [torch.randperm(n, generator=gen, device=gen.device)[:per_epoch * b].view(per_epoch, b)
+             for _ in range(-(-iterations // per_epoch))]
+    return torch.cat(perms)[:iterations]
 
 
-def linear_probe(train_f, train_y, test_f, test_y, num_classes, probe, seed):
-    """Linear(d -> classes) on frozen features: SGD + cosine for `iterations` steps; test top-1 (%)."""
+def cosine_lrs(lr, steps):
+    """The learning rate of each of `steps` SGD steps under CosineAnnealingLR(T_max=steps), by torch's own
+    recursion: its values to the last bit (tests/test_fast_eval.py), read by a loop without a scheduler."""
+    lrs = [lr]
+    for e in range(1, steps):
+        lrs.append((1 + math.cos(math.pi * e / steps)) / (1 + math.cos(math.pi * (e - 1) / steps)) * lrs[-1])
+    return lrs
+
+
+def to_device(values, device):
+    """A list of floats as a float32 tensor on `device`, copied without making the host wait for the device."""
+    t = torch.tensor(values, dtype=torch.float32)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
+def probe_step(W, b, bufs, x, d_logp, lr, momentum, weight_decay):
+    """One SGD step of the linear probe, written out: the gradient of the mean cross-entropy w.r.t. the logits
+    (autograd's own kernel: softmax - one-hot, over B), the Linear's gradients, then sgd_step. d_logp: d loss / d
+    log-probabilities of the batch (-1/B at each sample's class, 0 elsewhere); lr a 0-d tensor."""
+    log_p = torch.log_softmax(torch.addmm(b, x, W.t()), 1)
+    d_logits = torch._log_softmax_backward_data(d_logp, log_p, 1, log_p.dtype)
+    sgd_step((W, b), (d_logits.t().mm(x), d_logits.sum(0)), bufs, lr, momentum, weight_decay)
+
+
+def train_linear_head(train_f, train_y, num_classes, probe, seed):
+    """The linear probe's head: Linear(d -> classes) on frozen features, SGD with momentum and weight decay, cosine
+    schedule, `iterations` steps on batches of `batch_size` reshuffled each epoch. The same numbers as nn.Linear +
+    F.cross_entropy + autograd + torch.optim.SGD + CosineAnnealingLR (bit for bit on the CPU, tested), without their
+    Python work per step: batches, learning rates and the loss's gradient at each sample's class are laid out on
+    the device first, and no step reads the device. probe.cuda_graph (CUDA): the step replayed as a CUDA graph."""
     dev = train_f.device
     gen = make_generator(dev, seed)
     torch.manual_seed(seed)
-    head = torch.nn.Linear(train_f.shape[1], num_classes).to(dev)
-    opt = torch.optim.SGD(head.parameters(), lr=probe["lr"], momentum=probe["momentum"],
-                          weight_decay=probe["weight_decay"])
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, probe["iterations"])
-    for idx in batches(len(train_f), probe["batch_size"], probe["iterations"], gen):
-        loss = F.cross_entropy(head(train_f[idx]), train_y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+    head = torch.nn.Linear(train_f.shape[1], num_classes).to(dev).requires_grad_(False)
+    W, b = head.weight, head.bias
+    bufs = (torch.zeros_like(W), torch.zeros_like(b))
+    idx = batch_indices(len(train_f), probe["batch_size"], probe["iterations"], gen)
+    lrs = to_device(cosine_lrs(probe["lr"], probe["iterations"]), dev)
+    inv_B = float(np.float32(1) / np.float32(idx.shape[1]))  # nll_loss's 1/B, divided in float32 as its kernel does
+    d_logp = torch.zeros(len(train_f), num_classes, device=dev).scatter_(1, train_y[:, None], -inv_B)
+    step = CudaGraphStep(lambda i, lr: probe_step(W, b, bufs, train_f.index_select(0, i), d_logp.index_select(0, i),
+                                                  lr, probe["momentum"], probe["weight_decay"]), probe["cuda_graph"])
+    for i, lr in zip(idx, lrs):
+        step(i, lr)
+    return head
+
+
+def linear_probe(train_f, train_y, test_f, test_y, num_classes, probe, seed):
+    """Linear(d -> classes) on frozen features (train_linear_head); test top-1 (%)."""
+    head = train_linear_head(train_f, train_y, num_classes, probe, seed)
     with torch.no_grad():
         return 100.0 * (head(test_f).argmax(1) == test_y).float().mean().item()
 

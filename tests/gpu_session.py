@@ -1,25 +1,35 @@
-"""One short GPU job (`make gpu-session`): the GPU check, then CIFAR-10 end to end, within a deadline.
+"""One short GPU job (`make gpu-session`): the GPU check, the speed levers, then CIFAR-10 end to end, within a deadline.
 
     python tests/gpu_session.py                    # on a CUDA machine; exits 1 without CUDA
     python tests/gpu_session.py --budget-s 300 --data-root /data --out gpu_session --work gpu_session_work
 
-Made for a lent GPU that comes as one command of at most 10 minutes, with nothing kept afterwards:
-1. the sections of tests/gpu_check.py (pipeline, precision, host syncs, rates), each a phase;
-2. configs/cifar10_gpu.yaml end to end: teacher, distilled set, KRR-ST baseline, evaluation of the decisive rows
-   (one seed), from a CIFAR-10 folder that may hold only the 20,000-image subset in the official layout.
+Made for a lent GPU that comes as one command of at most 10 minutes, with nothing kept afterwards. Phases, in order
+(the cheap evidence first, torch.compile's last):
+1. check:* - the sections of tests/gpu_check.py (pipeline, precision, host syncs, rates with FLOPs and the
+   fraction of the bf16 / tf32 matrix-product ceilings);
+2. lever:* - each speed lever of the outer step (gpu_check.LEVERS: bf16 real views, bf16 KRR features, folded
+   BatchNorm, fused optimizers, cuDNN autotuning off) timed beside the default path, one phase each;
+3. configs/cifar10_gpu.yaml end to end: teacher, distill (which writes the set's snapshots at
+   distillation.snapshot_steps), evaluate (distilled, init_only, real_init, random_subset), snapshots (each
+   snapshot's distilled row: the gain over init_only against outer steps, a table and a figure), each with as
+   many evaluation seeds up to SEEDS as fit, then krr_st and evaluate:rest (krr_st, no_pretraining, full_dataset,
+   teacher; one seed), from a CIFAR-10 folder that may hold only the 20,000-image subset in the official layout;
+4. lever:compile_features, lever:all, teacher:compile (pretrain.compile: teacher steps eager and compiled, speed
+   and loss curves).
 Every phase estimates its time from the rates measured before it (the check's targets while none is measured)
-and is skipped, with the reason, when it cannot finish in what is left of --budget-s. The report is rewritten
-after every phase, so a job killed at its limit leaves a readable partial report; running the same command
-again on the same machine skips the phases already done and resumes an interrupted script from its checkpoint.
+and is skipped, with the reason, when it cannot finish in what is left of --budget-s; a phase that fails is
+recorded with its error and the next one runs. The report is rewritten after every phase, so a job killed at its
+limit leaves a readable partial report; running the same command again on the same machine skips the phases
+already done and resumes an interrupted script from its checkpoint.
 
-Report (--out, at most 4 files, each under 1 MB): gpu_session.md and gpu_session.json (GPU, versions, rates
-against their targets, peak GPU memory and wall time per phase, failures verbatim), results.md (the table) and
-distilled_images.png. The scripts' own outputs stay in --work. tests/test_gpu_session.py runs all of it on the CPU
-at tiny sizes.
+Report (--out, at most 4 files, each under 1 MB): gpu_session.md (GPU, versions, every phase's status, estimate,
+wall time and peak GPU memory, rates and fractions of the machine, the levers, the tables, failures verbatim),
+gpu_session.json (the same data), distilled_images.png and gain_vs_steps.png. The scripts' own outputs stay in
+--work. tests/test_gpu_session.py runs all of it on the CPU at tiny sizes.
 """
 import argparse
 import json
-import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,31 +46,55 @@ import utils  # noqa: E402
 from tiny import REPO  # noqa: E402
 
 CONFIG = REPO / "configs" / "cifar10_gpu.yaml"
-ROWS = "distilled,init_only,real_init,krr_st,random_subset,no_pretraining,full_dataset,teacher"
-# A priori seconds of the check's sections on one H100 (no rate is measured before them); the reproduction's
-# phases are estimated from the measured rates instead (estimate_s).
+DECISIVE = ("distilled", "init_only", "real_init", "random_subset")  # evaluated with SEEDS seeds
+REST = ("krr_st", "no_pretraining", "full_dataset", "teacher")  # one seed
+SEEDS = 3
+CHEAP_LEVERS = ("real_bf16", "krr_bf16", "fold_bn", "fused_optimizers", "cudnn_benchmark_off", "eval_graphs")
+COMPILE_LEVERS = ("compile_features", "all")
+# A priori seconds of the check's sections (no rate is measured before them; 2026-12-04 on an H200: 21, 27, 4, 3
+# s, the rates section since then also measures the ceilings, the inner step and a student epoch).
 CHECK_ESTIMATE_S = {"pipeline": 60, "precision": 30, "syncs": 15, "rates": 45}
-OVERHEAD = 1.25  # kNN monitors, checkpoints, probes, start-up: what the rates leave out
-REPORT_FILES = ("gpu_session.md", "gpu_session.json", "results.md", "distilled_images.png")
+OVERHEAD = 1.25  # kNN monitors, checkpoints, start-up: what the rates leave out
+COMPILE_S = 90  # a torch.compile's first calls (a priori; lever:compile_features and teacher:compile measure it)
+SETUP_S = 3  # a lever's two setups (distilled set, pool, optimizer at cifar10 sizes)
+APPROX_FIT_S = 12  # one set's three approximation MLPs (2026-12-04: ~16 s of an idle GPU at the end of distill)
+CELL_OVERHEAD_S = 3  # an evaluation cell besides its pre-training: features, probe, teacher fit (2026-12-04: 2-3 s)
+REPORT_FILES = ("gpu_session.md", "gpu_session.json", "distilled_images.png", "gain_vs_steps.png")
 MAX_FILE_BYTES = 1 << 20
 
 
-def estimate_s(phase, cfg, rates):
-    """Seconds a reproduction phase needs at `rates` (gpu_check's names): its views or steps over the rate."""
+def estimate_s(phase, cfg, rates, seeds=SEEDS, sizes=gpu_check.SIZES):
+    """Seconds a phase needs at `rates` (gpu_check's names): its views or steps over the rate, plus the fixed
+    costs named above. `seeds`: the evaluation seeds of the evaluate and snapshots phases."""
     n = cfg["data"]["train_subset"] or 50_000  # CIFAR-10's whole train split when the config keeps it all
     dc, mp, ec = cfg["distillation"], cfg["model_pool"], cfg["evaluation"]
-    views_s, steps_s = rates["teacher_views_per_s"], rates["outer_steps_per_s"]
+    views_s, steps_s, student_s = rates["teacher_views_per_s"], rates["outer_steps_per_s"], rates["student_views_per_s"]
     K = 1 + len(cfg["augmentations"]["rotate"])
+    m = main_distill.storage_accounting(cfg, cfg["data"]["resolution"])["m"]
+    N = cfg["storage"]["budget_N"]
+    cell = lambda views: OVERHEAD * views / student_s + CELL_OVERHEAD_S  # one (row, seed) of an evaluation
+    snapshots = [s for s in dc["snapshot_steps"] if s < dc["steps"]]
     if phase == "teacher":
         return OVERHEAD * cfg["pretrain"]["epochs"] * 2 * n / views_s
     if phase == "distill":  # the pool's stagger: ~L Z / 2 inner steps, each about a third of an outer step
-        return OVERHEAD * (dc["steps"] + mp["size_L"] * mp["inner_loop_steps_Z"] / 6) / steps_s
+        loop = OVERHEAD * (dc["steps"] + mp["size_L"] * mp["inner_loop_steps_Z"] / 6) / steps_s
+        return loop + (2 + len(snapshots)) * APPROX_FIT_S  # init_only, each snapshot and the final set
     if phase == "krr_st":  # N support views instead of K m, un-rotated real views: about half an outer step
         return OVERHEAD * dc["steps"] / 2 / steps_s
-    m = main_distill.storage_accounting(cfg, cfg["data"]["resolution"])["m"]
-    N = cfg["storage"]["budget_N"]
-    student_views = ec["epochs"] * (3 * K * m + 2 * N) + ec["full_epochs"] * K * n  # a student view ~ a teacher view
-    return OVERHEAD * student_views / views_s
+    if phase == "evaluate":
+        return seeds * (3 * cell(ec["epochs"] * K * m) + cell(ec["epochs"] * N))
+    if phase == "snapshots":
+        return len(snapshots) * seeds * cell(ec["epochs"] * K * m)
+    if phase == "evaluate:rest":
+        return cell(ec["epochs"] * N) + cell(ec["full_epochs"] * K * n) + 2 * CELL_OVERHEAD_S
+    if phase == "lever:eval_graphs":  # eager and graphed, each a warm-up call and a timed one
+        return 4 * (OVERHEAD * sizes["graph_epochs"] * K * m / student_s + CELL_OVERHEAD_S)
+    if phase.startswith("lever:"):  # the default and the lever: a first step, a warm-up and the timed steps each
+        compile_s = COMPILE_S if phase.split(":")[1] in COMPILE_LEVERS else 0
+        return 2 * (SETUP_S + (sizes["lever_repeats"] + 2) / steps_s) + compile_s
+    if phase == "teacher:compile":
+        return COMPILE_S + 2 * sizes["teacher_compile_steps"] * 2 * cfg["pretrain"]["batch_size"] / views_s
+    raise ValueError(f"no estimate for phase {phase}")
 
 
 class Session:
@@ -88,6 +122,14 @@ class Session:
         """The rates the check measured, else its targets (said in the report)."""
         r = self.report.data["phases"].get("check:rates", {})
         return r["rates"] if r.get("ok") else dict(gpu_check.TARGETS)
+
+    def estimate(self, phase, **kw):
+        return estimate_s(phase, self.cfg, self.rates(), sizes=self.check_sizes, **kw)
+
+    def seeds_that_fit(self, phase):
+        """As many evaluation seeds, up to SEEDS, as `phase` can run in the time left (at least one: the phase
+        itself is skipped when one does not fit)."""
+        return next((s for s in range(SEEDS, 0, -1) if self.estimate(phase, seeds=s) <= self.left_s()), 1)
 
     def phase(self, name, fn, estimate, needs=()):
         """Run fn() as phase `name` unless it is done, a phase it needs did not succeed, or its estimate exceeds
@@ -129,36 +171,111 @@ class Session:
 
     def run(self):
         sections = gpu_check.sections(self.device, self.check_sizes, self.data_root)
-        for name, fn in sections.items():
-            self.phase(f"check:{name}", fn, self.check_estimates[name])
+        for name in gpu_check.SECTIONS:
+            self.phase(f"check:{name}", sections[name], self.check_estimates[name])
+        for lever in CHEAP_LEVERS:
+            self.phase(f"lever:{lever}", sections[f"lever:{lever}"], self.estimate(f"lever:{lever}"))
         w, cfg = self.work, str(self.config)
         teacher = w / "teacher" / f"resnet18_barlow_twins_{self.config.stem}.pth"
         sets = {"distill": w / "distilled", "krr_st": w / "krr_st"}
         self.phase("teacher", lambda: self.script(pretrain.main, ["CIFAR10", "--config", cfg, "--out",
                                                                   str(w / "teacher")],
                                                   teacher, teacher.with_name(teacher.stem + "_run") / "checkpoint.pth"),
-                   estimate_s("teacher", self.cfg, self.rates()))
-        for name, extra in (("distill", []), ("krr_st", ["--distillation.method=krr_st"])):
-            self.phase(name, lambda extra=extra, out=sets[name]: self.script(
-                main_distill.main, ["--config", cfg, "--teacher", str(teacher), "--out", str(out), *extra],
-                out / "distilled_data.pth", out / "checkpoint.pth"),
-                estimate_s(name, self.cfg, self.rates()), needs=("teacher",))
-        self.phase("evaluate", lambda: self.evaluate(cfg, teacher, sets), estimate_s("evaluate", self.cfg, self.rates()),
-                   needs=("teacher", "distill"))
+                   self.estimate("teacher"))
+        self.phase("distill", lambda: self.distill(cfg, teacher, sets["distill"], []), self.estimate("distill"),
+                   needs=("teacher",))
+        self.phase("evaluate", lambda: self.evaluate(cfg, teacher, sets, DECISIVE, self.seeds_that_fit("evaluate"),
+                                                     w / "eval"),
+                   self.estimate("evaluate", seeds=1), needs=("teacher", "distill"))
+        self.phase("snapshots", lambda: self.snapshots(cfg, teacher, sets["distill"]),
+                   self.estimate("snapshots", seeds=1), needs=("evaluate",))
+        self.phase("krr_st", lambda: self.distill(cfg, teacher, sets["krr_st"], ["--distillation.method=krr_st"]),
+                   self.estimate("krr_st"), needs=("teacher",))
+        rest = REST if self.report.data["phases"].get("krr_st", {}).get("status") == "ok" else REST[1:]
+        self.phase("evaluate:rest", lambda: self.evaluate(cfg, teacher, sets, rest, 1, w / "eval_rest"),
+                   self.estimate("evaluate:rest"), needs=("teacher",))
+        for lever in COMPILE_LEVERS:
+            self.phase(f"lever:{lever}", sections[f"lever:{lever}"], self.estimate(f"lever:{lever}"))
+        self.phase("teacher:compile", sections["teacher:compile"], self.estimate("teacher:compile"))
         self.report.data["seconds"] = time.time() - self.t0
         self.report.write()
         return self.report.data
 
-    def evaluate(self, cfg, teacher, sets):
-        rows = ROWS if self.report.data["phases"].get("krr_st", {}).get("status") == "ok" else \
-            ROWS.replace("krr_st,", "")
-        out = self.work / "eval"
-        main_evaluate.main(["--config", cfg, "--teacher", str(teacher), "--assets", str(sets["distill"]),
-                            "--krr-assets", str(sets["krr_st"]), "--out", str(out), "--rows", rows, "--resume",
-                            "--device", self.device.type, *self.overrides])
-        shutil.copyfile(out / "results.md", self.out / "results.md")
-        copy_within_limit(sets["distill"] / "distilled_images.png", self.out / "distilled_images.png")
-        return {"table": (out / "results.md").read_text()}
+    def distill(self, cfg, teacher, out, extra):
+        result = self.script(main_distill.main, ["--config", cfg, "--teacher", str(teacher), "--out", str(out), *extra],
+                             out / "distilled_data.pth", out / "checkpoint.pth")
+        if not extra:  # the method's set: its image grid is one of the report's files
+            copy_within_limit(out / "distilled_images.png", self.out / "distilled_images.png")
+        return result
+
+    def evaluate(self, cfg, teacher, sets, rows, seeds, out, assets=None):
+        """main_evaluate on `rows` with `seeds` seeds into `out` (resumed: finished cells are kept): the table and
+        each row's per-seed probe accuracies and teacher fits."""
+        results = main_evaluate.main(["--config", cfg, "--teacher", str(teacher), "--assets",
+                                      str(assets or sets["distill"]), "--krr-assets", str(sets["krr_st"]), "--out",
+                                      str(out), "--rows", ",".join(rows), "--seeds", str(seeds), "--resume",
+                                      "--device", self.device.type, *self.overrides])
+        return {"table": (out / "results.md").read_text(), "seeds": seeds,
+                "rows": {r: {"accs": v["accs"], "fits": v["fits"]} for r, v in results.items()}}
+
+    def snapshots(self, cfg, teacher, assets):
+        """Each snapshot's distilled row with as many seeds (up to SEEDS) as fit the time left; with init_only (step
+        0) and the final set (distilled) from the evaluate phase: the gain over init_only against outer steps."""
+        seeds = self.seeds_that_fit("snapshots")
+        rows = self.report.data["phases"]["evaluate"]["rows"]
+        points = {0: rows["init_only"]}
+        for folder in sorted((assets / "snapshots").glob("step_*"), key=lambda p: int(p.name.split("_")[1])):
+            step = int(folder.name.split("_")[1])
+            points[step] = self.evaluate(cfg, teacher, {"krr_st": self.work / "krr_st"}, ["distilled"], seeds,
+                                         self.work / "eval_snapshots" / folder.name, assets=folder)["rows"]["distilled"]
+        points[self.cfg["distillation"]["steps"]] = rows["distilled"]
+        curve = gain_curve(points)
+        gain_figure(curve, self.out / "gain_vs_steps.png")
+        return {"seeds": seeds, "curve": curve}
+
+
+def gain_curve(points):
+    """{outer steps: {"accs", "fits"}} (step 0: init_only) -> one row per step: top-1 and fit (mean, std over its
+    seeds) and the gain over init_only (mean, std of the differences seed by seed, over the seeds both have)."""
+    base = points[0]["accs"]
+    rows = []
+    for step, p in sorted(points.items()):
+        diffs = [a - b for a, b in zip(p["accs"], base)]
+        sd = lambda v: statistics.pstdev(v) if len(v) > 1 else 0.0
+        rows.append({"steps": step, "seeds": len(p["accs"]), "top1_mean": statistics.fmean(p["accs"]),
+                     "top1_std": sd(p["accs"]), "fit_mean": statistics.fmean(p["fits"]), "fit_std": sd(p["fits"]),
+                     "gain_mean": statistics.fmean(diffs), "gain_std": sd(diffs)})
+    return rows
+
+
+def gain_figure(curve, path, size=(640, 400), margin=60):
+    """The gain in linear-probe top-1 over init_only (points, mean ± std over seeds) against outer steps, drawn with
+    Pillow's primitives (the project needs no plotting library)."""
+    from PIL import Image, ImageDraw
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    steps = [r["steps"] for r in curve]
+    lo = min(min(r["gain_mean"] - r["gain_std"] for r in curve), 0.0) - 0.5
+    hi = max(max(r["gain_mean"] + r["gain_std"] for r in curve), 0.0) + 0.5
+    x = lambda s: margin + s / max(steps[-1], 1) * (size[0] - 2 * margin)
+    y = lambda v: size[1] - margin - (v - lo) / (hi - lo) * (size[1] - 2 * margin)
+    d.line([(margin, margin), (margin, size[1] - margin), (size[0] - margin, size[1] - margin)], fill="black")
+    d.line([(margin, y(0)), (size[0] - margin, y(0))], fill=(160, 160, 160))
+    for k in range(6):
+        v = lo + k * (hi - lo) / 5
+        d.line([(margin - 5, y(v)), (margin, y(v))], fill="black")
+        d.text((5, y(v) - 6), f"{v:+.1f}", fill="black")
+    for s in steps:
+        d.line([(x(s), size[1] - margin), (x(s), size[1] - margin + 5)], fill="black")
+        d.text((x(s) - 12, size[1] - margin + 10), f"{s:,}", fill="black")
+    d.text((margin, 15), "gain in linear-probe top-1 over init_only (points) vs outer steps, mean +- std over seeds",
+           fill="black")
+    pts = [(x(r["steps"]), y(r["gain_mean"])) for r in curve]
+    d.line(pts, fill=(200, 30, 30), width=3)
+    for r, (px, py) in zip(curve, pts):
+        d.line([(px, y(r["gain_mean"] - r["gain_std"])), (px, y(r["gain_mean"] + r["gain_std"]))], fill=(200, 30, 30))
+        d.ellipse([px - 4, py - 4, px + 4, py + 4], fill=(200, 30, 30))
+    img.save(path)
 
 
 def copy_within_limit(src, dst):
@@ -185,34 +302,83 @@ def read_report(path):
                          f"start the session afresh") from None
 
 
+def lever_lines(phases):
+    """One row per lever phase that ran: the default's and the lever's outer steps/s, side by side."""
+    done = {n: p for n, p in phases.items() if n.startswith("lever:") and "speedup" in p}
+    if not done:
+        return []
+    lines = ["", "Levers of the outer step (configs/cifar10.yaml sizes, each beside the default path in its own "
+                 "phase; first-step loss against the default's):", "",
+             "| lever | overrides | default steps/s | lever steps/s | speedup | first-step loss rel. diff |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {n.split(':')[1]} | {', '.join(f'{k}={v}' for k, v in p['overrides'].items())} | "
+              f"{p['default']['outer_steps_per_s']:.2f} | {p['lever']['outer_steps_per_s']:.2f} | {p['speedup']:.2f}x | "
+              f"{p['first_loss_rel_diff']:.1e} |" for n, p in done.items()]
+    return lines
+
+
+def eval_graph_lines(p):
+    if "student_speedup" not in p:
+        return []
+    return ["", f"Evaluation under CUDA graphs (lever:eval_graphs; evaluation.cuda_graph and probe.cuda_graph, off by "
+                f"default): the distilled row's student, {p['epochs']} epochs on {p['views']:,} views, eager "
+                f"{p['eager']['student_s']:.2f} s, graphed {p['graphed']['student_s']:.2f} s ({p['student_speedup']:.2f}x,"
+                f" weights differ by {p['student_rel_diff']:.1e} of the largest); the probe, {p['probe_steps']:,} steps on "
+                f"{p['probe_images']:,} features, eager {p['eager']['probe_s']:.2f} s, graphed {p['graphed']['probe_s']:.2f}"
+                f" s ({p['probe_speedup']:.2f}x, head differs by {p['probe_rel_diff']:.1e})"]
+
+
+def teacher_compile_lines(p):
+    if "speedup" not in p:
+        return []
+    fmt = lambda v, f: "-" if v is None else format(v, f)
+    return ["", f"Teacher under torch.compile ({p['steps']} steps each, timed after the first): eager "
+                f"{fmt(p['eager']['views_per_s'], ',.0f')} views/s, compiled {fmt(p['compiled']['views_per_s'], ',.0f')} "
+                f"views/s ({fmt(p['speedup'], '.2f')}x); mean loss of the last steps differs by "
+                f"{p['last_window_rel_diff']:.2%} (curves match within 5%: {'yes' if p['curves_match'] else 'NO'})"]
+
+
+def snapshot_lines(p):
+    if "curve" not in p:
+        return []
+    lines = ["", "Gain over init_only against outer steps (the distilled row of each snapshot; step 0 is init_only, "
+                 "the last the final set; figure gain_vs_steps.png):", "",
+             "| outer steps | seeds | top-1 (%) | teacher fit R² | gain over init_only (points) |", "|---|---|---|---|---|"]
+    lines += [f"| {r['steps']:,} | {r['seeds']} | {r['top1_mean']:.2f} ± {r['top1_std']:.2f} | {r['fit_mean']:.3f} ± "
+              f"{r['fit_std']:.3f} | {r['gain_mean']:+.2f} ± {r['gain_std']:.2f} |" for r in p["curve"]]
+    return lines
+
+
 def markdown(report):
-    """The report: versions, every phase (status, estimate, wall time, peak memory), the rates against their
-    targets, the table, and each failure verbatim."""
+    """The report: versions, every phase (status, estimate, wall time, peak memory), the rates and fractions of the
+    machine, the checks, the levers, the tables, and each failure verbatim."""
     lines = ["# GPU session", "", " ".join(f"{k} `{v}`" for k, v in report["versions"].items()),
              f"budget {report['budget_s']:g} s" + (f", ran {report['seconds']:.0f} s" if "seconds" in report else ""),
              "", "| phase | status | estimate (s) | wall (s) | peak GPU memory (GiB) | note |", "|---|---|---|---|---|---|"]
     fmt = lambda v, f: "-" if v is None else format(v, f)
-    for name, p in report["phases"].items():
+    phases = report["phases"]
+    for name, p in phases.items():
         note = p.get("reason") or p.get("note") or ("see below" if "error" in p else "")
         lines.append(f"| {name} | {p['status']} | {fmt(p.get('estimate_s'), '.0f')} | {fmt(p.get('seconds'), '.1f')} | "
                      f"{fmt(p.get('peak_gpu_memory_gib'), '.2f')} | {note} |")
-    rates = report["phases"].get("check:rates", {})
+    rates = phases.get("check:rates", {})
     if rates.get("ok"):
-        lines += ["", f"Rates ({rates['data']}):", "", "| rate | measured | target |", "|---|---|---|"]
-        lines += [f"| {k} | {v:,.1f} | {gpu_check.TARGETS[k]:,} |" for k, v in rates["rates"].items()]
+        lines += [""] + gpu_check.rates_lines(rates)
     for name in ("check:pipeline", "check:precision", "check:syncs"):
-        r = report["phases"].get(name, {})
+        r = phases.get(name, {})
         if "ok" in r:
             lines += ["", f"{name}: {'ok' if r['ok'] else 'FAILED'}"]
             lines += [f"- {k}: {'ok' if v else 'FAILED'}" for k, v in r.get("checks", {}).items()]
             lines += [f"- host syncs in {k}: {v or 'none'}" for k, v in r.get("syncs", {}).items()]
-            lines += [f"- krr_features {k}: prediction rel. diff {v['prediction_rel_diff']:.2e} (tolerance "
-                      f"{gpu_check.PREDICTION_TOLERANCE[k]}), gradient cosine {v['gradient_cosine']:.6f}"
-                      for k, v in r.get("precisions", {}).items()]
-    table = report["phases"].get("evaluate", {}).get("table")
-    if table:
-        lines += ["", table]
-    for name, p in report["phases"].items():
+            if "precisions" in r:
+                lines += [""] + gpu_check.precision_lines(r)
+    lines += lever_lines(phases) + eval_graph_lines(phases.get("lever:eval_graphs", {}))
+    lines += teacher_compile_lines(phases.get("teacher:compile", {}))
+    for name in ("evaluate", "evaluate:rest"):
+        if phases.get(name, {}).get("table"):
+            lines += ["", f"{name}:", "", phases[name]["table"].strip()]
+    lines += snapshot_lines(phases.get("snapshots", {}))
+    for name, p in phases.items():
         if "error" in p:
             lines += ["", f"## {name} failed", "", "```", p["error"].strip(), "```"]
     return "\n".join(lines) + "\n"
@@ -228,7 +394,7 @@ def main(argv=None):
     gpu_check.require_cuda("gpu_session")
     if not args.budget_s > 0:
         sys.exit(f"gpu_session: --budget-s must be > 0, got {args.budget_s}")
-    report = Session(args.out, args.work, torch.device("cuda"), args.budget_s, args.data_root).run()
+    report = Session(args.out, args.work, utils.get_device("cuda"), args.budget_s, args.data_root).run()
     print(markdown(report))
     bad = [n for n, ph in report["phases"].items() if ph["status"] == "failed"]
     if bad:

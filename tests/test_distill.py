@@ -1,4 +1,5 @@
 """main_distill.py: storage accounting, parameterization, KRR, gradients, a short run, resume."""
+import copy
 import json
 import random
 
@@ -99,6 +100,157 @@ def test_krr_prediction_matches_direct_solve():
     K = Ps @ Ps.T
     A = torch.linalg.lstsq(K + 1e-6 * torch.trace(K) * torch.eye(30, dtype=torch.float64), Y_s.double()).solution
     assert torch.allclose(got.double(), Pt @ Ps.T @ A, rtol=1e-3, atol=1e-3)
+
+
+def lu_predict(Phi_s, Phi_t, Y_s, ridge):
+    """krr_predict as it was until 2026-12 (an LU solve, torch.linalg.solve_ex): the reference the Cholesky
+    solve replaced."""
+    Ps = torch.cat([Phi_s, torch.ones_like(Phi_s[:, :1])], 1)
+    Pt = torch.cat([Phi_t, torch.ones_like(Phi_t[:, :1])], 1)
+    K = Ps @ Ps.T
+    A = K + ridge * torch.trace(K).detach() * torch.eye(len(K), dtype=K.dtype)
+    return Pt @ Ps.T @ torch.linalg.solve_ex(A, Y_s)[0]
+
+
+def test_cholesky_solve_matches_float64_as_well_as_the_lu_solve_did():
+    """At a condition number above the one the GPU check measured at cifar10 sizes (4e4 for the solved matrix;
+    2e5 here), the float32 prediction and its gradients (features and targets) are within 2e-3 of float64 and no
+    further from it than float32 LU's (measured: about half LU's error)."""
+    torch.manual_seed(0)
+    n, d, b = 120, 300, 200
+    U, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))
+    spectrum = 10 ** (-1.5 * torch.arange(n, dtype=torch.float64) / n)  # singular values 1 .. 0.03
+    Phi_s = U @ torch.diag(spectrum) @ torch.randn(n, d, dtype=torch.float64) / d ** 0.5
+    Phi_t = torch.randn(b, n, dtype=torch.float64) @ Phi_s / n ** 0.5 + 0.01 * torch.randn(b, d, dtype=torch.float64)
+    Y_s, y_t = torch.randn(n, 5, dtype=torch.float64), torch.randn(b, 5, dtype=torch.float64)
+    K = torch.cat([Phi_s, torch.ones(n, 1, dtype=torch.float64)], 1)
+    K = K @ K.T
+    eig = torch.linalg.eigvalsh(K + 1e-6 * torch.trace(K) * torch.eye(n, dtype=torch.float64))
+    assert 1e4 < eig[-1] / eig[0] < 1e6
+
+    def run(predict, dtype):
+        inputs = [t.to(dtype).clone().requires_grad_() for t in (Phi_s, Phi_t, Y_s)]
+        pred = predict(*inputs, 1e-6)
+        F.mse_loss(pred, y_t.to(dtype)).backward()
+        return pred.double(), torch.cat([t.grad.flatten() for t in inputs]).double()
+
+    ref_pred, ref_grad = run(main_distill.krr_predict, torch.float64)
+    lu_pred, lu_grad = run(lu_predict, torch.float64)
+    assert torch.allclose(ref_pred, lu_pred, rtol=1e-8, atol=1e-10)  # the same math in float64
+    assert torch.allclose(ref_grad, lu_grad, rtol=1e-6, atol=1e-10)
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()
+    chol = [rel(x, r) for x, r in zip(run(main_distill.krr_predict, torch.float32), (ref_pred, ref_grad))]
+    lu = [rel(x, r) for x, r in zip(run(lu_predict, torch.float32), (ref_pred, ref_grad))]
+    assert chol[0] < 2e-3 and chol[1] < 2e-3, chol
+    assert chol[0] <= 1.5 * lu[0] and chol[1] <= 1.5 * lu[1], (chol, lu)
+
+
+def test_a_failed_factorisation_makes_the_prediction_nan():
+    """No host check of the Cholesky's info: a matrix that is not positive definite (a negative ridge here)
+    turns the prediction into NaN on the device, which the loop's finiteness check stops on."""
+    torch.manual_seed(0)
+    Phi_s, Phi_t, Y_s = torch.randn(10, 20), torch.randn(6, 20), torch.randn(10, 3)
+    assert torch.isfinite(main_distill.krr_predict(Phi_s, Phi_t, Y_s, 1e-6)).all()
+    assert torch.isnan(main_distill.krr_predict(Phi_s, Phi_t, Y_s, -1.0)).all()
+
+
+def trained_convnet(widths=(8, 16), res=8, steps=3):
+    """A pool ConvNet whose BatchNorm statistics and affine parameters are no longer their initial values."""
+    torch.manual_seed(0)
+    f = models.ConvNet(list(widths), res, 12)
+    opt = torch.optim.SGD(f.parameters(), lr=0.1)
+    for _ in range(steps):
+        x = torch.randn(32, 3, res, res) * 2 + 0.5
+        opt.zero_grad()
+        models.mse(f(x), torch.randn(32, 12)).backward()
+        opt.step()
+    return f.eval().requires_grad_(False)
+
+
+def test_folded_batchnorm_is_the_same_function_with_the_same_gradient():
+    """distillation.fold_bn: the frozen eval-mode ConvNet with BatchNorm folded into its convs gives f.embed's
+    features and input gradient (float rounding apart), and the unfolded functional form as well."""
+    f, dc = trained_convnet(), cifar_cfg()["distillation"]
+    x = torch.randn(20, 3, 8, 8, requires_grad=True)
+    ref = f.embed(x)
+    g_ref, = torch.autograd.grad(ref.square().sum(), x)
+    for fold in (True, False):
+        got = main_distill.blocks_embed(x, main_distill.frozen_blocks(f, fold))
+        g, = torch.autograd.grad(got.square().sum(), x)
+        assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5) and torch.allclose(g, g_ref, rtol=1e-4, atol=1e-4)
+    assert main_distill.frozen_embed(f, dc, torch.device("cpu")) == f.embed  # every lever off: f.embed itself
+    folded = main_distill.frozen_embed(f, {**dc, "fold_bn": True}, torch.device("cpu"))
+    assert torch.allclose(folded(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_features_trace_as_one_graph_and_fall_back_on_the_cpu():
+    """distillation.compile_features: blocks_embed traces without a graph break (dynamo, eager backend: no compiler
+    needed on the CPU) and one graph serves two models; on the CPU the key selects the eager function."""
+    from torch._dynamo.testing import CompileCounter
+    f1, f2 = trained_convnet(), trained_convnet(steps=5)
+    torch._dynamo.reset()
+    counts = CompileCounter()
+    traced = torch.compile(main_distill.blocks_embed, backend=counts, fullgraph=True, dynamic=False)
+    x = torch.randn(6, 3, 8, 8)
+    for f in (f1, f2):
+        blocks = main_distill.frozen_blocks(f, True)
+        assert torch.allclose(traced(x, blocks), f.embed(x), rtol=1e-5, atol=1e-5)
+    assert counts.frame_count == 1  # the second model reuses the graph: weights are inputs, not constants
+    dc = {**cifar_cfg()["distillation"], "compile_features": True}
+    assert main_distill.frozen_embed(f1, dc, torch.device("cpu")) == f1.embed  # the CPU runs f.embed itself
+    assert "embed" not in main_distill._COMPILED  # nothing compiled on the CPU
+
+
+def test_fused_optimizers_take_the_same_steps():
+    """distillation.fused_optimizers: fused AdamW and SGD (run here on the CPU's fused kernels, which torch has
+    too) move the parameters as the default implementation does; the key itself is CUDA-only."""
+    torch.manual_seed(0)
+    dc = cifar_cfg()["distillation"]
+    assert not main_distill.fused_optimizers({**dc, "fused_optimizers": True}, torch.device("cpu"))
+    params = {}
+    for fused in (False, True):
+        torch.manual_seed(0)
+        d = main_distill.PCADistilled(torch.zeros(12), torch.randn(4, 12), torch.randn(5, 4), torch.zeros(6),
+                                      torch.randn(3, 6), torch.randn(5, 3), torch.randn(1, 5, 3), [90], 2, True)
+        opt = main_distill.make_optimizer(d, dc, fused=fused)
+        net = torch.nn.Linear(4, 2)
+        sgd = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, fused=fused or None)
+        for _ in range(3):
+            opt.zero_grad(), sgd.zero_grad()
+            (d.C_x.square().sum() + (d.C_y @ d.B_y).sin().sum() + d.C_yk.sum() + net(d.C_x).square().sum()).backward()
+            opt.step(), sgd.step()
+        params[fused] = [p.detach().clone() for p in (*d.parameters(), *net.parameters())]
+    for a, b in zip(params[False], params[True]):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_every_lever_off_on_the_cpu_gives_the_default_step(tmp_path):
+    """The CPU ignores the CUDA-only levers (compile_features, fused_optimizers, a bf16 real_features) bit for
+    bit; fold_bn changes only rounding (amplified by the KRR solve at these random sizes;
+    the features themselves: test_folded_batchnorm_is_the_same_function_with_the_same_gradient)."""
+    data = tiny_data()
+    cfg = utils.load_config(write_config(tmp_path))
+    T = torch.randn(len(data.train_x), 4, 32, generator=torch.Generator().manual_seed(0))
+    cpu = torch.device("cpu")
+    d0 = main_distill.init_distilled(cfg, data, T, 6, torch.Generator().manual_seed(0))
+
+    def one_step(**levers):
+        torch.manual_seed(0)
+        dc = {**cfg["distillation"], **levers}
+        gen = torch.Generator().manual_seed(0)
+        d = copy.deepcopy(d0)
+        opt = main_distill.make_optimizer(d, dc, main_distill.fused_optimizers(dc, cpu))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        pool = main_distill.ModelPool(cfg["model_pool"], 8, 32, cpu, 0, main_distill.fused_optimizers(dc, cpu))
+        losses = [main_distill.outer_step(d, pool, data, T, dc, opt, sched, gen, random.Random(0)) for _ in range(2)]
+        return torch.stack(losses), d.C_x.detach().clone()
+
+    ref_loss, ref_C = one_step()
+    for lever in ({"compile_features": True}, {"fused_optimizers": True}, {"real_features": "bfloat16"}):
+        loss, C = one_step(**lever)
+        assert torch.equal(loss, ref_loss) and torch.equal(C, ref_C), lever
+    loss, C = one_step(fold_bn=True)
+    assert torch.allclose(loss, ref_loss, rtol=2e-3) and torch.allclose(C, ref_C, rtol=1e-3, atol=1e-4)
 
 
 def test_gradients_reach_every_learned_tensor(tmp_path):

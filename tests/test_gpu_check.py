@@ -18,8 +18,9 @@ TINY = {  # configs/cifar10.yaml shrunk to seconds on the CPU
                   "pretrain.projector_dims": [32, 32], "parameterization.image_basis_size": 4,
                   "parameterization.U": 8, "parameterization.V": 8, "storage.budget_N": 10, "storage.m": 16,
                   "distillation.outer_batch_size": 32, "model_pool.size_L": 2, "model_pool.widths": [8, 16],
-                  "model_pool.inner_loop_steps_Z": 20},
-    "train_images": 256, "precision_train_images": 256, "inner_steps": 2, "repeats": 2}
+                  "model_pool.inner_loop_steps_Z": 20, "probe.iterations": 30},
+    "train_images": 256, "precision_train_images": 256, "inner_steps": 2, "repeats": 2, "ceiling_n": 64,
+    "student_epochs": 1, "lever_repeats": 1, "teacher_compile_steps": 3, "graph_epochs": 2, "probe_images": 64}
 
 
 def tiny_cfg(**more):
@@ -42,10 +43,15 @@ def test_every_part_runs_on_the_cpu_and_writes_the_report(tmp_path):
     assert all(saved["pipeline"]["checks"].values()) and len(saved["pipeline"]["checks"]) == 6
     assert saved["syncs"]["syncs"] == {"outer_step": {}, "teacher_step": {}}
     rates = saved["rates"]["rates"]
-    assert all(v > 0 for v in rates.values()) and set(rates) == set(gpu_check.TARGETS)
+    assert all(v > 0 for v in rates.values()) and set(rates) == set(gpu_check.TARGETS) | {"inner_steps_per_s"}
     assert "random uint8" in saved["rates"]["data"]
+    steps = saved["rates"]["steps"]
+    assert list(steps) == list(gpu_check.benchmark.STEPS)
+    assert all(r["flops"] > 0 and 0 < r["fraction_bfloat16"] and 0 < r["fraction_tf32"] for r in steps.values())
+    assert steps["outer_step"]["flops"] > steps["inner_step"]["flops"]  # the outer step contains an inner step
     md = (tmp_path / "gc" / "gpu_check.md").read_text()
-    for text in ("views aligned with their targets", "| bfloat16 |", "outer_steps_per_s", "host syncs in outer_step"):
+    for text in ("views aligned with their targets", "| bfloat16 |", "outer_steps_per_s", "host syncs in outer_step",
+                 "fraction of bf16", "| inner_step |", "| student_epoch |", "| real_features bfloat16 (krr_features"):
         assert text in md
 
 
@@ -68,9 +74,14 @@ def test_precision_check_measures_bf16_rounding_on_the_cpu():
     cfg = tiny_cfg()
     data, _ = gpu_check.cifar_like(cfg, CPU, 256)
     report = gpu_check.check_precision(cfg, data, gpu_check.random_targets(cfg, 256, CPU), CPU, inner_steps=2)
-    p = report["precisions"]
+    p, levers = report["precisions"], report["levers"]
     assert p["float32"]["prediction_rel_diff"] < 1e-2 and p["float32"]["gradient_cosine"] > 0.999
     assert p["bfloat16"]["prediction_rel_diff"] > 3 * p["float32"]["prediction_rel_diff"]
+    # the levers at the config's krr_features (tf32, float32 on the CPU): bf16 real views round measurably (they
+    # carry no gradient, so only the prediction and, through it, the gradient move); a folded BatchNorm does not
+    real, fold = levers["real_features bfloat16 (krr_features tf32)"], levers["fold_bn (krr_features tf32)"]
+    assert real["prediction_rel_diff"] > 3 * p["float32"]["prediction_rel_diff"]
+    assert fold["prediction_rel_diff"] < 1e-2 and fold["gradient_cosine"] > 0.999
 
 
 def test_host_sync_counter_counts_reads():
@@ -82,6 +93,50 @@ def test_host_sync_counter_counts_reads():
     assert counts == {"item": 1, "__bool__": 1, "tolist": 1}
     x.sum().item()  # outside the block: the originals are back
     assert counts == {"item": 1, "__bool__": 1, "tolist": 1}
+
+
+def test_the_sync_counter_names_the_line_a_cuda_sync_came_from():
+    """On CUDA, torch.cuda.set_sync_debug_mode("warn") raises a warning at each sync; the counter records it with
+    the line of this repository it came from (here a stand-in warning, as the CPU has no CUDA syncs)."""
+    import warnings
+
+    def step():
+        warnings.warn("called a synchronizing CUDA operation")  # what torch says at a sync
+        warnings.warn("an unrelated warning")
+
+    with gpu_check.count_host_syncs(CPU) as counts:
+        step()
+    line = step.__code__.co_firstlineno + 1
+    assert counts == {"cuda_sync": 1, "cuda_sync_at": [f"tests/test_gpu_check.py:{line} (step)"]}
+
+
+def test_flop_counting_matches_the_arithmetic_of_a_tiny_inner_step():
+    """benchmark.count_flops around ModelPool.inner_step counts what the arithmetic says: each conv and the linear
+    head forward (2 x batch x outputs x inputs per output), their weight gradients (as much again) and the input
+    gradients of every layer but the first (its input, the distilled views, is detached in the inner step)."""
+    cfg = tiny_cfg()
+    mp, res, d_y, n = cfg["model_pool"], 8, 16, 12
+    pool = gpu_check.main_distill.ModelPool(mp, res, d_y, CPU)
+    X, Y = torch.randn(n, 3, res, res), torch.randn(n, d_y)
+    counted = gpu_check.benchmark.count_flops(lambda: pool.inner_step(0, X, Y))
+    layers, c, side = [], 3, res
+    for w in mp["widths"]:
+        layers.append(2 * n * side * side * c * w * 9)  # 3x3 conv, padding 1: the output keeps the side
+        c, side = w, side // 2
+    layers.append(2 * n * c * side * side * d_y)  # the linear head on the flattened last block
+    assert counted == sum(layers) * 3 - layers[0]
+
+
+def test_a_lever_and_the_compiled_teacher_run_beside_the_default_on_the_cpu():
+    """A lever section times the default and the lever from one state (fused optimizers: the CPU keeps the
+    default implementation, so the same first loss); teacher:compile traces the teacher (the "eager" backend on
+    the CPU) and reports both loss curves."""
+    sections = gpu_check.sections(CPU, TINY, cifar_root="no_cifar")
+    lever = sections["lever:fused_optimizers"]()
+    assert lever["ok"] and lever["first_loss_rel_diff"] == 0 and lever["default"]["outer_steps_per_s"] > 0
+    compiled = sections["teacher:compile"]()
+    assert len(compiled["eager"]["losses"]) == len(compiled["compiled"]["losses"]) == TINY["teacher_compile_steps"]
+    assert compiled["curves_match"] and compiled["speedup"] > 0
 
 
 def test_one_outer_step_and_one_teacher_step_read_nothing_back():
@@ -128,3 +183,11 @@ def test_gpu_check_passes_on_cuda(tmp_path):
     report = gpu_check.run_checks(tmp_path / "gc", torch.device("cuda"), cifar_root=REPO / "data")
     print(gpu_check.markdown(report))
     assert report["ok"], json.dumps({k: report[k] for k in ("pipeline", "precision", "syncs")}, default=str)
+
+
+def test_the_evaluation_graphs_lever_times_both_loops_and_matches_on_the_cpu():
+    """lever:eval_graphs: the eager and the graphed student and probe, each timed; on the CPU the graphed keys fall
+    back to the eager steps, so the networks and heads are the same to the last bit."""
+    r = gpu_check.sections(CPU, TINY, cifar_root="no_cifar")["lever:eval_graphs"]()
+    assert r["ok"] and r["student_rel_diff"] == 0 and r["probe_rel_diff"] == 0
+    assert r["student_speedup"] > 0 and r["probe_speedup"] > 0 and r["probe_steps"] == 30 and r["epochs"] == 2

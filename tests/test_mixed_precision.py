@@ -79,9 +79,9 @@ def test_outer_step_features_take_the_krr_precision_and_the_inner_step_does_not(
         seen, solves = [], []
         for f in pool.models:
             f.features.register_forward_hook(lambda m, i, o: seen.append(tf32_flags()))
-        solve = torch.linalg.solve_ex
+        solve = torch.linalg.cholesky_ex
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(torch.linalg, "solve_ex", lambda *a: (solves.append(tf32_flags()), solve(*a))[1])
+            mp.setattr(torch.linalg, "cholesky_ex", lambda *a: (solves.append(tf32_flags()), solve(*a))[1])
             main_distill.outer_step(d, pool, data, T, cfg["distillation"], opt, sched, gen, random.Random(0))
         assert seen == [flags, flags, (True, False)] and solves == [(False, False)]
         assert tf32_flags() == (True, False)
