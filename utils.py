@@ -78,7 +78,7 @@ SCHEMA = {
         "random_init_bn": ("recalibrate", "init"),
     },
     "probe": {"iterations": int, "batch_size": int, "lr": float, "momentum": float, "weight_decay": float,
-              "teacher_fit_ridge": float},
+              "teacher_fit_ridge": float, "labels_per_class": int},
     "finetune": {"iterations": int, "batch_size": int, "lr": float, "momentum": float, "weight_decay": float,
                  "augment": bool, "crop_pad": int},
 }
@@ -123,7 +123,7 @@ RANGES = {
     "evaluation.lr": NONNEG, "evaluation.momentum": MOMENTUM, "evaluation.weight_decay": NONNEG,
     "evaluation.crop_pad": NONNEG,
     "probe.iterations": POSITIVE, "probe.batch_size": POSITIVE, "probe.lr": POS_REAL, "probe.momentum": MOMENTUM,
-    "probe.weight_decay": NONNEG, "probe.teacher_fit_ridge": POS_REAL,
+    "probe.weight_decay": NONNEG, "probe.teacher_fit_ridge": POS_REAL, "probe.labels_per_class": NONNEG,
     "finetune.iterations": POSITIVE, "finetune.batch_size": POSITIVE, "finetune.lr": POS_REAL,
     "finetune.momentum": MOMENTUM, "finetune.weight_decay": NONNEG, "finetune.crop_pad": NONNEG,
 }
@@ -1234,10 +1234,29 @@ def split_features(backbone, data, batch_size):
             embed_all(backbone, data.test_x, data.mean, data.std, batch_size))
 
 
+def labelled_subset(labels, num_classes, per_class):
+    """Indices of `per_class` train images of every class (0 = all) that the probe may read the labels of
+    (probe.labels_per_class): a stratified draw fixed by seed 0, whatever the run's seed, so every row and seed
+    probes from the same labelled images; nested in k (each class's first k of one fixed order)."""
+    if per_class == 0:
+        return torch.arange(len(labels), device=labels.device)
+    gen, y = torch.Generator().manual_seed(0), labels.cpu()
+    picks = []
+    for c in range(num_classes):
+        members = (y == c).nonzero().flatten()
+        if len(members) < per_class:
+            raise ConfigError(f"probe.labels_per_class = {per_class}: class {c} has only {len(members)} train "
+                              f"images; lower it (0 = every label)")
+        picks.append(members[torch.randperm(len(members), generator=gen)[:per_class]])
+    return torch.cat(picks).sort().values.to(labels.device)
+
+
 def probe_backbone(backbone, data, probe, seed, batch_size, features=None):
-    """SPEC 6.2: features of both splits computed once (or passed in), then the linear probe."""
+    """SPEC 6.2: features of both splits computed once (or passed in), then the linear probe, trained on
+    probe.labels_per_class labels of each class (0 = the whole train split)."""
     train_f, test_f = features if features is not None else split_features(backbone, data, batch_size)
-    return linear_probe(train_f, data.train_y, test_f, data.test_y, data.num_classes, probe, seed)
+    keep = labelled_subset(data.train_y, data.num_classes, probe["labels_per_class"])
+    return linear_probe(train_f[keep], data.train_y[keep], test_f, data.test_y, data.num_classes, probe, seed)
 
 
 def finetune(backbone, data, ft, seed, batch_size):
