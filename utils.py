@@ -221,6 +221,7 @@ SCHEMA = {
         "weight_decay": Key(float, NONNEG, "linear-probe weight decay"),
         "teacher_fit_ridge": Key(float, POS_REAL, "teacher-fit readout ridge x mean Gram eigenvalue"),
         "cuda_graph": Key(bool, ANY, "CUDA: each probe step replayed as one CUDA graph"),
+        "labels_per_class": Key(int, NONNEG, "labels per class the probe trains on (fixed stratified draw); 0 = all"),
     },
     "finetune": {
         "iterations": Key(int, POSITIVE, "fine-tuning SGD steps"),
@@ -1272,10 +1273,29 @@ def split_features(backbone, data, batch_size):
             embed_all(backbone, data.test_x, data.mean, data.std, batch_size))
 
 
+def labelled_subset(labels, num_classes, per_class):
+    """Indices of `per_class` train images of every class (0 = all) that the probe may read the labels of
+    (probe.labels_per_class): a stratified draw fixed by seed 0, whatever the run's seed, so every row and seed
+    probes from the same labelled images; nested in k (each class's first k of one fixed order)."""
+    if per_class == 0:
+        return torch.arange(len(labels), device=labels.device)
+    gen, y = torch.Generator().manual_seed(0), labels.cpu()
+    picks = []
+    for c in range(num_classes):
+        members = (y == c).nonzero().flatten()
+        if len(members) < per_class:
+            raise ConfigError(f"probe.labels_per_class = {per_class}: class {c} has only {len(members)} train "
+                              f"images; lower it (0 = every label)")
+        picks.append(members[torch.randperm(len(members), generator=gen)[:per_class]])
+    return torch.cat(picks).sort().values.to(labels.device)
+
+
 def probe_backbone(backbone, data, probe, seed, batch_size, features=None):
-    """SPEC 6.2: features of both splits computed once (or passed in), then the linear probe."""
+    """SPEC 6.2: features of both splits computed once (or passed in), then the linear probe, trained on
+    probe.labels_per_class labels of each class (0 = the whole train split)."""
     train_f, test_f = features if features is not None else split_features(backbone, data, batch_size)
-    return linear_probe(train_f, data.train_y, test_f, data.test_y, data.num_classes, probe, seed)
+    keep = labelled_subset(data.train_y, data.num_classes, probe["labels_per_class"])
+    return linear_probe(train_f[keep], data.train_y[keep], test_f, data.test_y, data.num_classes, probe, seed)
 
 
 # ============================================================================================

@@ -43,7 +43,7 @@ def test_recalibration_makes_a_random_students_features_readable(name, digits):
     torch.manual_seed(0)
     net = models.student(name, 16, 8)[0].eval()
     probe = {"iterations": 200, "batch_size": 512, "lr": 0.2, "momentum": 0.9, "weight_decay": 0.0,
-             "cuda_graph": False}
+             "cuda_graph": False, "labels_per_class": 0}
     init = utils.split_features(net, digits, 512)
     recal = utils.split_features(main_evaluate.recalibrate_bn(net, digits, 512), digits, 512)
     assert init[0].std(0).mean() < 1e-2 < 0.1 < recal[0].std(0).mean()
@@ -174,3 +174,29 @@ def test_the_cpu_batch_layout_keeps_a_students_gradients_repeatable():
     finally:
         torch.set_num_threads(n)
     assert all(torch.equal(g, grads[0]) for g in grads)
+
+
+def test_the_low_label_probe_trains_on_k_labels_of_each_class(digits, monkeypatch):
+    """probe.labels_per_class = k: the probe's train split is k images of every class (stratified), the same
+    draw whatever the run's seed or the global random state, nested (the 3 labelled images of a class are among its
+    5: a curve over k adds labels); 0 is every label. The probe itself sees exactly those features and labels."""
+    y, C = digits.train_y, digits.num_classes
+    torch.manual_seed(1)
+    idx = utils.labelled_subset(y, C, 5)
+    torch.manual_seed(2)
+    assert torch.equal(utils.labelled_subset(y, C, 5), idx)  # a fixed draw
+    assert len(idx.unique()) == len(idx) == 5 * C and torch.equal(torch.bincount(y[idx], minlength=C), torch.full((C,), 5))
+    three = utils.labelled_subset(y, C, 3)
+    assert torch.equal(torch.bincount(y[three], minlength=C), torch.full((C,), 3))
+    assert set(three.tolist()) < set(idx.tolist())
+    assert torch.equal(utils.labelled_subset(y, C, 0), torch.arange(len(y)))
+    with pytest.raises(utils.ConfigError, match="probe.labels_per_class = 1000: class"):
+        utils.labelled_subset(y, C, 1000)
+    seen = []
+    monkeypatch.setattr(utils, "linear_probe", lambda f, fy, *a: seen.append((f, fy)) or 0.0)
+    feats = (torch.arange(len(y), dtype=torch.float32)[:, None], torch.zeros(len(digits.test_y), 1))
+    probe = {"labels_per_class": 5}
+    for seed in (0, 3):
+        utils.probe_backbone(None, digits, probe, seed, 512, features=feats)
+    for f, fy in seen:  # the rows of exactly the drawn images, with their own labels, for every seed
+        assert torch.equal(f[:, 0].long(), idx) and torch.equal(fy, y[idx])
