@@ -84,7 +84,7 @@ def test_a_phase_that_cannot_finish_is_skipped_with_its_reason(tmp_path):
     """A budget too small for the check's sections, the levers and a 100,000-epoch teacher: each is skipped by
     name with the arithmetic (the teacher's from the check's target rates, as no rate was measured), the phases
     that need the teacher are skipped as well, and the report is still written."""
-    huge = {**TINY, "lever_repeats": 10**6, "teacher_compile_steps": 10**6}
+    huge = {**TINY, "lever_repeats": 10**6, "teacher_compile_steps": 10**6, "graph_epochs": 10**6}
     run = session(tmp_path, budget_s=120, estimates={k: 1e6 for k in QUICK}, sizes=huge,
                   **{"pretrain.epochs": 100_000})
     report = run.run()
