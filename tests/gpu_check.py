@@ -146,16 +146,42 @@ def random_targets(cfg, n, device, seed=0):
     return torch.randn(n, K, d_y, generator=torch.Generator().manual_seed(seed)).to(device)
 
 
+def locate_sync(step, mode=None):
+    """Where a step's first CUDA sync is, by running it once more with torch.cuda.set_sync_debug_mode("error"),
+    which raises at the syncing call: the sites (sync_site) of the exception's frames, innermost last, or None
+    when no sync raised. The warnings of "warn" mode name that line only when they surface on the calling thread
+    (2026-12-04, H200: the outer step's one sync surfaced at the counting block's exit, site unknown)."""
+    mode = mode or torch.cuda.set_sync_debug_mode
+    mode("error")
+    try:
+        step()
+    except RuntimeError as e:
+        if "synchroniz" not in str(e):
+            raise
+        import traceback
+        return {"error": first_line(str(e)), "at": sync_site(traceback.extract_tb(e.__traceback__))}
+    finally:
+        mode("default")
+    return None
+
+
+def first_line(text):
+    return text.strip().splitlines()[0] if text.strip() else ""
+
+
 def check_syncs(cfg, data, T, device):
-    """Host syncs in one outer step and one teacher step, after a warm-up step of each."""
-    found = {}
+    """Host syncs in one outer step and one teacher step, after a warm-up step of each; where a step syncs on
+    CUDA, one more step under "error" mode locates it (locate_sync)."""
+    found, located = {}, {}
     for name, step in (("outer_step", outer_step_setup(cfg, data, T, device)),
                        ("teacher_step", teacher_step_setup(cfg, data, device))):
         step()  # warm-up: lazy initialisation (cuDNN handles, allocator) is not the step's own cost
         with count_host_syncs(device) as counts:
             step()
         found[name] = counts
-    return {"syncs": found, "ok": not any(found.values())}
+        if counts.get("cuda_sync"):
+            located[name] = locate_sync(step)
+    return {"syncs": found, "located": located, "ok": not any(found.values())}
 
 
 # ============================================================================================
@@ -484,7 +510,8 @@ def markdown(report):
                                                      for k, v in r["checks"].items()]
 
     def syncs(r):
-        return [f"- host syncs in {k}: {'none' if not v else v}" for k, v in r["syncs"].items()]
+        return [f"- host syncs in {k}: {'none' if not v else v}" for k, v in r["syncs"].items()] + \
+            [f"- located in {k} (error mode): {v}" for k, v in r.get("located", {}).items()]
 
     def precision(p):
         return precision_lines(p)

@@ -370,6 +370,7 @@ def markdown(report):
             lines += ["", f"{name}: {'ok' if r['ok'] else 'FAILED'}"]
             lines += [f"- {k}: {'ok' if v else 'FAILED'}" for k, v in r.get("checks", {}).items()]
             lines += [f"- host syncs in {k}: {v or 'none'}" for k, v in r.get("syncs", {}).items()]
+            lines += [f"- located in {k} (\"error\" mode): {v}" for k, v in r.get("located", {}).items()]
             if "precisions" in r:
                 lines += [""] + gpu_check.precision_lines(r)
     lines += lever_lines(phases) + eval_graph_lines(phases.get("lever:eval_graphs", {}))

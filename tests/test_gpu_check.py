@@ -191,3 +191,17 @@ def test_the_evaluation_graphs_lever_times_both_loops_and_matches_on_the_cpu():
     r = gpu_check.sections(CPU, TINY, cifar_root="no_cifar")["lever:eval_graphs"]()
     assert r["ok"] and r["student_rel_diff"] == 0 and r["probe_rel_diff"] == 0
     assert r["student_speedup"] > 0 and r["probe_speedup"] > 0 and r["probe_steps"] == 30 and r["epochs"] == 2
+
+
+def test_a_sync_is_located_at_the_line_that_raised_under_error_mode():
+    """locate_sync runs the step under set_sync_debug_mode("error") (simulated here: the step raises torch's
+    message) and names the repository line that synced; a step that does not sync gives None and the mode is reset."""
+    modes = []
+
+    def syncing_step():
+        raise RuntimeError("called a synchronizing CUDA operation")
+
+    where = gpu_check.locate_sync(syncing_step, modes.append)
+    assert where["at"].startswith("tests/test_gpu_check.py:") and "(syncing_step)" in where["at"]
+    assert where["error"] == "called a synchronizing CUDA operation" and modes == ["error", "default"]
+    assert gpu_check.locate_sync(lambda: None, modes.append) is None and modes[-1] == "default"
