@@ -71,7 +71,7 @@ def test_teacher_under_torchrun_finishes_loads_and_resumes_after_a_kill(tmp_path
     teacher = tmp_path / "t" / "resnet18_barlow_twins_digits.pth"
     assert not teacher.exists()
     plain = subprocess.run([sys.executable] + args + ["--resume"], cwd=REPO, env=ENV, capture_output=True, text=True)
-    assert plain.returncode == 1 and "written by 2 process(es)" in plain.stderr  # 2 ranks' generators to continue
+    assert plain.returncode == 2 and "written by 2 process(es)" in plain.stderr  # 2 ranks' generators to continue
     rc, out = torchrun(args + ["--resume"], cwd=REPO)
     assert rc == 0 and "resumed run" in out, out
     assert out.count("teacher written to") == 1  # rank 0 alone writes and prints
