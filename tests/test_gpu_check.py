@@ -144,7 +144,7 @@ def test_one_outer_step_and_one_teacher_step_read_nothing_back():
     cfg = tiny_cfg()
     data, _ = gpu_check.cifar_like(cfg, CPU, 256)
     report = gpu_check.check_syncs(cfg, data, gpu_check.random_targets(cfg, 256, CPU), CPU)
-    assert report == {"syncs": {"outer_step": {}, "teacher_step": {}}, "ok": True}
+    assert report == {"syncs": {"outer_step": {}, "teacher_step": {}}, "located": {}, "ok": True}
 
 
 def test_a_teacher_epoch_reads_the_loss_back_once():
