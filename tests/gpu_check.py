@@ -159,14 +159,10 @@ def locate_sync(step, mode=None):
         if "synchroniz" not in str(e):
             raise
         import traceback
-        return {"error": first_line(str(e)), "at": sync_site(traceback.extract_tb(e.__traceback__))}
+        return {"error": utils.first_line(e), "at": sync_site(traceback.extract_tb(e.__traceback__))}
     finally:
         mode("default")
     return None
-
-
-def first_line(text):
-    return text.strip().splitlines()[0] if text.strip() else ""
 
 
 def check_syncs(cfg, data, T, device):
