@@ -65,6 +65,11 @@ PRECISION_LEVERS = {"real_features bfloat16": {"real_features": "bfloat16"}, "fo
 # Counting host syncs
 # ============================================================================================
 HOST_READS = ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__")
+# What torch says at each sync under set_sync_debug_mode("warn") / raises under "error". Not any text with
+# "synchroniz" in it: the first set_sync_debug_mode call of a process warns once that the mode "is a prototype
+# feature and does not yet detect all synchronizing operations", and counting that notice was the one "sync in
+# outer_step" of both 2026-12-04 GPU runs (the first step checked had it, the teacher step, checked second, never).
+SYNC_WARNING = "called a synchronizing CUDA operation"
 
 
 def ours(filename):
@@ -99,7 +104,7 @@ def count_host_syncs(device):
         return read
 
     def on_warning(message, category, filename, lineno, file=None, line=None):
-        if "synchroniz" in str(message):  # torch.cuda.set_sync_debug_mode("warn")'s message
+        if SYNC_WARNING in str(message):  # torch.cuda.set_sync_debug_mode("warn")'s message at each sync
             import traceback
             counts["cuda_sync"] = counts.get("cuda_sync", 0) + 1
             stack = [f for f in traceback.extract_stack()[:-1] if Path(f.filename).name != "warnings.py"]
@@ -156,7 +161,7 @@ def locate_sync(step, mode=None):
     try:
         step()
     except RuntimeError as e:
-        if "synchroniz" not in str(e):
+        if SYNC_WARNING not in str(e):
             raise
         import traceback
         return {"error": utils.first_line(e), "at": sync_site(traceback.extract_tb(e.__traceback__))}

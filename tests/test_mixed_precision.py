@@ -24,12 +24,16 @@ def test_all_three_scripts_under_bf16_autocast_and_channels_last(tmp_path, monke
     monkeypatch.setattr(utils, "to_channels_last", lambda x, device: x.contiguous(memory_format=torch.channels_last))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the patch is live: networks really return bf16
         assert utils.autocast(torch.device("cpu")).fast_dtype == torch.bfloat16
-    cfg = str(write_config(tmp_path, pretrain__epochs=2, evaluation__epochs=2, probe__iterations=50))
+    # Small on purpose: CPUs without AVX-512 emulate bf16 arithmetic (a width-64 ResNet-18 on all 1,437 digits took
+    # over 25 min here); width 8 and 320 train images exercise the same code paths and dtypes.
+    cfg = str(write_config(tmp_path, network__width=8, data__train_subset=320, pretrain__epochs=2,
+                           evaluation__epochs=2, probe__iterations=50))
     with chdir(tmp_path):
         teacher = pretrain.main(["DIGITS", "--config", cfg, "--device", "cpu"])
         # distill from a random-init teacher: two epochs leave BatchNorm's running statistics far from
         # converged, and that teacher's eval-mode features are ~1e4 in scale (a property of the short run)
-        g = str(write_teacher(tmp_path / "random_teacher.pth"))
+        g = str(write_teacher(tmp_path / "random_teacher.pth", width=8,
+                              train_hash=utils.load_data(utils.load_config(cfg)).fingerprint))
         distilled = main_distill.main(["--config", cfg, "--device", "cpu", "--distillation.steps=10", "--teacher", g])
         results = main_evaluate.main(["--config", cfg, "--device", "cpu", "--teacher", g, "--rows",
                                       "distilled,random_subset,full_dataset,no_pretraining"])
@@ -49,9 +53,9 @@ def tf32_flags():
 def test_teacher_targets_set_tf32_explicitly_and_key_their_cache_by_it(tmp_path):
     """data.target_precision decides TF32 for the teacher's pass (PyTorch's default leaves it on for cuDNN
     convs), the global flags come back afterwards, and targets of another precision are another cache file."""
-    cfg = utils.load_config(write_config(tmp_path))
+    cfg = utils.load_config(write_config(tmp_path, network__width=16))
     data = utils.load_data(cfg)
-    teacher = write_teacher(tmp_path / "t.pth")
+    teacher = write_teacher(tmp_path / "t.pth", width=16)
     g, _ = utils.load_teacher(teacher, cfg, torch.device("cpu"), data)
     seen = []
     g.register_forward_hook(lambda m, i, o: seen.append(tf32_flags()))
