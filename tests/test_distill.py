@@ -402,7 +402,7 @@ def test_short_run_lowers_the_outer_loss_and_writes_assets(tmp_path):
               "distilled_images.png", "metrics.json", "config.json", "log.jsonl", "controls.pth"):
         assert (out / f).is_file(), f
     views, targets, d = utils.load_distilled(out, torch.device("cpu"))
-    assert views.shape == (64, 3, 8, 8) and targets.shape == (64, 512)
+    assert views.shape == (64, 3, 8, 8) and targets.shape == (64, 128)  # d_y = 8 x width 16
     assert d["storage"]["stored"] <= d["storage"]["budget"] and "C_yk" not in d
     from PIL import Image
     with Image.open(out / "distilled_images.png") as grid:  # 16 images of 8 px, each drawn 64 px wide, 4 x 4
@@ -470,7 +470,7 @@ def test_the_seed_makes_a_run_repeatable(tmp_path):
 def test_krr_st_baseline_run(tmp_path):
     metrics, out = run_distill(tmp_path, "--distillation.method=krr_st", "--distillation.steps=10")
     views, targets, d = utils.load_distilled(out, torch.device("cpu"))
-    assert d["method"] == "krr_st" and views.shape == (10, 3, 8, 8) and targets.shape == (10, 512)
+    assert d["method"] == "krr_st" and views.shape == (10, 3, 8, 8) and targets.shape == (10, 128)
     assert not (out / "approx_net_rot_90.pth").exists()
 
 

@@ -100,9 +100,12 @@ def test_every_row_is_present_and_written(pipeline):
 def test_distilled_set_transfers_the_teacher_to_held_out_images(pipeline):
     """The backbone pre-trained on the distilled set reproduces the teacher's representations of the test
     split better than random init does: the teacher-fit column (R^2 of a ridge readout fit on train, scored on
-    test), both rows measured in this run. Measured: unexplained variance 0.146 (distilled) vs 0.196 (random
-    init), a ratio of 0.75. On DIGITS a random-init ResNet-18 already probes at ~94%, so the probe itself
-    shows no margin at this scale (see README)."""
+    test), both rows measured in this run. Measured at width 16 (the fixture, seed 0): unexplained variance 0.183
+    (distilled) vs 0.414 (random init), a ratio of 0.44. The fixture pins its seed: with the same settings at seed 1
+    the ratio was 0.36, at seed 2 0.90 (that teacher's features were fitted poorly by every row but real_init and
+    full_dataset), so this guards a configuration known to show the effect, not the effect at every seed
+    (docs/results.md, 2026-12-04 third session). At width 64 it was 0.75 (seed 0). On DIGITS a random-init
+    ResNet-18 already probes at 75-94%, so the probe itself shows no margin at this scale (see README)."""
     _, results = pipeline
     unexplained = {r: 1 - results[r]["fit_mean"] for r in ("distilled", "no_pretraining")}
     assert unexplained["distilled"] < 0.9 * unexplained["no_pretraining"], unexplained
@@ -111,13 +114,15 @@ def test_distilled_set_transfers_the_teacher_to_held_out_images(pipeline):
 
 def test_distilled_beats_real_images_at_the_same_budget(pipeline):
     """The paper's claim in miniature: at equal storage, the distilled set pre-trains a better backbone
-    than N random real images with their teacher targets (both rows measured in this run; over seeds
-    1-3 the margin was 7.6-38 points before the target scale existed; at data.target_rms 2.0 it was 20.4 (seeds
-    0-1: 80.2 vs 59.8), at 1.0 only 4.3, the 10-image subset's 100 SGD steps being the scale-sensitive row).
-    Equal storage is not equal views: the distilled set has K m = 440 views,
+    than N random real images with their teacher targets (both rows measured in this run). At width 16 (the
+    fixture, seed 0): 71.8 vs 59.2; with the same settings at seed 1 77.6 vs 64.9, at seed 2 83.7 vs 83.8 (no margin:
+    the fixture pins seed 0). At width 64: over seeds 1-3 the margin was 7.6-38 points before the target scale
+    existed; at data.target_rms 2.0 it was 20.4 (seeds 0-1: 80.2 vs 59.8), at 1.0 only 4.3, the 10-image subset's
+    SGD steps being the scale-sensitive row.
+    Equal storage is not equal views: the distilled set has K m = 344 views (m = 86 at width 16),
     the subset N = 10. The same-views control, real_init (the m real images it starts from, exact targets),
-    beats it at this tiny scale (measured probe 87.1 vs 78.0, teacher fit 0.977 vs 0.854) and on cifar10_cpu
-    (README), so no test claims distillation beats its own starting point."""
+    beats it at this tiny scale (width 16, seed 0: probe 81.2 vs 71.8, teacher fit 0.879 vs 0.817) and on
+    cifar10_cpu (README), so no test claims distillation beats its own starting point."""
     _, results = pipeline
     assert results["distilled"]["storage_floats"] <= results["random_subset"]["storage_floats"]
     assert results["distilled"]["mean"] > results["random_subset"]["mean"] + 5.0, \

@@ -19,7 +19,7 @@ def test_two_epochs_write_a_loadable_teacher_and_the_loss_falls(tmp_path):
     metrics = run(tmp_path, "--epochs", "3")
     teacher, meta = utils.load_teacher(tmp_path / "teachers" / "resnet18_barlow_twins_digits.pth",
                                        utils.load_config(tmp_path / "digits.yaml"), torch.device("cpu"))  # the run's
-    assert meta["epochs"] == 3 and teacher(torch.randn(2, 3, 8, 8)).shape == (2, 512)
+    assert meta["epochs"] == 3 and teacher(torch.randn(2, 3, 8, 8)).shape == (2, 128)
     run_dir = tmp_path / "teachers" / "resnet18_barlow_twins_digits_run"
     rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]
@@ -84,8 +84,8 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
 
 def test_a_teacher_of_another_width_is_a_clear_error(tmp_path):
     run(tmp_path, "--epochs", "1")
-    cfg = utils.load_config(write_config(tmp_path, network__width=16))
-    with pytest.raises(ValueError, match="width 64.*network.width 16"):
+    cfg = utils.load_config(write_config(tmp_path, network__width=32))
+    with pytest.raises(ValueError, match="width 16.*network.width 32"):
         utils.load_teacher(tmp_path / "teachers" / "resnet18_barlow_twins_digits.pth", cfg, torch.device("cpu"))
 
 

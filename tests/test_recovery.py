@@ -266,7 +266,7 @@ def test_a_teacher_file_with_another_layout_is_refused_naming_it(tmp_path):
     d = torch.load(path, weights_only=False)
     d["backbone"] = {f"module.{k}": v for k, v in d["backbone"].items()}  # saved from a DDP wrapper, say
     torch.save(d, path)
-    with pytest.raises(utils.InputError, match=f"{path} does not hold the weights of a ResNet-18 .* of width 64"):
+    with pytest.raises(utils.InputError, match=f"{path} does not hold the weights of a ResNet-18 .* of width 16"):
         utils.load_teacher(path, utils.load_config(write_config(tmp_path)), torch.device("cpu"))
 
 

@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 TINY = {  # dotted key -> value, applied to configs/digits.yaml
     "data.resolution": 8, "data.eval_batch_size": 512,
-    "network.width": 64,  # the tests' margins were measured at width 64 (configs/digits.yaml: 16, the quick start's)
+    "network.width": 16,  # as configs/digits.yaml: a ResNet-18 step costs ~1/15 of width 64's at 8 px on the CPU
     "pretrain.epochs": 2, "pretrain.batch_size": 256, "pretrain.projector_dims": [64, 64], "pretrain.knn_every": 1,
     "parameterization.image_basis_size": 4, "parameterization.U": 8, "parameterization.V": 8,
     "storage.budget_N": 10, "storage.m": 16,
@@ -44,7 +44,7 @@ def write_config(tmp_path, **overrides):
     return path
 
 
-def write_teacher(path, dataset="DIGITS", resolution=8, seed=0, width=64, train_hash=None):
+def write_teacher(path, dataset="DIGITS", resolution=8, seed=0, width=TINY["network.width"], train_hash=None):
     """A random-init ResNet-18 (of `width`) saved in pretrain.py's teacher format; its train split is DIGITS' at
     `resolution` (another dataset's teacher is refused before its split is compared)."""
     torch.manual_seed(seed)
