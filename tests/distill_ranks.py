@@ -1,14 +1,15 @@
 """Run by tests/test_distributed.py under `torchrun --nproc_per_node=2` (gloo, CPU): main_distill's outer step
 spread over the ranks against the single-process step on the same batch, for both methods.
 
-    torchrun --standalone --nproc_per_node=2 tests/distill_ranks.py CONFIG TEACHER OUT.json [MAIN ARGS...]
+    torchrun --standalone --nproc_per_node=2 tests/distill_ranks.py CONFIG TEACHER OUT.json [-- MAIN ARGS ...]
 
 Every rank builds the set and pool twice from the same seeds: once for the ranks (outer_step_ranks, pool BatchNorm
 over both ranks) and once alone (outer_step, plain BatchNorm), and each takes one outer step on the same batch after
 the same stagger. Rank 0 writes the loss, the distilled gradient, the updated set and pool of both; then the ranks'
 step runs 19 more times and every rank's tensors are gathered (identical, bit for bit, is the claim), and the
-divergence guard is shown one changed bit on rank 1. With MAIN ARGS, main_distill.main(MAIN ARGS) then runs in the
-same process group (the test's uninterrupted 2-rank run, saving a torchrun start).
+divergence guard is shown one changed bit on rank 1. Then main_distill.main(MAIN ARGS) of each `--`-separated group
+runs in the same process group (the test's resumed and uninterrupted 2-rank runs: two torchrun starts fewer; paths
+without spaces).
 """
 import copy
 import json
@@ -61,6 +62,7 @@ for method in ("ours", "krr_st"):
                     for a, b in zip(f2.state_dict().values(), f1.state_dict().values()) if b.abs().max() > 0)
     # the step from the same state, the stagger's rounding aside (a copy: SGD's load_state_dict keeps the tensors)
     two.pool.load_state_dict(copy.deepcopy(one.pool.state_dict()))
+    before = [p.detach().clone() for p in one.distilled.parameters()]
     args = lambda s: (s.distilled, s.pool, data, T, dc, s.opt, s.sched, s.gen, s.rng)
     loss_two = main_distill.outer_step_ranks(*args(two), ranks=ranks).item()
     loss_one = main_distill.outer_step(*args(one)).item()
@@ -68,7 +70,7 @@ for method in ("ours", "krr_st"):
     r = {"loss": loss_two, "single_loss": loss_one, "grad_rel_diff": rel(grads(two), grads(one)),
          "grad_max": max(g.abs().max().item() for g in grads(one)),
          "set_rel_diff": rel(list(two.distilled.parameters()), list(one.distilled.parameters())),
-         "set_step": rel(list(one.distilled.parameters()), list(make(utils.Ranks()).distilled.parameters())),
+         "set_step": rel(list(one.distilled.parameters()), before),
          "pool_rel_diff": max(rel([a], [b]) for f2, f1 in zip(two.pool.models, one.pool.models)
                               for a, b in zip(f2.state_dict().values(), f1.state_dict().values()) if b.abs().max() > 0),
          "ages": [list(two.pool.ages), list(one.pool.ages)],
@@ -93,7 +95,8 @@ for method in ("ours", "krr_st"):
         r["guard"] = str(e)
     results[method] = r
 
-if len(sys.argv) > 4:
-    main_distill.main(sys.argv[4:])
+runs = " ".join(sys.argv[4:]).split(" -- ")  # main_distill.main of each run, in this process group
+for argv in [a.split() for a in runs if a.strip()]:
+    main_distill.main([a for a in argv if a != "--"])
 if ranks.main:
     out.write_text(json.dumps(results, indent=1))
