@@ -711,11 +711,12 @@ def _imagenet64_arrays(path):
     if data.ndim != 2 or data.shape[1] != 3 * 64 * 64 or data.dtype != np.uint8:
         raise DatasetError(f"{path}: 'data' is {data.dtype} of shape {data.shape}; expected uint8 (n, 12288) "
                            f"(64 x 64 x 3 channel planes per row); expected layout: {IMAGENET64_LAYOUT}")
-    if labels.size and np.issubdtype(labels.dtype, np.integer) and labels.min() < 1:
-        raise DatasetError(f"{path}: 'labels' start at {labels.min()}; the release's labels are 1-based (1..1000)")
+    if labels.size and np.issubdtype(labels.dtype, np.integer) and (labels.min() < 1 or labels.max() > 1000):
+        raise DatasetError(f"{path}: 'labels' range over [{labels.min()}, {labels.max()}]; the release's labels are "
+                           f"1-based: 1..1000")
     x = torch.from_numpy(data.reshape(-1, 3, 64, 64))
     return x, check_labels(labels - 1 if np.issubdtype(labels.dtype, np.integer) else labels, len(x), 1000,
-                           f"{path}: 'labels' (1-based)")
+                           f"{path}: 'labels'")
 
 
 def load_imagenet64(root):
