@@ -4,8 +4,10 @@
     python main_distill.py --config configs/cifar10.yaml --distillation.method=krr_st   # KRR-ST baseline
     python main_distill.py --config configs/cifar10.yaml --resume
     python main_distill.py --config configs/digits.yaml --distillation.steps=50 --out /tmp/run
+    torchrun --standalone --nproc_per_node=8 main_distill.py --config configs/imagenet64.yaml   # one step, 8 ranks
 
-Needs the teacher from pretrain.py. Writes distilled_assets/<config name>_N<budget>[_krr_st]/ (or --out), the
+Under torchrun every outer step is the single-process step spread over the ranks (README, Several GPUs); rank 0
+writes. Needs the teacher from pretrain.py. Writes distilled_assets/<config name>_N<budget>[_krr_st]/ (or --out), the
 config name being its file stem (cifar10, cifar10_cpu):
     distilled_data.pth        bases, means, coefficients, normalisation, rotations, storage table,
                               resolved config, teacher hash, step count (decode: utils.load_distilled)
@@ -438,8 +440,9 @@ def gathered_support_features(f, X_s, chunk, device, embed, ranks):
     longest = max(p.stop - p.start for p in parts)
     Phi = support_features(f, X_s[parts[ranks.rank]], chunk, device, embed)
     Phi = torch.cat([Phi, Phi.new_zeros(longest - len(Phi), Phi.shape[1])])
-    keep = torch.cat([torch.arange(r * longest, r * longest + p.stop - p.start) for r, p in enumerate(parts)])
-    return models.gather_rows(Phi)[keep.to(Phi.device)]
+    keep = torch.cat([torch.arange(r * longest, r * longest + p.stop - p.start, device=Phi.device)
+                      for r, p in enumerate(parts)])
+    return models.gather_rows(Phi)[keep]
 
 
 def real_precision(dc):
@@ -713,6 +716,9 @@ def load_checked(args, cfg, run, table, teacher_file, device, ranks=utils.Ranks(
     ckpt = utils.load_checkpoint(run.checkpoint, cfg, inputs, args.allow_changed) if args.resume else None
     if ckpt:
         check_processes(ckpt, cfg, ranks, run.checkpoint)
+    if cfg["distillation"]["outer_batch_size"] < ranks.world:
+        raise utils.ConfigError(f"distillation.outer_batch_size = {cfg['distillation']['outer_batch_size']}: each of "
+                                f"the {ranks.world} torchrun processes needs at least one real image; raise it")
     return data, teacher, inputs, ckpt
 
 
