@@ -239,6 +239,28 @@ def storage_accounting(cfg, resolution):
 # ============================================================================================
 # SPEC 4: the model pool and one outer step
 # ============================================================================================
+# ---- under torchrun (WORLD_SIZE > 1): every rank's part of a step's rows, and the sums over ranks
+def rank_slice(n, ranks, rank=None):
+    """Rank r's contiguous part of n rows, as torch.tensor_split cuts them (the first n mod W parts one longer):
+    the parts, in rank order, are the rows in their order."""
+    r = ranks.rank if rank is None else rank
+    base, extra = divmod(n, ranks.world)
+    start = r * base + min(r, extra)
+    return slice(start, start + base + (r < extra))
+
+
+def all_reduce_flat(tensors, ranks):
+    """Sum each tensor over the ranks in place, with ONE all_reduce over a flat buffer (a gradient of many small
+    tensors in one message); nothing in a single process."""
+    if ranks.world == 1 or not tensors:
+        return tensors
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    torch.distributed.all_reduce(flat)
+    for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(part.view_as(t))
+    return tensors
+
+
 class ModelPool:
     """L ConvNets, each with its own SGD state and age; a model is re-initialised at age Z.
     `chunk` (distillation.support_chunk): views per forward pass of the inner step, 0 = all at once;
@@ -281,12 +303,12 @@ class ModelPool:
             self.reset(j)
 
     def inner_step_ranks(self, j, X, Y):
-        """The inner step data-parallel: rank r takes its contiguous part of the K m views (utils.rank_slice), in the
+        """The inner step data-parallel: rank r takes its contiguous part of the K m views (rank_slice), in the
         single process's number of strided chunks; BatchNorm normalises chunk c over every rank's chunk c (the
         single process's chunk c when the chunk count divides each part, and always without chunks); each rank's
         loss is its share of the mean over all K m views, the gradients summed by one all_reduce, then the same
         SGD step on every rank."""
-        f, part = self.models[j].train(), utils.rank_slice(len(X), self.ranks)
+        f, part = self.models[j].train(), rank_slice(len(X), self.ranks)
         shortest = len(X) // self.ranks.world
         n = min(math.ceil(len(X) / (self.chunk or len(X))), max(shortest, 1))  # the same count on every rank
         x_r, y_r = X[part].detach(), Y[part].detach()
@@ -297,7 +319,7 @@ class ModelPool:
                 loss = models.mse(f(utils.to_channels_last(x, self.device)), y)
             (loss * (len(x) / len(X))).backward()
         params = [p for p in f.parameters() if p.grad is not None]
-        utils.all_reduce_flat([p.grad for p in params], self.ranks)
+        all_reduce_flat([p.grad for p in params], self.ranks)
         self.opts[j].step()
         self.ages[j] += 1
         if self.ages[j] >= self.mp["inner_loop_steps_Z"]:
@@ -432,11 +454,11 @@ def support_features(f, X_s, chunk, device, embed=None):
 
 
 def gathered_support_features(f, X_s, chunk, device, embed, ranks):
-    """Phi_s of all K m views from a pass over this rank's part only (utils.rank_slice): the parts, padded to one
+    """Phi_s of all K m views from a pass over this rank's part only (rank_slice): the parts, padded to one
     length, gathered in rank order by models.gather_rows, whose backward sums every rank's gradient of the gathered
     rows and hands each rank that of its own, so every rank forms the same K_ss and its pass gets the whole
     loss's gradient."""
-    parts = [utils.rank_slice(len(X_s), ranks, r) for r in range(ranks.world)]
+    parts = [rank_slice(len(X_s), ranks, r) for r in range(ranks.world)]
     longest = max(p.stop - p.start for p in parts)
     Phi = support_features(f, X_s[parts[ranks.rank]], chunk, device, embed)
     Phi = torch.cat([Phi, Phi.new_zeros(longest - len(Phi), Phi.shape[1])])
@@ -468,14 +490,14 @@ def krr_forward(f, X_s, Y_s, x_t, dc, device, numerics=utils.precision, ranks=ut
 
 def real_batch(data, T, dc, rotations, gen, ranks=utils.Ranks(), sharded=False):
     """`outer_batch_size` real images in all K views (or identity only) with targets from T. Under torchrun
-    (`ranks`) this rank's contiguous part of them (utils.rank_slice): of the batch every rank draws alike from the
+    (`ranks`) this rank's contiguous part of them (rank_slice): of the batch every rank draws alike from the
     whole set, or with `sharded` (data.shard) as many drawn by this rank's own generator from its shard."""
     b = dc["outer_batch_size"]
     if sharded:
-        part = utils.rank_slice(b, ranks)
+        part = rank_slice(b, ranks)
         idx = torch.randperm(len(data.train_x), generator=gen, device=gen.device)[:part.stop - part.start]
     else:
-        idx = torch.randperm(len(data.train_x), generator=gen, device=gen.device)[:b][utils.rank_slice(b, ranks)]
+        idx = torch.randperm(len(data.train_x), generator=gen, device=gen.device)[:b][rank_slice(b, ranks)]
     idx = idx.to(data.train_x.device)  # without replacement, as KRR-ST's shuffled loader
     x = utils.normalize(data.train_x[idx], data.mean, data.std)
     if dc["real_views"] == "identity":
@@ -535,7 +557,7 @@ def outer_step_ranks(distilled, pool, data, T, dc, opt, sched, gen, rng, ranks, 
     params = [p for g in opt.param_groups for p in g["params"]]
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     loss = loss.detach().reshape(1)
-    utils.all_reduce_flat(grads + [loss], ranks)
+    all_reduce_flat(grads + [loss], ranks)
     for p, g in zip(params, grads):
         p.grad = g
     opt.step()

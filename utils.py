@@ -483,27 +483,6 @@ def shard(x, ranks):
     return x[ranks.rank:len(x) // ranks.world * ranks.world:ranks.world]
 
 
-def rank_slice(n, ranks, rank=None):
-    """Rank r's contiguous part of n rows, as torch.tensor_split cuts them (the first n mod W parts one longer):
-    the parts, in rank order, are the rows in their order."""
-    r = ranks.rank if rank is None else rank
-    base, extra = divmod(n, ranks.world)
-    start = r * base + min(r, extra)
-    return slice(start, start + base + (r < extra))
-
-
-def all_reduce_flat(tensors, ranks):
-    """Sum each tensor over the ranks in place, with ONE all_reduce over a flat buffer (a gradient of many small
-    tensors in one message); nothing in a single process."""
-    if ranks.world == 1 or not tensors:
-        return tensors
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    torch.distributed.all_reduce(flat)
-    for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
-        t.copy_(part.view_as(t))
-    return tensors
-
-
 def gather_objects(obj, ranks):
     """[rank 0's obj, rank 1's obj, ...] on every rank (picklable objects; [obj] in a single process)."""
     if ranks.world == 1:
