@@ -869,7 +869,7 @@ def check_finite(state, losses, argv, run, saved):
                                 run.checkpoint, f"step {saved}")
 
 
-def tensor_hash(tensors):
+def ranks_hash(tensors):
     """A few int64 numbers that change with any bit of any tensor: per tensor the wrapping sums of its 32-bit
     words and of those words times their position. Ranks that hold the same tensors hold the same numbers."""
     out = []
@@ -881,11 +881,11 @@ def tensor_hash(tensors):
 
 def check_ranks_agree(state):
     """The divergence guard, at each log step under torchrun: every rank's hash of its distilled tensors and pool
-    (tensor_hash), gathered; any rank that differs from rank 0 stops every rank, naming the step."""
+    (ranks_hash), gathered; any rank that differs from rank 0 stops every rank, naming the step."""
     if state.ranks.world == 1:
         return
     tensors = list(state.distilled.parameters()) + [p for f in state.pool.models for p in f.parameters()]
-    hashes = utils.gather_objects((tensor_hash(tensors), list(state.pool.ages)), state.ranks)
+    hashes = utils.gather_objects((ranks_hash(tensors), list(state.pool.ages)), state.ranks)
     differ = [r for r, (h, ages) in enumerate(hashes) if not torch.equal(h, hashes[0][0]) or ages != hashes[0][1]]
     if differ:
         raise utils.RunStopped(f"the ranks diverged by step {state.step}: rank(s) {differ} hold other distilled tensors "

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from tiny import REPO, write_config, write_teacher  # noqa: E402
 
 SIZE = {"data__resolution": 16, "storage__m": 64, "distillation__outer_batch_size": 256,
