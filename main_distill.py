@@ -4,8 +4,10 @@
     python main_distill.py --config configs/cifar10.yaml --distillation.method=krr_st   # KRR-ST baseline
     python main_distill.py --config configs/cifar10.yaml --resume
     python main_distill.py --config configs/digits.yaml --distillation.steps=50 --out /tmp/run
+    torchrun --standalone --nproc_per_node=8 main_distill.py --config configs/imagenet64.yaml   # one step, 8 ranks
 
-Needs the teacher from pretrain.py. Writes distilled_assets/<config name>_N<budget>[_krr_st]/ (or --out), the
+Under torchrun every outer step is the single-process step spread over the ranks (README, Several GPUs); rank 0
+writes. Needs the teacher from pretrain.py. Writes distilled_assets/<config name>_N<budget>[_krr_st]/ (or --out), the
 config name being its file stem (cifar10, cifar10_cpu):
     distilled_data.pth        bases, means, coefficients, normalisation, rotations, storage table,
                               resolved config, teacher hash, step count (decode: utils.load_distilled)
@@ -17,6 +19,7 @@ config name being its file stem (cifar10, cifar10_cpu):
     init_only/, snapshots/step_<n>/  the same files for the set at step 0 and after each of
                               distillation.snapshot_steps (the gain against outer steps)
 """
+import dataclasses
 import math
 import os
 import random
@@ -236,21 +239,46 @@ def storage_accounting(cfg, resolution):
 # ============================================================================================
 # SPEC 4: the model pool and one outer step
 # ============================================================================================
+# ---- under torchrun (WORLD_SIZE > 1): every rank's part of a step's rows, and the sums over ranks
+def rank_slice(n, ranks, rank=None):
+    """Rank r's contiguous part of n rows, as torch.tensor_split cuts them (the first n mod W parts one longer):
+    the parts, in rank order, are the rows in their order."""
+    r = ranks.rank if rank is None else rank
+    base, extra = divmod(n, ranks.world)
+    start = r * base + min(r, extra)
+    return slice(start, start + base + (r < extra))
+
+
+def all_reduce_flat(tensors, ranks):
+    """Sum each tensor over the ranks in place, with ONE all_reduce over a flat buffer (a gradient of many small
+    tensors in one message); nothing in a single process."""
+    if ranks.world == 1 or not tensors:
+        return tensors
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    torch.distributed.all_reduce(flat)
+    for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(part.view_as(t))
+    return tensors
+
+
 class ModelPool:
     """L ConvNets, each with its own SGD state and age; a model is re-initialised at age Z.
     `chunk` (distillation.support_chunk): views per forward pass of the inner step, 0 = all at once;
-    `fused`: fused SGD kernels (fused_optimizers(), CUDA only)."""
+    `fused`: fused SGD kernels (fused_optimizers(), CUDA only); `ranks`: under torchrun every rank holds the same
+    pool (same seeds), its BatchNorm over every rank's views (models.sync_batchnorm), and the inner step is split."""
 
-    def __init__(self, mp, resolution, d_y, device, chunk=0, fused=False):
+    def __init__(self, mp, resolution, d_y, device, chunk=0, fused=False, ranks=utils.Ranks()):
         self.mp, self.resolution, self.d_y, self.device, self.chunk = mp, resolution, d_y, device, chunk
-        self.fused = fused
+        self.fused, self.ranks = fused, ranks
         self.models, self.opts, self.ages = [None] * mp["size_L"], [None] * mp["size_L"], [0] * mp["size_L"]
         for j in range(mp["size_L"]):
             self.reset(j)
 
     def reset(self, j):
-        f = utils.channels_last_module(models.ConvNet(self.mp["widths"], self.resolution, self.d_y).to(self.device),
-                                       self.device)
+        f = models.ConvNet(self.mp["widths"], self.resolution, self.d_y)
+        if self.ranks.world > 1:  # the same weights (drawn on the CPU before the swap), BatchNorm over all ranks
+            f = models.sync_batchnorm(f, self.device)
+        f = utils.channels_last_module(f.to(self.device), self.device)
         self.models[j] = f
         self.opts[j] = torch.optim.SGD(f.parameters(), lr=self.mp["lr"], momentum=self.mp["momentum"],
                                        weight_decay=self.mp["weight_decay"], **({"fused": True} if self.fused else {}))
@@ -260,6 +288,8 @@ class ModelPool:
         """One SGD step of model j on MSE(f(X_s), Y_s), train mode, X_s and Y_s detached (SPEC 4.6-7).
         With a chunk size, gradients accumulate over strided chunks (each holds every view alike), and
         BatchNorm normalises each chunk by its own statistics."""
+        if self.ranks.world > 1:
+            return self.inner_step_ranks(j, X, Y)
         f, n = self.models[j].train(), math.ceil(len(X) / (self.chunk or len(X)))
         self.opts[j].zero_grad(set_to_none=True)
         for c in range(n):
@@ -272,11 +302,35 @@ class ModelPool:
         if self.ages[j] >= self.mp["inner_loop_steps_Z"]:
             self.reset(j)
 
+    def inner_step_ranks(self, j, X, Y):
+        """The inner step data-parallel: rank r takes its contiguous part of the K m views (rank_slice), in the
+        single process's number of strided chunks; BatchNorm normalises chunk c over every rank's chunk c (the
+        single process's chunk c when the chunk count divides each part, and always without chunks); each rank's
+        loss is its share of the mean over all K m views, the gradients summed by one all_reduce, then the same
+        SGD step on every rank."""
+        f, part = self.models[j].train(), rank_slice(len(X), self.ranks)
+        shortest = len(X) // self.ranks.world
+        n = min(math.ceil(len(X) / (self.chunk or len(X))), max(shortest, 1))  # the same count on every rank
+        x_r, y_r = X[part].detach(), Y[part].detach()
+        self.opts[j].zero_grad(set_to_none=True)
+        for c in range(n):
+            x, y = x_r[c::n], y_r[c::n]
+            with utils.autocast(self.device):
+                loss = models.mse(f(utils.to_channels_last(x, self.device)), y)
+            (loss * (len(x) / len(X))).backward()
+        params = [p for p in f.parameters() if p.grad is not None]
+        all_reduce_flat([p.grad for p in params], self.ranks)
+        self.opts[j].step()
+        self.ages[j] += 1
+        if self.ages[j] >= self.mp["inner_loop_steps_Z"]:
+            self.reset(j)
+
     def stagger(self, X, Y, rng):
         """Model j starts at a random age in [0, Z), pre-trained that many steps on the initial set
         (about L x Z / 2 inner steps before the first outer step: shrink model_pool.size_L or Z to shorten it)."""
         ages = [rng.randrange(self.mp["inner_loop_steps_Z"]) for _ in self.models]
-        with tqdm(total=sum(ages), desc="stagger pool", leave=False, dynamic_ncols=True) as bar:
+        with tqdm(total=sum(ages), desc="stagger pool", leave=False, dynamic_ncols=True,
+                  disable=not self.ranks.main) as bar:
             for j, age in enumerate(ages):
                 for _ in range(age):
                     self.inner_step(j, X, Y)
@@ -399,28 +453,51 @@ def support_features(f, X_s, chunk, device, embed=None):
                       for x in X_s.split(chunk)])
 
 
+def gathered_support_features(f, X_s, chunk, device, embed, ranks):
+    """Phi_s of all K m views from a pass over this rank's part only (rank_slice): the parts, padded to one
+    length, gathered in rank order by models.gather_rows, whose backward sums every rank's gradient of the gathered
+    rows and hands each rank that of its own, so every rank forms the same K_ss and its pass gets the whole
+    loss's gradient."""
+    parts = [rank_slice(len(X_s), ranks, r) for r in range(ranks.world)]
+    longest = max(p.stop - p.start for p in parts)
+    Phi = support_features(f, X_s[parts[ranks.rank]], chunk, device, embed)
+    Phi = torch.cat([Phi, Phi.new_zeros(longest - len(Phi), Phi.shape[1])])
+    keep = torch.cat([torch.arange(r * longest, r * longest + p.stop - p.start, device=Phi.device)
+                      for r, p in enumerate(parts)])
+    return models.gather_rows(Phi)[keep]
+
+
 def real_precision(dc):
     """The precision of the real views' no-grad forward: `distillation.real_features`, `same` = krr_features."""
     return dc["krr_features"] if dc["real_features"] == "same" else dc["real_features"]
 
 
-def krr_forward(f, X_s, Y_s, x_t, dc, device, numerics=utils.precision):
+def krr_forward(f, X_s, Y_s, x_t, dc, device, numerics=utils.precision, ranks=utils.Ranks()):
     """(KRR prediction of the real views x_t from the support set, support features): the support features in
     `distillation.krr_features`, the real views' (no gradient) in `distillation.real_features` (`numerics(device,
     name)` makes a precision's context), the kernels and the solve in float32. Its backward takes
-    `utils.tf32(name == "tf32")` of krr_features."""
+    `utils.tf32(name == "tf32")` of krr_features. Under torchrun (`ranks`) the support features are
+    gathered_support_features: each rank passes its part of the views."""
     embed = frozen_embed(f, dc, device)
     with numerics(device, real_precision(dc)), torch.no_grad():
         Phi_t = embed(utils.to_channels_last(x_t, device))
     with numerics(device, dc["krr_features"]):
-        Phi_s = support_features(f, X_s, dc["support_chunk"], device, embed)
+        Phi_s = support_features(f, X_s, dc["support_chunk"], device, embed) if ranks.world == 1 else \
+            gathered_support_features(f, X_s, dc["support_chunk"], device, embed, ranks)
     with utils.tf32(False):
         return krr_predict(Phi_s, Phi_t, Y_s, dc["ridge"]), Phi_s
 
 
-def real_batch(data, T, dc, rotations, gen):
-    """`outer_batch_size` real images in all K views (or identity only) with targets from T."""
-    idx = torch.randperm(len(data.train_x), generator=gen, device=gen.device)[:dc["outer_batch_size"]]
+def real_batch(data, T, dc, rotations, gen, ranks=utils.Ranks(), sharded=False):
+    """`outer_batch_size` real images in all K views (or identity only) with targets from T. Under torchrun
+    (`ranks`) this rank's contiguous part of them (rank_slice): of the batch every rank draws alike from the
+    whole set, or with `sharded` (data.shard) as many drawn by this rank's own generator from its shard."""
+    b = dc["outer_batch_size"]
+    if sharded:
+        part = rank_slice(b, ranks)
+        idx = torch.randperm(len(data.train_x), generator=gen, device=gen.device)[:part.stop - part.start]
+    else:
+        idx = torch.randperm(len(data.train_x), generator=gen, device=gen.device)[:b][rank_slice(b, ranks)]
     idx = idx.to(data.train_x.device)  # without replacement, as KRR-ST's shuffled loader
     x = utils.normalize(data.train_x[idx], data.mean, data.std)
     if dc["real_views"] == "identity":
@@ -457,6 +534,36 @@ def outer_step(distilled, pool, data, T, dc, opt, sched, gen, rng):
     sched.step()
     pool.inner_step(j, X_s, Y_s)
     return loss.detach()
+
+
+def outer_step_ranks(distilled, pool, data, T, dc, opt, sched, gen, rng, ranks, real_gen=None):
+    """outer_step spread over the ranks, exactly: every rank holds the same set and pool and draws the same model;
+    rank r takes its part of the real views (real_batch) and of the support views' feature pass (krr_forward),
+    its loss is its share of the mean over all real views, and the loss and the distilled gradient are summed by
+    ONE all_reduce over a flat buffer; then the same AdamW step on every rank, and the data-parallel inner step.
+    `real_gen`: this rank's generator of its real batch under data.shard (else `gen`, shared)."""
+    dev = pool.device
+    x_t, y_t = real_batch(data, T, dc, distilled.rotations, real_gen or gen, ranks, real_gen is not None)
+    X_s, Y_s = distilled()
+    j = rng.randrange(len(pool.models))
+    f = pool.models[j].eval().requires_grad_(False)
+    views = 1 if dc["real_views"] == "identity" else 1 + len(distilled.rotations)  # per real image
+    loss = models.mse(krr_forward(f, X_s, Y_s, x_t, dc, dev, ranks=ranks)[0], y_t) * (
+        len(y_t) / (dc["outer_batch_size"] * views))  # this rank's share of the mean
+    opt.zero_grad(set_to_none=True)
+    with utils.tf32(dc["krr_features"] == "tf32"):
+        loss.backward()
+    f.requires_grad_(True)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    loss = loss.detach().reshape(1)
+    all_reduce_flat(grads + [loss], ranks)
+    for p, g in zip(params, grads):
+        p.grad = g
+    opt.step()
+    sched.step()
+    pool.inner_step(j, X_s, Y_s)
+    return loss[0]
 
 
 # ============================================================================================
@@ -585,20 +692,21 @@ class State:
     schedule: list = field(default_factory=list)
     scales: torch.Tensor = None  # each parameter group's largest |value| at the last finite check (check_finite)
     scales_start: torch.Tensor = None  # ... at the start of this process's loop
+    ranks: utils.Ranks = utils.Ranks()  # torchrun's processes: every rank holds all of the above alike
+    real_gen: torch.Generator = None  # data.shard under torchrun: this rank's generator of its real batch
 
     def checkpoint(self, cfg, inputs):
+        """Every rank calls it (under data.shard it gathers each rank's batch generator); rank 0 writes it."""
+        real = utils.gather_objects(utils.rng_state(self.real_gen), self.ranks) if self.real_gen else None
         return {"distilled": self.distilled.state_dict(), "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "pool": self.pool.state_dict(), "rng": utils.rng_state(self.gen),
                 "py_rng": self.rng.getstate(), "step": self.step, "curve": self.curve, "schedule": self.schedule,
-                "config": cfg, "inputs": inputs, "run_id": self.run_id}
+                "config": cfg, "inputs": inputs, "run_id": self.run_id, "processes": self.ranks.world,
+                "real_rng": real}
 
 
 def configure(argv):
-    """(args, config, ranks, device, the run folder, the teacher file)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise utils.UserError("main_distill.py runs in one process: the bilevel loop is sequential (each outer step "
-                              "starts from the last one's set and pool). Start it with `python main_distill.py ...`, "
-                              "not torchrun; pretrain.py and main_evaluate.py take torchrun (README, Several GPUs).")
+    """(args, config, ranks, device, the run folder, the teacher file). Under torchrun rank 0 alone prints."""
     args, overrides = parse_args(argv)
     cfg = utils.load_config(args.config, overrides)
     name = utils.config_name(args.config)
@@ -607,6 +715,8 @@ def configure(argv):
                           checkpoint=out / "checkpoint.pth")
     teacher_file = Path(args.teacher) if args.teacher else utils.teacher_path(name)
     ranks, device = utils.init_ranks(args.device)
+    if not ranks.main:
+        sys.stdout = open(os.devnull, "w")  # one copy of every line (errors still reach stderr)
     return args, cfg, ranks, device, run, teacher_file
 
 
@@ -614,29 +724,69 @@ def rotations_of(cfg):
     return [] if cfg["distillation"]["method"] == "krr_st" else cfg["augmentations"]["rotate"]
 
 
-def load_checked(args, cfg, run, table, teacher_file, device):
-    """Everything that can refuse the run, before its folder is claimed: the folder's state, the data and the sizes
-    it must hold, the teacher against config and data, and under --resume the checkpoint (config and inputs)."""
-    run.check(args.resume, args.overwrite)
+def load_checked(args, cfg, run, table, teacher_file, device, ranks=utils.Ranks()):
+    """Everything that can refuse the run, before its folder is claimed: the folder's state (rank 0), the data and
+    the sizes it must hold, the teacher against config and data, and under --resume the checkpoint (config, inputs,
+    process count)."""
+    if ranks.main:
+        run.check(args.resume, args.overwrite)
     data = utils.load_data(cfg)
     utils.check_sizes(cfg, len(data.train_x), table["m"])
     data = data.to(device)
     teacher, _ = utils.load_teacher(teacher_file, cfg, device, data)
     inputs = {"teacher_hash": utils.file_hash(teacher_file), "train_hash": data.fingerprint}
     ckpt = utils.load_checkpoint(run.checkpoint, cfg, inputs, args.allow_changed) if args.resume else None
+    if ckpt:
+        check_processes(ckpt, cfg, ranks, run.checkpoint)
+    if cfg["distillation"]["outer_batch_size"] < ranks.world:
+        raise utils.ConfigError(f"distillation.outer_batch_size = {cfg['distillation']['outer_batch_size']}: each of "
+                                f"the {ranks.world} torchrun processes needs at least one real image; raise it")
     return data, teacher, inputs, ckpt
 
 
-def build(cfg, data, T, m, device, gen, rng):
-    """SPEC 2 and 4: the set at its m starting images, AdamW with the linear decay to 0, and the model pool."""
+def sharded(cfg, ranks):
+    """data.shard takes effect under torchrun only (one process holds the whole set)."""
+    return cfg["data"]["shard"] and ranks.world > 1
+
+
+def check_processes(ckpt, cfg, ranks, path):
+    """A checkpoint of another process count continues where that is sound: without data.shard every rank holds
+    the whole state and draws alike, so any count continues the same run; with it each rank drew its batch from
+    its own shard with its own generator, and only as many ranks continue those draws."""
+    wrote, real = ckpt.get("processes", 1), ckpt.get("real_rng")
+    if sharded(cfg, ranks) and (real is None or len(real) != ranks.world) or (real and not sharded(cfg, ranks)):
+        how = f"torchrun --nproc_per_node={wrote}" if wrote > 1 else "plain python (one process)"
+        raise utils.InputError(
+            f"--resume: {path} was written by {wrote} process(es) {'with' if real else 'without'} per-rank batch "
+            f"generators (data.shard under torchrun), this run has {ranks.world} "
+            f"{'with' if sharded(cfg, ranks) else 'without'}: each rank of a sharded run draws its real batch from its "
+            f"own 1/W of the train set, so its draws continue only with as many ranks; resume with {how}")
+
+
+def keep_shard(cfg, data, T, ranks):
+    """data.shard under torchrun: this rank keeps only train images r, r + W, r + 2W, ... and their teacher targets
+    (utils.shard), once the set is built from the whole split (its PCA and starting images)."""
+    if not sharded(cfg, ranks):
+        return data, T
+    ranks.say(f"data.shard: each of the {ranks.world} ranks keeps {len(data.train_x) // ranks.world} of the "
+              f"{len(data.train_x)} train images and their targets")
+    return dataclasses.replace(data, train_x=utils.shard(data.train_x, ranks).clone()), utils.shard(T, ranks).clone()
+
+
+def build(cfg, data, T, m, device, gen, rng, ranks=utils.Ranks()):
+    """SPEC 2 and 4: the set at its m starting images, AdamW with the linear decay to 0, and the model pool; under
+    torchrun every rank builds the same (same seeds), and with data.shard its own real-batch generator."""
     dc = cfg["distillation"]
     distilled = init_distilled(cfg, data, T, m, gen).to(device)
     fused = fused_optimizers(dc, device)
     opt = make_optimizer(distilled, dc, fused)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / dc["steps"]))
-    pool = ModelPool(cfg["model_pool"], data.train_x.shape[-1], T.shape[-1], device, dc["support_chunk"], fused)
-    return State(distilled, opt, sched, pool, gen, rng, utils.new_run_id(),
-                 schedule=[{"from_step": 0, "steps": dc["steps"], **rates(opt)}])
+    pool = ModelPool(cfg["model_pool"], data.train_x.shape[-1], T.shape[-1], device, dc["support_chunk"], fused,
+                     ranks)
+    real_gen = utils.make_generator(device, cfg["seed"] + 1 + ranks.rank) if sharded(cfg, ranks) else None
+    run_id = utils.gather_objects(utils.new_run_id(), ranks)[0]  # rank 0's
+    return State(distilled, opt, sched, pool, gen, rng, run_id,
+                 schedule=[{"from_step": 0, "steps": dc["steps"], **rates(opt)}], ranks=ranks, real_gen=real_gen)
 
 
 def rates(opt):
@@ -657,6 +807,8 @@ def restore(state, ckpt, cfg, path):
         g["initial_lr"], g["lr"] = base, base * lam(ckpt["step"])
     state.pool.load_state_dict(ckpt["pool"])
     utils.set_rng_state(ckpt["rng"], state.gen, path)
+    if state.real_gen is not None:  # check_processes: one per rank
+        utils.set_rng_state(ckpt["real_rng"][state.ranks.rank], state.real_gen, path)
     state.rng.setstate(ckpt["py_rng"])
     state.step, state.curve, state.run_id, state.schedule = ckpt["step"], ckpt["curve"], ckpt["run_id"], ckpt["schedule"]
     now = {"from_step": state.step, "steps": cfg["distillation"]["steps"], **rates(state.opt)}
@@ -665,7 +817,9 @@ def restore(state, ckpt, cfg, path):
         state.schedule.append(now)
         print(f"resume: the schedule changed at step {state.step} (was {state.schedule[-2]}, now {now}): each rate "
               f"is base x (1 - step / {now['steps']}) from here")
-    print(f"resumed run {state.run_id} from {path} at step {state.step}")
+    print(f"resumed run {state.run_id} from {path} at step {state.step}"
+          + (f" (written by {ckpt.get('processes', 1)} process(es), continued by {state.ranks.world}: the same state "
+             f"and draws)" if ckpt.get("processes", 1) != state.ranks.world else ""))
 
 
 def describe(cfg, table, state, data, inputs, target_scale, args, run, device):
@@ -673,9 +827,11 @@ def describe(cfg, table, state, data, inputs, target_scale, args, run, device):
     derived = {"device": str(device), "m": table["m"], "K": 1 + len(rotations_of(cfg)), "out": str(run.folder),
                "run_id": state.run_id, "inputs": inputs, "target_scale": target_scale,
                "allow_changed": args.allow_changed}
+    derived.update(processes=state.ranks.world, shard=sharded(cfg, state.ranks))
     utils.print_config(cfg, derived)
     print_storage(table)
-    utils.write_json({"config": cfg, "derived": derived, "storage": table}, run.folder / "config.json")
+    if state.ranks.main:
+        utils.write_json({"config": cfg, "derived": derived, "storage": table}, run.folder / "config.json")
     return {"method": cfg["distillation"]["method"], "dataset": cfg["dataset"], "resolution": data.train_x.shape[-1],
             "m": table["m"], "mean": data.mean.cpu(), "std": data.std.cpu(), "storage": table, "config": cfg,
             "teacher_hash": inputs["teacher_hash"], "train_hash": inputs["train_hash"], "run_id": state.run_id,
@@ -713,21 +869,50 @@ def check_finite(state, losses, argv, run, saved):
                                 run.checkpoint, f"step {saved}")
 
 
+def ranks_hash(tensors):
+    """A few int64 numbers that change with any bit of any tensor: per tensor the wrapping sums of its 32-bit
+    words and of those words times their position. Ranks that hold the same tensors hold the same numbers."""
+    out = []
+    for t in tensors:
+        w = t.detach().float().contiguous().view(-1).view(torch.int32).long()
+        out += [w.sum(), (w * torch.arange(1, len(w) + 1, device=w.device)).sum()]
+    return torch.stack(out).cpu()
+
+
+def check_ranks_agree(state):
+    """The divergence guard, at each log step under torchrun: every rank's hash of its distilled tensors and pool
+    (ranks_hash), gathered; any rank that differs from rank 0 stops every rank, naming the step."""
+    if state.ranks.world == 1:
+        return
+    tensors = list(state.distilled.parameters()) + [p for f in state.pool.models for p in f.parameters()]
+    hashes = utils.gather_objects((ranks_hash(tensors), list(state.pool.ages)), state.ranks)
+    differ = [r for r, (h, ages) in enumerate(hashes) if not torch.equal(h, hashes[0][0]) or ages != hashes[0][1]]
+    if differ:
+        raise utils.RunStopped(f"the ranks diverged by step {state.step}: rank(s) {differ} hold other distilled tensors "
+                               f"or pool than rank 0 (a non-deterministic kernel, or a rank that skipped a collective); "
+                               f"nothing of it was saved. Continue from the last checkpoint with --resume, or run "
+                               f"with one process")
+
+
 def distill(state, data, T, cfg, inputs, run, log, argv, base):
     """SPEC 4: outer steps until distillation.steps; finite values checked at every log line and before every
     checkpoint, which is written atomically; the set written at each of distillation.snapshot_steps."""
     dc = cfg["distillation"]
     state.scales = state.scales_start = group_scales(state.opt).cpu()
-    bar = tqdm(total=dc["steps"], initial=state.step, desc="distill", dynamic_ncols=True)
+    bar = tqdm(total=dc["steps"], initial=state.step, desc="distill", dynamic_ncols=True,
+               disable=not state.ranks.main)
+    step = outer_step if state.ranks.world == 1 else \
+        lambda *a: outer_step_ranks(*a, ranks=state.ranks, real_gen=state.real_gen)
     window, unchecked, t_log, s_log, saved = [], [], time.time(), state.step, state.step
     while state.step < dc["steps"]:
-        loss = outer_step(state.distilled, state.pool, data, T, dc, state.opt, state.sched, state.gen, state.rng)
+        loss = step(state.distilled, state.pool, data, T, dc, state.opt, state.sched, state.gen, state.rng)
         state.step += 1
         window.append(loss)
         unchecked.append(loss)
         bar.update(1)
         if state.step % dc["log_every"] == 0 or state.step == dc["steps"] or state.step == 1:
             check_finite(state, unchecked, argv, run, saved)
+            check_ranks_agree(state)
             mean_loss, unchecked = torch.stack(window).mean().item(), []
             rate = (state.step - s_log) / (time.time() - t_log)
             state.curve.append((state.step, mean_loss))
@@ -737,8 +922,10 @@ def distill(state, data, T, cfg, inputs, run, log, argv, base):
         if state.step % dc["save_every"] == 0 or state.step == dc["steps"]:
             check_finite(state, unchecked, argv, run, saved)
             unchecked, saved = [], state.step
-            utils.atomic_save(state.checkpoint(cfg, inputs), run.checkpoint)
-        if state.step in dc["snapshot_steps"] and state.step < dc["steps"]:  # the final set is written by main
+            ckpt = state.checkpoint(cfg, inputs)
+            if state.ranks.main:
+                utils.atomic_save(ckpt, run.checkpoint)
+        if state.step in dc["snapshot_steps"] and state.step < dc["steps"] and state.ranks.main:  # final: by main
             check_finite(state, unchecked, argv, run, saved)
             save_snapshot(run.folder, state, base, cfg, data, (argv, run.checkpoint, f"step {saved}"))
     bar.close()
@@ -750,10 +937,11 @@ def main(argv=None):
     utils.set_seed(cfg["seed"])
     gen, rng = utils.make_generator(device, cfg["seed"]), random.Random(cfg["seed"])
     table = storage_accounting(cfg, cfg["data"]["resolution"])
-    data, teacher, inputs, ckpt = load_checked(args, cfg, run, table, teacher_file, device)
+    data, teacher, inputs, ckpt = load_checked(args, cfg, run, table, teacher_file, device, ranks)
 
     # ---------------------------------------------------------------- run folder, teacher targets T (N, K, d_y)
-    lock = run.claim(args.resume, args.overwrite)
+    lock = run.claim(args.resume, args.overwrite) if ranks.main else None  # rank 0 alone writes
+    utils.barrier(ranks)
     t0 = time.time()
     with utils.rank0_first(ranks):  # rank 0 computes and caches them, the others read the cache
         T, target_scale = utils.teacher_targets(teacher, teacher_file, data, rotations_of(cfg), cfg["data"],
@@ -763,21 +951,26 @@ def main(argv=None):
     del teacher
 
     # ---------------------------------------------------------------- distilled set, optimizer, pool, resume
-    state = build(cfg, data, T, table["m"], device, gen, rng)
+    state = build(cfg, data, T, table["m"], device, gen, rng, ranks)
+    data, T = keep_shard(cfg, data, T, ranks)
     if ckpt:
         restore(state, ckpt, cfg, run.checkpoint)
-    log = utils.RunLog(run.folder / "log.jsonl", resume_at=("step", state.step) if args.resume else None)
+    log = utils.RunLog(run.folder / "log.jsonl", resume_at=("step", state.step) if args.resume else None) \
+        if ranks.main else (lambda **row: row)
     base = describe(cfg, table, state, data, inputs, target_scale, args, run, device)
     if not args.resume:
         # the set before any outer step (main_evaluate's init_only row): what the bilevel loop adds is the difference
-        save_set(run.folder / utils.INIT_ONLY, state.distilled, {**base, "steps": 0, "schedule": []}, cfg, data,
-                 (argv, None, None))
+        if ranks.main:
+            save_set(run.folder / utils.INIT_ONLY, state.distilled, {**base, "steps": 0, "schedule": []}, cfg, data,
+                     (argv, None, None))
         t0 = time.time()
         state.pool.stagger(*state.distilled(), state.rng)
         print(f"model pool staggered (ages {state.pool.ages}) in {time.time() - t0:.1f}s")
 
     # ---------------------------------------------------------------- the bilevel loop, then the assets
     distill(state, data, T, cfg, inputs, run, log, argv, base)
+    if not ranks.main:  # rank 0 writes the assets
+        return None
     approx_errors = save_set(run.folder, state.distilled, {**base, "steps": state.step, "schedule": state.schedule},
                              cfg, data, (argv, run.checkpoint, f"step {state.step}"))
     c = state.curve

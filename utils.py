@@ -87,7 +87,7 @@ def cli(main, script):
 # ============================================================================================
 # Config: one schema, YAML is the only source of hyperparameters (SPEC: every default in YAML)
 # ============================================================================================
-DATASETS = ("CIFAR10", "CIFAR100", "STANFORD_DOGS", "TINY_IMAGENET", "DIGITS")
+DATASETS = ("CIFAR10", "CIFAR100", "STANFORD_DOGS", "TINY_IMAGENET", "IMAGENET64", "DIGITS")
 PRECISIONS = ("float32", "tf32", "bfloat16")  # numerics of a frozen-network pass on CUDA (utils.precision)
 
 
@@ -126,6 +126,8 @@ SCHEMA = {
         "target_rms": Key(float, POS_REAL, "teacher targets scaled by one constant to this root-mean-square"),
         "target_precision": Key(PRECISIONS, ANY, "numerics of the teacher-target pass on CUDA"),
         "cache_dir": Key(str, ANY, "folder for decoded-image caches; '' = beside the data"),
+        "shard": Key(bool, ANY, "main_distill.py under torchrun: each rank keeps only its 1/W of the train images "
+                     "and teacher targets"),
     },
     "network": {"width": Key(int, POSITIVE, "first-stage channels of every ResNet-18 (64 = standard); d_y = 8 x width")},
     "pretrain": {
@@ -629,6 +631,10 @@ DOGS_LAYOUT = ("data/stanford-dogs/images/Images/<wnid>-<Breed>/*.jpg (120 breed
                "optionally data/stanford-dogs/{train_list.mat, test_list.mat}")
 TINY_LAYOUT = ("data/tiny-imagenet-200/{wnids.txt, train/<wnid>/images/*.JPEG, val/images/*.JPEG, "
                "val/val_annotations.txt} (the official tiny-imagenet-200.zip, 64x64)")
+IMAGENET64_LAYOUT = ("data/imagenet64/{train_data_batch_1..10, val_data} (the downsampled ImageNet 64x64 release's "
+                     "python pickles, Imagenet64_train_part1/2.zip and Imagenet64_val.zip unpacked into one folder: "
+                     "'data' uint8 (n, 12288) in R, G, B planes, 'labels' 1..1000)")
+IMAGENET64_TRAIN = [f"train_data_batch_{i}" for i in range(1, 11)]
 DOGS_TRAIN_PER_BREED = 100  # the official split's count, used when no .mat lists are present
 DIGITS_TEST_FRACTION = 0.25  # fixed stratified split of scikit-learn's 1,797 digits
 
@@ -669,6 +675,40 @@ def _cifar_arrays(path, label_key, layout, num_classes):
                            f"(32 x 32 x 3 channel planes per row); expected layout: {layout}")
     x = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
     return x, check_labels(labels, len(x), num_classes, f"{path}: '{label_key}'")
+
+
+def _imagenet64_arrays(path):
+    """One Imagenet64x64 pickle: 'data' uint8 (n, 12288) in R, G, B planes, 'labels' 1-based in [1, 1000]."""
+    if not path.is_file():
+        raise DatasetError(f"missing {path}; expected layout: {IMAGENET64_LAYOUT}")
+    try:
+        d = _unpickle(path)
+        data, labels = np.asarray(d["data"]), np.asarray(d["labels"])
+    except Exception as e:  # truncated file, not a pickle, wrong keys
+        raise DatasetError(f"could not read {path} as an Imagenet64x64 pickle ({type(e).__name__}: {e}); "
+                           f"expected layout: {IMAGENET64_LAYOUT}") from None
+    if data.ndim != 2 or data.shape[1] != 3 * 64 * 64 or data.dtype != np.uint8:
+        raise DatasetError(f"{path}: 'data' is {data.dtype} of shape {data.shape}; expected uint8 (n, 12288) "
+                           f"(64 x 64 x 3 channel planes per row); expected layout: {IMAGENET64_LAYOUT}")
+    if labels.size and np.issubdtype(labels.dtype, np.integer) and (labels.min() < 1 or labels.max() > 1000):
+        raise DatasetError(f"{path}: 'labels' range over [{labels.min()}, {labels.max()}]; the release's labels are "
+                           f"1-based: 1..1000")
+    x = torch.from_numpy(data.reshape(-1, 3, 64, 64))
+    return x, check_labels(labels - 1 if np.issubdtype(labels.dtype, np.integer) else labels, len(x), 1000,
+                           f"{path}: 'labels'")
+
+
+def load_imagenet64(root):
+    """Downsampled ImageNet at 64 px: ten train pickles and the val pickle (the test split); every file checked."""
+    folder = Path(root) / "imagenet64"
+    if not folder.is_dir():
+        raise DatasetError(f"ImageNet 64x64 folder not found: {folder}; expected layout: {IMAGENET64_LAYOUT}")
+    missing = [f for f in IMAGENET64_TRAIN + ["val_data"] if not (folder / f).is_file()]
+    if missing:
+        raise DatasetError(f"{folder} lacks {', '.join(missing)}; expected layout: {IMAGENET64_LAYOUT}")
+    parts = [_imagenet64_arrays(folder / f) for f in IMAGENET64_TRAIN]
+    test_x, test_y = _imagenet64_arrays(folder / "val_data")
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), test_x, test_y, 1000
 
 
 def check_labels(labels, n, num_classes, where):
@@ -902,6 +942,8 @@ def load_dataset(name, root, resolution, train_subset=0, cache_dir=""):
         parts = load_stanford_dogs(root, resolution, cache_dir)
     elif name == "TINY_IMAGENET":
         parts = load_tiny_imagenet(root, resolution, cache_dir)
+    elif name == "IMAGENET64":
+        parts = load_imagenet64(root)
     elif name == "DIGITS":
         parts = load_digits(resolution)
     else:

@@ -85,3 +85,19 @@ def make_tiny_imagenet(root, classes=3, per_class=4, val_per_class=2, seed=0):
             labels[name] = i
     (folder / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
     return folder, labels
+
+
+def make_imagenet64(root, per_batch=2, val=3, bytes_keys=False, seed=0):
+    """root/imagenet64/{train_data_batch_1..10, val_data} in the Imagenet64x64 release's layout: 'data' uint8
+    (n, 12288) in R, G, B planes, 'labels' 1-based (1..1000), 'mean' in the train batches; returns {file: (data,
+    labels)}."""
+    rng = np.random.default_rng(seed)
+    folder = Path(root) / "imagenet64"
+    written = {}
+    for name, n in [(f"train_data_batch_{i}", per_batch) for i in range(1, 11)] + [("val_data", val)]:
+        data = rng.integers(0, 256, (n, 12288), dtype=np.uint8)
+        labels = [int(v) for v in rng.integers(1, 1001, n)]
+        d = {"data": data, "labels": labels, **({"mean": data.mean(0)} if name != "val_data" else {})}
+        write_pickle(folder / name, d, bytes_keys)
+        written[name] = (data, labels)
+    return written

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import utils
-from conftest import REPO, make_cifar10, make_dogs, make_tiny_imagenet, write_mat_list, write_pickle
+from conftest import REPO, make_cifar10, make_dogs, make_imagenet64, make_tiny_imagenet, write_mat_list, write_pickle
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,3 +336,40 @@ def test_a_malformed_tiny_imagenet_names_the_path(tmp_path, break_it, names):
     break_it(folder)
     with pytest.raises(utils.DatasetError, match=re.escape(names)):
         utils.load_dataset("TINY_IMAGENET", tmp_path, 16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Downsampled ImageNet 64x64 (the Imagenet64x64 release's pickles)
+# ---------------------------------------------------------------------------------------------
+def test_imagenet64_reads_the_release_layout(tmp_path):
+    written = make_imagenet64(tmp_path)
+    d = utils.load_dataset("IMAGENET64", tmp_path, 64)
+    rows = np.concatenate([written[f"train_data_batch_{i}"][0] for i in range(1, 11)])
+    assert d.train_x.shape == (20, 3, 64, 64) and d.test_x.shape == (3, 3, 64, 64) and d.num_classes == 1000
+    assert np.array_equal(d.train_x.numpy(), rows.reshape(-1, 3, 64, 64))  # R, G, B planes, each row-major
+    assert d.train_x[1, 1, 2, 0].item() == rows[1, 4096 + 2 * 64]
+    labels = sum((written[f"train_data_batch_{i}"][1] for i in range(1, 11)), [])
+    assert d.train_y.tolist() == [v - 1 for v in labels]  # 1-based in the files
+    assert d.test_y.tolist() == [v - 1 for v in written["val_data"][1]]
+    make_imagenet64(tmp_path / "b", bytes_keys=True)
+    small = utils.load_dataset("IMAGENET64", tmp_path / "b", 32)
+    assert small.train_x.shape == (20, 3, 32, 32)  # Python 2 pickles (bytes keys), resized once at load
+
+
+@pytest.mark.parametrize("break_it, names", [
+    (lambda f: (f / "train_data_batch_7").unlink(), "lacks train_data_batch_7"),
+    (lambda f: (f / "val_data").unlink(), "lacks val_data"),
+    (lambda f: (f / "train_data_batch_2").write_bytes(b"not a pickle"), "train_data_batch_2 as an Imagenet64x64"),
+    (lambda f: write_pickle(f / "val_data", {"data": np.zeros((2, 3072), np.uint8), "labels": [1, 2]}, False),
+     "val_data: 'data' is uint8 of shape (2, 3072)"),
+    (lambda f: write_pickle(f / "val_data", {"data": np.zeros((2, 12288), np.uint8), "labels": [0, 2]}, False),
+     "val_data: 'labels' range over [0, 2]; the release's labels are 1-based"),
+    (lambda f: write_pickle(f / "val_data", {"data": np.zeros((2, 12288), np.uint8), "labels": [1, 1001]}, False),
+     "val_data: 'labels' range over [1, 1001]"),
+    (lambda f: shutil.rmtree(f), "ImageNet 64x64 folder not found"),
+])
+def test_a_malformed_imagenet64_names_the_file(tmp_path, break_it, names):
+    make_imagenet64(tmp_path)
+    break_it(tmp_path / "imagenet64")
+    with pytest.raises(utils.DatasetError, match=re.escape(names)):
+        utils.load_dataset("IMAGENET64", tmp_path, 64)
