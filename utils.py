@@ -1702,6 +1702,16 @@ def all_finite(tensors):
     return bool(torch.stack([t.isfinite().all() for t in tensors]).all()) if tensors else True
 
 
+def launcher():
+    """How this process was started, for a printed command: python, or torchrun with the same process counts."""
+    world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if world <= 1:
+        return "python"
+    if world == local:
+        return f"torchrun --standalone --nproc_per_node={world}"
+    return f"torchrun --nnodes={world // local} --nproc_per_node={local} <your rendezvous flags>"
+
+
 def non_finite_stop(what, script, argv, lr_key, lr, checkpoint=None, saved=None):
     """The one stop of all three scripts at a non-finite value: a RunStopped saying what went non-finite and the
     command that goes on: the one the run was started with (every flag and override kept) with `lr_key` at a
@@ -1718,7 +1728,7 @@ def non_finite_stop(what, script, argv, lr_key, lr, checkpoint=None, saved=None)
             allowed += [k for k in a.split("=", 1)[1].split(",") if k and k != lr_key]
         else:
             keep.append(a)
-    command = "python " + shlex.join([script] + keep)
+    command = f"{launcher()} " + shlex.join([script] + keep)
     lower = f"--{lr_key}={lr / 10:.3g}"
     if checkpoint is None or not Path(checkpoint).is_file():
         hint = f"start again with a lower {lr_key}: `{command} --overwrite {lower}`"

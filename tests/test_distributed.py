@@ -34,6 +34,19 @@ def kill_tree(pid):
     os.kill(pid, signal.SIGKILL)
 
 
+def kill_at_first_checkpoint(args, checkpoint):
+    """torchrun `args` until `checkpoint` appears, then SIGKILL torchrun and both workers (kill_tree)."""
+    first = subprocess.Popen(TORCHRUN + [str(a) for a in args], cwd=REPO, env=ENV,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    t0 = time.time()
+    while not checkpoint.exists():
+        assert first.poll() is None, first.stdout.read()
+        assert time.time() - t0 < 300
+        time.sleep(0.02)
+    kill_tree(first.pid)
+    first.communicate()
+
+
 def torchrun(args, cwd, **kw):
     run = subprocess.run(TORCHRUN + [str(a) for a in args], cwd=cwd, capture_output=True, text=True, env=ENV,
                          timeout=600, **kw)
@@ -59,15 +72,7 @@ def test_teacher_under_torchrun_finishes_loads_and_resumes_after_a_kill(tmp_path
                        pretrain__save_every=1, pretrain__knn_every=6)  # the kill lands with 11 epochs to go
     args = ["pretrain.py", "DIGITS", "--config", str(cfg), "--out", str(tmp_path / "t"), *CPU]
     run = tmp_path / "t" / "resnet18_barlow_twins_digits_run"
-    first = subprocess.Popen(TORCHRUN + args, cwd=REPO, env=ENV,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    t0 = time.time()
-    while not (run / "checkpoint.pth").exists():
-        assert first.poll() is None, first.stdout.read()
-        assert time.time() - t0 < 300
-        time.sleep(0.05)
-    kill_tree(first.pid)  # torchrun and both workers, right after the first checkpoint
-    first.communicate()
+    kill_at_first_checkpoint(args, run / "checkpoint.pth")
     teacher = tmp_path / "t" / "resnet18_barlow_twins_digits.pth"
     assert not teacher.exists()
     plain = subprocess.run([sys.executable] + args + ["--resume"], cwd=REPO, env=ENV, capture_output=True, text=True)
@@ -118,15 +123,7 @@ def test_distillation_under_torchrun(tmp_path):
     run = ["main_distill.py", "--config", cfg, "--teacher", teacher, *CPU, "--data.shard=true",
            "--distillation.steps=40", "--distillation.save_every=10", "--distillation.log_every=10"]
     folder = tmp_path / "killed"
-    first = subprocess.Popen(TORCHRUN + [str(a) for a in run + ["--out", folder]], cwd=REPO, env=ENV,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    t0 = time.time()
-    while not (folder / "checkpoint.pth").exists():
-        assert first.poll() is None, first.stdout.read()
-        assert time.time() - t0 < 300
-        time.sleep(0.02)
-    kill_tree(first.pid)  # torchrun and both ranks, right after the step-10 checkpoint (30 steps to go)
-    first.communicate()
+    kill_at_first_checkpoint(run + ["--out", folder], folder / "checkpoint.pth")  # at step 10, 30 steps to go
     assert not (folder / "distilled_data.pth").exists()
     with pytest.raises(utils.InputError, match="written by 2 process.*with per-rank batch generators.*"
                                                "torchrun --nproc_per_node=2"):
@@ -145,7 +142,8 @@ def test_distillation_under_torchrun(tmp_path):
         # measured here 3.9e-4 and 2.5e-5. A missing rank's share would be of the order of 1.
         assert m["grad_max"] > 0 and m["grad_rel_diff"] < 2e-3, m
         assert m["pool_rel_diff"] < 1e-5 and m["ages"][0] == m["ages"][1], m  # the inner step, BatchNorm over both
-        assert m["stagger_pool_rel_diff"] < 1e-5, m
+        # the stagger's ~13 inner steps carry the split sums' rounding on (with momentum): 4.1e-5 measured at width 16
+        assert m["stagger_pool_rel_diff"] < 2e-4, m
         assert m["ranks_identical_after_20"] and m["tensors_compared"] > 20, m
         assert m["guard"] and "diverged by step 20" in m["guard"] and "rank(s) [1]" in m["guard"], m
     whole, resumed = (torch.load(f / "checkpoint.pth", weights_only=False) for f in (tmp_path / "whole", folder))

@@ -232,6 +232,19 @@ def hint_command(message):
     return argv[1], argv[2:]
 
 
+def test_the_nan_hint_under_torchrun_starts_as_many_processes(monkeypatch):
+    """A run started by torchrun is continued by torchrun with the same process counts, not by plain python."""
+    stop = lambda: str(utils.non_finite_stop("loss", "main_distill.py", ["--config", "c.yaml"], "distillation.lr_image",
+                                             0.01))
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert "`torchrun --standalone --nproc_per_node=4 main_distill.py --config c.yaml --overwrite" in stop()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert "`torchrun --nnodes=2 --nproc_per_node=2 <your rendezvous flags> main_distill.py" in stop()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert "`python main_distill.py --config c.yaml --overwrite --distillation.lr_image=0.001`" in stop()
+
+
 @pytest.mark.parametrize("group", ["lr_repr", "lr_image"])
 def test_the_nan_hint_names_the_group_that_diverged_and_its_command_runs_as_printed(tmp_path, monkeypatch, group):
     """The hint always lowered lr_image; when lr_repr diverged, its command diverged again (the resumed optimizer also
