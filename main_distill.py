@@ -169,26 +169,34 @@ def init_distilled(cfg, data, T, m, gen):
 
 def pca_distilled(cfg, data, T, idx):
     """SPEC 2: PCA bases of the train images and teacher targets; coefficients of the real images idx."""
-    P, bs = cfg["parameterization"], cfg["data"]["eval_batch_size"]
-    X_low = torch.cat([downsample(utils.normalize(x, data.mean, data.std), P["image_basis_size"])
-                       for x in data.train_x.split(bs)])  # (N_train, 3 r_b^2)
-    mu_x, B_x = pca(X_low, P["U"])
+    P = cfg["parameterization"]
+    low = lambda x: downsample(utils.normalize(x, data.mean, data.std), P["image_basis_size"])  # (n, 3 r_b^2)
+    mu_x, B_x = pca(lambda: (low(x) for x in data.train_x.split(PCA_ROWS)), P["U"])
     mu_y, B_y = pca(T[:, 0], P["V"])
-    C_x = (X_low[idx] - mu_x) @ B_x.T
+    C_x = (low(data.train_x[idx]) - mu_x) @ B_x.T
     C_y = (T[idx, 0] - mu_y) @ B_y.T
     C_yk = (T[idx, 1:] - mu_y).transpose(0, 1) @ B_y.T  # (K-1, m, V)
     return PCADistilled(mu_x, B_x, C_x, mu_y, B_y, C_y, C_yk, cfg["augmentations"]["rotate"],
                         data.train_x.shape[-1], P["learn_bases"])
 
 
+PCA_ROWS = 16384  # rows per float64 chunk of pca(): its memory is O(D^2 + PCA_ROWS D), not a float64 copy of X
+
+
 def pca(X, k):
-    """Top-k principal directions of the rows of X: (mean (D,), basis (k, D) with orthonormal rows)."""
-    X = X.double()
-    mu = X.mean(0)
-    Xc = X - mu
-    evals, evecs = torch.linalg.eigh(Xc.T @ Xc / X.shape[0])  # ascending
-    if k > X.shape[1]:
-        raise utils.ConfigError(f"asked for {k} PCA components of {X.shape[1]}-d data")
+    """Top-k principal directions of the rows of X: (mean (D,), basis (k, D) with orthonormal rows). X is a
+    tensor, or a function returning an iterable of row chunks (read twice), so that a source of a million images
+    (IMAGENET64: 1.28M x 3,072 downsampled values) never exists whole, let alone in float64: the mean and the
+    centred covariance are summed chunk by chunk in float64."""
+    chunks = (lambda: X.split(PCA_ROWS)) if torch.is_tensor(X) else X
+    n, total = 0, 0
+    for x in chunks():
+        n, total = n + len(x), total + x.double().sum(0)
+    mu = total / n
+    cov = sum(c.T @ c for c in (x.double() - mu for x in chunks())) / n
+    if k > cov.shape[0]:
+        raise utils.ConfigError(f"asked for {k} PCA components of {cov.shape[0]}-d data")
+    evals, evecs = torch.linalg.eigh(cov)  # ascending
     return mu.float(), evecs[:, -k:].flip(1).T.contiguous().float()
 
 

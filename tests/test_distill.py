@@ -90,6 +90,20 @@ def test_pca_reconstructs_with_its_mean():
     assert torch.allclose(mu + (X - mu) @ B.T @ B, X, atol=1e-4)
 
 
+def test_pca_in_chunks_is_the_one_shot_pca(monkeypatch):
+    """pca() sums the mean and the centred covariance chunk by chunk in float64 (a million-image source never
+    exists whole in float64): with chunks of 7 rows it gives the one-shot float64 PCA's mean and basis."""
+    X = (torch.randn(100, 6, generator=torch.Generator().manual_seed(0)) @ torch.randn(6, 6)).float() + 3.0
+    Xd = X.double()
+    mu_ref = Xd.mean(0)
+    evecs = torch.linalg.eigh((Xd - mu_ref).T @ (Xd - mu_ref) / len(X))[1]
+    B_ref = evecs[:, -4:].flip(1).T.float()
+    monkeypatch.setattr(main_distill, "PCA_ROWS", 7)
+    for source in (X, lambda: X.split(7)):
+        mu, B = main_distill.pca(source, 4)
+        assert torch.allclose(mu, mu_ref.float(), atol=1e-6) and torch.allclose(B, B_ref, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------- SPEC 4
 def test_krr_prediction_matches_direct_solve():
     torch.manual_seed(0)
