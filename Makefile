@@ -55,8 +55,8 @@ cifar10-quick:
 # configs/cifar10_gpu.yaml end to end, every phase skipped with its reason when it cannot finish within
 # --budget-s (480 s); re-running skips finished phases. Report: gpu_session/ (4 small files). Needs
 # data/cifar-10-python/ (the 20,000-image subset is enough). Exits 1 without CUDA.
-gpu-session:
-	$(PYTHON) tests/gpu_session.py --out gpu_session --work gpu_session_work --budget-s 480
+gpu-session:  # SET='distillation.compile_features=true distillation.fold_bn=true': the reproduction with levers on
+	$(PYTHON) tests/gpu_session.py --out gpu_session --work gpu_session_work --budget-s 480 $(foreach s,$(SET),--set $(s))
 
 # Where distillation pays (docs/results.md, 2026-12-01 entry): 1 thread per job, as measured. Both targets are at
 # the parameterization the levers started from (r_b = 8, U = V = 100; the default is now r_b = 16, U = V = 50).

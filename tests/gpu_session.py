@@ -2,6 +2,7 @@
 
     python tests/gpu_session.py                    # on a CUDA machine; exits 1 without CUDA
     python tests/gpu_session.py --budget-s 300 --data-root /data --out gpu_session --work gpu_session_work
+    python tests/gpu_session.py --set distillation.compile_features=true --out gs_compiled --work gs_compiled_work
 
 Made for a lent GPU that comes as one command of at most 10 minutes, with nothing kept afterwards. Phases, in order
 (the cheap evidence first, torch.compile's last):
@@ -110,7 +111,10 @@ class Session:
         self.cfg = utils.load_config(self.config, utils.parse_overrides(self.overrides))
         previous = self.out / "gpu_session.json"
         data = read_report(previous) if previous.is_file() else {}
-        data.update(versions=gpu_check.versions(device), budget_s=budget_s)
+        if data and data.get("overrides", {}) != (overrides or {}):  # its finished phases ran other settings
+            sys.exit(f"gpu_session: {previous} was written with --set {data.get('overrides', {})}, this run has "
+                     f"{overrides or {}}: give it another --out and --work")
+        data.update(versions=gpu_check.versions(device), budget_s=budget_s, overrides=overrides or {})
         data.setdefault("phases", {})
         self.report = gpu_check.Report(self.out, "gpu_session", markdown, data)
         self.report.write()  # the import/version line first
@@ -353,7 +357,8 @@ def markdown(report):
     """The report: versions, every phase (status, estimate, wall time, peak memory), the rates and fractions of the
     machine, the checks, the levers, the tables, and each failure verbatim."""
     lines = ["# GPU session", "", " ".join(f"{k} `{v}`" for k, v in report["versions"].items()),
-             f"budget {report['budget_s']:g} s" + (f", ran {report['seconds']:.0f} s" if "seconds" in report else ""),
+             f"budget {report['budget_s']:g} s" + (f", ran {report['seconds']:.0f} s" if "seconds" in report else "")
+             + (f"; the reproduction's scripts ran with --set {report['overrides']}" if report.get("overrides") else ""),
              "", "| phase | status | estimate (s) | wall (s) | peak GPU memory (GiB) | note |", "|---|---|---|---|---|---|"]
     fmt = lambda v, f: "-" if v is None else format(v, f)
     phases = report["phases"]
@@ -385,17 +390,32 @@ def markdown(report):
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None):
+def parse_args(argv=None):
+    """(arguments, the --set overrides as a dict), every override checked against the config's schema."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget-s", type=float, default=480, help="deadline in seconds for the whole session")
     p.add_argument("--out", default="gpu_session", help="the report's folder (at most 4 small files)")
     p.add_argument("--work", default="gpu_session_work", help="the scripts' outputs (teacher, sets, evaluation)")
     p.add_argument("--data-root", default="data", help="the folder that holds cifar-10-python/")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for the reproduction's scripts (repeatable), e.g. "
+                        "--set distillation.compile_features=true: the whole cifar10_gpu run with a lever on")
     args = p.parse_args(argv)
-    gpu_check.require_cuda("gpu_session")
     if not args.budget_s > 0:
         sys.exit(f"gpu_session: --budget-s must be > 0, got {args.budget_s}")
-    report = Session(args.out, args.work, utils.get_device("cuda"), args.budget_s, args.data_root).run()
+    try:
+        overrides = utils.parse_overrides([f"--{s}" for s in args.set])
+        utils.load_config(CONFIG, overrides)
+    except utils.UserError as e:
+        sys.exit(f"gpu_session: --set: {utils.first_line(e)}")
+    return args, overrides
+
+
+def main(argv=None):
+    args, overrides = parse_args(argv)
+    gpu_check.require_cuda("gpu_session")
+    report = Session(args.out, args.work, utils.get_device("cuda"), args.budget_s, args.data_root,
+                     overrides=overrides).run()
     print(markdown(report))
     bad = [n for n, ph in report["phases"].items() if ph["status"] == "failed"]
     if bad:

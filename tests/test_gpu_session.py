@@ -138,3 +138,25 @@ def test_the_command_refuses_without_cuda(tmp_path):
     run = subprocess.run([sys.executable, str(REPO / "tests" / "gpu_session.py"), "--out", str(tmp_path / "r")],
                          capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 1 and "no CUDA device" in run.stderr and not (tmp_path / "r").exists()
+
+
+def test_set_overrides_reach_the_scripts_and_a_bad_one_is_one_line(tmp_path):
+    """--set runs the whole reproduction with a lever on (the evidence a default needs); a key or value the
+    schema refuses stops before anything runs, in one line."""
+    _, overrides = gpu_session.parse_args(["--set", "distillation.compile_features=true",
+                                           "--set", "distillation.real_features=bfloat16"])
+    assert overrides == {"distillation.compile_features": True, "distillation.real_features": "bfloat16"}
+    run = subprocess.run([sys.executable, str(REPO / "tests" / "gpu_session.py"), "--set", "distillation.fold=true",
+                          "--out", str(tmp_path / "r")], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 1 and run.stderr.startswith("gpu_session: --set: ") and "distillation.fold" in run.stderr
+    assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
+
+
+def test_a_report_of_other_overrides_is_not_continued(tmp_path):
+    """A rerun skips the phases its report has done: with other --set overrides those would be other settings'."""
+    args = (tmp_path / "r", tmp_path / "w", torch.device("cpu"), 10, tmp_path)
+    gpu_session.Session(*args, overrides={"distillation.fold_bn": True})
+    gpu_session.Session(*args, overrides={"distillation.fold_bn": True})  # the same: continued
+    assert "ran with --set {'distillation.fold_bn': True}" in (tmp_path / "r" / "gpu_session.md").read_text()
+    with pytest.raises(SystemExit, match="written with --set .*fold_bn.*another --out and --work"):
+        gpu_session.Session(*args)
