@@ -659,43 +659,30 @@ def _unpickle(path):
     return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in d.items()}
 
 
-def _cifar_arrays(path, label_key, layout, num_classes):
-    """One official CIFAR pickle: 'data' uint8 (n, 3072) in R, G, B planes and n labels in [0, num_classes)."""
+def _plane_arrays(path, label_key, layout, num_classes, side=32, kind="a CIFAR", first_label=0):
+    """One pickle of the CIFAR format (official CIFAR, and the Imagenet64x64 release at side 64 with 1-based labels):
+    'data' uint8 (n, 3 side^2) in R, G, B planes and n labels in [first_label, first_label + num_classes)."""
     if not path.is_file():
         raise DatasetError(f"missing {path}; expected layout: {layout}")
     try:
         d = _unpickle(path)
         data, labels = d["data"], d[label_key]
     except Exception as e:  # truncated file, not a pickle, wrong keys
-        raise DatasetError(f"could not read {path} as a CIFAR pickle ({type(e).__name__}: {e}); "
+        raise DatasetError(f"could not read {path} as {kind} pickle ({type(e).__name__}: {e}); "
                            f"expected layout: {layout}") from None
     data = np.asarray(data)
-    if data.ndim != 2 or data.shape[1] != 3072 or data.dtype != np.uint8:
-        raise DatasetError(f"{path}: 'data' is {data.dtype} of shape {data.shape}; expected uint8 (n, 3072) "
-                           f"(32 x 32 x 3 channel planes per row); expected layout: {layout}")
-    x = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
+    if data.ndim != 2 or data.shape[1] != 3 * side * side or data.dtype != np.uint8:
+        raise DatasetError(f"{path}: 'data' is {data.dtype} of shape {data.shape}; expected uint8 (n, "
+                           f"{3 * side * side}) ({side} x {side} x 3 channel planes per row); expected layout: {layout}")
+    if first_label:
+        labels = np.asarray(labels)
+        if labels.size and np.issubdtype(labels.dtype, np.integer):
+            if labels.min() < first_label or labels.max() >= first_label + num_classes:
+                raise DatasetError(f"{path}: '{label_key}' range over [{labels.min()}, {labels.max()}]; the "
+                                   f"release's labels are 1-based: 1..{num_classes}")
+            labels = labels - first_label
+    x = torch.from_numpy(data.reshape(-1, 3, side, side).copy())
     return x, check_labels(labels, len(x), num_classes, f"{path}: '{label_key}'")
-
-
-def _imagenet64_arrays(path):
-    """One Imagenet64x64 pickle: 'data' uint8 (n, 12288) in R, G, B planes, 'labels' 1-based in [1, 1000]."""
-    if not path.is_file():
-        raise DatasetError(f"missing {path}; expected layout: {IMAGENET64_LAYOUT}")
-    try:
-        d = _unpickle(path)
-        data, labels = np.asarray(d["data"]), np.asarray(d["labels"])
-    except Exception as e:  # truncated file, not a pickle, wrong keys
-        raise DatasetError(f"could not read {path} as an Imagenet64x64 pickle ({type(e).__name__}: {e}); "
-                           f"expected layout: {IMAGENET64_LAYOUT}") from None
-    if data.ndim != 2 or data.shape[1] != 3 * 64 * 64 or data.dtype != np.uint8:
-        raise DatasetError(f"{path}: 'data' is {data.dtype} of shape {data.shape}; expected uint8 (n, 12288) "
-                           f"(64 x 64 x 3 channel planes per row); expected layout: {IMAGENET64_LAYOUT}")
-    if labels.size and np.issubdtype(labels.dtype, np.integer) and (labels.min() < 1 or labels.max() > 1000):
-        raise DatasetError(f"{path}: 'labels' range over [{labels.min()}, {labels.max()}]; the release's labels are "
-                           f"1-based: 1..1000")
-    x = torch.from_numpy(data.reshape(-1, 3, 64, 64))
-    return x, check_labels(labels - 1 if np.issubdtype(labels.dtype, np.integer) else labels, len(x), 1000,
-                           f"{path}: 'labels'")
 
 
 def load_imagenet64(root):
@@ -706,8 +693,9 @@ def load_imagenet64(root):
     missing = [f for f in IMAGENET64_TRAIN + ["val_data"] if not (folder / f).is_file()]
     if missing:
         raise DatasetError(f"{folder} lacks {', '.join(missing)}; expected layout: {IMAGENET64_LAYOUT}")
-    parts = [_imagenet64_arrays(folder / f) for f in IMAGENET64_TRAIN]
-    test_x, test_y = _imagenet64_arrays(folder / "val_data")
+    read = lambda f: _plane_arrays(folder / f, "labels", IMAGENET64_LAYOUT, 1000, 64, "an Imagenet64x64", 1)
+    parts = [read(f) for f in IMAGENET64_TRAIN]
+    test_x, test_y = read("val_data")
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), test_x, test_y, 1000
 
 
@@ -736,8 +724,8 @@ def load_cifar10(root):
         folder = Path(root) / "cifar-10-batches-py"  # the official archive's folder name
     if not folder.is_dir():
         raise DatasetError(f"CIFAR-10 folder not found: {folder}; expected layout: {CIFAR10_LAYOUT}")
-    parts = [_cifar_arrays(folder / f"data_batch_{i}", "labels", CIFAR10_LAYOUT, 10) for i in range(1, 6)]
-    test_x, test_y = _cifar_arrays(folder / "test_batch", "labels", CIFAR10_LAYOUT, 10)
+    parts = [_plane_arrays(folder / f"data_batch_{i}", "labels", CIFAR10_LAYOUT, 10) for i in range(1, 6)]
+    test_x, test_y = _plane_arrays(folder / "test_batch", "labels", CIFAR10_LAYOUT, 10)
     train_x = torch.cat([p[0] for p in parts])
     train_y = torch.cat([p[1] for p in parts])
     return train_x, train_y, test_x, test_y, 10
@@ -759,8 +747,8 @@ def load_cifar100(root):
             first = (str(e).strip().splitlines() or [""])[0]
             raise DatasetError(f"CIFAR-100 not found at {folder} and the download failed ({type(e).__name__}: "
                                f"{first}); put the files there by hand: {CIFAR100_LAYOUT}") from None
-    train_x, train_y = _cifar_arrays(folder / "train", "fine_labels", CIFAR100_LAYOUT, 100)
-    test_x, test_y = _cifar_arrays(folder / "test", "fine_labels", CIFAR100_LAYOUT, 100)
+    train_x, train_y = _plane_arrays(folder / "train", "fine_labels", CIFAR100_LAYOUT, 100)
+    test_x, test_y = _plane_arrays(folder / "test", "fine_labels", CIFAR100_LAYOUT, 100)
     return train_x, train_y, test_x, test_y, 100
 
 
