@@ -297,39 +297,22 @@ class ModelPool:
     def inner_step(self, j, X, Y):
         """One SGD step of model j on MSE(f(X_s), Y_s), train mode, X_s and Y_s detached (SPEC 4.6-7).
         With a chunk size, gradients accumulate over strided chunks (each holds every view alike), and
-        BatchNorm normalises each chunk by its own statistics."""
-        if self.ranks.world > 1:
-            return self.inner_step_ranks(j, X, Y)
-        f, n = self.models[j].train(), math.ceil(len(X) / (self.chunk or len(X)))
+        BatchNorm normalises each chunk by its own statistics. Under torchrun the step is data-parallel: rank r
+        takes its contiguous part of the K m views (rank_slice) in the single process's number of strided chunks
+        (BatchNorm normalises chunk c over every rank's chunk c: the single process's chunk c when the chunk count
+        divides each part, and always without chunks); each rank's loss is its share of the mean over all K m
+        views, the gradients summed by one all_reduce, then the same SGD step on every rank."""
+        f = self.models[j].train()
+        n = min(math.ceil(len(X) / (self.chunk or len(X))), max(len(X) // self.ranks.world, 1))  # alike on all ranks
+        part = rank_slice(len(X), self.ranks)
+        X_r, Y_r = X[part], Y[part]
         self.opts[j].zero_grad(set_to_none=True)
         for c in range(n):
-            x, y = X[c::n].detach(), Y[c::n].detach()
+            x, y = X_r[c::n].detach(), Y_r[c::n].detach()
             with utils.autocast(self.device):
                 loss = models.mse(f(utils.to_channels_last(x, self.device)), y)
-            (loss * (len(x) / len(X)) if n > 1 else loss).backward()  # the mean over all K m views
-        self.opts[j].step()
-        self.ages[j] += 1
-        if self.ages[j] >= self.mp["inner_loop_steps_Z"]:
-            self.reset(j)
-
-    def inner_step_ranks(self, j, X, Y):
-        """The inner step data-parallel: rank r takes its contiguous part of the K m views (rank_slice), in the
-        single process's number of strided chunks; BatchNorm normalises chunk c over every rank's chunk c (the
-        single process's chunk c when the chunk count divides each part, and always without chunks); each rank's
-        loss is its share of the mean over all K m views, the gradients summed by one all_reduce, then the same
-        SGD step on every rank."""
-        f, part = self.models[j].train(), rank_slice(len(X), self.ranks)
-        shortest = len(X) // self.ranks.world
-        n = min(math.ceil(len(X) / (self.chunk or len(X))), max(shortest, 1))  # the same count on every rank
-        x_r, y_r = X[part].detach(), Y[part].detach()
-        self.opts[j].zero_grad(set_to_none=True)
-        for c in range(n):
-            x, y = x_r[c::n], y_r[c::n]
-            with utils.autocast(self.device):
-                loss = models.mse(f(utils.to_channels_last(x, self.device)), y)
-            (loss * (len(x) / len(X))).backward()
-        params = [p for p in f.parameters() if p.grad is not None]
-        all_reduce_flat([p.grad for p in params], self.ranks)
+            (loss * (len(x) / len(X)) if len(x) < len(X) else loss).backward()  # the mean over all K m views
+        all_reduce_flat([p.grad for p in f.parameters() if p.grad is not None], self.ranks)
         self.opts[j].step()
         self.ages[j] += 1
         if self.ages[j] >= self.mp["inner_loop_steps_Z"]:
@@ -526,54 +509,40 @@ def make_optimizer(distilled, dc, fused=False):
     return torch.optim.AdamW(distilled.param_groups(dc), weight_decay=0.0, **({"fused": True} if fused else {}))
 
 
-def outer_step(distilled, pool, data, T, dc, opt, sched, gen, rng):
+def outer_step(distilled, pool, data, T, dc, opt, sched, gen, rng, ranks=utils.Ranks(), real_gen=None):
     """SPEC 4.2-7: KRR loss of one random pool model on a real batch, AdamW step, then the inner step.
     The support features and their backward run in `distillation.krr_features`, the real views' forward in
-    `distillation.real_features`; the kernels and the solve in float32."""
-    dev = pool.device
-    x_t, y_t = real_batch(data, T, dc, distilled.rotations, gen)
-    X_s, Y_s = distilled()
-    j = rng.randrange(len(pool.models))
-    f = pool.models[j].eval().requires_grad_(False)  # the outer gradient is for the distilled set only
-    loss = models.mse(krr_forward(f, X_s, Y_s, x_t, dc, dev)[0], y_t)
-    opt.zero_grad(set_to_none=True)
-    with utils.tf32(dc["krr_features"] == "tf32"):
-        loss.backward()
-    f.requires_grad_(True)
-    opt.step()
-    sched.step()
-    pool.inner_step(j, X_s, Y_s)
-    return loss.detach()
-
-
-def outer_step_ranks(distilled, pool, data, T, dc, opt, sched, gen, rng, ranks, real_gen=None):
-    """outer_step spread over the ranks, exactly: every rank holds the same set and pool and draws the same model;
-    rank r takes its part of the real views (real_batch) and of the support views' feature pass (krr_forward),
-    its loss is its share of the mean over all real views, and the loss and the distilled gradient are summed by
-    ONE all_reduce over a flat buffer; then the same AdamW step on every rank, and the data-parallel inner step.
+    `distillation.real_features`; the kernels and the solve in float32. Under torchrun (`ranks`) the same step,
+    exactly, spread over the ranks: every rank holds the same set and pool and draws the same model; rank r takes
+    its part of the real views (real_batch) and of the support views' feature pass (krr_forward), its loss is its
+    share of the mean over all real views, and the loss and the distilled gradient are summed by ONE all_reduce
+    over a flat buffer; then the same AdamW step on every rank, and the data-parallel inner step.
     `real_gen`: this rank's generator of its real batch under data.shard (else `gen`, shared)."""
     dev = pool.device
     x_t, y_t = real_batch(data, T, dc, distilled.rotations, real_gen or gen, ranks, real_gen is not None)
     X_s, Y_s = distilled()
     j = rng.randrange(len(pool.models))
-    f = pool.models[j].eval().requires_grad_(False)
-    views = 1 if dc["real_views"] == "identity" else 1 + len(distilled.rotations)  # per real image
-    loss = models.mse(krr_forward(f, X_s, Y_s, x_t, dc, dev, ranks=ranks)[0], y_t) * (
-        len(y_t) / (dc["outer_batch_size"] * views))  # this rank's share of the mean
+    f = pool.models[j].eval().requires_grad_(False)  # the outer gradient is for the distilled set only
+    loss = models.mse(krr_forward(f, X_s, Y_s, x_t, dc, dev, ranks=ranks)[0], y_t)
+    if ranks.world > 1:  # this rank's share of the mean over all real views
+        views = 1 if dc["real_views"] == "identity" else 1 + len(distilled.rotations)  # per real image
+        loss = loss * (len(y_t) / (dc["outer_batch_size"] * views))
     opt.zero_grad(set_to_none=True)
     with utils.tf32(dc["krr_features"] == "tf32"):
         loss.backward()
     f.requires_grad_(True)
-    params = [p for g in opt.param_groups for p in g["params"]]
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    loss = loss.detach().reshape(1)
-    all_reduce_flat(grads + [loss], ranks)
-    for p, g in zip(params, grads):
-        p.grad = g
+    if ranks.world > 1:
+        params = [p for g in opt.param_groups for p in g["params"]]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        loss = loss.detach().reshape(1)
+        all_reduce_flat(grads + [loss], ranks)
+        for p, g in zip(params, grads):
+            p.grad = g
+        loss = loss[0]
     opt.step()
     sched.step()
     pool.inner_step(j, X_s, Y_s)
-    return loss[0]
+    return loss.detach()
 
 
 # ============================================================================================
@@ -911,11 +880,10 @@ def distill(state, data, T, cfg, inputs, run, log, argv, base):
     state.scales = state.scales_start = group_scales(state.opt).cpu()
     bar = tqdm(total=dc["steps"], initial=state.step, desc="distill", dynamic_ncols=True,
                disable=not state.ranks.main)
-    step = outer_step if state.ranks.world == 1 else \
-        lambda *a: outer_step_ranks(*a, ranks=state.ranks, real_gen=state.real_gen)
     window, unchecked, t_log, s_log, saved = [], [], time.time(), state.step, state.step
     while state.step < dc["steps"]:
-        loss = step(state.distilled, state.pool, data, T, dc, state.opt, state.sched, state.gen, state.rng)
+        loss = outer_step(state.distilled, state.pool, data, T, dc, state.opt, state.sched, state.gen, state.rng,
+                          state.ranks, state.real_gen)
         state.step += 1
         window.append(loss)
         unchecked.append(loss)

@@ -3,7 +3,7 @@ spread over the ranks against the single-process step on the same batch, for bot
 
     torchrun --standalone --nproc_per_node=2 tests/distill_ranks.py CONFIG TEACHER OUT.json [-- MAIN ARGS ...]
 
-Every rank builds the set and pool twice from the same seeds: once for the ranks (outer_step_ranks, pool BatchNorm
+Every rank builds the set and pool twice from the same seeds: once for the ranks (outer_step with ranks, pool BatchNorm
 over both ranks) and once alone (outer_step, plain BatchNorm), and each takes one outer step on the same batch after
 the same stagger. Rank 0 writes the loss, the distilled gradient, the updated set and pool of both; then the ranks'
 step runs 19 more times and every rank's tensors are gathered (identical, bit for bit, is the claim), and the
@@ -64,7 +64,7 @@ for method in ("ours", "krr_st"):
     two.pool.load_state_dict(copy.deepcopy(one.pool.state_dict()))
     before = [p.detach().clone() for p in one.distilled.parameters()]
     args = lambda s: (s.distilled, s.pool, data, T, dc, s.opt, s.sched, s.gen, s.rng)
-    loss_two = main_distill.outer_step_ranks(*args(two), ranks=ranks).item()
+    loss_two = main_distill.outer_step(*args(two), ranks=ranks).item()
     loss_one = main_distill.outer_step(*args(one)).item()
     grads = lambda s: [p.grad for p in s.distilled.parameters() if p.grad is not None]
     r = {"loss": loss_two, "single_loss": loss_one, "grad_rel_diff": rel(grads(two), grads(one)),
@@ -76,7 +76,7 @@ for method in ("ours", "krr_st"):
          "ages": [list(two.pool.ages), list(one.pool.ages)],
          "stagger_pool_rel_diff": staggered, "views": len(two.distilled()[0])}
     for _ in range(19):
-        main_distill.outer_step_ranks(*args(two), ranks=ranks)
+        main_distill.outer_step(*args(two), ranks=ranks)
     two.step = 20
     mine = [t.cpu() for t in tensors(two)]
     every = utils.gather_objects(mine, ranks)
