@@ -8,15 +8,11 @@ Prints one JSON line: the phases' times, each row's unexplained teacher variance
 import argparse
 import json
 import sys
-import time
 from contextlib import chdir
 from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-import main_distill  # noqa: E402
-import main_evaluate  # noqa: E402
-import pretrain  # noqa: E402
-from test_end_to_end import E2E  # noqa: E402
+from test_end_to_end import E2E, run_pipeline  # noqa: E402
 from tiny import write_config  # noqa: E402
 
 
@@ -30,15 +26,9 @@ def main():
     work.mkdir(parents=True)
     extra = {k: json.loads(v) for k, v in (s.split("=", 1) for s in a.set)}
     cfg = str(write_config(work, **{**E2E, "seed": a.seed, **extra}))
-    t0, times = time.time(), {}
+    times = {}
     with chdir(work):
-        pretrain.main(["DIGITS", "--config", cfg, "--device", "cpu"])
-        times["pretrain"] = time.time() - t0
-        main_distill.main(["--config", cfg, "--device", "cpu"])
-        main_distill.main(["--config", cfg, "--device", "cpu", "--distillation.method=krr_st"])
-        times["distill"] = time.time() - t0
-        r = main_evaluate.main(["--config", cfg, "--device", "cpu", "--seeds", "2"])
-        times["evaluate"] = time.time() - t0
+        r = run_pipeline(cfg, times)
     unexplained = {k: round(1 - v["fit_mean"], 3) for k, v in r.items()}
     print(json.dumps({"seed": a.seed, "overrides": extra, "times_s": {k: round(v) for k, v in times.items()},
                       "unexplained": unexplained,

@@ -1,6 +1,7 @@
 """All three scripts on DIGITS (8 px, short schedules), with their default output folders."""
 import json
 import shutil
+import time
 from contextlib import chdir
 
 import pytest
@@ -51,6 +52,20 @@ def plain(obj):
     return obj
 
 
+def run_pipeline(cfg, times=None):
+    """pretrain -> distill (ours, then KRR-ST) -> evaluate (every row, 2 seeds) in the working directory; the
+    evaluation's rows. `times`, if given, gets each phase's end in seconds since the start."""
+    t0, times = time.time(), {} if times is None else times
+    pretrain.main(["DIGITS", "--config", cfg, "--device", "cpu"])
+    times["pretrain"] = time.time() - t0
+    main_distill.main(["--config", cfg, "--device", "cpu"])
+    main_distill.main(["--config", cfg, "--device", "cpu", "--distillation.method=krr_st"])
+    times["distill"] = time.time() - t0
+    results = main_evaluate.main(["--config", cfg, "--device", "cpu", "--seeds", "2"])
+    times["evaluate"] = time.time() - t0
+    return results
+
+
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """pretrain -> distill (ours and KRR-ST) -> evaluate, run in a fresh working directory, every config read
@@ -63,10 +78,7 @@ def pipeline(tmp_path_factory):
         mp.setattr(utils, "atomic_save", lambda obj, path: save(plain(obj), path))
         READ.clear()
         with chdir(work):
-            pretrain.main(["DIGITS", "--config", cfg, "--device", "cpu"])
-            main_distill.main(["--config", cfg, "--device", "cpu"])
-            main_distill.main(["--config", cfg, "--device", "cpu", "--distillation.method=krr_st"])
-            results = main_evaluate.main(["--config", cfg, "--device", "cpu", "--seeds", "2"])
+            results = run_pipeline(cfg)
         PIPELINE_READ.update(READ)  # later tests' reads (a resume compares whole configs) cannot blind the test
         yield work, results
 
