@@ -401,13 +401,18 @@ def parse_args(argv=None):
                    help="a config override for the reproduction's scripts (repeatable), e.g. "
                         "--set distillation.compile_features=true: the whole cifar10_gpu run with a lever on")
     args = p.parse_args(argv)
+
+    def refuse(message):  # a user's mistake: one line, exit 2 (as the scripts' utils.cli)
+        print(f"gpu_session: {message}", file=sys.stderr)
+        sys.exit(2)
+
     if not args.budget_s > 0:
-        sys.exit(f"gpu_session: --budget-s must be > 0, got {args.budget_s}")
+        refuse(f"--budget-s must be > 0, got {args.budget_s}")
     try:
         overrides = utils.parse_overrides([f"--{s}" for s in args.set])
         utils.load_config(CONFIG, overrides)
     except utils.UserError as e:
-        sys.exit(f"gpu_session: --set: {utils.first_line(e)}")
+        refuse(f"--set: {utils.first_line(e)}")
     return args, overrides
 
 

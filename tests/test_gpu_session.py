@@ -148,7 +148,7 @@ def test_set_overrides_reach_the_scripts_and_a_bad_one_is_one_line(tmp_path):
     assert overrides == {"distillation.compile_features": True, "distillation.real_features": "bfloat16"}
     run = subprocess.run([sys.executable, str(REPO / "tests" / "gpu_session.py"), "--set", "distillation.fold=true",
                           "--out", str(tmp_path / "r")], capture_output=True, text=True, cwd=tmp_path)
-    assert run.returncode == 1 and run.stderr.startswith("gpu_session: --set: ") and "distillation.fold" in run.stderr
+    assert run.returncode == 2 and run.stderr.startswith("gpu_session: --set: ") and "distillation.fold" in run.stderr
     assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
 
 
