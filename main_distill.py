@@ -20,6 +20,7 @@ config name being its file stem (cifar10, cifar10_cpu):
                               distillation.snapshot_steps (the gain against outer steps)
 """
 import dataclasses
+import functools
 import math
 import os
 import random
@@ -53,13 +54,14 @@ def parse_args(argv):
 class PCADistilled(nn.Module):
     """x_i = up(mu_x + c_i^x B_x), y_i = mu_y + c_i^y B_y, y_i^k = mu_y + c_i^{y,k} B_y; views view-major."""
 
-    def __init__(self, mu_x, B_x, C_x, mu_y, B_y, C_y, C_yk, rotations, resolution, learn_bases):
+    def __init__(self, t, rotations, resolution, learn_bases):
+        """t: the tensors mu_x, B_x, C_x, mu_y, B_y, C_y and C_yk (K-1, m, V); the means are fixed (SPEC 2)."""
         super().__init__()
-        self.register_buffer("mu_x", mu_x)
-        self.register_buffer("mu_y", mu_y)
-        self.B_x = nn.Parameter(B_x, requires_grad=learn_bases)
-        self.B_y = nn.Parameter(B_y, requires_grad=learn_bases)
-        self.C_x, self.C_y, self.C_yk = nn.Parameter(C_x), nn.Parameter(C_y), nn.Parameter(C_yk)  # C_yk: (K-1, m, V)
+        self.register_buffer("mu_x", t["mu_x"])
+        self.register_buffer("mu_y", t["mu_y"])
+        self.B_x = nn.Parameter(t["B_x"], requires_grad=learn_bases)
+        self.B_y = nn.Parameter(t["B_y"], requires_grad=learn_bases)
+        self.C_x, self.C_y, self.C_yk = nn.Parameter(t["C_x"]), nn.Parameter(t["C_y"]), nn.Parameter(t["C_yk"])
         self.rotations, self.resolution = list(rotations), resolution
 
     def images(self):
@@ -176,8 +178,8 @@ def pca_distilled(cfg, data, T, idx):
     C_x = (low(data.train_x[idx]) - mu_x) @ B_x.T
     C_y = (T[idx, 0] - mu_y) @ B_y.T
     C_yk = (T[idx, 1:] - mu_y).transpose(0, 1) @ B_y.T  # (K-1, m, V)
-    return PCADistilled(mu_x, B_x, C_x, mu_y, B_y, C_y, C_yk, cfg["augmentations"]["rotate"],
-                        data.train_x.shape[-1], P["learn_bases"])
+    t = dict(mu_x=mu_x, B_x=B_x, C_x=C_x, mu_y=mu_y, B_y=B_y, C_y=C_y, C_yk=C_yk)
+    return PCADistilled(t, cfg["augmentations"]["rotate"], data.train_x.shape[-1], P["learn_bases"])
 
 
 PCA_ROWS = 65536  # rows per float64 chunk of pca(): its memory is O(D^2 + PCA_ROWS D), not a float64 copy of X.
@@ -210,13 +212,13 @@ def downsample(x, r_b):
 # ============================================================================================
 # SPEC 3: storage accounting decides m
 # ============================================================================================
-def storage_accounting(cfg, resolution):
+def storage_accounting(cfg):
     """Every stored float, in a table; m is the largest count within budget unless the config fixes it."""
     N, S, d_y = cfg["storage"]["budget_N"], cfg["storage"], models.resnet18_dim(cfg["network"]["width"])
-    per_image, budget = utils.storage_budget(cfg, resolution).values()
+    per_image, budget = (utils.storage_budget(cfg)[k] for k in ("floats_per_image", "budget"))
     if cfg["distillation"]["method"] == "krr_st":
         m = N
-        rows = {"X (free pixels)": m * 3 * resolution**2, "Y (free targets)": m * d_y}
+        rows = {"X (free pixels)": m * (per_image - d_y), "Y (free targets)": m * d_y}
         return {"budget_N": N, "floats_per_image": per_image, "budget": budget, "rows": rows, "m": m,
                 "m_max": N, "stored": sum(rows.values())}
     P = cfg["parameterization"]
@@ -249,37 +251,15 @@ def storage_accounting(cfg, resolution):
 # ============================================================================================
 # SPEC 4: the model pool and one outer step
 # ============================================================================================
-# ---- under torchrun (WORLD_SIZE > 1): every rank's part of a step's rows, and the sums over ranks
-def rank_slice(n, ranks, rank=None):
-    """Rank r's contiguous part of n rows, as torch.tensor_split cuts them (the first n mod W parts one longer):
-    the parts, in rank order, are the rows in their order."""
-    r = ranks.rank if rank is None else rank
-    base, extra = divmod(n, ranks.world)
-    start = r * base + min(r, extra)
-    return slice(start, start + base + (r < extra))
-
-
-def all_reduce_flat(tensors, ranks):
-    """Sum each tensor over the ranks in place, with ONE all_reduce over a flat buffer (a gradient of many small
-    tensors in one message); nothing in a single process."""
-    if ranks.world == 1 or not tensors:
-        return tensors
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    torch.distributed.all_reduce(flat)
-    for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
-        t.copy_(part.view_as(t))
-    return tensors
-
-
 class ModelPool:
     """L ConvNets, each with its own SGD state and age; a model is re-initialised at age Z.
-    `chunk` (distillation.support_chunk): views per forward pass of the inner step, 0 = all at once;
-    `fused`: fused SGD kernels (fused_optimizers(), CUDA only); `ranks`: under torchrun every rank holds the same
-    pool (same seeds), its BatchNorm over every rank's views (models.sync_batchnorm), and the inner step is split."""
+    `chunk` (distillation.support_chunk): views per forward pass of the inner step, 0 = all at once; `ranks`: under
+    torchrun every rank holds the same pool (same seeds), its BatchNorm over every rank's views
+    (models.sync_batchnorm), and the inner step is split."""
 
-    def __init__(self, mp, resolution, d_y, device, chunk=0, fused=False, ranks=utils.Ranks()):
-        self.mp, self.resolution, self.d_y, self.device, self.chunk = mp, resolution, d_y, device, chunk
-        self.fused, self.ranks = fused, ranks
+    def __init__(self, mp, resolution, d_y, device, chunk=0, ranks=utils.Ranks()):
+        self.mp, self.resolution, self.d_y, self.device = mp, resolution, d_y, device
+        self.chunk, self.ranks = chunk, ranks
         self.models, self.opts, self.ages = [None] * mp["size_L"], [None] * mp["size_L"], [0] * mp["size_L"]
         for j in range(mp["size_L"]):
             self.reset(j)
@@ -291,7 +271,7 @@ class ModelPool:
         f = utils.channels_last_module(f.to(self.device), self.device)
         self.models[j] = f
         self.opts[j] = torch.optim.SGD(f.parameters(), lr=self.mp["lr"], momentum=self.mp["momentum"],
-                                       weight_decay=self.mp["weight_decay"], **({"fused": True} if self.fused else {}))
+                                       weight_decay=self.mp["weight_decay"])
         self.ages[j] = 0
 
     def inner_step(self, j, X, Y):
@@ -383,7 +363,7 @@ def krr_predict(Phi_s, Phi_t, Y_s, ridge):
     return K_ts @ PositiveDefiniteSolve.apply(K_ss + lam * eye, Y_s.to(dtype))
 
 
-# ------------------------------------------------------------------ the frozen model's KRR passes and their levers
+# ------------------------------------------------------------------ the frozen model's KRR passes, chosen at setup
 def frozen_blocks(f, fold_bn):
     """The eval-mode pool ConvNet f as tensors, one (conv weight, conv bias, BN scale, BN shift) per block: eval-mode
     BatchNorm is x * scale + shift with scale = gamma / sqrt(var + eps), shift = beta - mean * scale. With
@@ -412,52 +392,26 @@ def blocks_embed(x, blocks):
     return x.flatten(1)
 
 
-_COMPILED = {}
+def feature_pass(dc, device):
+    """f -> the KRR passes' x -> f.embed(x) of an eval-mode, frozen pool model f, chosen once at setup: f.embed
+    itself, or with the levers that paid on the H200 (2026-12-04): `distillation.fold_bn` folds BatchNorm into the
+    convs (1.15x), `distillation.compile_features` runs blocks_embed as one torch.compile graph for every pool model
+    (1.74x; CUDA only: on the CPU the key is read and the eager function runs)."""
+    compiled = dc["compile_features"] and device.type == "cuda"
+    if not (dc["fold_bn"] or compiled):
+        return lambda f: f.embed
+    embed = torch.compile(blocks_embed, dynamic=False) if compiled else blocks_embed
+    return lambda f: functools.partial(embed, blocks=frozen_blocks(f, dc["fold_bn"]))
 
 
-def compiled_blocks_embed():
-    """blocks_embed under torch.compile (built once per process; it recompiles per input shape only)."""
-    if "embed" not in _COMPILED:
-        _COMPILED["embed"] = torch.compile(blocks_embed, dynamic=False)
-    return _COMPILED["embed"]
-
-
-def frozen_embed(f, dc, device):
-    """x -> f.embed(x) for the KRR passes of an eval-mode, frozen f: f.embed itself unless a lever is on:
-    `distillation.fold_bn` folds BatchNorm into the convs, `distillation.compile_features` runs the passes under
-    torch.compile on CUDA (on the CPU the key is read and the eager function runs)."""
-    fold, compile_ = dc["fold_bn"], dc["compile_features"] and device.type == "cuda"
-    if not (fold or compile_):
-        return f.embed
-    blocks = frozen_blocks(f, fold)
-    embed = compiled_blocks_embed() if compile_ else blocks_embed
-    return lambda x: embed(x, blocks)
-
-
-def support_features(f, X_s, chunk, device, embed=None):
-    """Phi_s = f.embed(X_s) in one pass, or chunk by chunk with each chunk's activations recomputed in
-    backward (activation checkpointing): the same values and gradients (f is in eval mode), the memory of
-    one chunk, and no tensor near 2^31 elements (Stanford Dogs' 4 x 1,993 views at 64 px). `embed`: the pass to
-    use instead of f.embed (frozen_embed's levers)."""
-    embed = embed or f.embed
+def support_features(embed, X_s, chunk, device):
+    """Phi_s = embed(X_s) in one pass, or chunk by chunk with each chunk's activations recomputed in backward
+    (activation checkpointing): the same values and gradients (f is in eval mode), the memory of one chunk, and no
+    tensor near 2^31 elements (Stanford Dogs' 4 x 1,993 views at 64 px)."""
     if not chunk or chunk >= len(X_s):
         return embed(utils.to_channels_last(X_s, device))
     return torch.cat([checkpoint(embed, utils.to_channels_last(x, device), use_reentrant=False)
                       for x in X_s.split(chunk)])
-
-
-def gathered_support_features(f, X_s, chunk, device, embed, ranks):
-    """Phi_s of all K m views from a pass over this rank's part only (rank_slice): the parts, padded to one
-    length, gathered in rank order by models.gather_rows, whose backward sums every rank's gradient of the gathered
-    rows and hands each rank that of its own, so every rank forms the same K_ss and its pass gets the whole
-    loss's gradient."""
-    parts = [rank_slice(len(X_s), ranks, r) for r in range(ranks.world)]
-    longest = max(p.stop - p.start for p in parts)
-    Phi = support_features(f, X_s[parts[ranks.rank]], chunk, device, embed)
-    Phi = torch.cat([Phi, Phi.new_zeros(longest - len(Phi), Phi.shape[1])])
-    keep = torch.cat([torch.arange(r * longest, r * longest + p.stop - p.start, device=Phi.device)
-                      for r, p in enumerate(parts)])
-    return models.gather_rows(Phi)[keep]
 
 
 def real_precision(dc):
@@ -465,20 +419,18 @@ def real_precision(dc):
     return dc["krr_features"] if dc["real_features"] == "same" else dc["real_features"]
 
 
-def krr_forward(f, X_s, Y_s, x_t, dc, device, numerics=utils.precision, ranks=utils.Ranks()):
-    """(KRR prediction of the real views x_t from the support set, support features): the support features in
-    `distillation.krr_features`, the real views' (no gradient) in `distillation.real_features` (`numerics(device,
-    name)` makes a precision's context), the kernels and the solve in float32. Its backward takes
-    `utils.tf32(name == "tf32")` of krr_features. Under torchrun (`ranks`) the support features are
-    gathered_support_features: each rank passes its part of the views."""
-    embed = frozen_embed(f, dc, device)
-    with numerics(device, real_precision(dc)), torch.no_grad():
+def krr_forward(embed, X_s, Y_s, x_t, dc, ranks=utils.Ranks()):
+    """SPEC 4.4: the KRR prediction of the real views x_t from the support set (X_s, Y_s) through `embed` (f.embed
+    or its feature_pass): the support features in `distillation.krr_features`, the real views' (no gradient) in
+    `distillation.real_features`, the kernels and the solve in float32 (krr_predict). Under torchrun each rank
+    passes its part of the support views (rank_rows)."""
+    device = Y_s.device
+    with utils.precision(device, real_precision(dc)), torch.no_grad():
         Phi_t = embed(utils.to_channels_last(x_t, device))
-    with numerics(device, dc["krr_features"]):
-        Phi_s = support_features(f, X_s, dc["support_chunk"], device, embed) if ranks.world == 1 else \
-            gathered_support_features(f, X_s, dc["support_chunk"], device, embed, ranks)
+    with utils.precision(device, dc["krr_features"]):
+        Phi_s = rank_rows(lambda X: support_features(embed, X, dc["support_chunk"], device), X_s, ranks)
     with utils.tf32(False):
-        return krr_predict(Phi_s, Phi_t, Y_s, dc["ridge"]), Phi_s
+        return krr_predict(Phi_s, Phi_t, Y_s, dc["ridge"])
 
 
 def real_batch(data, T, dc, rotations, gen, ranks=utils.Ranks(), sharded=False):
@@ -498,107 +450,123 @@ def real_batch(data, T, dc, rotations, gen, ranks=utils.Ranks(), sharded=False):
     return utils.all_views(x, rotations), T[idx].transpose(0, 1).flatten(0, 1)  # view-major, as all_views
 
 
-def fused_optimizers(dc, device):
-    """`distillation.fused_optimizers`: fused AdamW and pool SGD kernels (one launch per step instead of one per
-    operation and tensor group), on CUDA only; the CPU keeps the default implementation."""
-    return dc["fused_optimizers"] and device.type == "cuda"
-
-
-def make_optimizer(distilled, dc, fused=False):
+def make_optimizer(distilled, dc):
     """AdamW (weight decay 0) on the learned distilled tensors, each group at its rate (SPEC 4.5)."""
-    return torch.optim.AdamW(distilled.param_groups(dc), weight_decay=0.0, **({"fused": True} if fused else {}))
+    return torch.optim.AdamW(distilled.param_groups(dc), weight_decay=0.0)
 
 
-def outer_step(distilled, pool, data, T, dc, opt, sched, gen, rng, ranks=utils.Ranks(), real_gen=None):
-    """SPEC 4.2-7: KRR loss of one random pool model on a real batch, AdamW step, then the inner step.
-    The support features and their backward run in `distillation.krr_features`, the real views' forward in
-    `distillation.real_features`; the kernels and the solve in float32. Under torchrun (`ranks`) the same step,
-    exactly, spread over the ranks: every rank holds the same set and pool and draws the same model; rank r takes
-    its part of the real views (real_batch) and of the support views' feature pass (krr_forward), its loss is its
-    share of the mean over all real views, and the loss and the distilled gradient are summed by ONE all_reduce
-    over a flat buffer; then the same AdamW step on every rank, and the data-parallel inner step.
-    `real_gen`: this rank's generator of its real batch under data.shard (else `gen`, shared)."""
-    dev = pool.device
-    x_t, y_t = real_batch(data, T, dc, distilled.rotations, real_gen or gen, ranks, real_gen is not None)
-    X_s, Y_s = distilled()
-    j = rng.randrange(len(pool.models))
-    f = pool.models[j].eval().requires_grad_(False)  # the outer gradient is for the distilled set only
-    loss = models.mse(krr_forward(f, X_s, Y_s, x_t, dc, dev, ranks=ranks)[0], y_t)
-    if ranks.world > 1:  # this rank's share of the mean over all real views
-        views = 1 if dc["real_views"] == "identity" else 1 + len(distilled.rotations)  # per real image
-        loss = loss * (len(y_t) / (dc["outer_batch_size"] * views))
-    opt.zero_grad(set_to_none=True)
+def outer_step(state, data, T, dc):
+    """SPEC 4.2-7: the KRR loss of one random pool model on a real batch, an AdamW step of the distilled set, then
+    the model's inner step. Under torchrun every rank holds the same set and pool and draws the same model, passes
+    its part of the real and support views, and takes the same AdamW step (the steps below with their rank_ parts:
+    the single-process step exactly, spread over the ranks)."""
+    x_t, y_t = real_batch(data, T, dc, state.distilled.rotations, state.real_gen or state.gen, state.ranks,
+                          state.real_gen is not None)  # (b K, 3, H, W), (b K, d_y)
+    X_s, Y_s = state.distilled()  # (K m, 3, H, W), (K m, d_y)
+    j = state.rng.randrange(len(state.pool.models))
+    f = state.pool.models[j].eval().requires_grad_(False)  # the outer gradient is for the distilled set only
+    Yhat_t = krr_forward(state.embed_of(f), X_s, Y_s, x_t, dc, state.ranks)
+    loss = models.mse(Yhat_t, y_t) * rank_share(dc["outer_batch_size"], state.ranks)
+    state.opt.zero_grad(set_to_none=True)
     with utils.tf32(dc["krr_features"] == "tf32"):
         loss.backward()
     f.requires_grad_(True)
-    if ranks.world > 1:
-        params = [p for g in opt.param_groups for p in g["params"]]
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        loss = loss.detach().reshape(1)
-        all_reduce_flat(grads + [loss], ranks)
-        for p, g in zip(params, grads):
-            p.grad = g
-        loss = loss[0]
-    opt.step()
-    sched.step()
-    pool.inner_step(j, X_s, Y_s)
-    return loss.detach()
+    loss = rank_sum(loss.detach(), state.opt, state.ranks)
+    state.opt.step()
+    state.sched.step()
+    state.pool.inner_step(j, X_s, Y_s)
+    return loss
+
+
+# ------------------------------------------------------------------ under torchrun: the step's parts and their sums
+# A single-process reader can skip this: with one process rank_rows is f(X), rank_share 1 and rank_sum the loss.
+def rank_slice(n, ranks, rank=None):
+    """Rank r's contiguous part of n rows, as torch.tensor_split cuts them (the first n mod W parts one longer):
+    the parts, in rank order, are the rows in their order."""
+    r = ranks.rank if rank is None else rank
+    base, extra = divmod(n, ranks.world)
+    start = r * base + min(r, extra)
+    return slice(start, start + base + (r < extra))
+
+
+def all_reduce_flat(tensors, ranks):
+    """Sum each tensor over the ranks in place, with ONE all_reduce over a flat buffer (a gradient of many small
+    tensors in one message); nothing in a single process."""
+    if ranks.world == 1 or not tensors:
+        return tensors
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    torch.distributed.all_reduce(flat)
+    for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(part.view_as(t))
+    return tensors
+
+
+def rank_rows(f, X, ranks):
+    """f(X) of every row of X from f of this rank's part only (rank_slice): the parts, padded to one length,
+    gathered in rank order by models.gather_rows, whose backward sums every rank's gradient of the gathered rows
+    and hands each rank that of its own, so every rank forms the same K_ss and its pass gets the whole loss's
+    gradient."""
+    if ranks.world == 1:
+        return f(X)
+    parts = [rank_slice(len(X), ranks, r) for r in range(ranks.world)]
+    longest = max(p.stop - p.start for p in parts)
+    Phi = f(X[parts[ranks.rank]])
+    Phi = torch.cat([Phi, Phi.new_zeros(longest - len(Phi), Phi.shape[1])])
+    keep = torch.cat([torch.arange(r * longest, r * longest + p.stop - p.start, device=Phi.device)
+                      for r, p in enumerate(parts)])
+    return models.gather_rows(Phi)[keep]
+
+
+def rank_share(n, ranks):
+    """This rank's share of a mean over n images (or all their views), its rank_slice of them: 1 in one process."""
+    part = rank_slice(n, ranks)
+    return (part.stop - part.start) / n
+
+
+def rank_sum(loss, opt, ranks):
+    """The loss and every distilled gradient summed over the ranks by ONE all_reduce over a flat buffer (each rank
+    computed its share); the loss itself in a single process."""
+    if ranks.world == 1:
+        return loss
+    params = [p for g in opt.param_groups for p in g["params"]]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    loss = loss.reshape(1)
+    all_reduce_flat(grads + [loss], ranks)
+    for p, g in zip(params, grads):
+        p.grad = g
+    return loss[0]
 
 
 # ============================================================================================
 # SPEC 5: approximation networks
 # ============================================================================================
-ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, which the nets were always fitted with
-
-
 def fit_approx_nets(C_y, C_yk, ac, seed):
-    """One MLP per rotation, full-batch Adam on (c^y -> c^{y,k} - c^y); relative errors ||err|| / ||shift||.
-    Seeded per net inside a forked random state: fitting the init_only set's nets before the loop leaves the
-    run's own random draws (pool re-initialisations) as they would be without it."""
-    devices = [C_y.device.index or 0] if C_y.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        return _fit_approx_nets(C_y, C_yk, ac, seed)
-
-
-def _fit_approx_nets(C_y, C_yk, ac, seed):
-    """The K nets fitted together as one batched MLP: their weights stacked (net k initialised by seed + k, as
-    when each was fitted alone) in one flat vector that one Adam update moves, forward and backward written out
-    with batched matmuls. Each net's gradient is that of its own mean squared error, and Adam acts per element,
-    so every net follows its separate fit (bit for bit on the CPU: tests/test_fast_eval.py) at a third of the
-    steps' launches and none of autograd's or the optimizer's Python work."""
+    """One MLP per rotation k, c^y -> c^{y,k} - c^y (SPEC 5), net k initialised by seed + k; returns the nets and
+    their relative errors ||err|| / ||shift||. The K nets' weights are stacked (torch.func.stack_module_state) and
+    fitted together, full batch, by one Adam: the summed loss gives each net the gradient of its own mean squared
+    error, and Adam acts per element, so each net follows its separate fit at a third of the steps' launches (a
+    GPU idled ~16 s per fit of three separate loops, 2026-12-04). The initialisation runs in a forked random state:
+    fitting the init_only set's nets before the loop leaves the run's own draws (pool re-initialisations) alone."""
     (m, V), K = C_y.shape, len(C_yk)
-    nets = []
-    for k in range(K):
-        torch.manual_seed(seed + k)
-        nets.append(models.ApproxMLP(V, ac["hidden"]).to(C_y.device))
-    layers = [[n[0].weight, n[0].bias, n[2].weight, n[2].bias] for n in nets]
-    shapes = [(K, *p.shape) for p in layers[0]]
-    theta = torch.cat([torch.stack(ps).detach().flatten() for ps in zip(*layers)])  # W1, b1, W2, b2 of every net
-    grad, exp_avg, exp_avg_sq = torch.zeros_like(theta), torch.zeros_like(theta), torch.zeros_like(theta)
-    view = lambda flat: [t.view(s) for t, s in zip(flat.split([math.prod(s) for s in shapes]), shapes)]
-    (W1, b1, W2, b2), (dW1, db1, dW2, db2) = view(theta), view(grad)
+    with torch.random.fork_rng(devices=[C_y.device.index or 0] if C_y.device.type == "cuda" else []):
+        nets = []
+        for k in range(K):
+            torch.manual_seed(seed + k)
+            nets.append(models.ApproxMLP(V, ac["hidden"]).to(C_y.device))
+    params, _ = torch.func.stack_module_state(nets)  # name -> (K, ...) leaf tensors
+    W1, b1, W2, b2 = (params[f"{i}.{w}"] for i in (0, 2) for w in ("weight", "bias"))
     X, shift = C_y.expand(K, m, V), C_yk - C_y
-    (beta1, beta2), lr = ADAM_BETAS, ac["lr"]
-    for t in range(1, ac["steps"] + 1):
-        Z = torch.baddbmm(b1[:, None], X, W1.transpose(1, 2))  # (K, m, hidden)
-        H = Z.relu()
-        d_out = (torch.baddbmm(b2[:, None], H, W2.transpose(1, 2)) - shift).mul_(2 / (m * V))  # d mse / d output
-        torch.bmm(d_out.transpose(1, 2), H, out=dW2)
-        torch.sum(d_out, 1, out=db2)
-        d_Z = torch.bmm(d_out, W2).masked_fill_(Z <= 0, 0)
-        torch.bmm(d_Z.transpose(1, 2), X, out=dW1)
-        torch.sum(d_Z, 1, out=db1)
-        # Adam, as torch.optim.Adam's single-tensor update computes it
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        denom = (exp_avg_sq.sqrt() / (1 - beta2 ** t) ** 0.5).add_(ADAM_EPS)
-        theta.addcdiv_(exp_avg, denom, value=-(lr / (1 - beta1 ** t)))
-    errors = []
+    opt = torch.optim.Adam(params.values(), lr=ac["lr"])
+    for _ in range(ac["steps"]):
+        H = torch.baddbmm(b1[:, None], X, W1.transpose(1, 2)).relu()  # (K, m, hidden): each net's Linear, ReLU
+        loss = (torch.baddbmm(b2[:, None], H, W2.transpose(1, 2)) - shift).square().mean((1, 2)).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
     with torch.no_grad():
         for k, net in enumerate(nets):
-            for p, fitted in zip(layers[k], (W1[k], b1[k], W2[k], b2[k])):
-                p.copy_(fitted)
-            errors.append(((net(C_y) - shift[k]).norm() / shift[k].norm().clamp_min(1e-12)).item())
+            net.load_state_dict({name: p[k] for name, p in params.items()})
+        errors = [((net(C_y) - s).norm() / s.norm().clamp_min(1e-12)).item() for net, s in zip(nets, shift)]
     return [net.eval() for net in nets], errors
 
 
@@ -633,13 +601,15 @@ def save_set(folder, distilled, base, cfg, data, recovery):
     return approx_errors
 
 
-def save_snapshot(out, state, base, cfg, data, recovery):
-    """The set after state.step outer steps (one of distillation.snapshot_steps) in <out>/snapshots/step_<n>/, the
+def save_snapshot(state, job, saved):
+    """The set after state.step outer steps (one of distillation.snapshot_steps) in <run>/snapshots/step_<n>/, the
     same files as the final set (save_set): main_evaluate reads it with --assets, as the gain-against-steps curve
-    (tests/gpu_session.py) does. Its approximation nets are fitted in a forked random state, as init_only's."""
-    folder = out / "snapshots" / f"step_{state.step}"
+    (tests/gpu_session.py) does. Its approximation nets are fitted in a forked random state, as init_only's.
+    `saved`: the step of the last checkpoint, for the recovery hint."""
+    folder = job.run.folder / "snapshots" / f"step_{state.step}"
     folder.mkdir(parents=True, exist_ok=True)
-    save_set(folder, state.distilled, {**base, "steps": state.step, "schedule": state.schedule}, cfg, data, recovery)
+    save_set(folder, state.distilled, {**job.base, "steps": state.step, "schedule": state.schedule}, job.cfg, job.data,
+             (job.argv, job.run.checkpoint, saved))
 
 
 def save_grid(images, mean, std, path, max_images=100, min_side=64):
@@ -673,6 +643,7 @@ class State:
     scales_start: torch.Tensor = None  # ... at the start of this process's loop
     ranks: utils.Ranks = utils.Ranks()  # torchrun's processes: every rank holds all of the above alike
     real_gen: torch.Generator = None  # data.shard under torchrun: this rank's generator of its real batch
+    embed_of: object = None  # f -> the KRR passes' feature function of pool model f (feature_pass, not saved)
 
     def checkpoint(self, cfg, inputs):
         """Every rank calls it (under data.shard it gathers each rank's batch generator); rank 0 writes it."""
@@ -682,6 +653,22 @@ class State:
                 "py_rng": self.rng.getstate(), "step": self.step, "curve": self.curve, "schedule": self.schedule,
                 "config": cfg, "inputs": inputs, "run_id": self.run_id, "processes": self.ranks.world,
                 "real_rng": real}
+
+
+@dataclass
+class Job:
+    """What one run works from besides its State: the config, the data and teacher targets T with their scale and
+    the inputs they were built from, the run folder and its log, the command line (for recovery hints), and what
+    every set file carries (`base`, set by describe)."""
+    cfg: dict
+    data: object
+    T: torch.Tensor
+    target_scale: float
+    inputs: dict
+    run: utils.RunFolder
+    argv: list
+    log: object = None
+    base: dict = None
 
 
 def configure(argv):
@@ -757,15 +744,13 @@ def build(cfg, data, T, m, device, gen, rng, ranks=utils.Ranks()):
     torchrun every rank builds the same (same seeds), and with data.shard its own real-batch generator."""
     dc = cfg["distillation"]
     distilled = init_distilled(cfg, data, T, m, gen).to(device)
-    fused = fused_optimizers(dc, device)
-    opt = make_optimizer(distilled, dc, fused)
+    opt = make_optimizer(distilled, dc)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / dc["steps"]))
-    pool = ModelPool(cfg["model_pool"], data.train_x.shape[-1], T.shape[-1], device, dc["support_chunk"], fused,
-                     ranks)
+    pool = ModelPool(cfg["model_pool"], data.train_x.shape[-1], T.shape[-1], device, dc["support_chunk"], ranks)
     real_gen = utils.make_generator(device, cfg["seed"] + 1 + ranks.rank) if sharded(cfg, ranks) else None
     run_id = utils.gather_objects(utils.new_run_id(), ranks)[0]  # rank 0's
-    return State(distilled, opt, sched, pool, gen, rng, run_id,
-                 schedule=[{"from_step": 0, "steps": dc["steps"], **rates(opt)}], ranks=ranks, real_gen=real_gen)
+    return State(distilled, opt, sched, pool, gen, rng, run_id, ranks=ranks, real_gen=real_gen,
+                 schedule=[{"from_step": 0, "steps": dc["steps"], **rates(opt)}], embed_of=feature_pass(dc, device))
 
 
 def rates(opt):
@@ -801,20 +786,21 @@ def restore(state, ckpt, cfg, path):
              f"and draws)" if ckpt.get("processes", 1) != state.ranks.world else ""))
 
 
-def describe(cfg, table, state, data, inputs, target_scale, args, run, device):
-    """Print the resolved config and the storage table, write config.json; returns what every set file carries."""
-    derived = {"device": str(device), "m": table["m"], "K": 1 + len(rotations_of(cfg)), "out": str(run.folder),
-               "run_id": state.run_id, "inputs": inputs, "target_scale": target_scale,
-               "allow_changed": args.allow_changed}
-    derived.update(processes=state.ranks.world, shard=sharded(cfg, state.ranks))
+def describe(job, table, state, args, device):
+    """Print the resolved config and the storage table, write config.json; job.base: what every set file carries."""
+    cfg, data = job.cfg, job.data
+    derived = {"device": str(device), "m": table["m"], "K": 1 + len(rotations_of(cfg)), "out": str(job.run.folder),
+               "run_id": state.run_id, "inputs": job.inputs, "target_scale": job.target_scale,
+               "allow_changed": args.allow_changed, "processes": state.ranks.world, "shard": sharded(cfg, state.ranks)}
     utils.print_config(cfg, derived)
     print_storage(table)
     if state.ranks.main:
-        utils.write_json({"config": cfg, "derived": derived, "storage": table}, run.folder / "config.json")
-    return {"method": cfg["distillation"]["method"], "dataset": cfg["dataset"], "resolution": data.train_x.shape[-1],
-            "m": table["m"], "mean": data.mean.cpu(), "std": data.std.cpu(), "storage": table, "config": cfg,
-            "teacher_hash": inputs["teacher_hash"], "train_hash": inputs["train_hash"], "run_id": state.run_id,
-            "target_scale": target_scale, "store_augmented_targets": cfg["storage"]["store_augmented_targets"]}
+        utils.write_json({"config": cfg, "derived": derived, "storage": table}, job.run.folder / "config.json")
+    job.base = {"method": cfg["distillation"]["method"], "dataset": cfg["dataset"], "m": table["m"],
+                "resolution": data.train_x.shape[-1], "mean": data.mean.cpu(), "std": data.std.cpu(), "storage": table,
+                "config": cfg, "teacher_hash": job.inputs["teacher_hash"], "train_hash": job.inputs["train_hash"],
+                "run_id": state.run_id, "target_scale": job.target_scale,
+                "store_augmented_targets": cfg["storage"]["store_augmented_targets"]}
 
 
 def print_storage(table):
@@ -873,17 +859,16 @@ def check_ranks_agree(state):
                                f"with one process")
 
 
-def distill(state, data, T, cfg, inputs, run, log, argv, base):
+def distill(state, job):
     """SPEC 4: outer steps until distillation.steps; finite values checked at every log line and before every
     checkpoint, which is written atomically; the set written at each of distillation.snapshot_steps."""
-    dc = cfg["distillation"]
+    dc, run, argv = job.cfg["distillation"], job.run, job.argv
     state.scales = state.scales_start = group_scales(state.opt).cpu()
     bar = tqdm(total=dc["steps"], initial=state.step, desc="distill", dynamic_ncols=True,
                disable=not state.ranks.main)
     window, unchecked, t_log, s_log, saved = [], [], time.time(), state.step, state.step
     while state.step < dc["steps"]:
-        loss = outer_step(state.distilled, state.pool, data, T, dc, state.opt, state.sched, state.gen, state.rng,
-                          state.ranks, state.real_gen)
+        loss = outer_step(state, job.data, job.T, dc)
         state.step += 1
         window.append(loss)
         unchecked.append(loss)
@@ -894,18 +879,18 @@ def distill(state, data, T, cfg, inputs, run, log, argv, base):
             mean_loss, unchecked = torch.stack(window).mean().item(), []
             rate = (state.step - s_log) / (time.time() - t_log)
             state.curve.append((state.step, mean_loss))
-            log(step=state.step, loss=mean_loss, lr_image=state.opt.param_groups[0]["lr"], steps_per_s=rate)
+            job.log(step=state.step, loss=mean_loss, lr_image=state.opt.param_groups[0]["lr"], steps_per_s=rate)
             bar.set_postfix(loss=f"{mean_loss:.4f}", steps_per_s=f"{rate:.1f}")
             window, t_log, s_log = [], time.time(), state.step
         if state.step % dc["save_every"] == 0 or state.step == dc["steps"]:
             check_finite(state, unchecked, argv, run, saved)
             unchecked, saved = [], state.step
-            ckpt = state.checkpoint(cfg, inputs)
+            ckpt = state.checkpoint(job.cfg, job.inputs)
             if state.ranks.main:
                 utils.atomic_save(ckpt, run.checkpoint)
         if state.step in dc["snapshot_steps"] and state.step < dc["steps"] and state.ranks.main:  # final: by main
             check_finite(state, unchecked, argv, run, saved)
-            save_snapshot(run.folder, state, base, cfg, data, (argv, run.checkpoint, f"step {saved}"))
+            save_snapshot(state, job, f"step {saved}")
     bar.close()
 
 
@@ -914,7 +899,7 @@ def main(argv=None):
     args, cfg, ranks, device, run, teacher_file = configure(argv)
     utils.set_seed(cfg["seed"])
     gen, rng = utils.make_generator(device, cfg["seed"]), random.Random(cfg["seed"])
-    table = storage_accounting(cfg, cfg["data"]["resolution"])
+    table = storage_accounting(cfg)
     data, teacher, inputs, ckpt = load_checked(args, cfg, run, table, teacher_file, device, ranks)
 
     # ---------------------------------------------------------------- run folder, teacher targets T (N, K, d_y)
@@ -930,26 +915,26 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- distilled set, optimizer, pool, resume
     state = build(cfg, data, T, table["m"], device, gen, rng, ranks)
-    data, T = keep_shard(cfg, data, T, ranks)
+    job = Job(cfg, *keep_shard(cfg, data, T, ranks), target_scale, inputs, run, argv)
     if ckpt:
         restore(state, ckpt, cfg, run.checkpoint)
-    log = utils.RunLog(run.folder / "log.jsonl", resume_at=("step", state.step) if args.resume else None) \
+    job.log = utils.RunLog(run.folder / "log.jsonl", resume_at=("step", state.step) if args.resume else None) \
         if ranks.main else (lambda **row: row)
-    base = describe(cfg, table, state, data, inputs, target_scale, args, run, device)
+    describe(job, table, state, args, device)
     if not args.resume:
         # the set before any outer step (main_evaluate's init_only row): what the bilevel loop adds is the difference
         if ranks.main:
-            save_set(run.folder / utils.INIT_ONLY, state.distilled, {**base, "steps": 0, "schedule": []}, cfg, data,
-                     (argv, None, None))
+            save_set(run.folder / utils.INIT_ONLY, state.distilled, {**job.base, "steps": 0, "schedule": []}, cfg,
+                     data, (argv, None, None))
         t0 = time.time()
         state.pool.stagger(*state.distilled(), state.rng)
         print(f"model pool staggered (ages {state.pool.ages}) in {time.time() - t0:.1f}s")
 
     # ---------------------------------------------------------------- the bilevel loop, then the assets
-    distill(state, data, T, cfg, inputs, run, log, argv, base)
+    distill(state, job)
     if not ranks.main:  # rank 0 writes the assets
         return None
-    approx_errors = save_set(run.folder, state.distilled, {**base, "steps": state.step, "schedule": state.schedule},
+    approx_errors = save_set(run.folder, state.distilled, {**job.base, "steps": state.step, "schedule": state.schedule},
                              cfg, data, (argv, run.checkpoint, f"step {state.step}"))
     c = state.curve
     metrics = {"steps": state.step, "loss_curve": c, "loss_first": c[0][1] if c else None,

@@ -87,24 +87,35 @@ def parse_args(argv):
 # ============================================================================================
 # SPEC 6.1: one pre-training recipe for every (images, targets) set
 # ============================================================================================
-def pretrain_on_set(images, targets, ec, epochs, mean, std, seed, desc, width, ranks=utils.Ranks(), argv=()):
+@dataclass(frozen=True)
+class Recipe:
+    """SPEC 6.1's recipe as one table applies it: the evaluation: section, the network width, the source split's
+    normalisation, and the evaluation's command line (what a non-finite loss tells the user to run again)."""
+    ec: dict
+    width: int
+    mean: torch.Tensor
+    std: torch.Tensor
+    argv: tuple = ()
+
+
+def pretrain_on_set(images, targets, recipe, epochs, seed, desc, ranks=utils.Ranks()):
     """The student (evaluation.student) + Linear(its width -> d_y), MSE to `targets`, SGD + cosine; a fresh
     crop + flip of every view each epoch when `augment`. images: uint8 (normalised per batch) or normalised float.
     Under torchrun with `ranks` (the full-dataset row), images and targets are this rank's share: DDP, global
     batch evaluation.batch_size, BatchNorm over it, crops drawn per rank. The loss every 10 epochs is read on the
     host one reading late (LateRead): the loop never waits for the device.
     Returns the backbone (eval mode) and the number of SGD steps it took; a non-finite loss stops the run with the
-    command (`argv`, the evaluation's) to start it again at a lower evaluation.lr."""
-    device = targets.device
+    command (`recipe.argv`, the evaluation's) to start it again at a lower evaluation.lr."""
+    ec, device = recipe.ec, targets.device
     torch.manual_seed(seed)
     gen = utils.make_generator(device, seed + ranks.rank)
-    net = models.Regressor(*models.student(ec["student"], width, images.shape[-1]), targets.shape[1])
+    net = models.Regressor(*models.student(ec["student"], recipe.width, images.shape[-1]), targets.shape[1])
     net = (models.sync_batchnorm(net, device) if ranks.world > 1 else net).to(device)
     net = utils.channels_last_module(net, device)
     fwd = DDP(net, device_ids=[device.index] if device.type == "cuda" else None) if ranks.world > 1 else net
     n, B = len(images), ec["batch_size"] // ranks.world
     steps = math.ceil(n / B)
-    step = student_step(net, fwd, ec, epochs * steps, graphed=ec["cuda_graph"] and ranks.world == 1)
+    opt = utils.CosineSGD(net.parameters(), ec, epochs * steps)
     net.train()
     bar = tqdm(range(epochs), desc=desc, leave=False, dynamic_ncols=True, disable=not ranks.main)
     logged = None  # (epoch, its mean loss on the way to the host)
@@ -113,15 +124,17 @@ def pretrain_on_set(images, targets, ec, epochs, mean, std, seed, desc, width, r
         total = torch.zeros((), device=device)
         for i in range(steps):
             idx = perm[i * B:(i + 1) * B]
-            x = utils.normalize(images[idx], mean, std) if images.dtype == torch.uint8 else images[idx]
+            x = utils.normalize(images[idx], recipe.mean, recipe.std) if images.dtype == torch.uint8 else images[idx]
             if ec["augment"]:
                 x = random_crop_flip(x, ec["crop_pad"], gen)
-            total += step(utils.to_channels_last(x, device), targets[idx])
+            with utils.autocast(device):
+                loss = models.mse(fwd(utils.to_channels_last(x, device)), targets[idx])
+            total += opt.step(loss)
         if epoch % 10 == 0 or epoch == epochs - 1:
             if logged is not None:
-                bar.set_postfix(loss=f"{check_loss(*logged, desc, ec, argv):.4f}")
+                bar.set_postfix(loss=f"{check_loss(*logged, desc, recipe):.4f}")
             logged = (epoch, LateRead(total / steps))
-    check_loss(*logged, desc, ec, argv)
+    check_loss(*logged, desc, recipe)
     return net.backbone.eval(), epochs * steps
 
 
@@ -141,50 +154,14 @@ class LateRead:
         return float(self.value)
 
 
-def check_loss(epoch, loss, desc, ec, argv):
+def check_loss(epoch, loss, desc, recipe):
     """A logged epoch's mean loss as a float; a non-finite one stops the run with the command to start it again at
     a lower evaluation.lr."""
     value = float(loss)
     if not math.isfinite(value):
         raise utils.non_finite_stop(f"pre-training loss {value} in {desc} epoch {epoch + 1}", "main_evaluate.py",
-                                    argv, "evaluation.lr", ec["lr"])
+                                    recipe.argv, "evaluation.lr", recipe.ec["lr"])
     return value
-
-
-def student_step(net, fwd, ec, total_steps, graphed):
-    """step(x, y) -> the batch's loss (detached): one SGD step (momentum, weight decay, cosine over total_steps) of
-    `net` through `fwd` (net or its DDP wrapper). graphed (evaluation.cuda_graph, one process): forward, backward
-    and utils.sgd_step replayed as one CUDA graph per full batch (utils.CudaGraphStep), each step's learning rate
-    read from the device; the same numbers as torch.optim.SGD + CosineAnnealingLR (bit for bit on the CPU, where
-    the step runs eagerly: tests/test_fast_eval.py)."""
-    device = next(net.parameters()).device
-    if graphed:
-        params = list(net.parameters())
-        bufs = [torch.zeros_like(p) for p in params]
-        lrs = iter(utils.to_device(utils.cosine_lrs(ec["lr"], total_steps), device))
-
-        def train(x, y, lr):
-            for p in params:
-                p.grad = None
-            with utils.autocast(device, cache=False):  # a graph keeps no cast weights between replays
-                loss = models.mse(fwd(x), y)
-            loss.backward()
-            utils.sgd_step(params, [p.grad for p in params], bufs, lr, ec["momentum"], ec["weight_decay"])
-            return loss.detach()
-        replay = utils.CudaGraphStep(train, enabled=True)
-        return lambda x, y: replay(x, y, next(lrs))
-    opt = torch.optim.SGD(net.parameters(), lr=ec["lr"], momentum=ec["momentum"], weight_decay=ec["weight_decay"])
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total_steps)
-
-    def step(x, y):
-        with utils.autocast(device):
-            loss = models.mse(fwd(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        return loss.detach()
-    return step
 
 
 def random_subset(data, T, n, seed):
@@ -200,39 +177,39 @@ def real_views(data, T, idx, rotations):
     return utils.all_views(data.train_x[idx], rotations), T[idx].transpose(0, 1).flatten(0, 1)
 
 
-def full_dataset_backbone(path, data, T, rotations, cfg, teacher_hash, retrain, replace_stale, ranks=utils.Ranks(),
-                          argv=()):
-    """The full-dataset row's ResNet-18, trained once and reused while its settings match; one trained with
-    other settings (another teacher, another recipe) is replaced only under `replace_stale` (--overwrite).
-    Under torchrun every rank trains it together (DDP, each on its share of the train images); rank 0 saves it.
-    Returns it with its training time in seconds, its SGD steps and whether it was reused."""
+def full_dataset_backbone(ev):
+    """ev.full: the full-dataset row's student, trained once and reused while its settings match; one trained with
+    other settings (another teacher, another recipe) is replaced only under --overwrite. Under torchrun every rank
+    trains it together (DDP, each on its share of the train images); rank 0 saves it. (backbone, its SGD steps,
+    {reused, train_time_s, time_s: the seconds this run spent on it})."""
+    cfg, data, ranks, path = ev.cfg, ev.data, ev.ranks, ev.out / run_folder(ev).keep[0]
     ec, width = cfg["evaluation"], cfg["network"]["width"]
-    recipe = {k: v for k, v in ec.items() if k not in ("random_init_bn", "cuda_graph")}  # what it is trained with
-    meta = {"dataset": cfg["dataset"], "teacher_hash": teacher_hash, "full_epochs": ec["full_epochs"],
-            "rotations": rotations, "evaluation": recipe, "seed": cfg["seed"], "data": cfg["data"], "width": width,
+    recipe = {k: v for k, v in ec.items() if k != "random_init_bn"}  # what it is trained with
+    meta = {"dataset": cfg["dataset"], "teacher_hash": ev.hashes["teacher_hash"], "full_epochs": ec["full_epochs"],
+            "rotations": ev.rotations, "evaluation": recipe, "seed": cfg["seed"], "data": cfg["data"], "width": width,
             "train_hash": data.fingerprint}
-    if path.is_file() and not retrain:
+    if path.is_file() and not ev.args.retrain_full:
         saved = utils.read_pth(path, "a full-dataset backbone written by main_evaluate.py",
                                ["backbone", "meta", "train_time_s", "steps"], rebuild="pass --retrain-full")
         if saved["meta"] == meta:
             g = models.student(ec["student"], width, data.train_x.shape[-1])[0]
             utils.load_weights(g, saved["backbone"], path, f"a {ec['student']} student of width {width}")
             ranks.say(f"full_dataset: reusing {path} (trained in {saved['train_time_s']:.1f}s)")
-            return utils.channels_last_module(g.to(T.device), T.device).eval(), saved["train_time_s"], \
-                saved["steps"], True
-        if not replace_stale:
+            g = utils.channels_last_module(g.to(ev.device), ev.device).eval()
+            ev.full = g, saved["steps"], {"reused": True, "train_time_s": saved["train_time_s"], "time_s": 0.0}
+            return
+        if not ev.args.overwrite:
             raise utils.InputError(f"{path} was trained with other settings ({saved['meta']}); "
                                    f"pass --retrain-full or --overwrite to replace it")
         ranks.say(f"full_dataset: {path} was trained with other settings; retraining it (--overwrite)")
     t0 = time.time()
-    views, targets = real_views(data, T, utils.shard(torch.arange(len(data.train_x)), ranks), rotations)
-    g, steps = pretrain_on_set(views, targets, ec, ec["full_epochs"], data.mean, data.std, cfg["seed"],
-                               "full_dataset", width, ranks, argv)
+    views, targets = real_views(data, ev.T, utils.shard(torch.arange(len(data.train_x)), ranks), ev.rotations)
+    g, steps = pretrain_on_set(views, targets, ev.recipe, ec["full_epochs"], cfg["seed"], "full_dataset", ranks)
     train_time = time.time() - t0
     if ranks.main:
         utils.atomic_save({"backbone": {k: v.cpu() for k, v in g.state_dict().items()}, "meta": meta,
                            "train_time_s": train_time, "steps": steps}, path)
-    return g, train_time, steps, False
+    ev.full = g, steps, {"reused": False, "train_time_s": train_time, "time_s": train_time}
 
 
 def random_crop_flip(x, pad, gen):
@@ -295,18 +272,6 @@ def recalibrate_bn(net, data, batch_size):
     return net.eval()
 
 
-def batches(n, batch_size, iterations, gen):
-    """`iterations` random index batches of min(batch_size, n) from range(n), reshuffled each epoch (a
-    DataLoader with shuffle=True and drop_last), drawn from `gen` on its device."""
-    b = min(batch_size, n)
-    perm, pos = torch.randperm(n, generator=gen, device=gen.device), 0
-    for _ in range(iterations):
-        if pos + b > n:
-            perm, pos = torch.randperm(n, generator=gen, device=gen.device), 0
-        yield perm[pos:pos + b]
-        pos += b
-
-
 def finetune(backbone, data, ft, seed, batch_size):
     """Fine-tuned transfer (KRR-ST's protocol): a copy of `backbone` plus a new Linear head trained with the
     labels of data's train split (SGD + cosine, `iterations` steps, crop + flip), top-1 (%) on its test split.
@@ -318,17 +283,13 @@ def finetune(backbone, data, ft, seed, batch_size):
     with torch.no_grad():
         dim = net.eval()(utils.normalize(data.train_x[:2], data.mean, data.std)).shape[1]
     model = torch.nn.Sequential(net, torch.nn.Linear(dim, data.num_classes).to(dev)).train()
-    opt = torch.optim.SGD(model.parameters(), lr=ft["lr"], momentum=ft["momentum"], weight_decay=ft["weight_decay"])
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, ft["iterations"])
-    for idx in batches(len(data.train_x), ft["batch_size"], ft["iterations"], gen):
+    opt = utils.CosineSGD(model.parameters(), ft, ft["iterations"])
+    for idx in utils.batches(len(data.train_x), ft["batch_size"], ft["iterations"], gen):
         x = utils.normalize(data.train_x[idx], data.mean, data.std)
         x = random_crop_flip(x, ft["crop_pad"], gen) if ft["augment"] else x
         with utils.autocast(dev):
             loss = F.cross_entropy(model(utils.to_channels_last(x, dev)).float(), data.train_y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        opt.step(loss)
     model.eval()
     with torch.no_grad():
         correct = sum((model(utils.to_channels_last(utils.normalize(x, data.mean, data.std), dev)).argmax(1) == y).sum()
@@ -356,96 +317,122 @@ class Inputs:
     target: object = None
     teacher: torch.nn.Module = None
     teacher_file: Path = None
+    budget: dict = None  # utils.storage_budget
+    recipe: Recipe = None
     hashes: dict = field(default_factory=dict)
-    sets: dict = field(default_factory=dict)
-    init_idx: torch.Tensor = None
+    sets: dict = field(default_factory=dict)  # what each row with a folder read there (Row.load)
     T: torch.Tensor = None
     target_scale: float = None
     teacher_feats: tuple = None
-    full: tuple = None  # (backbone, its training time, its SGD steps, reused) of the full_dataset row
+    full: tuple = None  # the full_dataset row's (backbone, SGD steps, cell info): full_dataset_backbone
 
     @property
     def rotations(self):
         return self.cfg["augmentations"]["rotate"]
 
-    @property
-    def per_real(self):
-        """Floats of a real image stored with its K teacher targets."""
-        res, d_y = self.cfg["data"]["resolution"], models.resnet18_dim(self.cfg["network"]["width"])
-        return 3 * res * res + d_y * (1 + len(self.rotations))
-
-    @property
-    def budget(self):
-        return utils.storage_budget(self.cfg, self.cfg["data"]["resolution"])
-
 
 @dataclass(frozen=True)
-class Source:
-    """seeded: repeated with every --seeds seed; folder: the distilled_assets folder it is read from (None: built
-    from the train split); views(ev, seed): the (images, targets) a student pre-trains on, None for the rows that
-    pre-train nothing; stored(ev): the floats it keeps (None: not a stored set)."""
-    seeded: bool
-    folder: object
-    views: object
+class Row:
+    """One row of the table, all of it here: source(ev, row, seed) -> (the backbone it probes, its SGD steps, what
+    its cell records besides); stored(ev, row) -> the floats it keeps (None: not a stored set); seeded: repeated
+    with every --seeds seed; load(ev, row) -> what it reads from its distilled_assets folder(ev), into ev.sets[row],
+    before the run folder is claimed; rotations: exists only where the set has rotated views; targets: built from
+    the teacher targets T; optional: how its set is made, the row skipped (when --rows is not given) where it is
+    missing; prepare(ev): run by every rank before the cells when one of the row's cells is missing; keep: its first
+    seed's backbone is saved as <student>_<row>_dataset.pth."""
+    source: object
     stored: object
+    seeded: bool = True
+    folder: object = None
+    load: object = None
+    rotations: bool = False
+    targets: bool = False
+    optional: str = ""
+    prepare: object = None
+    keep: bool = False
 
 
-def distilled_floats(ev, row):
+def pretrained(ev, row, seed, views):
+    """A student pre-trained on the row's (images, targets) with the table's recipe, evaluation.epochs."""
+    return (*pretrain_on_set(*views, ev.recipe, ev.cfg["evaluation"]["epochs"], seed, f"{row} s{seed}"), {})
+
+
+def set_row(ev, row, seed):
+    views, targets, _ = ev.sets[row]
+    return pretrained(ev, row, seed, (views, targets))
+
+
+def random_student(ev, row, seed):
+    """no_pretraining: a random student, its BatchNorm statistics as evaluation.random_init_bn says."""
+    ec = ev.cfg["evaluation"]
+    torch.manual_seed(seed)
+    g = models.student(ec["student"], ev.cfg["network"]["width"], ev.cfg["data"]["resolution"])[0]
+    g = utils.channels_last_module(g.to(ev.device), ev.device).eval()
+    if ec["random_init_bn"] == "recalibrate":
+        g = recalibrate_bn(g, ev.target, ev.cfg["data"]["eval_batch_size"])
+    return g, 0, {}
+
+
+def load_set(ev, row, exact=False):
+    """A distilled set (decoded, checked against this table's inputs) and its file's hash among the inputs."""
+    folder = ROWS[row].folder(ev)
+    loaded = utils.load_distilled(folder, ev.device, exact=exact)
+    check_assets(ev, folder, loaded[2])
+    ev.hashes[f"{'distilled' if folder == ev.assets else row}_hash"] = utils.file_hash(folder / "distilled_data.pth")
+    return loaded
+
+
+def load_init(ev, row):
+    """The indices of the m real images the distilled set started from (its controls.pth)."""
+    d = utils.read_pth(ev.assets / "distilled_data.pth", "a distilled set written by main_distill.py",
+                       ["run_id", "teacher_hash", "train_hash", "dataset", "config"])
+    check_assets(ev, ev.assets, d)
+    ev.hashes["distilled_hash"] = utils.file_hash(ev.assets / "distilled_data.pth")
+    return utils.read_controls(ev.assets, run_id=d["run_id"])["init_indices"]
+
+
+def set_floats(ev, row):
+    return ev.sets[row][2]["storage"]["stored"]
+
+
+def exact_floats(ev, row):
+    """The set's floats with the learned C_y^k stored instead of the approximation nets."""
     d = ev.sets[row][2]
-    stored = d["storage"]["stored"]
-    if row == "distilled_exact":  # learned C_y^k stored instead of the approximation nets
-        stored += len(d["rotations"]) * d["m"] * d["C_y"].shape[1] - d["storage"]["rows"].get("approximation nets", 0)
-    return stored
+    return d["storage"]["stored"] + len(d["rotations"]) * d["m"] * d["C_y"].shape[1] \
+        - d["storage"]["rows"].get("approximation nets", 0)
 
 
 ROWS = {
-    "distilled": Source(True, lambda ev: ev.assets, lambda ev, seed: ev.sets["distilled"][:2],
-                        lambda ev: distilled_floats(ev, "distilled")),
-    "init_only": Source(True, lambda ev: ev.assets / utils.INIT_ONLY, lambda ev, seed: ev.sets["init_only"][:2],
-                        lambda ev: distilled_floats(ev, "init_only")),
-    "distilled_exact": Source(True, lambda ev: ev.assets, lambda ev, seed: ev.sets["distilled_exact"][:2],
-                              lambda ev: distilled_floats(ev, "distilled_exact")),
-    "real_init": Source(True, None, lambda ev, seed: real_views(ev.data, ev.T, ev.init_idx, ev.rotations),
-                        lambda ev: len(ev.init_idx) * ev.per_real),
-    "krr_st": Source(True, lambda ev: ev.krr_assets, lambda ev, seed: ev.sets["krr_st"][:2],
-                     lambda ev: distilled_floats(ev, "krr_st")),
-    "random_subset": Source(True, None, lambda ev, seed: random_subset(ev.data, ev.T, ev.cfg["storage"]["budget_N"], seed),
-                            lambda ev: ev.budget["budget"]),
-    "full_dataset": Source(False, None, lambda ev, seed: None, lambda ev: len(ev.data.train_x) * ev.per_real),
-    "teacher": Source(False, None, lambda ev, seed: None, lambda ev: None),
-    "no_pretraining": Source(True, None, lambda ev, seed: None, lambda ev: 0),
+    "distilled": Row(set_row, set_floats, folder=lambda ev: ev.assets, load=load_set, keep=True),
+    "init_only": Row(set_row, set_floats, folder=lambda ev: ev.assets / utils.INIT_ONLY, load=load_set,
+                     optional="main_distill.py writes it before its first step"),
+    "distilled_exact": Row(set_row, exact_floats, folder=lambda ev: ev.assets, rotations=True,
+                           load=lambda ev, row: load_set(ev, row, exact=True)),
+    "real_init": Row(lambda ev, row, seed: pretrained(ev, row, seed, real_views(ev.data, ev.T, ev.sets[row],
+                                                                                ev.rotations)),
+                     lambda ev, row: len(ev.sets[row]) * ev.budget["floats_per_real"], folder=lambda ev: ev.assets,
+                     load=load_init, rotations=True, targets=True),
+    "krr_st": Row(set_row, set_floats, folder=lambda ev: ev.krr_assets, load=load_set,
+                  optional="main_distill.py --distillation.method=krr_st"),
+    "random_subset": Row(lambda ev, row, seed: pretrained(ev, row, seed, random_subset(
+        ev.data, ev.T, ev.cfg["storage"]["budget_N"], seed)), lambda ev, row: ev.budget["budget"], targets=True),
+    "full_dataset": Row(lambda ev, row, seed: ev.full,
+                        lambda ev, row: len(ev.data.train_x) * ev.budget["floats_per_real"], seeded=False, targets=True,
+                        prepare=full_dataset_backbone),
+    "teacher": Row(lambda ev, row, seed: (ev.teacher, 0, {}), lambda ev, row: None, seeded=False),
+    "no_pretraining": Row(random_student, lambda ev, row: 0),
 }
-NEEDS_ROTATIONS = ("distilled_exact", "real_init")  # rows that exist only when the set has rotated views
-NEEDS_TARGETS = ("real_init", "random_subset", "full_dataset")  # rows built from the teacher targets T
 
 
-def backbone(ev, row, seed, argv):
-    """The row's pre-trained backbone for `seed` and its SGD steps: a student pre-trained on the row's views, the
-    full-dataset model (trained before the cells), the teacher, or a random student."""
-    ec, width, res = ev.cfg["evaluation"], ev.cfg["network"]["width"], ev.cfg["data"]["resolution"]
-    views = ROWS[row].views(ev, seed)
-    if views is not None:
-        return pretrain_on_set(*views, ec, ec["epochs"], ev.data.mean, ev.data.std, seed, f"{row} s{seed}", width,
-                               argv=argv)
-    if row == "full_dataset":
-        return ev.full[0], ev.full[2]
-    if row == "teacher":
-        return ev.teacher, 0
-    torch.manual_seed(seed)  # no_pretraining: a random student, its BatchNorm statistics as random_init_bn says
-    g = utils.channels_last_module(models.student(ec["student"], width, res)[0].to(ev.device), ev.device).eval()
-    return (recalibrate_bn(g, ev.target, ev.cfg["data"]["eval_batch_size"]) if ec["random_init_bn"] == "recalibrate"
-            else g), 0
-
-
-def run_cell(ev, row, seed, cell, argv):
+def run_cell(ev, row, seed, cell):
     """One (row, seed) cell: the backbone, then each protocol that `cell` still lacks (a cell that has one protocol
     runs only the other, its network trained again)."""
     t0, bs = time.time(), ev.cfg["data"]["eval_batch_size"]
-    g, steps = backbone(ev, row, seed, argv)
-    if row == "full_dataset":
-        cell.update(reused=ev.full[3], train_time_s=ev.full[1])
-        t0 -= 0 if ev.full[3] else ev.full[1]  # a model trained now counts in the row's time
-    feats = ev.teacher_feats if row == "teacher" else utils.split_features(g, ev.target, bs)
+    g, steps, info = ROWS[row].source(ev, row, seed)
+    info = dict(info)
+    t0 -= info.pop("time_s", 0.0)  # time spent on it before the cell (a full-dataset model trained now) counts
+    cell.update(info)
+    feats = ev.teacher_feats if g is ev.teacher else utils.split_features(g, ev.target, bs)
     check_features(feats, row)
     todo = missing(cell, ev.args.protocol)
     if "probe" in todo:
@@ -453,9 +440,9 @@ def run_cell(ev, row, seed, cell, argv):
         cell["fit"] = teacher_fit(feats, ev.teacher_feats, ev.cfg["probe"]["teacher_fit_ridge"])
     if "finetune" in todo:
         cell["finetune"] = finetune(g, ev.target, ev.cfg["finetune"], seed, bs)
-    if row == "distilled" and seed == ev.seeds[0]:
+    if ROWS[row].keep and seed == ev.seeds[0]:
         utils.atomic_save({k: v.cpu() for k, v in g.state_dict().items()},
-                          ev.out / f"{ev.cfg['evaluation']['student']}_distilled_dataset.pth")
+                          ev.out / f"{ev.cfg['evaluation']['student']}_{row}_dataset.pth")
     cell.update(steps=steps, time_s=cell.get("time_s", 0.0) + time.time() - t0)
     print(f"{row} seed {seed}: " + ", ".join(f"{k} {cell[c]:.4g}" for k, c in (
         ("linear probe top-1 %", "probe"), ("teacher fit R^2", "fit"), ("fine-tune top-1 %", "finetune"))
@@ -600,7 +587,7 @@ def resumed_cells(path, cfg, target_name, inputs):
 # ============================================================================================
 # main: check inputs -> load sets -> targets -> cells -> table
 # ============================================================================================
-def check_inputs(args, overrides, sub):
+def check_inputs(args, overrides, argv, sub):
     """The table's Inputs with everything that can refuse it checked before anything is written: config, process
     count, the run folder's state, the rows that can run, data, target data and teacher."""
     cfg = utils.load_config(args.config, overrides)
@@ -615,8 +602,9 @@ def check_inputs(args, overrides, sub):
     out = out / sub if sub else out
     assets = Path(args.assets) if args.assets else utils.distilled_folder(cfg, name)
     krr_assets = Path(args.krr_assets) if args.krr_assets else utils.distilled_folder(cfg, name, "krr_st")
-    ev = Inputs(args, cfg, ranks, device, out, available_rows(args, cfg, assets, krr_assets, ranks),
-                [cfg["seed"] + i for i in range(args.seeds)], assets, krr_assets)
+    ev = Inputs(args, cfg, ranks, device, out, args.rows, [cfg["seed"] + i for i in range(args.seeds)], assets,
+                krr_assets, budget=utils.storage_budget(cfg))
+    ev.rows = available_rows(ev)
     if ranks.main:
         run_folder(ev).check(args.resume, args.overwrite)
     ev.data = utils.load_data(cfg)
@@ -628,20 +616,23 @@ def check_inputs(args, overrides, sub):
     ev.teacher_file = Path(args.teacher) if args.teacher else utils.teacher_path(name)
     ev.teacher, _ = utils.load_teacher(ev.teacher_file, cfg, device, ev.data)
     ev.hashes = {"teacher_hash": utils.file_hash(ev.teacher_file), "train_hash": ev.data.fingerprint}
+    ev.recipe = Recipe(cfg["evaluation"], cfg["network"]["width"], ev.data.mean, ev.data.std, tuple(argv))
     return ev
 
 
-def available_rows(args, cfg, assets, krr_assets, ranks):
-    """The asked rows (--rows), less, when --rows was not given, those whose inputs do not exist (krr_st, init_only)
-    or that repeat another row without rotations; asked for by --rows, a missing set is an error."""
-    rows = list(args.rows)
-    for row, path in (("krr_st", krr_assets), ("init_only", assets / utils.INIT_ONLY)):
-        if row in rows and not args.rows_given and not (path / "distilled_data.pth").is_file():
-            rows.remove(row)
-            ranks.say(f"{row}: no set at {path}, row skipped (main_distill.py"
-                      + (" --distillation.method=krr_st)" if row == "krr_st" else " writes it before its first step)"))
-    if not cfg["augmentations"]["rotate"] and not args.rows_given:
-        rows = [r for r in rows if r not in NEEDS_ROTATIONS]
+def available_rows(ev):
+    """The asked rows (--rows), less, when --rows was not given, the optional rows whose set does not exist
+    (krr_st, init_only) and those that repeat another row without rotations; asked for by --rows, a missing set is
+    an error."""
+    if ev.args.rows_given:
+        return list(ev.rows)
+    rows = []
+    for row in ev.rows:
+        r = ROWS[row]
+        if r.optional and not (r.folder(ev) / "distilled_data.pth").is_file():
+            ev.ranks.say(f"{row}: no set at {r.folder(ev)}, row skipped ({r.optional})")
+        elif not (r.rotations and not ev.rotations):
+            rows.append(row)
     return rows
 
 
@@ -653,22 +644,11 @@ def run_folder(ev):
 
 
 def load_sets(ev):
-    """Every distilled set the rows read, decoded and checked against this table's dataset, teacher, split and
-    target scale; the real_init row's indices; the sets' file hashes join the table's inputs."""
+    """What every row reads from its distilled_assets folder (Row.load), checked against this table's dataset,
+    teacher, split and target scale; the sets' file hashes join the table's inputs."""
     for row in ev.rows:
-        if ROWS[row].folder is None:
-            continue
-        folder = ROWS[row].folder(ev)
-        views, targets, d = utils.load_distilled(folder, ev.device, exact=row == "distilled_exact")
-        check_assets(ev, folder, d)
-        ev.sets[row] = (views, targets, d)
-        ev.hashes[f"{'distilled' if folder == ev.assets else row}_hash"] = utils.file_hash(folder / "distilled_data.pth")
-    if "real_init" in ev.rows:
-        d = utils.read_pth(ev.assets / "distilled_data.pth", "a distilled set written by main_distill.py",
-                           ["run_id", "teacher_hash", "train_hash", "dataset", "config"])
-        check_assets(ev, ev.assets, d)
-        ev.init_idx = utils.read_controls(ev.assets, run_id=d["run_id"])["init_indices"]
-        ev.hashes["distilled_hash"] = utils.file_hash(ev.assets / "distilled_data.pth")
+        if ROWS[row].load is not None:
+            ev.sets[row] = ROWS[row].load(ev, row)
 
 
 def check_assets(ev, folder, d):
@@ -686,14 +666,14 @@ def teacher_targets(ev):
     """T for the rows built from real images (rank 0 computes and caches them, then the others read the cache),
     the teacher's features of the target (every row's teacher fit is scored against them), and the full-dataset
     model (every rank trains it under torchrun)."""
-    if set(NEEDS_TARGETS) & set(ev.rows):
+    if any(ROWS[row].targets for row in ev.rows):
         with utils.rank0_first(ev.ranks):
             ev.T, ev.target_scale = utils.teacher_targets(ev.teacher, ev.teacher_file, ev.data, ev.rotations,
                                                           ev.cfg["data"], ev.out, ev.hashes["teacher_hash"])
     ev.teacher_feats = utils.split_features(ev.teacher, ev.target, ev.cfg["data"]["eval_batch_size"])
 
 
-def run_cells(ev, cells, argv):
+def run_cells(ev, cells):
     """One loop over the (row, seed) cells still missing: seeded rows' cells dealt to the ranks, the others rank
     0's; results.json rewritten after each (under torchrun, rank 0's, then every rank's at the end). Returns the
     table's rows."""
@@ -701,18 +681,18 @@ def run_cells(ev, cells, argv):
         return ev.seeds if ROWS[row].seeded else [ev.cfg["seed"]]
     todo = [(r, s) for r in ev.rows for s in row_seeds(r) if missing(cells.setdefault(r, {}).get(str(s), {}),
                                                                        ev.args.protocol)]
-    if any(r == "full_dataset" for r, _ in todo):  # every rank trains it (DDP under torchrun)
-        ev.full = full_dataset_backbone(ev.out / run_folder(ev).keep[0], ev.data, ev.T, ev.rotations, ev.cfg,
-                                        ev.hashes["teacher_hash"], ev.args.retrain_full, ev.args.overwrite, ev.ranks)
+    for row in dict.fromkeys(r for r, _ in todo):
+        if ROWS[row].prepare is not None:  # every rank (the full-dataset model: DDP under torchrun)
+            ROWS[row].prepare(ev)
     seeded = [c for c in todo if ROWS[c[0]].seeded]
     for row, seed in seeded[ev.ranks.rank::ev.ranks.world] + [c for c in todo if not ROWS[c[0]].seeded] * ev.ranks.main:
-        cells[row][str(seed)] = run_cell(ev, row, seed, dict(cells[row].get(str(seed), {})), argv)
+        cells[row][str(seed)] = run_cell(ev, row, seed, dict(cells[row].get(str(seed), {})))
         if ev.ranks.main:
             save(ev, cells, {})
     for part in utils.gather_objects(cells, ev.ranks):  # every rank's cells
         for row, by_seed in part.items():
             cells[row].update(by_seed)
-    return {row: row_result([cells[row][str(s)] for s in row_seeds(row)], ev.args.protocol, ROWS[row].stored(ev))
+    return {row: row_result([cells[row][str(s)] for s in row_seeds(row)], ev.args.protocol, ROWS[row].stored(ev, row))
             for row in ev.rows}
 
 
@@ -747,7 +727,7 @@ def write_table(ev, results, cells):
 def evaluate(args, overrides, argv, sub=None):
     """The table of every row for one student, written to <out>[/<sub>]: ({row: result}, out) on rank 0,
     (None, None) on the others."""
-    ev = check_inputs(args, overrides, sub)
+    ev = check_inputs(args, overrides, argv, sub)
     load_sets(ev)
     cells = resumed_cells(ev.out / "results.json", ev.cfg, ev.target.name, ev.hashes) if args.resume else {}
     lock = run_folder(ev).claim(args.resume, args.overwrite) if ev.ranks.main else None
@@ -758,7 +738,7 @@ def evaluate(args, overrides, argv, sub=None):
         utils.write_json({"config": ev.cfg, "derived": derived(ev)}, ev.out / "config.json")
         if args.resume:
             print(f"resumed: {sum(len(c) for c in cells.values())} (row, seed) cells already done")
-    results = run_cells(ev, cells, argv)
+    results = run_cells(ev, cells)
     if not ev.ranks.main:  # rank 0 writes the table
         return None, None
     results = write_table(ev, results, cells)

@@ -18,6 +18,7 @@ import dataclasses
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -262,16 +263,34 @@ def restore(ckpt, net, opt, gen, ranks, path):
     return ckpt["epoch"], ckpt["knn_top1"], ckpt["run_id"]
 
 
-def fit(net, fwd, opt, local, data, cfg, gen, device, ranks, run, start, knn, run_id, inputs, log, argv):
+@dataclass
+class Job:
+    """What the epochs work with besides the network: the config, device and processes, this rank's share of the
+    train split (`local`) and the whole split (`data`, rank 0's: kNN and probe), the run folder, its id and inputs
+    (what a checkpoint keeps), its log, and the command line (the recovery hint)."""
+    cfg: dict
+    device: torch.device
+    ranks: utils.Ranks
+    local: object
+    data: object
+    run: utils.RunFolder
+    run_id: str
+    inputs: dict
+    log: object
+    argv: list
+
+
+def fit(net, fwd, opt, gen, job, start, knn):
     """The epochs from `start`: a non-finite epoch stops before anything of it is saved; kNN every knn_every
     epochs (rank 0); a checkpoint every save_every. Returns the last kNN and its features."""
+    cfg, ranks, data, run = job.cfg, job.ranks, job.data, job.run
     pc, feats, t_start, saved = cfg["pretrain"], None, time.time(), start
     for epoch in range(start, pc["epochs"]):
-        loss, rate = train_one_epoch(fwd, opt, local, pc, epoch, gen, device, ranks)
+        loss, rate = train_one_epoch(fwd, opt, job.local, pc, epoch, gen, job.device, ranks)
         weights = [v for m in (net.backbone, net.projector) for v in m.state_dict().values() if v.is_floating_point()]
         if not (math.isfinite(loss) and utils.all_finite(weights)):
-            raise utils.non_finite_stop(f"loss or weights in epoch {epoch + 1} (mean loss {loss})", "pretrain.py", argv,
-                                        "pretrain.lr", pc["lr"], run.checkpoint, f"after epoch {saved}")
+            raise utils.non_finite_stop(f"loss or weights in epoch {epoch + 1} (mean loss {loss})", "pretrain.py",
+                                        job.argv, "pretrain.lr", pc["lr"], run.checkpoint, f"after epoch {saved}")
         eta_min = (time.time() - t_start) / (epoch + 1 - start) * (pc["epochs"] - epoch - 1) / 60
         row = {"epoch": epoch + 1, "loss": loss, "views_per_s": rate * ranks.world, "lr": opt.param_groups[0]["lr"],
                "eta_min": eta_min}
@@ -285,10 +304,10 @@ def fit(net, fwd, opt, local, data, cfg, gen, device, ranks, run, start, knn, ru
             if ranks.main:
                 utils.atomic_save({"backbone": net.backbone.state_dict(), "projector": net.projector.state_dict(),
                                    "optimizer": opt.state_dict(), "epoch": epoch + 1, "rng": rngs, "knn_top1": knn,
-                                   "config": cfg, "inputs": inputs, "run_id": run_id}, run.checkpoint)
+                                   "config": cfg, "inputs": job.inputs, "run_id": job.run_id}, run.checkpoint)
             saved = epoch + 1
         if ranks.main:
-            log(**row)
+            job.log(**row)
             ranks.say(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
     return knn, feats
 
@@ -322,7 +341,8 @@ def main(argv=None):
         utils.write_json({"config": cfg, "derived": derived}, run.folder / "config.json")
 
     # ---------------------------------------------------------------- epochs
-    knn, feats = fit(net, fwd, opt, local, data, cfg, gen, device, ranks, run, start, knn, run_id, inputs, log, argv)
+    job = Job(cfg, device, ranks, local, data, run, run_id, inputs, log, argv)
+    knn, feats = fit(net, fwd, opt, gen, job, start, knn)
     if not ranks.main:  # the other processes are done: the weights they helped train are rank 0's too
         return None
 

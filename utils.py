@@ -2,20 +2,20 @@
 (each writer beside its reader).
 
 Sections, in file order:
-    Config                 SCHEMA, RANGES, load_config, overrides, the scripts' common arguments
+    Errors                 UserError and its kinds; cli: a user's mistake is one line
+    Config                 SCHEMA (every key: type, range, meaning), load_config, overrides, the common arguments
     Seeding, device        set_seed, get_device
-    Several processes      torchrun ranks, generators, autocast / TF32 / channels_last, CUDA-graph steps, SGD
+    Several processes      torchrun ranks, generators; numerics: autocast, TF32, precision, channels_last
     Data                   the dataset loaders (every file and split checked), normalisation
-    Augmentation           batched random crops, jitter, flips, rotations (the views of SPEC 1 and 2)
-    Storage accounting     SPEC 3: the budget and m; the default folder names
-    Parameterization       SPEC 2: PCA, decoding, save_distilled / load_distilled, controls, approximation nets
-    Teacher and features   save_teacher / load_teacher, teacher targets, frozen features
-    Probes                 kNN, linear probe, teacher fit, fine-tuning, BatchNorm recalibration
-    Checkpoints            atomic writes, run folders (lock, owner), resume checks, logs, NaN guards
+    Augmentation           flips and rotations (the predefined views a_k of SPEC 2)
+    Storage                SPEC 3's budget; the default folder names
+    Distilled set files    SPEC 2's decoding, save_distilled / load_distilled, controls, approximation nets
+    Teacher and features   save_teacher / load_teacher, frozen features, teacher targets
+    Probe                  SPEC 6.2: CosineSGD, the linear probe on frozen features
+    Checkpoints            atomic writes, run folders (lock, owner), resume checks, logs, the non-finite stop
 """
 import argparse
 import atexit
-import copy
 import hashlib
 import json
 import math
@@ -108,7 +108,8 @@ ROTATION = (lambda v: v in (90, 180, 270), "one of 90, 180, 270")
 @dataclass(frozen=True)
 class Key:
     """One config key: its type (a tuple of strings is a choice, [type] a list of that type), its range (checked
-    on every element of a list; ANY: every value of the type), a list's (min, max) length, and its meaning."""
+    on every element of a list; ANY: every value of the type), a list's (min, max) length, and its meaning (which the
+    one-line error for a bad value quotes)."""
     type: object
     range: tuple
     meaning: str
@@ -187,7 +188,6 @@ SCHEMA = {
                              "features"),
         "fold_bn": Key(bool, ANY, "fold the frozen model's BatchNorm into its convs for the KRR passes"),
         "compile_features": Key(bool, ANY, "torch.compile the KRR feature passes (CUDA only)"),
-        "fused_optimizers": Key(bool, ANY, "fused AdamW and pool SGD kernels (CUDA only)"),
     },
     "model_pool": {
         "size_L": Key(int, POSITIVE, "ConvNets in the pool"),
@@ -213,7 +213,6 @@ SCHEMA = {
         "augment": Key(bool, ANY, "a fresh reflect-pad crop + flip of every view each epoch"),
         "crop_pad": Key(int, NONNEG, "reflect padding of that crop"),
         "random_init_bn": Key(("recalibrate", "init"), ANY, "no_pretraining: BatchNorm statistics"),
-        "cuda_graph": Key(bool, ANY, "CUDA: each full batch's step replayed as one CUDA graph"),
     },
     "probe": {
         "iterations": Key(int, POSITIVE, "linear-probe SGD steps"),
@@ -222,7 +221,6 @@ SCHEMA = {
         "momentum": Key(float, MOMENTUM, "linear-probe momentum"),
         "weight_decay": Key(float, NONNEG, "linear-probe weight decay"),
         "teacher_fit_ridge": Key(float, POS_REAL, "teacher-fit readout ridge x mean Gram eigenvalue"),
-        "cuda_graph": Key(bool, ANY, "CUDA: each probe step replayed as one CUDA graph"),
         "labels_per_class": Key(int, NONNEG, "labels per class the probe trains on (fixed stratified draw); 0 = all"),
     },
     "finetune": {
@@ -252,7 +250,15 @@ def _get(cfg, dotted):
 
 
 def _check_value(value, key, where):
-    """`value` converted to `key.type` and inside key.range (each element of a list), or a ConfigError naming where."""
+    """`value` converted to `key.type` and inside key.range (each element of a list), or a ConfigError naming where
+    and what the key means."""
+    try:
+        return _checked(value, key, where)
+    except ConfigError as e:
+        raise ConfigError(f"{e} ({key.meaning})") from None
+
+
+def _checked(value, key, where):
     spec = key.type
     if isinstance(spec, list):
         if not isinstance(value, list):
@@ -429,19 +435,16 @@ def set_seed(seed):
 
 
 def get_device(name=None):
-    """cuda when present (or as asked); on CUDA, cuDNN autotunes its kernels for our fixed shapes."""
+    """cuda when present (or as asked)."""
     if name is None:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name} asked for, but torch sees no CUDA device")
-    device = torch.device(name)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    return device
+    return torch.device(name)
 
 
 # ============================================================================================
-# Several processes (torchrun; nothing joins a process group unless WORLD_SIZE > 1), generators, numerics, CUDA graphs
+# Several processes (torchrun; nothing joins a process group unless WORLD_SIZE > 1), generators, numerics
 # ============================================================================================
 @dataclass(frozen=True)
 class Ranks:
@@ -512,9 +515,9 @@ def make_generator(device, seed):
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def autocast(device, enabled=True, cache=True):
-    """bf16 autocast on CUDA, a no-op on CPU (CPU bf16 convs are slower than fp32). cache=False inside a CUDA graph."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled and device.type == "cuda", cache_enabled=cache)
+def autocast(device, enabled=True):
+    """bf16 autocast on CUDA, a no-op on CPU (CPU bf16 convs are slower than fp32)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
 
 
 @contextmanager
@@ -550,56 +553,6 @@ def channels_last_module(net, device):
     """A network whose inputs are channels_last on CUDA gets its weights in that layout once, here: otherwise
     cuDNN converts every conv's weight on every call. Unchanged on the CPU."""
     return net.to(memory_format=torch.channels_last) if device.type == "cuda" else net
-
-
-GRAPH_WARMUP = 3  # eager calls before a capture (cuBLAS workspaces, cuDNN autotuning, the allocator's first blocks)
-
-
-class CudaGraphStep:
-    """A training step, step(*inputs) -> a tensor or None, changing its state in place, replayed as one CUDA graph:
-    the first GRAPH_WARMUP calls run eagerly on a side stream, the next is captured on static copies of its inputs,
-    and every later call copies its inputs into them and replays (the same kernels on the same tensors, no host work
-    but the copies). The returned tensor is the graph's own, overwritten by the next call: read it before. A call
-    whose shapes differ from the first call's (a last, smaller batch) runs eagerly, as does every call when
-    `enabled` is false or the inputs are not on CUDA (the CPU's clean fallback)."""
-
-    def __init__(self, step, enabled):
-        self.step, self.enabled, self.calls, self.shapes, self.side, self.graph = step, enabled, 0, None, None, None
-
-    def __call__(self, *inputs):
-        shapes = [t.shape for t in inputs]
-        self.shapes = self.shapes or shapes
-        if not (self.enabled and inputs[0].is_cuda) or shapes != self.shapes:
-            return self.step(*inputs)
-        if self.calls < GRAPH_WARMUP:
-            self.calls += 1
-            self.side = torch.cuda.Stream() if self.side is None else self.side
-            self.side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self.side):
-                out = self.step(*inputs)
-            torch.cuda.current_stream().wait_stream(self.side)
-            return out
-        if self.graph is None:
-            self.static = [t.clone() for t in inputs]
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.out = self.step(*self.static)
-        else:
-            for s, t in zip(self.static, inputs):
-                s.copy_(t)
-        self.graph.replay()
-        return self.out
-
-
-@torch.no_grad()
-def sgd_step(params, grads, bufs, lr, momentum, weight_decay):
-    """torch.optim.SGD's update (no dampening, no Nesterov) with lr a 0-d tensor on the device, so that a CUDA graph
-    can replay it with each step's rate: buffers start at 0, so the first one is the gradient, as in SGD; the same
-    numbers as SGD with that lr (bit for bit on the CPU, tested)."""
-    for p, grad, buf in zip(params, grads, bufs):
-        grad = grad.add(p, alpha=weight_decay) if weight_decay else grad
-        buf.mul_(momentum).add_(grad)
-        p.addcmul_(buf, lr, value=-1)
 
 
 # ============================================================================================
@@ -982,7 +935,7 @@ def normalize(x, mean, std):
 
 
 # ============================================================================================
-# Augmentation: batched on the device, one random draw per sample, from a torch.Generator
+# Augmentation: batched on the device, one random draw per sample, from a torch.Generator (pretrain.py: SPEC 1's)
 # ============================================================================================
 def coin(n, p, gen, device):
     return torch.rand(n, generator=gen, device=device) < p
@@ -1006,7 +959,7 @@ def all_views(x, rotations):
 
 
 # ============================================================================================
-# Storage accounting (SPEC 3): the budget, and m within it
+# Storage (SPEC 3): the budget; the default folder names
 # ============================================================================================
 INIT_ONLY = "init_only"  # sub-folder: the same set at step 0, approximation nets fitted to it
 
@@ -1018,14 +971,17 @@ def distilled_folder(cfg, name, method=None):
     return Path("distilled_assets") / f"{name}_N{cfg['storage']['budget_N']}{suffix}"
 
 
-def storage_budget(cfg, resolution):
-    """{floats_per_image, budget}: N images cost N (3 H W + d_y) floats, an image plus its target (KRR-ST)."""
-    per_image = 3 * resolution * resolution + models.resnet18_dim(cfg["network"]["width"])
-    return {"floats_per_image": per_image, "budget": cfg["storage"]["budget_N"] * per_image}
+def storage_budget(cfg):
+    """SPEC 3, the one place the budget is computed (main_distill's storage table and main_evaluate's storage
+    column read it): N images cost N (3 H W + d_y) floats, an image plus its target (KRR-ST); a real image kept
+    with its K teacher targets (the real_init and full_dataset rows) costs 3 H W + K d_y."""
+    pixels, d_y = 3 * cfg["data"]["resolution"] ** 2, models.resnet18_dim(cfg["network"]["width"])
+    return {"floats_per_image": pixels + d_y, "budget": cfg["storage"]["budget_N"] * (pixels + d_y),
+            "floats_per_real": pixels + d_y * (1 + len(cfg["augmentations"]["rotate"]))}
 
 
 # ============================================================================================
-# Parameterization (SPEC 2): PCA bases, the distilled set's file (writer and reader)
+# Distilled set files (SPEC 2): decoding, the writer and the reader
 # ============================================================================================
 def decode_images(C_x, B_x, mu_x, size):
     """x_i = bilinear_upsample(reshape(mu_x + c_i^x B_x)) -> (m, 3, size, size)."""
@@ -1231,62 +1187,46 @@ def teacher_targets(teacher, teacher_file, data, rotations, dcfg, fallback_dir, 
 
 
 # ============================================================================================
-# Probes and transfer: kNN monitor, linear probe (SPEC 6.2), teacher fit, fine-tuning, BatchNorm recalibration
+# Probe (SPEC 6.2): the linear probe on frozen features, for pretrain.py's teacher and every evaluation row
 # ============================================================================================
-def batch_indices(n, batch_size, iterations, gen):
-    """main_evaluate.batches' index batches laid out before a loop: (iterations, min(batch_size, n)) on gen's
-    device, the same draws (one randperm per epoch of n // b batches)."""
+def batches(n, batch_size, iterations, gen):
+    """`iterations` random index batches of min(batch_size, n) from range(n), reshuffled each epoch (a DataLoader
+    with shuffle=True and drop_last), each epoch's permutation drawn from `gen` on its device when it starts."""
     b = min(batch_size, n)
-    per_epoch = n // b
-    perms = [torch.randperm(n, generator=gen, device=gen.device)[:per_epoch * b].view(per_epoch, b)
-             for _ in range(-(-iterations // per_epoch))]
-    return torch.cat(perms)[:iterations]
+    perm, pos = torch.randperm(n, generator=gen, device=gen.device), 0
+    for _ in range(iterations):
+        if pos + b > n:
+            perm, pos = torch.randperm(n, generator=gen, device=gen.device), 0
+        yield perm[pos:pos + b]
+        pos += b
 
 
-def cosine_lrs(lr, steps):
-    """The learning rate of each of `steps` SGD steps under CosineAnnealingLR(T_max=steps), by torch's own
-    recursion: its values to the last bit (tests/test_fast_eval.py), read by a loop without a scheduler."""
-    lrs = [lr]
-    for e in range(1, steps):
-        lrs.append((1 + math.cos(math.pi * e / steps)) / (1 + math.cos(math.pi * (e - 1) / steps)) * lrs[-1])
-    return lrs
+class CosineSGD:
+    """SGD with momentum and weight decay (`c`: a config section's lr, momentum, weight_decay), its rate on a cosine
+    schedule to 0 over `steps`: the optimizer of the students (SPEC 6.1), the linear probe (6.2) and fine-tuning."""
 
+    def __init__(self, params, c, steps):
+        self.opt = torch.optim.SGD(params, lr=c["lr"], momentum=c["momentum"], weight_decay=c["weight_decay"])
+        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, steps)
 
-def to_device(values, device):
-    """A list of floats as a float32 tensor on `device`, copied without making the host wait for the device."""
-    t = torch.tensor(values, dtype=torch.float32)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
-
-
-def probe_step(W, b, bufs, x, d_logp, lr, momentum, weight_decay):
-    """One SGD step of the linear probe, written out: the gradient of the mean cross-entropy w.r.t. the logits
-    (autograd's own kernel: softmax - one-hot, over B), the Linear's gradients, then sgd_step. d_logp: d loss / d
-    log-probabilities of the batch (-1/B at each sample's class, 0 elsewhere); lr a 0-d tensor."""
-    log_p = torch.log_softmax(torch.addmm(b, x, W.t()), 1)
-    d_logits = torch._log_softmax_backward_data(d_logp, log_p, 1, log_p.dtype)
-    sgd_step((W, b), (d_logits.t().mm(x), d_logits.sum(0)), bufs, lr, momentum, weight_decay)
+    def step(self, loss):
+        """One step down `loss`; returns it detached."""
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        return loss.detach()
 
 
 def train_linear_head(train_f, train_y, num_classes, probe, seed):
-    """The linear probe's head: Linear(d -> classes) on frozen features, SGD with momentum and weight decay, cosine
-    schedule, `iterations` steps on batches of `batch_size` reshuffled each epoch. The same numbers as nn.Linear +
-    F.cross_entropy + autograd + torch.optim.SGD + CosineAnnealingLR (bit for bit on the CPU, tested), without their
-    Python work per step: batches, learning rates and the loss's gradient at each sample's class are laid out on
-    the device first, and no step reads the device. probe.cuda_graph (CUDA): the step replayed as a CUDA graph."""
-    dev = train_f.device
-    gen = make_generator(dev, seed)
+    """The linear probe's head (SPEC 6.2): Linear(d -> classes) on frozen features, mean cross-entropy, CosineSGD,
+    `iterations` steps on batches of `batch_size` reshuffled each epoch."""
+    gen = make_generator(train_f.device, seed)
     torch.manual_seed(seed)
-    head = torch.nn.Linear(train_f.shape[1], num_classes).to(dev).requires_grad_(False)
-    W, b = head.weight, head.bias
-    bufs = (torch.zeros_like(W), torch.zeros_like(b))
-    idx = batch_indices(len(train_f), probe["batch_size"], probe["iterations"], gen)
-    lrs = to_device(cosine_lrs(probe["lr"], probe["iterations"]), dev)
-    inv_B = float(np.float32(1) / np.float32(idx.shape[1]))  # nll_loss's 1/B, divided in float32 as its kernel does
-    d_logp = torch.zeros(len(train_f), num_classes, device=dev).scatter_(1, train_y[:, None], -inv_B)
-    step = CudaGraphStep(lambda i, lr: probe_step(W, b, bufs, train_f.index_select(0, i), d_logp.index_select(0, i),
-                                                  lr, probe["momentum"], probe["weight_decay"]), probe["cuda_graph"])
-    for i, lr in zip(idx, lrs):
-        step(i, lr)
+    head = torch.nn.Linear(train_f.shape[1], num_classes).to(train_f.device)
+    opt = CosineSGD(head.parameters(), probe, probe["iterations"])
+    for idx in batches(len(train_f), probe["batch_size"], probe["iterations"], gen):
+        opt.step(F.cross_entropy(head(train_f[idx]), train_y[idx]))
     return head
 
 
@@ -1329,7 +1269,7 @@ def probe_backbone(backbone, data, probe, seed, batch_size, features=None):
 
 
 # ============================================================================================
-# Checkpoints, run folders (lock and owner), resume checks, logging, NaN guards
+# Checkpoints, run folders (lock and owner), resume checks, logging, the non-finite stop
 # ============================================================================================
 def read_pth(path, what, keys=(), map_location="cpu", weights_only=True, rebuild=""):
     """torch.load whose failure names the file and what it should have been (not an unpickling trace); a file

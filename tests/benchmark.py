@@ -13,9 +13,7 @@ bf16 and tf32 matrix-product ceilings (n x n x n, measured in the same run; on t
     inner_step     ModelPool.inner_step alone (one SGD step of a pool model on the K m support views)
     teacher_step   pretrain.barlow_step at pretrain.batch_size (two views per image)
     student_epoch  one epoch of main_evaluate.pretrain_on_set on the K m views (timed over --student-epochs)
-It uses only what older commits of this repository have as well, so the same file measures a commit and its
-parent in one session (docs/results.md quotes such before/after ratios). tests/gpu_check.py's rates section and
-tests/test_gpu_check.py run the same functions.
+tests/gpu_check.py's rates section and tests/test_gpu_check.py run the same functions.
 """
 import argparse
 import json
@@ -87,34 +85,24 @@ def synthetic_data(cfg, n, device, seed=0):
     return data, T
 
 
-def distilled_and_pool(cfg, data, T, device, seed=0):
-    """A distilled set, its AdamW and a model pool at cfg's sizes (the levers' keys where this commit has them)."""
-    dc, res = cfg["distillation"], cfg["data"]["resolution"]
-    gen = utils.make_generator(device, seed)
-    m = main_distill.storage_accounting(cfg, res)["m"]
-    distilled = main_distill.init_distilled(cfg, data, T, m, gen).to(device)
-    fused = main_distill.fused_optimizers(dc, device) if hasattr(main_distill, "fused_optimizers") else False
-    opt = main_distill.make_optimizer(distilled, dc, fused) if hasattr(main_distill, "make_optimizer") else \
-        torch.optim.AdamW(distilled.param_groups(dc), weight_decay=0.0)
-    pool = main_distill.ModelPool(cfg["model_pool"], res, T.shape[-1], device, dc["support_chunk"],
-                                  *([fused] if fused else []))
-    return distilled, opt, pool, gen
+def built(cfg, data, T, device, seed=0):
+    """main_distill.build's State at cfg's sizes: the distilled set, its AdamW and schedule, the model pool."""
+    m = main_distill.storage_accounting(cfg)["m"]
+    return main_distill.build(cfg, data, T, m, device, utils.make_generator(device, seed), random.Random(seed))
 
 
 def outer_step_setup(cfg, data, T, device, seed=0):
     """One outer step at cfg's sizes as a function of nothing."""
-    distilled, opt, pool, gen = distilled_and_pool(cfg, data, T, device, seed)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    rng = random.Random(seed)
-    return lambda: main_distill.outer_step(distilled, pool, data, T, cfg["distillation"], opt, sched, gen, rng)
+    state = built(cfg, data, T, device, seed)
+    return lambda: main_distill.outer_step(state, data, T, cfg["distillation"])
 
 
 def inner_step_setup(cfg, data, T, device, seed=0):
     """One inner step (SPEC 4.6) of pool model 0 on the initial support views, as a function of nothing."""
-    distilled, _, pool, _ = distilled_and_pool(cfg, data, T, device, seed)
+    state = built(cfg, data, T, device, seed)
     with torch.no_grad():
-        X_s, Y_s = distilled()
-    return lambda: pool.inner_step(0, X_s, Y_s)
+        X_s, Y_s = state.distilled()
+    return lambda: state.pool.inner_step(0, X_s, Y_s)
 
 
 def teacher_step_setup(cfg, data, device):
@@ -131,11 +119,10 @@ def teacher_step_setup(cfg, data, device):
 def student_setup(cfg, data, T, device, epochs, seed=0):
     """`epochs` epochs of the evaluation's student pre-training on the K m views of an initial distilled set (the
     distilled row's work per epoch), as a function of nothing; returns (fn, views per call)."""
-    distilled, _, _, _ = distilled_and_pool(cfg, data, T, device, seed)
     with torch.no_grad():
-        X, Y = (t.detach() for t in distilled())
-    run = lambda: main_evaluate.pretrain_on_set(X, Y, cfg["evaluation"], epochs, data.mean, data.std, seed,
-                                                "benchmark student", cfg["network"]["width"])
+        X, Y = (t.detach() for t in built(cfg, data, T, device, seed).distilled())
+    recipe = main_evaluate.Recipe(cfg["evaluation"], cfg["network"]["width"], data.mean, data.std)
+    run = lambda: main_evaluate.pretrain_on_set(X, Y, recipe, epochs, seed, "benchmark student")
     return run, epochs * len(X)
 
 
@@ -221,7 +208,7 @@ def main(argv=None):
     data, T = synthetic_data(cfg, args.train_images, device)
     n = args.ceiling_n or (8192 if device.type == "cuda" else 1024)
     result = measure(cfg, data, T, device, args.repeats, n, args.student_epochs, steps)
-    m = main_distill.storage_accounting(cfg, cfg["data"]["resolution"])["m"]
+    m = main_distill.storage_accounting(cfg)["m"]
     result.update(config=args.config, overrides=overrides, device=str(device), torch=torch.__version__,
                   threads=torch.get_num_threads(), m=m, train_images=args.train_images)
     print(f"{args.config} {overrides or ''} on {device} (torch {torch.__version__}, {torch.get_num_threads()} "

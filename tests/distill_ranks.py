@@ -48,7 +48,7 @@ for method in ("ours", "krr_st"):
     with utils.rank0_first(ranks):
         T, _ = utils.teacher_targets(teacher, teacher_file, data, main_distill.rotations_of(cfg), cfg["data"],
                                      out.parent)
-    m = main_distill.storage_accounting(cfg, cfg["data"]["resolution"])["m"]
+    m = main_distill.storage_accounting(cfg)["m"]
 
     def make(r):
         utils.set_seed(cfg["seed"])
@@ -63,9 +63,8 @@ for method in ("ours", "krr_st"):
     # the step from the same state, the stagger's rounding aside (a copy: SGD's load_state_dict keeps the tensors)
     two.pool.load_state_dict(copy.deepcopy(one.pool.state_dict()))
     before = [p.detach().clone() for p in one.distilled.parameters()]
-    args = lambda s: (s.distilled, s.pool, data, T, dc, s.opt, s.sched, s.gen, s.rng)
-    loss_two = main_distill.outer_step(*args(two), ranks=ranks).item()
-    loss_one = main_distill.outer_step(*args(one)).item()
+    loss_two = main_distill.outer_step(two, data, T, dc).item()
+    loss_one = main_distill.outer_step(one, data, T, dc).item()
     grads = lambda s: [p.grad for p in s.distilled.parameters() if p.grad is not None]
     r = {"loss": loss_two, "single_loss": loss_one, "grad_rel_diff": rel(grads(two), grads(one)),
          "grad_max": max(g.abs().max().item() for g in grads(one)),
@@ -76,7 +75,7 @@ for method in ("ours", "krr_st"):
          "ages": [list(two.pool.ages), list(one.pool.ages)],
          "stagger_pool_rel_diff": staggered, "views": len(two.distilled()[0])}
     for _ in range(19):
-        main_distill.outer_step(*args(two), ranks=ranks)
+        main_distill.outer_step(two, data, T, dc)
     two.step = 20
     mine = [t.cpu() for t in tensors(two)]
     every = utils.gather_objects(mine, ranks)

@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 import warnings
+from unittest import mock
 from contextlib import chdir, contextmanager
 from pathlib import Path
 
@@ -188,11 +189,11 @@ def check_syncs(cfg, data, T, device):
 # ============================================================================================
 # Precision of the KRR features
 # ============================================================================================
-def numerics(device, name):
+def numerics(device, name, precision=utils.precision):
     """utils.precision, except that bfloat16 is real on the CPU too, so a CPU run measures its rounding."""
     if device.type == "cpu" and name == "bfloat16":
         return torch.autocast("cpu", dtype=torch.bfloat16)
-    return utils.precision(device, name)
+    return precision(device, name)
 
 
 def check_precision(cfg, data, T, device, inner_steps, seed=0):
@@ -202,36 +203,36 @@ def check_precision(cfg, data, T, device, inner_steps, seed=0):
     same numbers whatever ran before it in the process."""
     dc = cfg["distillation"]
     torch.manual_seed(seed)  # the pool model's initialisation
-    gen = utils.make_generator(device, seed)
-    m = main_distill.storage_accounting(cfg, cfg["data"]["resolution"])["m"]
-    distilled = main_distill.init_distilled(cfg, data, T, m, gen).to(device)
-    pool = main_distill.ModelPool(cfg["model_pool"], cfg["data"]["resolution"], T.shape[-1], device)
-    X0, Y0 = distilled()
+    state = benchmark.built(cfg, data, T, device, seed)
+    X0, Y0 = state.distilled()
     for _ in range(inner_steps):
-        pool.inner_step(0, X0, Y0)
-    f = pool.models[0].eval().requires_grad_(False)
-    x_t, y_t = main_distill.real_batch(data, T, dc, distilled.rotations, gen)
+        state.pool.inner_step(0, X0, Y0)
+    f = state.pool.models[0].eval().requires_grad_(False)
+    x_t, y_t = main_distill.real_batch(data, T, dc, state.distilled.rotations, state.gen)
 
     def run(name, dtype, **lever):
         """outer_step's KRR loss and its gradient for the distilled set, in `name` and `dtype` (and a lever's keys)."""
-        d, g = copy.deepcopy(distilled).to(dtype), copy.deepcopy(f).to(dtype)
+        d, g = copy.deepcopy(state.distilled).to(dtype), copy.deepcopy(f).to(dtype)
         X_s, Y_s = d()
         keys = {**dc, "krr_features": name, "real_features": "same", "fold_bn": False, "compile_features": False,
                 **lever}
-        pred, Phi_s = main_distill.krr_forward(g, X_s, Y_s, x_t.to(dtype), keys, device, numerics)
+        with mock.patch.object(utils, "precision", numerics):  # bfloat16 real on the CPU too
+            pred = main_distill.krr_forward(main_distill.feature_pass(keys, device)(g), X_s, Y_s, x_t.to(dtype), keys)
         loss = F.mse_loss(pred, y_t.to(dtype))  # models.mse would round float64 to float32
         with utils.tf32(name == "tf32"):
             loss.backward()
         grad = torch.cat([p.grad.flatten() for p in d.parameters() if p.grad is not None]).double()
-        return pred.double(), grad, Phi_s.double()
+        return pred.double(), grad
 
-    ref_pred, ref_grad, ref_phi = run("float32", torch.float64)
+    ref_pred, ref_grad = run("float32", torch.float64)
+    with torch.no_grad():
+        ref_phi = copy.deepcopy(f).double().embed(copy.deepcopy(state.distilled).double()()[0])
     Phi = torch.cat([ref_phi, torch.ones_like(ref_phi[:, :1])], 1)
     K = Phi @ Phi.T
     eig = torch.linalg.eigvalsh(K + dc["ridge"] * torch.trace(K) * torch.eye(len(K), dtype=K.dtype, device=device))
     report = {"solved_matrix_condition_number": (eig[-1] / eig[0]).item(), "support_views": len(K),
               "feature_dim": Phi.shape[1], "precisions": {}}
-    def against_float64(pred, grad, _):
+    def against_float64(pred, grad):
         return {"prediction_rel_diff": ((pred - ref_pred).norm() / ref_pred.norm()).item(),
                 "gradient_cosine": torch.nn.functional.cosine_similarity(grad, ref_grad, dim=0).item(),
                 "gradient_rel_diff": ((grad - ref_grad).norm() / ref_grad.norm()).item()}
@@ -321,75 +322,32 @@ def measure_rates(cfg, data, T, device, repeats, ceiling_n, student_epochs):
 # ============================================================================================
 # Levers of the outer step, and the teacher under torch.compile: each beside the default path
 # ============================================================================================
-LEVERS = {  # name -> config overrides (tests/gpu_session.py times each in its own phase); "cudnn.benchmark" is
-    # torch's flag, which utils.get_device turns on for every script on CUDA: that lever measures what it buys
+LEVERS = {  # name -> config overrides (tests/gpu_session.py times each in its own phase)
     "real_bf16": {"distillation.real_features": "bfloat16"},
     "krr_bf16": {"distillation.krr_features": "bfloat16"},
     "fold_bn": {"distillation.fold_bn": True},
-    "fused_optimizers": {"distillation.fused_optimizers": True},
-    "cudnn_benchmark_off": {"cudnn.benchmark": False},
     "compile_features": {"distillation.compile_features": True},
     "all": {"distillation.real_features": "bfloat16", "distillation.fold_bn": True,
-            "distillation.fused_optimizers": True, "distillation.compile_features": True},
+            "distillation.compile_features": True},
 }
 
 
 def measure_lever(cfg_path, base, overrides, data, T, device, repeats):
     """Outer steps/s of the config (with the `base` overrides: sizes) and of the same with a lever's `overrides`,
     from the same initial state (seed 0), one after the other; and how far the lever's first-step loss is from the
-    default's (the precision check measures the levers' numerics against float64). cuDNN autotuning stays as the
-    process has it (on, after utils.get_device on CUDA) unless the lever is "cudnn.benchmark" itself."""
-    out, before = {}, torch.backends.cudnn.benchmark
-    config = {k: v for k, v in overrides.items() if not k.startswith("cudnn.")}
-    try:
-        for name, extra, benchmark in (("default", {}, before),
-                                       ("lever", config, overrides.get("cudnn.benchmark", before))):
-            torch.backends.cudnn.benchmark = benchmark
-            cfg = utils.load_config(cfg_path, {**base, **extra})
-            torch.manual_seed(0)
-            step = outer_step_setup(cfg, data, T, device)
-            first = step().item()
-            seconds = timed(step, repeats, device)
-            out[name] = {"outer_steps_per_s": 1 / seconds, "first_loss": first}
-    finally:
-        torch.backends.cudnn.benchmark = before
+    default's (the precision check measures the levers' numerics against float64)."""
+    out = {}
+    for name, extra in (("default", {}), ("lever", overrides)):
+        cfg = utils.load_config(cfg_path, {**base, **extra})
+        torch.manual_seed(0)
+        step = outer_step_setup(cfg, data, T, device)
+        first = step().item()
+        seconds = timed(step, repeats, device)
+        out[name] = {"outer_steps_per_s": 1 / seconds, "first_loss": first}
     out["speedup"] = out["lever"]["outer_steps_per_s"] / out["default"]["outer_steps_per_s"]
     out["first_loss_rel_diff"] = abs(out["lever"]["first_loss"] - out["default"]["first_loss"]) / \
         abs(out["default"]["first_loss"])
     return {**out, "overrides": overrides, "ok": True}
-
-
-def eval_graphs(cfg, data, T, device, epochs, probe_images, seed=0):
-    """evaluation.cuda_graph and probe.cuda_graph measured, each beside the eager loop from the same seed: `epochs`
-    epochs of the distilled row's student pre-training (the K m views of an initial set at cfg's sizes; a call
-    includes its graph's warm-up and capture, as every evaluation cell pays them) and the linear probe
-    (probe.iterations steps on `probe_images` random features of the student's width, 10 classes). Each is timed
-    after one warm-up call; how far the graphed network and head are from the eager ones (largest difference
-    over the largest weight): the same arithmetic, so rounding only."""
-    ec, pc = cfg["evaluation"], cfg["probe"]
-    distilled, _, _, _ = benchmark.distilled_and_pool(cfg, data, T, device, seed)
-    with torch.no_grad():
-        X, Y = (t.detach() for t in distilled())
-    gen = torch.Generator().manual_seed(seed)
-    width = models.student(ec["student"], cfg["network"]["width"], cfg["data"]["resolution"])[1]
-    feats = torch.randn(probe_images, width, generator=gen).to(device)
-    labels = torch.randint(0, 10, (probe_images,), generator=gen).to(device)
-    out, nets = {}, {}
-    for name, on in (("eager", False), ("graphed", True)):
-        e, p = {**ec, "cuda_graph": on}, {**pc, "cuda_graph": on}
-        train = lambda: main_evaluate.pretrain_on_set(X, Y, e, epochs, data.mean, data.std, seed,
-                                                      f"eval_graphs {name}", cfg["network"]["width"])
-        probe = lambda: utils.train_linear_head(feats, labels, 10, p, seed)
-        out[name] = {"student_s": timed(train, 1, device), "probe_s": timed(probe, 1, device)}
-        nets[name] = (train()[0].state_dict(), probe().state_dict())
-    rel = lambda a, b: max((a[k].float() - b[k].float()).abs().max().item() for k in a if a[k].is_floating_point()) \
-        / max(a[k].float().abs().max().item() for k in a if a[k].is_floating_point())
-    return {**out, "student_speedup": out["eager"]["student_s"] / out["graphed"]["student_s"],
-            "probe_speedup": out["eager"]["probe_s"] / out["graphed"]["probe_s"],
-            "student_rel_diff": rel(nets["eager"][0], nets["graphed"][0]),
-            "probe_rel_diff": rel(nets["eager"][1], nets["graphed"][1]),
-            "epochs": epochs, "views": len(X), "probe_images": probe_images, "probe_steps": pc["iterations"],
-            "ok": True}
 
 
 def teacher_compile(cfg, data, device, steps, window=0.2, backend="inductor"):
@@ -527,8 +485,7 @@ def markdown(report):
 
 SIZES = {  # what main() measures: configs/cifar10.yaml as it is
     "overrides": {}, "train_images": 50_000, "precision_train_images": 10_000, "inner_steps": 100, "repeats": 20,
-    "ceiling_n": 8192, "student_epochs": 2, "lever_repeats": 10, "teacher_compile_steps": 300,
-    "graph_epochs": 20, "probe_images": 20_000}
+    "ceiling_n": 8192, "student_epochs": 2, "lever_repeats": 10, "teacher_compile_steps": 300}
 SECTIONS = ("pipeline", "precision", "syncs", "rates")  # what gpu_check runs; sections() also has the levers'
 
 
@@ -566,8 +523,6 @@ def sections(device, sizes=SIZES, cifar_root="data"):
             "syncs": lambda: check_syncs(cfg, *data(n)[:2], device),
             "rates": rates,
             **{f"lever:{name}": (lambda o=overrides: lever(o)) for name, overrides in LEVERS.items()},
-            "lever:eval_graphs": lambda: eval_graphs(cfg, *data(sizes["train_images"])[:2], device,
-                                                     sizes["graph_epochs"], sizes["probe_images"]),
             "teacher:compile": lambda: teacher_compile(cfg, data(sizes["train_images"])[0], device,
                                                        sizes["teacher_compile_steps"],
                                                        backend="inductor" if device.type == "cuda" else "eager")}

@@ -9,7 +9,7 @@ Made for a lent GPU that comes as one command of at most 10 minutes, with nothin
 1. check:* - the sections of tests/gpu_check.py (pipeline, precision, host syncs, rates with FLOPs and the
    fraction of the bf16 / tf32 matrix-product ceilings);
 2. lever:* - each speed lever of the outer step (gpu_check.LEVERS: bf16 real views, bf16 KRR features, folded
-   BatchNorm, fused optimizers, cuDNN autotuning off) timed beside the default path, one phase each;
+   BatchNorm) timed beside the default path, one phase each;
 3. configs/cifar10_gpu.yaml end to end: teacher, distill (which writes the set's snapshots at
    distillation.snapshot_steps), evaluate (distilled, init_only, real_init, random_subset), snapshots (each
    snapshot's distilled row: the gain over init_only against outer steps, a table and a figure), each with as
@@ -50,7 +50,7 @@ CONFIG = REPO / "configs" / "cifar10_gpu.yaml"
 DECISIVE = ("distilled", "init_only", "real_init", "random_subset")  # evaluated with SEEDS seeds
 REST = ("krr_st", "no_pretraining", "full_dataset", "teacher")  # one seed
 SEEDS = 3
-CHEAP_LEVERS = ("real_bf16", "krr_bf16", "fold_bn", "fused_optimizers", "cudnn_benchmark_off", "eval_graphs")
+CHEAP_LEVERS = ("real_bf16", "krr_bf16", "fold_bn")
 COMPILE_LEVERS = ("compile_features", "all")
 # A priori seconds of the check's sections (no rate is measured before them; 2026-12-04 on an H200: 21, 27, 4, 3
 # s, the rates section since then also measures the ceilings, the inner step and a student epoch).
@@ -71,7 +71,7 @@ def estimate_s(phase, cfg, rates, seeds=SEEDS, sizes=gpu_check.SIZES):
     dc, mp, ec = cfg["distillation"], cfg["model_pool"], cfg["evaluation"]
     views_s, steps_s, student_s = rates["teacher_views_per_s"], rates["outer_steps_per_s"], rates["student_views_per_s"]
     K = 1 + len(cfg["augmentations"]["rotate"])
-    m = main_distill.storage_accounting(cfg, cfg["data"]["resolution"])["m"]
+    m = main_distill.storage_accounting(cfg)["m"]
     N = cfg["storage"]["budget_N"]
     cell = lambda views: OVERHEAD * views / student_s + CELL_OVERHEAD_S  # one (row, seed) of an evaluation
     snapshots = [s for s in dc["snapshot_steps"] if s < dc["steps"]]
@@ -88,8 +88,6 @@ def estimate_s(phase, cfg, rates, seeds=SEEDS, sizes=gpu_check.SIZES):
         return len(snapshots) * seeds * cell(ec["epochs"] * K * m)
     if phase == "evaluate:rest":
         return cell(ec["epochs"] * N) + cell(ec["full_epochs"] * K * n) + 2 * CELL_OVERHEAD_S
-    if phase == "lever:eval_graphs":  # eager and graphed, each a warm-up call and a timed one
-        return 4 * (OVERHEAD * sizes["graph_epochs"] * K * m / student_s + CELL_OVERHEAD_S)
     if phase.startswith("lever:"):  # the default and the lever: a first step, a warm-up and the timed steps each
         compile_s = COMPILE_S if phase.split(":")[1] in COMPILE_LEVERS else 0
         return 2 * (SETUP_S + (sizes["lever_repeats"] + 2) / steps_s) + compile_s
@@ -321,17 +319,6 @@ def lever_lines(phases):
     return lines
 
 
-def eval_graph_lines(p):
-    if "student_speedup" not in p:
-        return []
-    return ["", f"Evaluation under CUDA graphs (lever:eval_graphs; evaluation.cuda_graph and probe.cuda_graph, off by "
-                f"default): the distilled row's student, {p['epochs']} epochs on {p['views']:,} views, eager "
-                f"{p['eager']['student_s']:.2f} s, graphed {p['graphed']['student_s']:.2f} s ({p['student_speedup']:.2f}x,"
-                f" weights differ by {p['student_rel_diff']:.1e} of the largest); the probe, {p['probe_steps']:,} steps on "
-                f"{p['probe_images']:,} features, eager {p['eager']['probe_s']:.2f} s, graphed {p['graphed']['probe_s']:.2f}"
-                f" s ({p['probe_speedup']:.2f}x, head differs by {p['probe_rel_diff']:.1e})"]
-
-
 def teacher_compile_lines(p):
     if "speedup" not in p:
         return []
@@ -378,7 +365,7 @@ def markdown(report):
             lines += [f"- located in {k} (\"error\" mode): {v}" for k, v in r.get("located", {}).items()]
             if "precisions" in r:
                 lines += [""] + gpu_check.precision_lines(r)
-    lines += lever_lines(phases) + eval_graph_lines(phases.get("lever:eval_graphs", {}))
+    lines += lever_lines(phases)
     lines += teacher_compile_lines(phases.get("teacher:compile", {}))
     for name in ("evaluate", "evaluate:rest"):
         if phases.get(name, {}).get("table"):

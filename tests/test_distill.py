@@ -1,5 +1,4 @@
 """main_distill.py: storage accounting, parameterization, KRR, gradients, a short run, resume."""
-import copy
 import json
 import random
 
@@ -19,7 +18,7 @@ def cifar_cfg(**overrides):
 
 # ---------------------------------------------------------------------------------- SPEC 3
 def test_storage_matches_spec_example():
-    t = main_distill.storage_accounting(cifar_cfg(), 32)
+    t = main_distill.storage_accounting(cifar_cfg())
     assert t["budget"] == 358_400
     assert t["rows"]["B_x"] + t["rows"]["mu_x"] + t["rows"]["B_y"] + t["rows"]["mu_y"] == 257_280
     assert t["rows"]["approximation nets"] == 5_412
@@ -36,21 +35,21 @@ def test_storage_never_exceeds_budget_and_m_is_maximal(N, U, V, hidden, store):
     fixed = U * 768 + 768 + V * 512 + 512 + (0 if store else 3 * (2 * V * hidden + hidden + V))
     if fixed + per_m > N * 3584:  # the bases alone do not fit: a clear error, not a negative m
         with pytest.raises(utils.ConfigError, match="cannot hold the bases"):
-            main_distill.storage_accounting(cfg, 32)
+            main_distill.storage_accounting(cfg)
         return
-    t = main_distill.storage_accounting(cfg, 32)
+    t = main_distill.storage_accounting(cfg)
     assert t["stored"] <= t["budget"] and t["m"] >= 1
     assert t["stored"] + per_m > t["budget"]  # one more distilled image would not fit
 
 
 def test_fixed_m_over_budget_is_an_error_with_the_numbers():
     with pytest.raises(utils.ConfigError, match=r"m=240 needs 358,692 floats > budget 358,400.*largest m within budget is 239"):
-        main_distill.storage_accounting(cifar_cfg(**{"storage.m": 240}), 32)
-    assert main_distill.storage_accounting(cifar_cfg(**{"storage.m": 100}), 32)["m"] == 100
+        main_distill.storage_accounting(cifar_cfg(**{"storage.m": 240}))
+    assert main_distill.storage_accounting(cifar_cfg(**{"storage.m": 100}))["m"] == 100
 
 
 def test_krr_st_storage_is_exactly_the_budget():
-    t = main_distill.storage_accounting(cifar_cfg(**{"distillation.method": "krr_st"}), 32)
+    t = main_distill.storage_accounting(cifar_cfg(**{"distillation.method": "krr_st"}))
     assert t["m"] == 100 and t["stored"] == t["budget"]
 
 
@@ -192,8 +191,8 @@ def test_folded_batchnorm_is_the_same_function_with_the_same_gradient():
         got = main_distill.blocks_embed(x, main_distill.frozen_blocks(f, fold))
         g, = torch.autograd.grad(got.square().sum(), x)
         assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5) and torch.allclose(g, g_ref, rtol=1e-4, atol=1e-4)
-    assert main_distill.frozen_embed(f, dc, torch.device("cpu")) == f.embed  # every lever off: f.embed itself
-    folded = main_distill.frozen_embed(f, {**dc, "fold_bn": True}, torch.device("cpu"))
+    assert main_distill.feature_pass(dc, torch.device("cpu"))(f) == f.embed  # every lever off: f.embed itself
+    folded = main_distill.feature_pass({**dc, "fold_bn": True}, torch.device("cpu"))(f)
     assert torch.allclose(folded(x), ref, rtol=1e-5, atol=1e-5)
 
 
@@ -211,56 +210,30 @@ def test_compiled_features_trace_as_one_graph_and_fall_back_on_the_cpu():
         assert torch.allclose(traced(x, blocks), f.embed(x), rtol=1e-5, atol=1e-5)
     assert counts.frame_count == 1  # the second model reuses the graph: weights are inputs, not constants
     dc = {**cifar_cfg()["distillation"], "compile_features": True}
-    assert main_distill.frozen_embed(f1, dc, torch.device("cpu")) == f1.embed  # the CPU runs f.embed itself
-    assert "embed" not in main_distill._COMPILED  # nothing compiled on the CPU
+    assert main_distill.feature_pass(dc, torch.device("cpu"))(f1) == f1.embed  # the CPU runs f.embed itself
 
 
-def test_fused_optimizers_take_the_same_steps():
-    """distillation.fused_optimizers: fused AdamW and SGD (run here on the CPU's fused kernels, which torch has
-    too) move the parameters as the default implementation does; the key itself is CUDA-only."""
+def built(cfg, data, T, m=6):
+    """main_distill.build's State at seed 0 on the CPU, as main() builds it."""
     torch.manual_seed(0)
-    dc = cifar_cfg()["distillation"]
-    assert not main_distill.fused_optimizers({**dc, "fused_optimizers": True}, torch.device("cpu"))
-    params = {}
-    for fused in (False, True):
-        torch.manual_seed(0)
-        d = main_distill.PCADistilled(torch.zeros(12), torch.randn(4, 12), torch.randn(5, 4), torch.zeros(6),
-                                      torch.randn(3, 6), torch.randn(5, 3), torch.randn(1, 5, 3), [90], 2, True)
-        opt = main_distill.make_optimizer(d, dc, fused=fused)
-        net = torch.nn.Linear(4, 2)
-        sgd = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, fused=fused or None)
-        for _ in range(3):
-            opt.zero_grad(), sgd.zero_grad()
-            (d.C_x.square().sum() + (d.C_y @ d.B_y).sin().sum() + d.C_yk.sum() + net(d.C_x).square().sum()).backward()
-            opt.step(), sgd.step()
-        params[fused] = [p.detach().clone() for p in (*d.parameters(), *net.parameters())]
-    for a, b in zip(params[False], params[True]):
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    return main_distill.build(cfg, data, T, m, torch.device("cpu"), torch.Generator().manual_seed(0), random.Random(0))
 
 
 def test_every_lever_off_on_the_cpu_gives_the_default_step(tmp_path):
-    """The CPU ignores the CUDA-only levers (compile_features, fused_optimizers, a bf16 real_features) bit for
-    bit; fold_bn changes only rounding (amplified by the KRR solve at these random sizes;
-    the features themselves: test_folded_batchnorm_is_the_same_function_with_the_same_gradient)."""
+    """The CPU ignores the CUDA-only levers (compile_features, a bf16 real_features) bit for bit; fold_bn changes
+    only rounding (amplified by the KRR solve at these random sizes; the features themselves:
+    test_folded_batchnorm_is_the_same_function_with_the_same_gradient)."""
     data = tiny_data()
-    cfg = utils.load_config(write_config(tmp_path))
     T = torch.randn(len(data.train_x), 4, 32, generator=torch.Generator().manual_seed(0))
-    cpu = torch.device("cpu")
-    d0 = main_distill.init_distilled(cfg, data, T, 6, torch.Generator().manual_seed(0))
 
     def one_step(**levers):
-        torch.manual_seed(0)
-        dc = {**cfg["distillation"], **levers}
-        gen = torch.Generator().manual_seed(0)
-        d = copy.deepcopy(d0)
-        opt = main_distill.make_optimizer(d, dc, main_distill.fused_optimizers(dc, cpu))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-        pool = main_distill.ModelPool(cfg["model_pool"], 8, 32, cpu, 0, main_distill.fused_optimizers(dc, cpu))
-        losses = [main_distill.outer_step(d, pool, data, T, dc, opt, sched, gen, random.Random(0)) for _ in range(2)]
-        return torch.stack(losses), d.C_x.detach().clone()
+        cfg = utils.load_config(write_config(tmp_path), {f"distillation.{k}": v for k, v in levers.items()})
+        state = built(cfg, data, T)
+        losses = [main_distill.outer_step(state, data, T, cfg["distillation"]) for _ in range(2)]
+        return torch.stack(losses), state.distilled.C_x.detach().clone()
 
     ref_loss, ref_C = one_step()
-    for lever in ({"compile_features": True}, {"fused_optimizers": True}, {"real_features": "bfloat16"}):
+    for lever in ({"compile_features": True}, {"real_features": "bfloat16"}):
         loss, C = one_step(**lever)
         assert torch.equal(loss, ref_loss) and torch.equal(C, ref_C), lever
     loss, C = one_step(fold_bn=True)
@@ -337,7 +310,7 @@ def test_chunked_support_pass_equals_one_pass():
     grads, phis = [], []
     for chunk in (0, 5, 23, 100):
         X.grad = None
-        phi = main_distill.support_features(f, X, chunk, torch.device("cpu"))
+        phi = main_distill.support_features(f.embed, X, chunk, torch.device("cpu"))
         (phi * w).sum().backward()
         phis.append(phi.detach())
         grads.append(X.grad.clone())
@@ -353,14 +326,9 @@ def test_chunked_outer_step_equals_one_pass(tmp_path):
         cfg = utils.load_config(write_config(tmp_path, distillation__support_chunk=chunk, storage__m=4))
         data = utils.load_data(cfg)
         T = torch.randn(len(data.train_x), 4, 512, generator=torch.Generator().manual_seed(0))
-        gen = utils.make_generator(torch.device("cpu"), 0)
-        torch.manual_seed(0)
-        d = main_distill.init_distilled(cfg, data, T, 4, gen)
-        opt = torch.optim.AdamW(d.param_groups(cfg["distillation"]), weight_decay=0.0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-        pool = main_distill.ModelPool(cfg["model_pool"], 8, 512, torch.device("cpu"), chunk)
-        loss = main_distill.outer_step(d, pool, data, T, cfg["distillation"], opt, sched, gen, random.Random(0))
-        steps[chunk] = (loss, {k: v.detach().clone() for k, v in d.state_dict().items()})
+        state = built(cfg, data, T, 4)
+        loss = main_distill.outer_step(state, data, T, cfg["distillation"])
+        steps[chunk] = (loss, {k: v.detach().clone() for k, v in state.distilled.state_dict().items()})
     torch.testing.assert_close(steps[3][0], steps[0][0], rtol=1e-5, atol=1e-6)
     for k, v in steps[0][1].items():  # Adam divides by |gradient|: an element whose gradient is near 0 moves by a
         torch.testing.assert_close(steps[3][1][k], v, rtol=1e-5, atol=1e-5)  # rounding-sized amount (lr 1e-2 here)
@@ -394,7 +362,7 @@ def test_chunked_inner_step_sees_every_view_in_every_chunk():
 
 def test_stanford_dogs_uses_its_whole_budget():
     cfg = utils.load_config(REPO / "configs" / "stanford_dogs.yaml")
-    table = main_distill.storage_accounting(cfg, 64)
+    table = main_distill.storage_accounting(cfg)
     assert table["m"] == table["m_max"] == 1993 and cfg["distillation"]["support_chunk"] > 0
 
 
@@ -508,16 +476,12 @@ def test_outer_step_updates_the_distilled_set_and_leaves_the_pool_trainable(tmp_
     data = tiny_data()
     cfg = utils.load_config(write_config(tmp_path))
     T = torch.randn(len(data.train_x), 4, 512)
-    gen = torch.Generator().manual_seed(0)
-    d = main_distill.init_distilled(cfg, data, T, 6, gen)
-    C_x0 = d.C_x.detach().clone()
-    opt = torch.optim.AdamW(d.param_groups(cfg["distillation"]), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    pool = main_distill.ModelPool(cfg["model_pool"], 8, 512, torch.device("cpu"))
-    loss = main_distill.outer_step(d, pool, data, T, cfg["distillation"], opt, sched, gen, random.Random(0))
-    assert torch.isfinite(loss) and not torch.equal(d.C_x, C_x0)
-    assert all(p.requires_grad for f in pool.models for p in f.parameters())
-    assert sum(pool.ages) == 1  # exactly one inner step
+    state = built(cfg, data, T)
+    C_x0 = state.distilled.C_x.detach().clone()
+    loss = main_distill.outer_step(state, data, T, cfg["distillation"])
+    assert torch.isfinite(loss) and not torch.equal(state.distilled.C_x, C_x0)
+    assert all(p.requires_grad for f in state.pool.models for p in f.parameters())
+    assert sum(state.pool.ages) == 1  # exactly one inner step
 
 
 # ---------------------------------------------------------------------------------- distillation.init, init_only
@@ -591,7 +555,7 @@ def test_the_storage_table_and_the_approximation_nets_leave_the_global_random_st
     torch.manual_seed(0)
     expected = torch.rand(3)
     torch.manual_seed(0)
-    main_distill.storage_accounting(cfg, 32)
+    main_distill.storage_accounting(cfg)
     main_distill.fit_approx_nets(torch.randn(8, 4, generator=torch.Generator().manual_seed(1)),
                                  torch.randn(3, 8, 4, generator=torch.Generator().manual_seed(2)),
                                  {"hidden": 2, "steps": 3, "lr": 1e-2}, seed=5)

@@ -70,7 +70,7 @@ def test_the_whole_session_runs_reports_and_skips_what_is_done_on_a_rerun(tmp_pa
     for row in gpu_session.DECISIVE + gpu_session.REST:
         assert f"| {row} |" in md, row
     for text in ("| teacher | ok |", "outer_steps_per_s", "fraction of bf16", "views aligned with their targets: ok",
-                 "| fused_optimizers | distillation.fused_optimizers=True |", "Teacher under torch.compile",
+                 "| real_bf16 | distillation.real_features=bfloat16 |", "Teacher under torch.compile",
                  "Gain over init_only against outer steps", "| 10 | ", "## lever:fold_bn failed"):
         assert text in md, text
     # the same command again: every phase that succeeded is done and not rerun (the failed lever runs again)
@@ -84,7 +84,7 @@ def test_a_phase_that_cannot_finish_is_skipped_with_its_reason(tmp_path):
     """A budget too small for the check's sections, the levers and a 100,000-epoch teacher: each is skipped by
     name with the arithmetic (the teacher's from the check's target rates, as no rate was measured), the phases
     that need the teacher are skipped as well, and the report is still written."""
-    huge = {**TINY, "lever_repeats": 10**6, "teacher_compile_steps": 10**6, "graph_epochs": 10**6}
+    huge = {**TINY, "lever_repeats": 10**6, "teacher_compile_steps": 10**6}
     run = session(tmp_path, budget_s=120, estimates={k: 1e6 for k in QUICK}, sizes=huge,
                   **{"pretrain.epochs": 100_000})
     report = run.run()

@@ -75,17 +75,14 @@ def test_outer_step_features_take_the_krr_precision_and_the_inner_step_does_not(
         cfg = utils.load_config(write_config(tmp_path, distillation__krr_features=name, storage__m=4))
         data = utils.load_data(cfg)
         T = torch.randn(len(data.train_x), 4, 512)
-        gen = utils.make_generator(torch.device("cpu"), 0)
-        d = main_distill.init_distilled(cfg, data, T, 4, gen)
-        opt = torch.optim.AdamW(d.param_groups(cfg["distillation"]), weight_decay=0.0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-        pool = main_distill.ModelPool(cfg["model_pool"], 8, 512, torch.device("cpu"))
+        state = main_distill.build(cfg, data, T, 4, torch.device("cpu"), utils.make_generator(torch.device("cpu"), 0),
+                                   random.Random(0))
         seen, solves = [], []
-        for f in pool.models:
+        for f in state.pool.models:
             f.features.register_forward_hook(lambda m, i, o: seen.append(tf32_flags()))
         solve = torch.linalg.cholesky_ex
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(torch.linalg, "cholesky_ex", lambda *a: (solves.append(tf32_flags()), solve(*a))[1])
-            main_distill.outer_step(d, pool, data, T, cfg["distillation"], opt, sched, gen, random.Random(0))
+            main_distill.outer_step(state, data, T, cfg["distillation"])
         assert seen == [flags, flags, (True, False)] and solves == [(False, False)]
         assert tf32_flags() == (True, False)

@@ -253,10 +253,10 @@ def test_the_nan_hint_names_the_group_that_diverged_and_its_command_runs_as_prin
     to reach an overflow)."""
     real_step, calls = main_distill.outer_step, []
 
-    def step(distilled, pool, data, T, dc, opt, *a, **k):
-        loss = real_step(distilled, pool, data, T, dc, opt, *a, **k)
+    def step(state, *a, **k):
+        loss = real_step(state, *a, **k)
         calls.append(1)
-        g = next(g for g in opt.param_groups if g["key"] == group)
+        g = next(g for g in state.opt.param_groups if g["key"] == group)
         if g["initial_lr"] > 0.02:
             with torch.no_grad():
                 for p in g["params"]:

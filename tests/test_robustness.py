@@ -69,12 +69,12 @@ def test_distillation_checks_before_every_checkpoint(tmp_path, monkeypatch):
     checkpoint is kept, and a resume from it finishes (it used to save the NaN set at step 10)."""
     real_step, calls = main_distill.outer_step, []
 
-    def nan_at_step_7(distilled, *a, **k):
+    def nan_at_step_7(state, *a, **k):
         calls.append(1)
-        loss = real_step(distilled, *a, **k)
+        loss = real_step(state, *a, **k)
         if len(calls) == 7:
             with torch.no_grad():
-                distilled.C_x.fill_(float("nan"))
+                state.distilled.C_x.fill_(float("nan"))
         return loss
 
     monkeypatch.setattr(main_distill, "outer_step", nan_at_step_7)

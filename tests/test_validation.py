@@ -274,9 +274,9 @@ def test_the_distillation_nan_hint_reproduces_the_command_and_resumes(tmp_path, 
     """The printed hint used to drop --out, --device and --teacher, and fail with 'no checkpoint'."""
     real_step, calls = main_distill.outer_step, []
 
-    def nan_at_step_8(distilled, *a, **k):
+    def nan_at_step_8(*a, **k):
         calls.append(1)
-        loss = real_step(distilled, *a, **k)
+        loss = real_step(*a, **k)
         return loss * float("nan") if len(calls) == 8 else loss
 
     monkeypatch.setattr(main_distill, "outer_step", nan_at_step_8)
