@@ -90,8 +90,6 @@ frontier-curve:
 	$(call frontier_n,100,100)
 	$(PYTHON) docs/frontier.py evaluation_models/frontier --out docs
 frontier-levers:
-	$(call frontier_lever,kmeans,$(INIT_ROWS),$(R8) --distillation.init=kmeans)
-	$(call frontier_lever,herding,$(INIT_ROWS),$(R8) --distillation.init=herding)
 	$(call frontier_lever,Z1000,distilled,$(R8) --model_pool.inner_loop_steps_Z=1000)
 	$(call frontier_lever,rb12_U100,$(SET_ROWS),--parameterization.image_basis_size=12 --parameterization.U=100 \
 		--parameterization.V=100)

@@ -107,60 +107,10 @@ class FreeDistilled(nn.Module):
 
 
 @torch.no_grad()
-def select_init(features, m, how, gen):
-    """Indices of the m distinct real train images the set starts from (`distillation.init`): `random` (SPEC 2),
-    or spread over the teacher's feature space: `kmeans` (the image nearest each of m k-means centroids) or
-    `herding` (greedy: each pick moves the running mean of the picks closest to the mean of all features)."""
-    n = len(features)
-    if how == "random":
-        return torch.randperm(n, generator=gen, device=gen.device)[:m].to(features.device)
-    X = features.double()
-    if how == "herding":
-        chosen, total, mu = [], torch.zeros_like(X[0]), X.mean(0)
-        free = torch.ones(n, dtype=torch.bool, device=X.device)
-        for t in range(1, m + 1):  # the next pick minimises ||mu - (total + x) / t|| over the free images
-            score = ((t * mu - total)[None] - X).square().sum(1).masked_fill(~free, float("inf"))
-            i = int(score.argmin())
-            chosen.append(i)
-            free[i] = False
-            total += X[i]
-        return torch.tensor(chosen, device=features.device)
-    return kmeans_medoids(X, m, gen).to(features.device)
-
-
-def kmeans_medoids(X, m, gen):
-    """k-means++ seeding (drawn from `gen`), Lloyd's iterations until no assignment changes, then for each
-    centroid the nearest image not already taken: m distinct indices."""
-    n = len(X)
-    centers = X[torch.randint(n, (1,), generator=gen, device=gen.device).to(X.device)]
-    d2 = torch.cdist(X, centers).square().min(1).values
-    for _ in range(m - 1):
-        pick = torch.multinomial((d2 / d2.sum()).float().to(gen.device), 1, generator=gen).to(X.device)
-        centers = torch.cat([centers, X[pick]])
-        d2 = torch.minimum(d2, (X - X[pick]).square().sum(1))
-    assign = None
-    for _ in range(10 * n):  # Lloyd's iterations never cycle; the bound only guards against float ties
-        new = torch.cdist(X, centers).argmin(1)
-        if assign is not None and torch.equal(new, assign):
-            break
-        assign = new
-        counts = torch.bincount(assign, minlength=m)[:, None]
-        sums = torch.zeros_like(centers).index_add_(0, assign, X)
-        centers = torch.where(counts > 0, sums / counts.clamp_min(1), centers)  # an empty cluster keeps its centre
-    dist = torch.cdist(centers, X)
-    taken = torch.zeros(n, dtype=torch.bool, device=X.device)
-    chosen = []
-    for c in dist.min(1).values.argsort().tolist():  # the tightest centroids choose first
-        i = int(dist[c].masked_fill(taken, float("inf")).argmin())
-        chosen.append(i)
-        taken[i] = True
-    return torch.tensor(chosen)
-
-
-@torch.no_grad()
 def init_distilled(cfg, data, T, m, gen):
-    """Start from m real train images (`distillation.init`): their PCA coefficients / pixels and teacher targets."""
-    idx = select_init(T[:, 0], m, cfg["distillation"]["init"], gen).to(data.train_x.device)
+    """Start from m distinct real train images drawn at random (SPEC 2): their PCA coefficients (or pixels) and
+    teacher targets."""
+    idx = torch.randperm(len(T), generator=gen, device=gen.device)[:m].to(data.train_x.device)
     if cfg["distillation"]["method"] == "krr_st":
         distilled = FreeDistilled(utils.normalize(data.train_x[idx], data.mean, data.std), T[idx, 0].clone())
     else:

@@ -168,7 +168,6 @@ SCHEMA = {
     },
     "distillation": {
         "method": Key(("ours", "krr_st"), ANY, "this method, or the KRR-ST baseline"),
-        "init": Key(("random", "kmeans", "herding"), ANY, "how the m starting images are chosen"),
         "steps": Key(int, POSITIVE, "outer steps"),
         "outer_batch_size": Key(int, POSITIVE, "real images per outer step"),
         "real_views": Key(("all", "identity"), ANY, "the real batch's views: all K, or the identity only"),

@@ -484,54 +484,11 @@ def test_outer_step_updates_the_distilled_set_and_leaves_the_pool_trainable(tmp_
     assert sum(state.pool.ages) == 1  # exactly one inner step
 
 
-# ---------------------------------------------------------------------------------- distillation.init, init_only
-def clustered(n_clusters=6, per=30, dim=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    centres = 20 * torch.randn(n_clusters, dim, generator=g)
-    X = torch.cat([c + 0.1 * torch.randn(per, dim, generator=g) for c in centres])
-    return X, torch.arange(n_clusters).repeat_interleave(per)
-
-
-@pytest.mark.parametrize("how", ["random", "kmeans", "herding"])
-def test_selection_picks_m_distinct_train_images_repeatably(how):
-    X, _ = clustered()
-    pick = lambda seed: main_distill.select_init(X, 40, how, torch.Generator().manual_seed(seed))
-    idx = pick(0)
-    assert idx.shape == (40,) and len(set(idx.tolist())) == 40 and 0 <= idx.min() and idx.max() < len(X)
-    assert torch.equal(idx, pick(0))  # the seed fixes the selection
-
-
-def test_kmeans_selection_covers_every_cluster():
-    """m = number of clusters: kmeans takes one image of each; random draws of 6 from 6 clusters of equal size
-    miss one in 98% of draws (counted below on the same data)."""
-    X, cluster = clustered()
-    idx = main_distill.select_init(X, 6, "kmeans", torch.Generator().manual_seed(0))
-    assert sorted(cluster[idx].tolist()) == list(range(6))
-    random_hits = [len(set(cluster[main_distill.select_init(X, 6, "random", torch.Generator().manual_seed(s))]
-                           .tolist())) for s in range(20)]
-    assert sum(h == 6 for h in random_hits) <= 3
-
-
-def test_herding_matches_the_feature_mean_better_than_random_draws():
-    X, _ = clustered()
-    gap = lambda idx: (X[idx].mean(0) - X.mean(0)).norm()
-    herd = gap(main_distill.select_init(X, 60, "herding", torch.Generator().manual_seed(0)))
-    randoms = [gap(main_distill.select_init(X, 60, "random", torch.Generator().manual_seed(s))) for s in range(20)]
-    assert herd < 0.5 * min(randoms), (herd, min(randoms))
-
-
-def test_kmeans_picks_the_image_nearest_each_centre():
-    X, cluster = clustered(n_clusters=3, per=50)
-    idx = main_distill.select_init(X, 3, "kmeans", torch.Generator().manual_seed(1))
-    for i in idx.tolist():
-        members = X[cluster == cluster[i]]
-        assert (X[i] - members.mean(0)).norm() <= (members - members.mean(0)).norm(dim=1).min() + 1e-6
-
-
+# ---------------------------------------------------------------------------------- init_only
 def test_init_only_is_the_set_at_step_zero(tmp_path):
     """The init_only folder holds the same PCA, m and starting images before any outer step, with approximation
     nets fitted to it; the distilled set beside it has moved away from it."""
-    _, out = run_distill(tmp_path, "--distillation.steps=20", "--distillation.init=kmeans")
+    _, out = run_distill(tmp_path, "--distillation.steps=20")
     init_views, init_targets, d0 = utils.load_distilled(out / utils.INIT_ONLY, torch.device("cpu"))
     views, targets, d = utils.load_distilled(out, torch.device("cpu"))
     assert d0["steps"] == 0 and d["steps"] == 20 and d0["run_id"] == d["run_id"] and d0["m"] == d["m"]

@@ -43,7 +43,7 @@ def test_recalibration_makes_a_random_students_features_readable(name, digits):
     torch.manual_seed(0)
     net = models.student(name, 16, 8)[0].eval()
     probe = {"iterations": 200, "batch_size": 512, "lr": 0.2, "momentum": 0.9, "weight_decay": 0.0,
-             "cuda_graph": False, "labels_per_class": 0}
+             "labels_per_class": 0}
     init = utils.split_features(net, digits, 512)
     recal = utils.split_features(main_evaluate.recalibrate_bn(net, digits, 512), digits, 512)
     assert init[0].std(0).mean() < 1e-2 < 0.1 < recal[0].std(0).mean()

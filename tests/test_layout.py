@@ -57,8 +57,7 @@ def test_knn_is_right_on_separable_clusters_and_at_chance_on_noise():
 
 def test_linear_probe_separates_clusters_and_not_shuffled_labels():
     (x, y), (xt, yt) = clusters(100), clusters(50, seed=1)
-    probe = {"iterations": 200, "batch_size": 64, "lr": 0.2, "momentum": 0.9, "weight_decay": 0.0,
-             "cuda_graph": False}
+    probe = {"iterations": 200, "batch_size": 64, "lr": 0.2, "momentum": 0.9, "weight_decay": 0.0}
     assert utils.linear_probe(x, y, xt, yt, 4, probe, seed=0) == 100.0
     shuffled = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]
     assert utils.linear_probe(x, shuffled, xt, yt, 4, probe, seed=0) < 50

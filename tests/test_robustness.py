@@ -13,7 +13,7 @@ import main_evaluate
 import models
 import pretrain
 import utils
-from tiny import REPO, write_config, write_teacher
+from tiny import write_config, write_teacher
 
 CPU = ["--device", "cpu"]
 
@@ -149,11 +149,6 @@ def test_out_of_range_values_are_refused_naming_key_and_value(tmp_path, dotted, 
 def test_inconsistent_lists_are_refused(tmp_path, dotted, value, expected):
     with pytest.raises(utils.ConfigError, match=expected.replace("(", r"\(")):
         utils.load_config(write_config(tmp_path), {dotted: value})
-
-
-def test_the_shipped_configs_pass_the_ranges():
-    for path in sorted((REPO / "configs").glob("*.yaml")):
-        utils.load_config(path)
 
 
 def test_zero_epochs_write_no_teacher(tmp_path):
