@@ -8,7 +8,8 @@ projected time of the config's whole schedule (issue 34). A measurement tool, no
 
 The data are SYNTHETIC, of the real shapes: random uint8 images at the config's resolution (the train split's real
 count, or --train-images of them; the test split's real count), random labels over its classes, standard-normal
-teacher targets: memory and speed depend on shapes, not on pixels. Each stage runs in a fresh child process: its
+teacher targets: memory and speed depend on shapes, not on pixels. Each stage runs in a new child process (forked
+on the CPU, spawned on CUDA) that builds the data and then the stage: its
 setup (network, set, pool, optimizer as the script builds them), then one step under FlopCounterMode (matrix
 products and convolutions, forward and backward; also the warm-up), then --steps timed steps; a stage whose call has
 a fixed cost (a student's network is built per call, the probe lays out its batches) is timed as the difference of
@@ -25,13 +26,14 @@ on --ranks W ranks, and estimated for an H200 from the FLOPs and the H200 rates 
 import argparse
 import json
 import math
-import os
+import multiprocessing
 import random
 import resource
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,7 +141,7 @@ class Stage:
     targets: bool = False
     fixed: bool = False
     per_train: bool = False
-    min_steps: int = 1
+    min_steps: int = 0
     overrides: dict = field(default_factory=dict)
 
 
@@ -265,9 +267,12 @@ def measure(cfg, name, n_train, device, steps):
     run = stage.setup(cfg, data, T, device)
     setup_bytes = peak.bytes()
     with FlopCounterMode(display=False) as counter:
-        run(1)
+        counted = timed(run, 1, device)
     steps, note = max(steps, stage.min_steps), None
-    if stage.fixed:  # the fixed cost of a call cancels
+    if steps == 0:  # the counted call timed (a CPU step of minutes: the counter's cost is small against it)
+        seconds, note = counted, "the step under the FLOP counter, no warm-up" + (
+            ", with the call's fixed cost" if stage.fixed else "")
+    elif stage.fixed:  # the fixed cost of a call cancels
         more = timed(run, 1 + steps, device)
         seconds = (more - timed(run, 1, device)) / steps
         if seconds <= 0:
@@ -286,47 +291,51 @@ def measure(cfg, name, n_train, device, steps):
 OOM_TEXT = ("out of memory", "can't allocate memory", "Cannot allocate memory")
 
 
-def child(argv):
-    """--child: measure one stage and write its result (JSON) to --result; out of memory is a result too."""
-    args = parse_args(argv)
-    cfg, device = stage_config(args.config[0], args.stage), utils.get_device(args.device)
+def child(path, name, device, steps, n_train, result):
+    """In the child process: measure one stage and write its result (JSON) to `result`; running out of memory is a
+    result too, any other error its traceback (on stderr) and its first line."""
     try:
-        out = measure(cfg, args.stage, args.train_images, device, args.steps)
-    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
-        if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and not any(t in str(e) for t in OOM_TEXT):
-            raise
-        out = {"status": "out of memory", "error": utils.first_line(e)}
-    Path(args.result).write_text(json.dumps(out))
+        out = measure(stage_config(path, name), name, n_train, utils.get_device(device), steps)
+    except Exception as e:  # noqa: BLE001 - every failure is the report's content
+        oom = isinstance(e, (torch.OutOfMemoryError, MemoryError)) or any(t in str(e) for t in OOM_TEXT)
+        if not oom:
+            traceback.print_exc()
+        out = {"status": "out of memory" if oom else "failed", "error": utils.first_line(e)}
+    Path(result).write_text(json.dumps(out))
 
 
 # ============================================================================================
 # The parent: every stage of every config, the budget, the projection, the report
 # ============================================================================================
-def launch(argv, timeout):
-    """A child process running `argv` (this file's --child); (return code, or None when it ran out of time)."""
-    try:
-        return subprocess.run([sys.executable, __file__, *argv], timeout=timeout).returncode
-    except subprocess.TimeoutExpired:
+START = {"cpu": "fork", "cuda": "spawn"}  # CUDA cannot run in a forked child; a fork skips the imports
+
+
+def launch(args, timeout):
+    """child(*args) in a new process; its exit code (negative: killed by that signal), None when out of time."""
+    proc = multiprocessing.get_context(START[args[2]]).Process(target=child, args=args)
+    proc.start()
+    proc.join(None if math.isinf(timeout) else max(timeout, 0))
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
         return None
+    return proc.exitcode
 
 
 def run_stage(path, name, args, n_train, timeout):
-    """One stage in a fresh child; its result, or why it has none (killed, failed, out of time)."""
+    """One stage in a fresh child; its result, or why it has none (killed, out of time)."""
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
         t0 = time.time()
-        code = launch(["--child", "--config", str(path), "--stage", name, "--device", args.device, "--steps",
-                       str(args.steps), "--train-images", str(n_train), "--result", str(result)], timeout)
+        code = launch((str(path), name, args.device, args.steps, n_train, str(result)), timeout)
         wall = time.time() - t0
         if result.is_file():
             return {**json.loads(result.read_text()), "wall_s": wall}
     if code is None:
         return {"status": "skipped", "error": f"did not finish within the {timeout:.0f} s left of --budget-s"}
-    if code < 0:
-        return {"status": "out of memory" if code == -9 else "failed",
-                "error": f"the child was killed by signal {-code}" + (" (the kernel's out-of-memory killer, most "
-                                                                      "likely)" if code == -9 else "")}
-    return {"status": "failed", "error": f"the child exited with {code} (its traceback is above)", "wall_s": wall}
+    return {"status": "out of memory" if code == -9 else "failed",
+            "error": f"the child ended with exit code {code}" + (" (killed by signal 9: the kernel's out-of-memory "
+                                                                 "killer, most likely)" if code == -9 else "")}
 
 
 def resident(cfg, n_train, world):
@@ -425,7 +434,8 @@ def size_config(path, args, deadline):
         data = resident(stage_config(path, name), n_train, 1)
         res_bytes = data["images"] + (data["targets"] if STAGES[name].targets else 0)
         flops = plan.get("stages", {}).get(name, {}).get("flops") or 0
-        calls = 1 + max(args.steps, STAGES[name].min_steps) + (2 if STAGES[name].fixed else 0)  # counted, timed (fixed: also a 1-step call)
+        timed_steps = max(args.steps, STAGES[name].min_steps)
+        calls = 1 + timed_steps + (2 if STAGES[name].fixed and timed_steps else 0)  # counted, timed, difference
         estimate = max(starts, default=CHILD_START_S) + calls * flops / slowest
         reason = would_not_fit(name, plan, n_train, res_bytes, device_bytes) if args.device == "cuda" else None
         if reason:
@@ -504,7 +514,7 @@ def markdown(rep):
     W = rep["ranks"]
     lines = [f"# {rep['config']} ({rep['dataset']}) on {rep['device']}", "",
              f"tests/sizes.py at commit {rep['commit']}, torch {rep['torch']}, {rep['steps']} timed step(s) a stage "
-             f"after one under FlopCounterMode. **Synthetic data of the real shapes** (random uint8 images, "
+             f"after one under FlopCounterMode (0: that one timed). **Synthetic data of the real shapes** (random uint8 images, "
              f"standard-normal targets): {rep['train_images']:,} train images (the real split: "
              f"{rep['real_train_images']:,}), {rep['test_images']:,} test images; m = {rep['m']:,}.", "",
              "| stage | what | FLOPs per step | s per step | peak memory (GiB) | needs at the real split (GiB) | "
@@ -543,7 +553,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", nargs="+", required=True, help="one or more configs/*.yaml")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps a stage (default 1 on the CPU, 10 on CUDA)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps a stage after the counted one (default 1 on "
+                   "the CPU, 10 on CUDA; 0: the counted step is the timed one)")
     p.add_argument("--train-images", type=int, default=0, help="synthetic train images (default: the real count)")
     p.add_argument("--out", default="sizes", help="folder of <config name>.json and .md")
     p.add_argument("--ranks", type=int, default=8, help="W of the projection on W ranks")
@@ -551,19 +562,16 @@ def parse_args(argv):
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     p.add_argument("--budget-s", type=float, default=math.inf, help="deadline of the whole command (seconds)")
     p.add_argument("--plan", default=None, help="CUDA: the reference sizing (default docs/sizes/<config name>.json)")
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--stage", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.device not in ("cpu", "cuda"):
         raise utils.UserError(f"--device {args.device}: expected cpu or cuda")
     utils.get_device(args.device)  # cuda without CUDA: one line
-    args.steps = args.steps or (10 if args.device == "cuda" else 1)
+    args.steps = (10 if args.device == "cuda" else 1) if args.steps is None else args.steps
     args.stages = [s for s in args.stages.split(",") if s]
     bad = [s for s in args.stages if s not in STAGES]
     checks = {"--stages": (bad or not args.stages, f"unknown {bad}; choose from {','.join(STAGES)}"),
-              "--steps": (args.steps < 1, f"must be >= 1, got {args.steps}"),
+              "--steps": (args.steps < 0, f"must be >= 0, got {args.steps}"),
               "--train-images": (args.train_images < 0, f"must be >= 0, got {args.train_images}"),
               "--ranks": (args.ranks < 1, f"must be >= 1, got {args.ranks}"),
               "--seeds": (args.seeds < 1, f"must be >= 1, got {args.seeds}"),
@@ -575,10 +583,7 @@ def parse_args(argv):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if "--child" in argv:
-        return child(argv)
-    args = parse_args(argv)
+    args = parse_args(sys.argv[1:] if argv is None else list(argv))
     for path in args.config:  # every config checked before any work
         utils.load_config(path)
     deadline, out, reports = time.time() + args.budget_s, Path(args.out), {}
