@@ -17,9 +17,11 @@ a (1 + steps)-step call and a 1-step call. Peak memory is the growth beyond the 
 on CUDA torch.cuda.max_memory_allocated above what was allocated before the stage; on the CPU the child's peak
 resident set size (VmHWM, reset through /proc/self/clear_refs) above its resident set before the stage.
 An out-of-memory stage is reported in the table and the next stage runs; the command then ends with one line per
-such stage naming the config, the stage and what lowers its memory (exit 2). On CUDA a stage is skipped with its
-reason when the reference sizing (--plan, default docs/sizes/<config name>.json: the CPU's figures) says it would
-not fit the GPU, or when its FLOPs at the slowest rate measured so far would not finish within --budget-s.
+such stage naming the config, the stage and what lowers its memory (exit 2). A stage is skipped with its reason
+when the reference sizing (--plans folder/<config name>.json, default docs/sizes/: the CPU's figures) says it would
+not fit the device (CUDA: the GPU's memory, known from the first stage on; the CPU: MemTotal), or when its FLOPs at
+the slowest rate measured so far would not finish within --budget-s (a child still running at the deadline is
+stopped and its stage reported as such).
 Writes <out>/<config name>.json and .md (the table, the resident data, the schedule's projected time on this device,
 on --ranks W ranks, and estimated for an H200 from the FLOPs and the H200 rates of 2026-12-04).
 """
@@ -133,7 +135,8 @@ class Stage:
     """setup: an adapter function; targets: its setup needs the teacher targets T; held: how many copies of the
     whole T its script holds beside the images (the resident data it needs); fixed: a call has a fixed cost (timed
     as a difference); per_train: its memory grows with the train images (scaled to the real count in the
-    report); min_steps: timed steps at least (a step too short to time alone); overrides: config keys of this stage; lower: the settings that lower its memory."""
+    report); min_steps: timed steps at least (a step too short to time alone); overrides: config keys of this
+    stage; lower: the settings that lower its memory."""
     setup: object
     what: str
     lower: str
@@ -178,7 +181,9 @@ SPLITS = {"CIFAR10": (50_000, 10_000, 10), "CIFAR100": (50_000, 10_000, 100), "S
 H200_TFLOPS = {"teacher_step": 123.1, "teacher_targets": 123.1, "outer_step": 63.27, "outer_step_krr_st": 63.27,
                "inner_step": 83.98, "student_step": 26.29}
 H200_PROBE_S_PER_STEP = 1.19 / 5000
-A_PRIORI_TFLOPS = 25.0  # a CUDA stage's time estimate before any rate is measured (the H200's slowest step above)
+# A stage's time estimate before any rate is measured: CUDA at the H200's slowest step above; the CPU at ~this box's
+# 2 cores (docs/results.md 2026-12-07)
+A_PRIORI_TFLOPS = {"cuda": 25.0, "cpu": 0.02}
 CHILD_START_S = 30.0  # a child's start-up before its first stage is measured (imports, CUDA, synthetic data)
 GIB = 2**30
 
@@ -286,6 +291,14 @@ def measure(cfg, name, n_train, device, steps):
         out.update(peak_allocated_bytes=torch.cuda.max_memory_allocated(device),
                    device_bytes=torch.cuda.get_device_properties(device).total_memory)
     return out
+
+
+def host_bytes():
+    """The machine's memory (MemTotal): what a CPU stage can use at most."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024
+    return None
 
 
 OOM_TEXT = ("out of memory", "can't allocate memory", "Cannot allocate memory")
@@ -407,8 +420,8 @@ def needs(name, r, rep):
 
 
 def would_not_fit(name, plan, n_train, res_bytes, device_bytes):
-    """On CUDA: the reason the plan's peak (scaled to these train images where it grows with them) plus the
-    resident data exceeds the GPU's memory, else None."""
+    """The reason the plan's peak (scaled to these train images where it grows with them) plus the resident data
+    exceeds the device's memory, else None (also when either is unknown)."""
     p = plan.get("stages", {}).get(name, {})
     if device_bytes is None or p.get("status") != "ok":
         return None
@@ -416,19 +429,25 @@ def would_not_fit(name, plan, n_train, res_bytes, device_bytes):
     if need <= device_bytes:
         return None
     return (f"needs ~{need / GIB:.1f} GiB ({p['peak_bytes'] / GIB:.1f} GiB by the reference sizing on "
-            f"{plan.get('device')}, + {res_bytes / GIB:.1f} GiB of resident data), the GPU has "
+            f"{plan.get('device')}, + {res_bytes / GIB:.1f} GiB of resident data), the device has "
             f"{device_bytes / GIB:.1f} GiB; lower {STAGES[name].lower}")
 
 
-def size_config(path, args, deadline):
+def checked(path, args):
+    """(config, train images, reference sizing) of one config, every value checked before any work."""
+    cfg = utils.load_config(path)
+    n_train = args.train_images or split_sizes(cfg)[0]
+    utils.check_sizes(cfg, n_train, main_distill.storage_accounting(cfg, cfg["data"]["resolution"])["m"])
+    return cfg, n_train, read_plan(Path(args.plans) / f"{Path(path).stem}.json")
+
+
+def size_config(path, args, deadline, n_train, plan):
     """Every asked stage of one config, each in a child, within the deadline: the report's data."""
     cfg = utils.load_config(path)
     n_real, n_test, _ = split_sizes(cfg)
-    n_train = args.train_images or n_real
-    utils.check_sizes(cfg, n_train, main_distill.storage_accounting(cfg, cfg["data"]["resolution"])["m"])
-    plan = read_plan(args.plan or REPO / "docs" / "sizes" / f"{Path(path).stem}.json") if args.device == "cuda" \
-        else {}
-    stages, slowest, starts, device_bytes = {}, A_PRIORI_TFLOPS * 1e12, [], None
+    # the GPU's memory is known from the first child (the parent never starts CUDA: its children could not)
+    device_bytes = host_bytes() if args.device == "cpu" else None
+    stages, rates, starts = {}, [], []  # FLOP/s and start-up seconds of the stages measured so far
     for name in args.stages:
         left = deadline - time.time()
         data = resident(stage_config(path, name), n_train, 1)
@@ -436,8 +455,9 @@ def size_config(path, args, deadline):
         flops = plan.get("stages", {}).get(name, {}).get("flops") or 0
         timed_steps = max(args.steps, STAGES[name].min_steps)
         calls = 1 + timed_steps + (2 if STAGES[name].fixed and timed_steps else 0)  # counted, timed, difference
+        slowest = min(rates, default=A_PRIORI_TFLOPS[args.device] * 1e12)
         estimate = max(starts, default=CHILD_START_S) + calls * flops / slowest
-        reason = would_not_fit(name, plan, n_train, res_bytes, device_bytes) if args.device == "cuda" else None
+        reason = would_not_fit(name, plan, n_train, res_bytes, device_bytes)
         if reason:
             stages[name] = {"status": "out of memory", "skipped": True, "error": f"skipped: {reason}"}
         elif estimate > left:
@@ -449,7 +469,7 @@ def size_config(path, args, deadline):
             if r["status"] == "ok":
                 device_bytes = r.get("device_bytes", device_bytes)
                 starts.append(r["wall_s"] - calls * r["seconds"])  # start-up, data, setup
-                slowest = min(slowest, r["flops"] / r["seconds"]) if r["flops"] else slowest
+                rates += [r["flops"] / r["seconds"]] if r["flops"] > 1e9 else []  # not the memory-bound stages
         print(f"sizes: {path} {name}: {stage_line(name, stages[name])}", flush=True)
     return {"config": str(path), "dataset": cfg["dataset"], "device": args.device, "steps": args.steps,
             "train_images": n_train, "real_train_images": n_real, "test_images": n_test, "seeds": args.seeds,
@@ -472,7 +492,7 @@ def read_plan(path):
             raise ValueError("expected a mapping with a 'stages' mapping")
         return plan
     except ValueError as e:
-        raise utils.InputError(f"--plan {path} is not a sizes.py JSON ({e})") from None
+        raise utils.InputError(f"--plans: {path} is not a sizes.py JSON ({e})") from None
 
 
 def commit():
@@ -514,8 +534,8 @@ def markdown(rep):
     W = rep["ranks"]
     lines = [f"# {rep['config']} ({rep['dataset']}) on {rep['device']}", "",
              f"tests/sizes.py at commit {rep['commit']}, torch {rep['torch']}, {rep['steps']} timed step(s) a stage "
-             f"after one under FlopCounterMode (0: that one timed). **Synthetic data of the real shapes** (random uint8 images, "
-             f"standard-normal targets): {rep['train_images']:,} train images (the real split: "
+             f"after one under FlopCounterMode (0: that one timed). **Synthetic data of the real shapes** (random "
+             f"uint8 images, standard-normal targets): {rep['train_images']:,} train images (the real split: "
              f"{rep['real_train_images']:,}), {rep['test_images']:,} test images; m = {rep['m']:,}.", "",
              "| stage | what | FLOPs per step | s per step | peak memory (GiB) | needs at the real split (GiB) | "
              "status |", "|---|---|---|---|---|---|---|"]
@@ -561,7 +581,8 @@ def parse_args(argv):
     p.add_argument("--seeds", type=int, default=3, help="evaluation seeds of the projection")
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     p.add_argument("--budget-s", type=float, default=math.inf, help="deadline of the whole command (seconds)")
-    p.add_argument("--plan", default=None, help="CUDA: the reference sizing (default docs/sizes/<config name>.json)")
+    p.add_argument("--plans", default=str(REPO / "docs" / "sizes"), help="folder of the reference sizings, "
+                   "<config name>.json (this tool's JSON): a stage they say would not fit is skipped")
     args = p.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.device not in ("cpu", "cuda"):
@@ -584,12 +605,11 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
-    for path in args.config:  # every config checked before any work
-        utils.load_config(path)
+    inputs = {path: checked(path, args) for path in args.config}  # every config checked before any work
     deadline, out, reports = time.time() + args.budget_s, Path(args.out), {}
     out.mkdir(parents=True, exist_ok=True)
-    for path in args.config:
-        rep = reports[path] = size_config(path, args, deadline)
+    for path, (_, n_train, plan) in inputs.items():
+        rep = reports[path] = size_config(path, args, deadline, n_train, plan)
         utils.write_json(rep, out / f"{Path(path).stem}.json")
         (out / f"{Path(path).stem}.md").write_text(markdown(rep))
         print(markdown(rep))
