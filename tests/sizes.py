@@ -17,7 +17,8 @@ a (1 + steps)-step call and a 1-step call. Peak memory is the growth beyond the 
 on CUDA torch.cuda.max_memory_allocated above what was allocated before the stage; on the CPU the child's peak
 resident set size (VmHWM, reset through /proc/self/clear_refs) above its resident set before the stage.
 An out-of-memory stage is reported in the table and the next stage runs; the command then ends with one line per
-such stage naming the config, the stage and what lowers its memory (exit 2). A stage is skipped with its reason
+such stage naming the config, the stage and what lowers its memory (exit 2; a stage that failed otherwise, a bug:
+its traceback, a line, exit 1). A stage is skipped with its reason
 when the reference sizing (--plans folder/<config name>.json, default docs/sizes/: the CPU's figures) says it would
 not fit the device (CUDA: the GPU's memory, known from the first stage on; the CPU: MemTotal), or when its FLOPs at
 the slowest rate measured so far would not finish within --budget-s (a child still running at the deadline is
@@ -613,13 +614,16 @@ def main(argv=None):
         utils.write_json(rep, out / f"{Path(path).stem}.json")
         (out / f"{Path(path).stem}.md").write_text(markdown(rep))
         print(markdown(rep))
-    oom = [(path, n, r) for path, rep in reports.items() for n, r in rep["stages"].items()
-           if r["status"] == "out of memory"]
-    for path, name, r in oom:
-        print(f"sizes.py: error: {path}: stage {name} ran out of memory ({r['error']}); lower {STAGES[name].lower}",
-              file=sys.stderr)
-    if oom:
-        sys.exit(2)
+    ended = [(path, n, r) for path, rep in reports.items() for n, r in rep["stages"].items()]
+    for path, name, r in ended:
+        if r["status"] == "out of memory":
+            print(f"sizes.py: error: {path}: stage {name} ran out of memory ({r['error']}); lower "
+                  f"{STAGES[name].lower}", file=sys.stderr)
+        elif r["status"] == "failed":
+            print(f"sizes.py: {path}: stage {name} FAILED: {r['error']}", file=sys.stderr)
+    statuses = {r["status"] for _, _, r in ended}
+    if statuses & {"out of memory", "failed"}:
+        sys.exit(2 if "out of memory" in statuses else 1)
     return reports
 
 
