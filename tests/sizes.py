@@ -176,14 +176,16 @@ STAGES = {  # held: pretrain.py keeps the images; utils.teacher_targets T and it
 SPLITS = {"CIFAR10": (50_000, 10_000, 10), "CIFAR100": (50_000, 10_000, 100), "STANFORD_DOGS": (12_000, 8_580, 120),
           "TINY_IMAGENET": (100_000, 10_000, 200), "IMAGENET64": (1_281_167, 50_000, 1000), "DIGITS": (1_347, 450, 10)}
 
-# One H200's rates (docs/results.md, 2026-12-04, the second GPU session, commit 5e36791, configs/cifar10.yaml sizes,
-# tests/benchmark.py's steps): TFLOP/s per step kind; the teacher's for its frozen passes (the same network,
-# forward only); the probe by its measured time (5,000 steps in 1.19 s, eager), not by its FLOPs.
+# One H200's rates (docs/results.md, 2026-12-04, the second GPU session, commit 5e36791, configs/cifar10.yaml sizes):
+# TFLOP/s of tests/benchmark.py's steps (FlopCounterMode's FLOPs per measured second); the teacher's also for its
+# frozen passes (the same network, forward only); the student's from the evaluation's pre-training, ~86 steps/s
+# of batch 256 (the benchmark's student rate then included building the network) at this tool's 854.8 GFLOP a
+# step; the probe by its measured time (5,000 steps in 1.19 s, eager), not by its FLOPs.
 H200_TFLOPS = {"teacher_step": 123.1, "teacher_targets": 123.1, "outer_step": 63.27, "outer_step_krr_st": 63.27,
-               "inner_step": 83.98, "student_step": 26.29}
+               "inner_step": 83.98, "student_step": 86 * 854.8e9 / 1e12}
 H200_PROBE_S_PER_STEP = 1.19 / 5000
-# A stage's time estimate before any rate is measured: CUDA at the H200's slowest step above; the CPU at ~this box's
-# 2 cores (docs/results.md 2026-12-07)
+# A stage's time estimate before any rate is measured: CUDA well below the H200's slowest step above (an H100, or
+# a step at other sizes, may be slower); the CPU about this box's 2 cores (docs/results.md, 2026-12-07)
 A_PRIORI_TFLOPS = {"cuda": 25.0, "cpu": 0.02}
 CHILD_START_S = 30.0  # a child's start-up before its first stage is measured (imports, CUDA, synthetic data)
 GIB = 2**30
