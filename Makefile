@@ -34,6 +34,20 @@ cifar10-cpu-students:
 gpu-check:
 	$(PYTHON) tests/gpu_check.py --out gpu_check
 
+# Every stage of a config at its real sizes on synthetic data of the real shapes: FLOPs, seconds and peak memory per
+# step, the resident data, the whole schedule's projected time (tests/sizes.py; docs/results.md 2026-12-07: a 64 px
+# config takes about an hour on this 2-core CPU). Report: sizes/<config name>.md and .json.
+CONFIG ?= configs/cifar10.yaml
+sizes:
+	$(PYTHON) tests/sizes.py --config $(CONFIG) $(if $(DEVICE),--device $(DEVICE)) --out sizes
+
+# On a lent GPU (one command of at most 10 minutes): the 64 px sources' stages on CUDA within 480 s, each skipped
+# with its reason when the CPU's sizing (docs/sizes/<config name>.json) says it would not fit the GPU or it would not
+# finish; exits 2 without CUDA. Report: gpu_sizes/<config name>.md and .json (small files).
+GPU_SIZES = configs/stanford_dogs.yaml configs/imagenet64.yaml configs/tiny_imagenet.yaml
+gpu-sizes:
+	$(PYTHON) tests/sizes.py --device cuda --steps 5 --budget-s 480 --out gpu_sizes --config $(GPU_SIZES)
+
 # CIFAR-10 end to end in about 40 minutes of one H100 (configs/cifar10_quick.yaml: 100-epoch teacher, 5,000 outer
 # steps; estimate, README). Needs data/cifar-10-python/. Re-run the same command after an interruption: finished
 # steps are skipped, an interrupted one resumes from its checkpoint, a step that never started starts.
@@ -103,4 +117,5 @@ frontier-levers:
 test:
 	$(PYTHON) -m pytest -q --durations=15
 
-.PHONY: digits cifar10-cpu cifar10-cpu-students gpu-check gpu-session cifar10-quick frontier-curve frontier-levers test
+.PHONY: digits cifar10-cpu cifar10-cpu-students gpu-check gpu-session sizes gpu-sizes cifar10-quick frontier-curve \
+	frontier-levers test

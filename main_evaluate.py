@@ -172,9 +172,33 @@ def random_subset(data, T, n, seed):
 
 
 def real_views(data, T, idx, rotations):
-    """Real images idx in all K views (uint8, view-major as all_views) with their exact teacher targets."""
-    idx = idx.to(data.train_x.device)
-    return utils.all_views(data.train_x[idx], rotations), T[idx].transpose(0, 1).flatten(0, 1)
+    """Real images idx in all K views (uint8, view-major as all_views) with their exact teacher targets, a batch
+    made when indexed: as tensors, the full_dataset row's K N views and targets were 63 + 10.5 GB beside the data
+    at IMAGENET64 (tests/sizes.py), more than an 80 GB GPU holds."""
+    idx, K = idx.to(data.train_x.device), 1 + len(rotations)
+
+    def images(i, k):  # image idx[i] in view k
+        x = out = data.train_x[idx[i]]
+        for view, angle in enumerate(rotations, 1):
+            out = torch.where((k == view).view(-1, 1, 1, 1), utils.rotate(x, angle), out)
+        return out
+    return ViewMajor(len(idx), K, images), ViewMajor(len(idx), K, lambda i, k: T[idx[i], k])
+
+
+class ViewMajor:
+    """The K n rows j = k n + i of a view-major set, row (i, k) = get(i, k) (index tensors), made only when indexed;
+    what pretrain_on_set reads of a tensor: len, shape, dtype, device and [index tensor]."""
+
+    def __init__(self, n, K, get):
+        self.n, self.get = n, get
+        row = get(*torch.zeros(2, 1, dtype=torch.long))
+        self.shape, self.dtype, self.device = (K * n, *row.shape[1:]), row.dtype, row.device
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, j):
+        return self.get(j % self.n, j // self.n)
 
 
 def full_dataset_backbone(ev):
