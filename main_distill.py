@@ -44,8 +44,7 @@ def parse_args(argv):
     p.add_argument("--out", default=None, help="default: distilled_assets/<config name>_N<budget>[_krr_st]")
     p.add_argument("--teacher", default=None, help="default: teacher_models/resnet18_barlow_twins_<config name>.pth")
     utils.add_common_args(p)
-    args, rest = p.parse_known_args(argv)
-    return args, utils.parse_overrides(rest)
+    return utils.parse_args(p, argv)
 
 
 # ============================================================================================
@@ -590,7 +589,8 @@ class State:
     curve: list = field(default_factory=list)
     schedule: list = field(default_factory=list)
     scales: torch.Tensor = None  # each parameter group's largest |value| at the last finite check (check_finite)
-    scales_start: torch.Tensor = None  # ... at the start of this process's loop
+    scales_start: torch.Tensor = None  # ... at the run's first step (kept in the checkpoint: resumes compare with it)
+    scales_saved: torch.Tensor = None  # ... at the last checkpoint
     ranks: utils.Ranks = utils.Ranks()  # torchrun's processes: every rank holds all of the above alike
     real_gen: torch.Generator = None  # data.shard under torchrun: this rank's generator of its real batch
     embed_of: object = None  # f -> the KRR passes' feature function of pool model f (feature_pass, not saved)
@@ -602,7 +602,7 @@ class State:
                 "scheduler": self.sched.state_dict(), "pool": self.pool.state_dict(), "rng": utils.rng_state(self.gen),
                 "py_rng": self.rng.getstate(), "step": self.step, "curve": self.curve, "schedule": self.schedule,
                 "config": cfg, "inputs": inputs, "run_id": self.run_id, "processes": self.ranks.world,
-                "real_rng": real}
+                "real_rng": real, "scales_start": self.scales_start}
 
 
 @dataclass
@@ -627,10 +627,10 @@ def configure(argv):
     cfg = utils.load_config(args.config, overrides)
     name = utils.config_name(args.config)
     out = Path(args.out) if args.out else utils.distilled_folder(cfg, name)
-    run = utils.RunFolder(out, "main_distill.py", outputs=(out / "distilled_data.pth", out / "checkpoint.pth"),
-                          checkpoint=out / "checkpoint.pth")
+    run = utils.RunFolder(out, "main_distill.py", outputs=(out / "distilled_data.pth", out / "checkpoint.pth",
+                                                           out / "snapshots"), checkpoint=out / "checkpoint.pth")
     teacher_file = Path(args.teacher) if args.teacher else utils.teacher_path(name)
-    ranks, device = utils.init_ranks(args.device)
+    ranks, device = utils.init_ranks(args.device, cfg["distributed_timeout_s"])
     if not ranks.main:
         sys.stdout = open(os.devnull, "w")  # one copy of every line (errors still reach stderr)
     return args, cfg, ranks, device, run, teacher_file
@@ -725,6 +725,7 @@ def restore(state, ckpt, cfg, path):
         utils.set_rng_state(ckpt["real_rng"][state.ranks.rank], state.real_gen, path)
     state.rng.setstate(ckpt["py_rng"])
     state.step, state.curve, state.run_id, state.schedule = ckpt["step"], ckpt["curve"], ckpt["run_id"], ckpt["schedule"]
+    state.scales_start = ckpt.get("scales_start")  # None in a checkpoint from before it was kept: this start's
     now = {"from_step": state.step, "steps": cfg["distillation"]["steps"], **rates(state.opt)}
     if {k: v for k, v in now.items() if k != "from_step"} != {k: v for k, v in state.schedule[-1].items()
                                                                if k != "from_step"}:
@@ -767,21 +768,30 @@ def group_scales(opt):
                         for g in opt.param_groups])  # (C_y^k is empty without rotations)
 
 
+SOUND_GROWTH = 10.0  # a checkpoint with a group grown past this (largest |value| against the run's start) is taken as
+# diverging already: healthy DIGITS runs grow 1.04x in 300 steps; runs at 1e4 x the rates were at 1.4e4x the step before
+# their NaN, and resumed from there, diverged again at any lower rate
+
+
 def check_finite(state, losses, argv, run, saved):
-    """Every outer loss since the last check and the distilled tensors finite (one host sync); else stop with the
-    last good checkpoint untouched, naming the parameter group that diverged: once the loss is non-finite every
-    group follows within a step, so the culprit is the group that had grown the most (largest |value| against its
-    start) by the last check that passed."""
+    """Every outer loss since the last check and the distilled tensors finite (one host sync); else stop naming the
+    parameter group that diverged: once the loss is non-finite every group follows within a step, so the culprit is
+    the group that had grown the most (largest |value| against the run's start) by the last check that passed. The
+    command it prints lowers that group's rate and continues from the last checkpoint if no group had grown past
+    SOUND_GROWTH there, else starts afresh."""
     scales = group_scales(state.opt)
     if utils.all_finite(losses + [scales]):  # the check's host sync
         state.scales = scales.cpu()
         return
-    growth = state.scales / state.scales_start.clamp_min(1e-12)
+    growth, grown = (s / state.scales_start.clamp_min(1e-12) for s in (state.scales, state.scales_saved))
     group = state.opt.param_groups[int(growth.argmax())]
+    sound = grown.max() <= SOUND_GROWTH
     raise utils.non_finite_stop(f"outer loss or distilled tensors by step {state.step} (the group of "
-                                f"distillation.{group['key']} grew the most, {growth.max():.3g}x, by the last check)",
+                                f"distillation.{group['key']} grew the most, {growth.max():.3g}x, by the last check"
+                                + ("" if sound else f"; at step {saved} a group had grown {grown.max():.3g}x "
+                                   f"already, past {SOUND_GROWTH:g}x: that checkpoint is not resumed") + ")",
                                 "main_distill.py", argv, f"distillation.{group['key']}", group["initial_lr"],
-                                run.checkpoint, f"step {saved}")
+                                run.checkpoint if sound else None, f"step {saved}")
 
 
 def ranks_hash(tensors):
@@ -813,11 +823,13 @@ def distill(state, job):
     """SPEC 4: outer steps until distillation.steps; finite values checked at every log line and before every
     checkpoint, which is written atomically; the set written at each of distillation.snapshot_steps."""
     dc, run, argv = job.cfg["distillation"], job.run, job.argv
-    state.scales = state.scales_start = group_scales(state.opt).cpu()
+    state.scales = state.scales_saved = group_scales(state.opt).cpu()
+    state.scales_start = state.scales if state.scales_start is None else state.scales_start
     bar = tqdm(total=dc["steps"], initial=state.step, desc="distill", dynamic_ncols=True,
                disable=not state.ranks.main)
     window, unchecked, t_log, s_log, saved = [], [], time.time(), state.step, state.step
     while state.step < dc["steps"]:
+        utils.RUN["at"] = f"outer step {state.step + 1}"
         loss = outer_step(state, job.data, job.T, dc)
         state.step += 1
         window.append(loss)
@@ -834,7 +846,7 @@ def distill(state, job):
             window, t_log, s_log = [], time.time(), state.step
         if state.step % dc["save_every"] == 0 or state.step == dc["steps"]:
             check_finite(state, unchecked, argv, run, saved)
-            unchecked, saved = [], state.step
+            unchecked, saved, state.scales_saved = [], state.step, state.scales
             ckpt = state.checkpoint(job.cfg, job.inputs)
             if state.ranks.main:
                 utils.atomic_save(ckpt, run.checkpoint)

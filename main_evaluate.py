@@ -64,7 +64,7 @@ def parse_args(argv):
     p.add_argument("--retrain-full", action="store_true", help="retrain the full-dataset model even if saved")
     p.add_argument("--out", default=None, help="default: evaluation_models/<config name>_N<budget>[_to_<target>]")
     utils.add_common_args(p, allow_changed=False)  # a table resumes only under its own config
-    args, rest = p.parse_known_args(argv)
+    args, overrides = utils.parse_args(p, argv)
     args.rows_given = args.rows is not None
     rows = [r.strip() for r in (args.rows or ",".join(ROWS)).split(",") if r.strip()]
     unknown = [r for r in rows if r not in ROWS]
@@ -79,7 +79,7 @@ def parse_args(argv):
         bad = [x for x in args.student if x not in models.STUDENTS]
         if bad or not args.student:
             p.error(f"--student: unknown {bad}; choose from {','.join(models.STUDENTS)}")
-    return args, utils.parse_overrides(rest)
+    return args, overrides
 
 
 
@@ -363,7 +363,7 @@ class Row:
     before the run folder is claimed; rotations: exists only where the set has rotated views; targets: built from
     the teacher targets T; optional: how its set is made, the row skipped (when --rows is not given) where it is
     missing; prepare(ev): run by every rank before the cells when one of the row's cells is missing; keep: its first
-    seed's backbone is saved as <student>_<row>_dataset.pth."""
+    seed's backbone is saved as <student>_<row>_dataset.pth; held(ev, row) -> the (images, views) it pre-trains on."""
     source: object
     stored: object
     seeded: bool = True
@@ -374,6 +374,7 @@ class Row:
     optional: str = ""
     prepare: object = None
     keep: bool = False
+    held: object = lambda ev, row: (ev.sets[row][2]["m"], len(ev.sets[row][0]))  # a set's m images in its views
 
 
 def pretrained(ev, row, seed, views):
@@ -435,16 +436,20 @@ ROWS = {
     "real_init": Row(lambda ev, row, seed: pretrained(ev, row, seed, real_views(ev.data, ev.T, ev.sets[row],
                                                                                 ev.rotations)),
                      lambda ev, row: len(ev.sets[row]) * ev.budget["floats_per_real"], folder=lambda ev: ev.assets,
-                     load=load_init, rotations=True, targets=True),
+                     load=load_init, rotations=True, targets=True,
+                     held=lambda ev, row: (len(ev.sets[row]), (1 + len(ev.rotations)) * len(ev.sets[row]))),
     "krr_st": Row(set_row, set_floats, folder=lambda ev: ev.krr_assets, load=load_set,
                   optional="main_distill.py --distillation.method=krr_st"),
     "random_subset": Row(lambda ev, row, seed: pretrained(ev, row, seed, random_subset(
-        ev.data, ev.T, ev.cfg["storage"]["budget_N"], seed)), lambda ev, row: ev.budget["budget"], targets=True),
+        ev.data, ev.T, ev.cfg["storage"]["budget_N"], seed)), lambda ev, row: ev.budget["budget"], targets=True,
+                         held=lambda ev, row: (ev.cfg["storage"]["budget_N"],) * 2),
     "full_dataset": Row(lambda ev, row, seed: ev.full,
                         lambda ev, row: len(ev.data.train_x) * ev.budget["floats_per_real"], seeded=False, targets=True,
-                        prepare=full_dataset_backbone),
-    "teacher": Row(lambda ev, row, seed: (ev.teacher, 0, {}), lambda ev, row: None, seeded=False),
-    "no_pretraining": Row(random_student, lambda ev, row: 0),
+                        prepare=full_dataset_backbone,
+                        held=lambda ev, row: (len(ev.data.train_x), (1 + len(ev.rotations)) * len(ev.data.train_x))),
+    "teacher": Row(lambda ev, row, seed: (ev.teacher, 0, {}), lambda ev, row: None, seeded=False,
+                   held=lambda ev, row: None),
+    "no_pretraining": Row(random_student, lambda ev, row: 0, held=lambda ev, row: (0, 0)),
 }
 
 
@@ -524,6 +529,7 @@ def markdown(results, header, protocol):
     columns = ([("top-1 (%)", lambda r: mean_std(r, "", ".2f")), ("teacher fit R²", lambda r: mean_std(r, "fit", ".3f"))]
                if "probe" in protocol else []) + \
         ([("fine-tune top-1 (%)", lambda r: mean_std(r, "finetune", ".2f"))] if "finetune" in protocol else []) + [
+        ("images (views)", lambda r: "-" if r.get("held") is None else "{:,} ({:,})".format(*r["held"])),
         ("seeds", lambda r: str(r["seeds"])), ("gain recovered", lambda r: fmt(r["gain_recovered"], ".1%")),
         ("retention", lambda r: fmt(r["retention"], ".1%")), ("SGD steps", lambda r: fmt(r["steps"], ",")),
         ("storage (floats)", lambda r: fmt(r["storage_floats"], ",")),
@@ -613,9 +619,10 @@ def resumed_cells(path, cfg, target_name, inputs):
 # ============================================================================================
 def check_inputs(args, overrides, argv, sub):
     """The table's Inputs with everything that can refuse it checked before anything is written: config, process
-    count, the run folder's state, the rows that can run, data, target data and teacher."""
+    count, the run folder's state, the rows that can run, data, target data (and its labels per class for the
+    probe) and teacher."""
     cfg = utils.load_config(args.config, overrides)
-    ranks, device = utils.init_ranks(args.device)  # rank 0 of 1 unless started by torchrun
+    ranks, device = utils.init_ranks(args.device, cfg["distributed_timeout_s"])  # rank 0 of 1 unless torchrun
     if cfg["evaluation"]["batch_size"] % ranks.world:
         raise utils.ConfigError(f"{args.config}: evaluation.batch_size {cfg['evaluation']['batch_size']} (the "
                                 f"full-dataset row's global batch) is not divisible by the {ranks.world} processes")
@@ -637,6 +644,7 @@ def check_inputs(args, overrides, argv, sub):
     dc = cfg["data"]
     ev.target = ev.data if target_name == cfg["dataset"] else \
         utils.load_dataset(target_name, dc["root"], dc["resolution"], 0, dc["cache_dir"]).to(device)
+    utils.labelled_subset(ev.target.train_y, ev.target.num_classes, cfg["probe"]["labels_per_class"])
     ev.teacher_file = Path(args.teacher) if args.teacher else utils.teacher_path(name)
     ev.teacher, _ = utils.load_teacher(ev.teacher_file, cfg, device, ev.data)
     ev.hashes = {"teacher_hash": utils.file_hash(ev.teacher_file), "train_hash": ev.data.fingerprint}
@@ -646,17 +654,23 @@ def check_inputs(args, overrides, argv, sub):
 
 def available_rows(ev):
     """The asked rows (--rows), less, when --rows was not given, the optional rows whose set does not exist
-    (krr_st, init_only) and those that repeat another row without rotations; asked for by --rows, a missing set is
-    an error."""
-    if ev.args.rows_given:
-        return list(ev.rows)
-    rows = []
-    for row in ev.rows:
-        r = ROWS[row]
-        if r.optional and not (r.folder(ev) / "distilled_data.pth").is_file():
-            ev.ranks.say(f"{row}: no set at {r.folder(ev)}, row skipped ({r.optional})")
-        elif not (r.rotations and not ev.rotations):
-            rows.append(row)
+    (krr_st unless --krr-assets names it, init_only) and those that repeat another row without rotations; asked
+    for, a missing set is an error. A flag that no row to run reads is refused."""
+    rows = list(ev.rows)
+    if not ev.args.rows_given:
+        rows = []
+        for row in ev.rows:
+            r = ROWS[row]
+            if r.optional and not (row == "krr_st" and ev.args.krr_assets) and \
+                    not (r.folder(ev) / "distilled_data.pth").is_file():
+                ev.ranks.say(f"{row}: no set at {r.folder(ev)}, row skipped ({r.optional})")
+            elif not (r.rotations and not ev.rotations):
+                rows.append(row)
+    for flag, readers in (("assets", ["distilled", "init_only", "distilled_exact", "real_init"]),
+                          ("krr_assets", ["krr_st"]), ("retrain_full", ["full_dataset"])):
+        if getattr(ev.args, flag) and not set(readers) & set(rows):
+            raise utils.ConfigError(f"--{flag.replace('_', '-')}: read by the rows {readers} only, and none of them "
+                                    f"runs (rows {rows}); add one to --rows or drop the flag")
     return rows
 
 
@@ -710,14 +724,15 @@ def run_cells(ev, cells):
             ROWS[row].prepare(ev)
     seeded = [c for c in todo if ROWS[c[0]].seeded]
     for row, seed in seeded[ev.ranks.rank::ev.ranks.world] + [c for c in todo if not ROWS[c[0]].seeded] * ev.ranks.main:
+        utils.RUN["at"] = f"the cell {row} seed {seed}"
         cells[row][str(seed)] = run_cell(ev, row, seed, dict(cells[row].get(str(seed), {})))
         if ev.ranks.main:
             save(ev, cells, {})
     for part in utils.gather_objects(cells, ev.ranks):  # every rank's cells
         for row, by_seed in part.items():
             cells[row].update(by_seed)
-    return {row: row_result([cells[row][str(s)] for s in row_seeds(row)], ev.args.protocol, ROWS[row].stored(ev, row))
-            for row in ev.rows}
+    return {row: dict(row_result([cells[row][str(s)] for s in row_seeds(row)], ev.args.protocol,
+                                 ROWS[row].stored(ev, row)), held=ROWS[row].held(ev, row)) for row in ev.rows}
 
 
 def save(ev, cells, results, **final):

@@ -39,8 +39,7 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=int, default=None, help="overrides pretrain.batch_size")
     p.add_argument("--out", default="teacher_models", help="folder for the teacher and its run folder")
     utils.add_common_args(p)
-    args, rest = p.parse_known_args(argv)
-    overrides = utils.parse_overrides(rest)
+    args, overrides = utils.parse_args(p, argv)
     if args.epochs is not None:
         overrides["pretrain.epochs"] = args.epochs
     if args.batch_size is not None:
@@ -210,7 +209,7 @@ def configure(argv):
     cfg = utils.load_config(cfg_path, overrides)
     if cfg["dataset"] != args.dataset:
         raise utils.ConfigError(f"{cfg_path}: dataset is {cfg['dataset']}, but the command asked for {args.dataset}")
-    ranks, device = utils.init_ranks(args.device)  # rank 0 of 1 unless started by torchrun
+    ranks, device = utils.init_ranks(args.device, cfg["distributed_timeout_s"])  # rank 0 of 1 unless torchrun
     if cfg["pretrain"]["batch_size"] % ranks.world:
         raise utils.ConfigError(f"{cfg_path}: pretrain.batch_size {cfg['pretrain']['batch_size']} (the global batch) "
                                 f"is not divisible by the {ranks.world} torchrun processes")
@@ -223,10 +222,12 @@ def configure(argv):
 
 def load_checked(args, cfg_path, cfg, run, ranks):
     """Everything that can refuse the run, before its folder is claimed: the folder's state, the data, the batch
-    size against it, and under --resume the checkpoint (config, inputs, process count)."""
+    size and the final probe's labels per class against it, and under --resume the checkpoint (config, inputs,
+    process count)."""
     if ranks.main:
         run.check(args.resume, args.overwrite)
     data = utils.load_data(cfg)
+    utils.labelled_subset(data.train_y, data.num_classes, cfg["probe"]["labels_per_class"])
     if len(data.train_x) < cfg["pretrain"]["batch_size"]:
         raise utils.ConfigError(f"{cfg_path}: pretrain.batch_size {cfg['pretrain']['batch_size']} > "
                                 f"{len(data.train_x)} train images")
@@ -286,6 +287,7 @@ def fit(net, fwd, opt, gen, job, start, knn):
     cfg, ranks, data, run = job.cfg, job.ranks, job.data, job.run
     pc, feats, t_start, saved = cfg["pretrain"], None, time.time(), start
     for epoch in range(start, pc["epochs"]):
+        utils.RUN["at"] = f"epoch {epoch + 1}"
         loss, rate = train_one_epoch(fwd, opt, job.local, pc, epoch, gen, job.device, ranks)
         weights = [v for m in (net.backbone, net.projector) for v in m.state_dict().values() if v.is_floating_point()]
         if not (math.isfinite(loss) and utils.all_finite(weights)):

@@ -16,7 +16,9 @@ Sections, in file order:
 """
 import argparse
 import atexit
+import datetime
 import hashlib
+import io
 import json
 import math
 import os
@@ -24,6 +26,7 @@ import pickle
 import random
 import shlex
 import shutil
+import signal
 import socket
 import stat
 import sys
@@ -75,13 +78,78 @@ class RunStopped(UserError):
     exit_code = 1
 
 
+RUN = {}  # what a stop's line names, set as a run goes: "at" (where its loop is), "folders" (the RunFolders it
+# claimed), and under torchrun on gloo "side" (a spare group that finds a stalled rank) and "timeout"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised wherever the script is, as Python raises KeyboardInterrupt on SIGINT: the same unwinding."""
+    signum = signal.SIGTERM
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def cli(main, script):
-    """Run a script's main(); a UserError becomes one line on stderr and its exit code (as argparse does)."""
+    """Run a script's main(); a UserError becomes one line on stderr and its exit code (as argparse does); SIGINT and
+    SIGTERM stop with one line (what was kept, the command that goes on) and exit 128 + the signal; under torchrun
+    a collective a rank never joined stops with one line naming it. Rank 0 alone prints; a bug keeps its traceback."""
+    signal.signal(signal.SIGTERM, _terminate)
+    speaks = rank0 = os.environ.get("RANK", "0") == "0"
     try:
         return main()
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        error, code = f"stopped by {signal.Signals(signum).name}{_at()}; {_kept(script)}", 128 + signum
     except UserError as e:
-        print(f"{script}: error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+        error, code = str(e), e.exit_code
+    except RuntimeError as e:
+        error, speaks, code = *_stalled(e, script, speaks), 1
+    if speaks:  # after the except block: the traceback's progress bars are closed, the line starts afresh
+        print(("" if rank0 else "\n") + f"{script}: error: {error}", file=sys.stderr)  # (rank 0's line may be cut)
+    sys.exit(code)
+
+
+def _at():
+    return f" at {RUN['at']}" if RUN.get("at") else ""
+
+
+def _kept(script):
+    """What a stopped run kept, and the command that goes on from it (the one it was started with)."""
+    argv = [a for a in sys.argv[1:] if a not in ("--resume", "--overwrite")]
+    kept = [p for f in RUN.get("folders", []) if Path(p := f.checkpoint or f.outputs[0]).is_file()]
+    if kept:
+        return f"{kept[-1]} is kept (nothing after it was saved): continue with `{command(script, argv + ['--resume'])}`"
+    return f"no checkpoint was written, the run folder is free: run it again with `{command(script, argv)}`"
+
+
+def _stalled(e, script, speaks):
+    """(line, whether this rank prints it) after a collective of the default group timed out or lost a peer (gloo):
+    over the spare group RUN["side"] each rank still running sends rank 0 a word, and rank 0 names the ranks it does
+    not hear from within the timeout (of 2 ranks, rank 1 names rank 0 when its word is not taken). Else raised."""
+    text = str(e).lower()
+    if "side" not in RUN or not ("timed out" in text or "closed" in text):
+        raise e
+    timeout, world = RUN["timeout"], torch.distributed.get_world_size()
+    if torch.distributed.get_rank() == 0:
+        words, missing = [(r, torch.distributed.irecv(torch.zeros(1), r, group=RUN["side"])) for r in range(1, world)], []
+        deadline = time.time() + timeout.total_seconds()
+        for r, word in words:
+            try:
+                word.wait(datetime.timedelta(seconds=max(deadline - time.time(), 0.01)))
+            except RuntimeError:
+                missing.append(r)
+    else:
+        try:
+            torch.distributed.isend(torch.zeros(1), 0, group=RUN["side"]).wait(timeout)
+            time.sleep(2 * timeout.total_seconds())  # while rank 0 reports (and torchrun stops this process)
+            missing = []
+        except RuntimeError:
+            missing, speaks = [0], world == 2 and "timed out" in text  # (a rank 0 gone spoke for itself)
+    what = f"rank {', '.join(map(str, missing))} did not answer" if missing else "every rank answered, but one was late"
+    return f"{what} within distributed_timeout_s = {timeout.total_seconds():g} s{_at()} (stalled, stopped or gone; " \
+        f"raise the key if a rank was only slow); {_kept(script)}", speaks
 
 
 # ============================================================================================
@@ -119,6 +187,8 @@ class Key:
 SCHEMA = {
     "dataset": Key(DATASETS, ANY, "the source dataset (SPEC 7)"),
     "seed": Key(int, NONNEG, "seeds python, numpy, torch and every augmentation generator"),
+    "distributed_timeout_s": Key(float, POS_REAL, "torchrun: seconds a rank waits for the others at one collective "
+                                 "before the job stops naming the rank that did not come"),
     "data": {
         "root": Key(str, ANY, "the folder that holds the dataset folders"),
         "resolution": Key(int, POSITIVE, "image side H = W in pixels"),
@@ -327,9 +397,14 @@ def _check_consistent(cfg, source):
                        ("V", d_y, "d_y = 8 x network.width, the teacher's feature width")):
         if P[key] > n:
             raise ConfigError(f"{source}: parameterization.{key} = {P[key]}: expected <= {n} ({of})")
-    if cfg["evaluation"]["crop_pad"] >= cfg["data"]["resolution"]:
-        raise ConfigError(f"{source}: evaluation.crop_pad = {cfg['evaluation']['crop_pad']}: expected < data.resolution "
-                          f"({cfg['data']['resolution']}; reflect padding needs it)")
+    for section in ("evaluation", "finetune"):
+        if cfg[section]["crop_pad"] >= cfg["data"]["resolution"]:
+            raise ConfigError(f"{source}: {section}.crop_pad = {cfg[section]['crop_pad']}: expected < data.resolution "
+                              f"({cfg['data']['resolution']}; reflect padding needs it)")
+    late = [s for s in cfg["distillation"]["snapshot_steps"] if s > cfg["distillation"]["steps"]]
+    if late:
+        raise ConfigError(f"{source}: distillation.snapshot_steps {late}: after the last of distillation.steps = "
+                          f"{cfg['distillation']['steps']}, never written; lower them or raise the steps")
 
 
 def check_sizes(cfg, n_train, m=None):
@@ -361,6 +436,19 @@ def _unique_mapping(loader, node, deep=False):
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
+def parse_args(parser, argv):
+    """(args, overrides): the parser's flags, and every other --key=value a config override. --allow-changed acts
+    only with --resume and names config keys: without it, or with a key the schema lacks, it is refused."""
+    args, rest = parser.parse_known_args(argv)
+    changed = getattr(args, "allow_changed", [])
+    if changed and not args.resume:
+        raise ConfigError("--allow-changed acts only with --resume (the keys a resumed run may change); drop it")
+    unknown = [k for k in changed if k not in leaves()]
+    if unknown:
+        raise ConfigError(f"--allow-changed: unknown config keys {unknown} (keys look like section.key)")
+    return args, parse_overrides(rest)
+
+
 def parse_overrides(items):
     """['--distillation.steps=200', '--seed=1'] -> {'distillation.steps': 200, 'seed': 1} (values parsed as YAML)."""
     out = {}
@@ -380,9 +468,18 @@ def load_config(path, overrides=None):
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path} (the configs live in configs/<dataset>.yaml)")
+    raw = path.read_bytes()
+    try:  # UTF-8, with or without a byte-order mark (UTF-16 has NUL bytes between ASCII letters)
+        if b"\0" in raw:
+            raise UnicodeError("it holds NUL bytes, as UTF-16 text does")
+        text = raw.decode("utf-8-sig")
+    except UnicodeError as e:
+        where = f"byte {raw[e.start]:#04x} on line {raw[:e.start].count(10) + 1} is not UTF-8 (Latin-1?)" \
+            if isinstance(e, UnicodeDecodeError) else e
+        raise ConfigError(f"{path} is not UTF-8 text: {where}; save it as UTF-8") from None
     try:
-        with open(path) as f:
-            cfg = yaml.load(f, _UniqueKeyLoader) or {}
+        (f := io.StringIO(text)).name = str(path)  # errors name the file
+        cfg = yaml.load(f, _UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
     for dotted, value in (overrides or {}).items():
@@ -434,12 +531,19 @@ def set_seed(seed):
 
 
 def get_device(name=None):
-    """cuda when present (or as asked)."""
+    """--device: cpu (cpu:N is the CPU too), or cuda / cuda:N of a GPU torch sees (default: cuda when present);
+    anything else (mps, meta, xla, a typo) is refused naming the flag."""
     if name is None:
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for, but torch sees no CUDA device")
-    return torch.device(name)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = torch.device("meta")  # not a device string: refused below
+    if device.type not in ("cpu", "cuda") or device.type == "cuda" and (device.index or 0) >= gpus:
+        raise UserError(f"--device {name}: expected cpu" + (f", cuda or cuda:0..{gpus - 1}" if gpus else
+                                                            " (torch sees no CUDA device here)"))
+    return device
 
 
 # ============================================================================================
@@ -462,9 +566,11 @@ class Ranks:
             print(*args, **kwargs)
 
 
-def init_ranks(device_name=None):
+def init_ranks(device_name=None, timeout_s=None):
     """(Ranks, device). Under torchrun (WORLD_SIZE > 1) every process joins the default process group: nccl on
-    CUDA, one GPU per process (cuda:LOCAL_RANK), gloo on the CPU. A plain start: rank 0 of 1, no group."""
+    CUDA, one GPU per process (cuda:LOCAL_RANK), gloo on the CPU, its collectives waiting at most `timeout_s`
+    (distributed_timeout_s; None: torch's default): on gloo the wait raises (cli names the rank that did not come,
+    found through a spare group), on nccl torch's watchdog aborts the job. A plain start: rank 0 of 1, no group."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = get_device(device_name)
     if world == 1:
@@ -474,8 +580,11 @@ def init_ranks(device_name=None):
         torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():  # once per process (main_evaluate --student a,b evaluates twice)
         # device_id binds the nccl group to this process's GPU (no barrier guesswork, no hang on some NCCL versions)
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+        timeout = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", **timeout,
                                              **({"device_id": device} if device.type == "cuda" else {}))
+        if device.type != "cuda" and timeout:
+            RUN.update(side=torch.distributed.new_group(backend="gloo", **timeout), timeout=timeout["timeout"])
         atexit.register(lambda: torch.distributed.is_initialized() and torch.distributed.destroy_process_group())
     return Ranks(torch.distributed.get_rank(), world), device
 
@@ -576,13 +685,14 @@ class ImageData:
         return self
 
 
-CIFAR10_LAYOUT = ("data/cifar-10-python/{data_batch_1..5, test_batch, batches.meta} (official python pickles; "
-                  "the archive's folder name cifar-10-batches-py works too)")
+CIFAR10_LAYOUT = ("data/cifar-10-python/{data_batch_1..5, test_batch, batches.meta} (the official python pickles of "
+                  "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz; its folder name cifar-10-batches-py works too)")
 CIFAR100_LAYOUT = "data/data/cifar-100-python/{train, test, meta} (official python pickles, torchvision layout)"
-DOGS_LAYOUT = ("data/stanford-dogs/images/Images/<wnid>-<Breed>/*.jpg (120 breed folders), "
-               "optionally data/stanford-dogs/{train_list.mat, test_list.mat}")
+DOGS_LAYOUT = ("data/stanford-dogs/images/Images/<wnid>-<Breed>/*.jpg (120 breed folders: "
+               "http://vision.stanford.edu/aditya86/ImageNetDogs/images.tar unpacked into data/stanford-dogs/images/), "
+               "optionally data/stanford-dogs/{train_list.mat, test_list.mat} (from .../ImageNetDogs/lists.tar)")
 TINY_LAYOUT = ("data/tiny-imagenet-200/{wnids.txt, train/<wnid>/images/*.JPEG, val/images/*.JPEG, "
-               "val/val_annotations.txt} (the official tiny-imagenet-200.zip, 64x64)")
+               "val/val_annotations.txt} (http://cs231n.stanford.edu/tiny-imagenet-200.zip unpacked into data/, 64x64)")
 IMAGENET64_LAYOUT = ("data/imagenet64/{train_data_batch_1..10, val_data} (the downsampled ImageNet 64x64 release's "
                      "python pickles, Imagenet64_train_part1/2.zip and Imagenet64_val.zip unpacked into one folder: "
                      "'data' uint8 (n, 12288) in R, G, B planes, 'labels' 1..1000)")
@@ -670,12 +780,23 @@ def check_split(x, y, num_classes, where):
     check_labels(y.numpy(), len(x), num_classes, where)
 
 
+def download(what, dataset, root, folder, layout):
+    """torchvision fetches `dataset` into `root` and checks its md5 sums; a failure is one line naming `folder`."""
+    try:
+        import torchvision.datasets
+        getattr(torchvision.datasets, dataset)(root=str(root), train=True, download=True)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise DatasetError(f"{what} not found at {folder} and the download failed ({type(e).__name__}: {first}); "
+                           f"put the files there by hand: {layout}") from None
+
+
 def load_cifar10(root):
     folder = Path(root) / "cifar-10-python"
-    if not folder.is_dir() and (Path(root) / "cifar-10-batches-py").is_dir():
-        folder = Path(root) / "cifar-10-batches-py"  # the official archive's folder name
-    if not folder.is_dir():
-        raise DatasetError(f"CIFAR-10 folder not found: {folder}; expected layout: {CIFAR10_LAYOUT}")
+    if not folder.is_dir():  # else the official archive's folder name, into which torchvision downloads it
+        if not (Path(root) / "cifar-10-batches-py").is_dir():
+            download("CIFAR-10", "CIFAR10", root, folder, CIFAR10_LAYOUT)
+        folder = Path(root) / "cifar-10-batches-py"
     parts = [_plane_arrays(folder / f"data_batch_{i}", "labels", CIFAR10_LAYOUT, 10) for i in range(1, 6)]
     test_x, test_y = _plane_arrays(folder / "test_batch", "labels", CIFAR10_LAYOUT, 10)
     train_x = torch.cat([p[0] for p in parts])
@@ -692,13 +813,7 @@ def load_cifar100(root):
             raise DatasetError(f"CIFAR-100 not found at {folder}, but {off[0]} holds it: the layout is "
                                f"{CIFAR100_LAYOUT}, i.e. data.root must be the folder that holds data/cifar-100-python/ "
                                f"(here {off[0].parent.parent}); set data.root or move the folder")
-        try:  # torchvision downloads into data/data/cifar-100-python
-            from torchvision.datasets import CIFAR100
-            CIFAR100(root=str(Path(root) / "data"), train=True, download=True)
-        except Exception as e:
-            first = (str(e).strip().splitlines() or [""])[0]
-            raise DatasetError(f"CIFAR-100 not found at {folder} and the download failed ({type(e).__name__}: "
-                               f"{first}); put the files there by hand: {CIFAR100_LAYOUT}") from None
+        download("CIFAR-100", "CIFAR100", Path(root) / "data", folder, CIFAR100_LAYOUT)  # into data/data/cifar-100-python
     train_x, train_y = _plane_arrays(folder / "train", "fine_labels", CIFAR100_LAYOUT, 100)
     test_x, test_y = _plane_arrays(folder / "test", "fine_labels", CIFAR100_LAYOUT, 100)
     return train_x, train_y, test_x, test_y, 100
@@ -714,10 +829,22 @@ def _read_mat_list(path):
     return [str(np.asarray(c).ravel()[0]) for c in cells]
 
 
+RGB_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB")  # PIL's
+# convert("RGB") reads these at their contrast (PIL opens 16-bit RGB PNGs as RGB, at their high bytes)
+
+
 def _decode_image(path, size):
-    """Resize the shorter side to `size` (antialiased), centre-crop to size x size, uint8 CHW."""
+    """8-bit RGB at the file's own contrast: 16-bit greyscale (Pillow's I;16 modes, and "I", as Pillow < 10 opens a
+    16-bit PNG) scaled by 255 / 65535, where convert("RGB") would clip it to white; a mode with no fixed range (32-bit
+    integer or float pixels) is refused. Then the shorter side resized to `size` (antialiased), a centre crop of size
+    x size, uint8 CHW."""
     from PIL import Image
     with Image.open(path) as im:
+        if im.mode in ("I;16", "I;16L", "I;16B", "I;16N") or im.mode == "I" and im.format == "PNG":
+            im = Image.fromarray(np.round(np.asarray(im, dtype=np.float64) / 257).astype(np.uint8))
+        elif im.mode not in RGB_MODES:
+            raise ValueError(f"pixel mode {im.mode} has no 8-bit reading here (expected 8- or 16-bit greyscale, "
+                             f"palette, RGB, RGBA, CMYK, YCbCr or LAB); save the image as 8-bit RGB")
         im = im.convert("RGB")
         w, h = im.size
         scale = size / min(w, h)
@@ -1401,6 +1528,9 @@ class RunFolder:
     also: tuple = ()
     keep: tuple = ()
 
+    def __post_init__(self):
+        RUN.setdefault("folders", []).append(self)  # what a stopped run names as kept (cli)
+
     def _hint(self):
         if self.checkpoint is not None and Path(self.checkpoint).is_file():
             return "pass --resume to continue it, --overwrite to move it aside and start afresh, or choose another --out"
@@ -1429,9 +1559,9 @@ class RunFolder:
             raise RunFolderError(f"{folder} belongs to {owner['script']} (run {owner['run_id']}); {self.script} does "
                                  f"not write into another script's run folder: choose another --out (or --overwrite "
                                  f"to move that folder aside)")
-        if owner is not None and self._holds_nothing():
-            owner = None  # a refused or killed start left only its owner record: no run to protect
         existing = [str(p) for p in self.outputs if Path(p).exists()]
+        if not existing:
+            owner = None  # a start refused, killed or stopped before its first checkpoint: no run to protect
         if not (resume or overwrite) and (existing or owner is not None):
             what = f"outputs already exist: {existing}" if existing else f"{folder} holds run {owner['run_id']}"
             raise RunFolderError(f"{what} of {self.script}; {self._hint()}")
@@ -1440,10 +1570,6 @@ class RunFolder:
                                + ("run without --resume" if owner is None and not existing
                                   else "pass --overwrite instead to move the folder aside and start afresh"))
         return owner
-
-    def _holds_nothing(self):
-        return all(p.name in (OWNER_FILE, LOCK_FILE) for p in Path(self.folder).iterdir()) and \
-            not any(Path(p).exists() for p in self.also)
 
     def claim(self, resume, overwrite):
         """check(), then under --overwrite the old folder (and `also`) moved aside to <folder>.replaced-<time>-<id>/
@@ -1640,6 +1766,11 @@ def launcher():
     return f"torchrun --nnodes={world // local} --nproc_per_node={local} <your rendezvous flags>"
 
 
+def command(script, args):
+    """The command line that runs `script` with `args` as this process was started (launcher)."""
+    return f"{launcher()} " + shlex.join([script] + list(args))
+
+
 def non_finite_stop(what, script, argv, lr_key, lr, checkpoint=None, saved=None):
     """The one stop of all three scripts at a non-finite value: a RunStopped saying what went non-finite and the
     command that goes on: the one the run was started with (every flag and override kept) with `lr_key` at a
@@ -1656,11 +1787,10 @@ def non_finite_stop(what, script, argv, lr_key, lr, checkpoint=None, saved=None)
             allowed += [k for k in a.split("=", 1)[1].split(",") if k and k != lr_key]
         else:
             keep.append(a)
-    command = f"{launcher()} " + shlex.join([script] + keep)
     lower = f"--{lr_key}={lr / 10:.3g}"
     if checkpoint is None or not Path(checkpoint).is_file():
-        hint = f"start again with a lower {lr_key}: `{command} --overwrite {lower}`"
+        hint = f"start again with a lower {lr_key}: `{command(script, keep + ['--overwrite', lower])}`"
     else:
         hint = (f"the last good checkpoint {checkpoint} ({saved}) is kept: continue from it with a lower {lr_key}: "
-                f"`{command} --resume --allow-changed {','.join(allowed)} {lower}`")
+                f"`{command(script, keep + ['--resume', '--allow-changed', ','.join(allowed), lower])}`")
     return RunStopped(f"non-finite {what}; nothing of it was saved. {hint}")

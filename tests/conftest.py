@@ -57,6 +57,16 @@ def write_mat_list(path, files):
     savemat(str(path), {"file_list": cells, "annotation_list": cells, "labels": labels})
 
 
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """No test downloads: torchvision's requests (urllib), in this process and in the scripts it starts, go to a
+    closed local port and fail at once, as on a machine without a network."""
+    for key in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(key, "http://127.0.0.1:9")
+    for key in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(key, raising=False)
+
+
 @pytest.fixture
 def cifar10_root(tmp_path):
     """A tiny CIFAR-10 (4 images per batch, bytes keys) under tmp_path; yields (root, written arrays)."""

@@ -8,8 +8,8 @@ projected time of the config's whole schedule (issue 34). A measurement tool, no
 
 The data are SYNTHETIC, of the real shapes: random uint8 images at the config's resolution (the train split's real
 count, or --train-images of them; the test split's real count), random labels over its classes, standard-normal
-teacher targets: memory and speed depend on shapes, not on pixels. Each stage runs in a new child process (forked
-on the CPU, spawned on CUDA) that builds the data and then the stage: its
+teacher targets: memory and speed depend on shapes, not on pixels. Each stage runs in a new child process (spawned:
+a new interpreter) that builds the data and then the stage: its
 setup (network, set, pool, optimizer as the script builds them), then one step under FlopCounterMode (matrix
 products and convolutions, forward and backward; also the warm-up), then --steps timed steps; a stage whose call has
 a fixed cost (a student's network is built per call, the probe lays out its batches) is timed as the difference of
@@ -323,12 +323,10 @@ def child(path, name, device, steps, n_train, result):
 # ============================================================================================
 # The parent: every stage of every config, the budget, the projection, the report
 # ============================================================================================
-START = {"cpu": "fork", "cuda": "spawn"}  # CUDA cannot run in a forked child; a fork skips the imports
-
-
 def launch(args, timeout):
     """child(*args) in a new process; its exit code (negative: killed by that signal), None when out of time."""
-    proc = multiprocessing.get_context(START[args[2]]).Process(target=child, args=args)
+    proc = multiprocessing.get_context("spawn").Process(target=child, args=args)  # (a fork of a process that ran
+    # torch's thread pools can hang on a lock held at the fork, as it did under pytest; CUDA needs spawn anyway)
     proc.start()
     proc.join(None if math.isinf(timeout) else max(timeout, 0))
     if proc.is_alive():

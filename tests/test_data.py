@@ -3,6 +3,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,11 +78,30 @@ def test_cifar10_downsampled_subset_is_fixed_and_normalised_on_itself(cifar10_ro
         utils.load_dataset("CIFAR10", root, 16, train_subset=21)
 
 
-def test_cifar10_missing_folder(tmp_path):
-    with pytest.raises(utils.DatasetError) as e:
+def test_cifar10_missing_folder_and_no_network(tmp_path):
+    """Offline (conftest.offline), the failed download is one error naming the folder to fill and the layout."""
+    with pytest.raises(utils.DatasetError, match="CIFAR-10 not found at .* download failed") as e:
         utils.load_dataset("CIFAR10", tmp_path / "nowhere", 32)
     assert str(tmp_path / "nowhere" / "cifar-10-python") in str(e.value)
-    assert utils.CIFAR10_LAYOUT in str(e.value)
+    assert utils.CIFAR10_LAYOUT in str(e.value) and "\n" not in str(e.value)
+    assert e.value.__cause__ is None and e.value.__suppress_context__
+
+
+def test_cifar10_is_downloaded_when_absent(tmp_path, monkeypatch):
+    """No cifar-10-python/ or cifar-10-batches-py/ under data.root: torchvision's CIFAR10 downloads the archive into
+    data.root (here a stand-in writing the official files where the real one extracts them), and it is read from
+    there; once present, nothing is downloaded again."""
+    import torchvision.datasets
+    calls, written = [], make_cifar10(tmp_path / "archive")
+
+    def fetch(root, train, download):
+        calls.append((root, download))
+        shutil.move(tmp_path / "archive" / "cifar-10-python", Path(root) / "cifar-10-batches-py")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", fetch)
+    check_cifar10(tmp_path / "data", written)
+    assert calls == [(str(tmp_path / "data"), True)]
+    check_cifar10(tmp_path / "data", written)
+    assert len(calls) == 1
 
 
 def test_cifar10_missing_batch(cifar10_root):
@@ -151,6 +171,63 @@ def test_decode_image_resize_and_centre_crop(tmp_path):
     assert y[0, :6].float().mean() > 250 and y[2, -6:].float().mean() > 250  # top red, bottom blue
     z = utils._decode_image(tmp_path / "tall.png", 64)  # upsampling works too
     assert z.shape == (3, 64, 64) and z.dtype == torch.uint8
+
+
+def png_16bit_rgb(path, rgb16, side=12):
+    """A 16-bit-per-channel RGB PNG (PIL writes none): IHDR bit depth 16, colour type 2, one colour everywhere."""
+    import struct
+    import zlib
+    row = b"\x00" + np.tile(np.array(rgb16, ">u2"), side).tobytes()
+    chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 16, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(row * side)) + chunk(b"IEND", b""))
+
+
+RGB = (200, 120, 60)
+MODES = {  # file name -> (PIL image, format; None: written by hand, expected 8-bit RGB); every file is named .jpg
+    "grey16.jpg": (Image.fromarray(np.full((12, 12), 25700, np.uint16)), "PNG", (100,) * 3),  # I;16: 25700 / 257
+    "grey16b.jpg": (Image.frombytes("I;16B", (12, 12), np.full(144, 51400, ">u2").tobytes()), "TIFF", (200,) * 3),
+    "bilevel.jpg": (Image.new("1", (12, 12), 1), "PNG", (255,) * 3),
+    "grey.jpg": (Image.new("L", (12, 12), 100), "PNG", (100,) * 3),
+    "grey_alpha.jpg": (Image.new("LA", (12, 12), (100, 7)), "PNG", (100,) * 3),
+    "palette.jpg": (Image.new("RGB", (12, 12), RGB).convert("P", palette=Image.ADAPTIVE), "PNG", RGB),
+    "rgba.jpg": (Image.new("RGBA", (12, 12), RGB + (9,)), "PNG", RGB),
+    "cmyk.jpg": (Image.new("RGB", (12, 12), RGB).convert("CMYK"), "TIFF", RGB),
+    "ycbcr.jpg": (Image.new("RGB", (12, 12), RGB).convert("YCbCr"), "TIFF", RGB),
+    "lab.jpg": (Image.new("RGB", (12, 12), RGB).convert("LAB"), "TIFF", RGB),
+    "rgb16.jpg": (None, None, (10, 200, 100)),  # 2570, 51400, 25700 per channel
+}
+REFUSED = {"float.jpg": Image.fromarray(np.full((12, 12), 0.5, np.float32)),  # F: no fixed range
+           "int32.jpg": Image.fromarray(np.full((12, 12), 70000, np.int32))}  # I: 32-bit integers
+
+
+def test_every_image_mode_decodes_at_its_real_contrast_or_is_refused_and_the_checker_agrees(tmp_path, capsys):
+    """A 16-bit greyscale PNG named .jpg used to decode as white (convert("RGB") clips 16-bit values) and the checker
+    said OK. Every pixel mode a Stanford Dogs or Tiny ImageNet file can hold is read at its real colour (within the
+    YCbCr / LAB conversions' rounding), or refused naming the file, by the loader and by test_stanford_dogs.py."""
+    import test_stanford_dogs as checker
+    folder = make_dogs(tmp_path, per_breed=2, breeds=1)
+    breed = folder / "images" / "Images" / "n00000000-Breed0"
+    for name, (im, fmt, _) in MODES.items():
+        im.save(breed / name, fmt) if im is not None else png_16bit_rgb(breed / name, (2570, 51400, 25700))
+    files = [f"n00000000-Breed0/{f}" for f in MODES]
+    write_mat_list(folder / "train_list.mat", files)
+    write_mat_list(folder / "test_list.mat", ["n00000000-Breed0/n00000000_0000.jpg"])
+    data = utils.load_dataset("STANFORD_DOGS", tmp_path, 8)
+    for i, (name, (_, _, rgb)) in enumerate(MODES.items()):
+        got = data.train_x[i].flatten(1)
+        assert (got.min(1).values == got.max(1).values).all(), name  # one colour, as written
+        assert (got[:, 0].int() - torch.tensor(rgb)).abs().max() <= 2, (name, got[:, 0].tolist(), rgb)
+    assert checker.main(["--root", str(tmp_path), "--resolution", "8"]) == 0 and "OK" in capsys.readouterr().out
+    for name, im in REFUSED.items():
+        im.save(breed / name, "TIFF")
+    write_mat_list(folder / "train_list.mat", files + [f"n00000000-Breed0/{f}" for f in REFUSED])
+    with pytest.raises(utils.DatasetError, match=f"cannot decode {breed / 'float.jpg'} .*pixel mode F has no 8-bit"):
+        utils.load_dataset("STANFORD_DOGS", tmp_path, 8, cache_dir=str(tmp_path / "other_cache"))
+    assert checker.main(["--root", str(tmp_path), "--resolution", "8"]) == 1
+    out = capsys.readouterr().out
+    assert f"ERROR: 2 of {len(MODES) + 3} images cannot be decoded" in out
+    assert f"{breed / 'float.jpg'}: ValueError: pixel mode F" in out and f"{breed / 'int32.jpg'}: ValueError: pixel mode I " in out
 
 
 def test_dogs_fallback_split(tmp_path):

@@ -4,6 +4,8 @@ main_evaluate's full-dataset row trains under DDP and its seeded rows are spread
 main_distill.py's outer step spread over the ranks is the single-process step, and its runs resume after a kill."""
 import json
 import os
+import re
+import shlex
 import signal
 import statistics
 import subprocess
@@ -180,3 +182,53 @@ def test_several_students_under_torchrun(tmp_path):
     summary = json.loads((tmp_path / "e" / "students.json").read_text())
     assert set(summary) == {"resnet10", "alexnet"} and all(len(t["no_pretraining"]["accs"]) == 2
                                                            for t in summary.values())
+
+
+def worker(launcher_pid, rank):
+    """The pid of torchrun's worker of `rank` (read from each child's environment)."""
+    for kid in Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split():
+        env = dict(v.split("=", 1) for v in Path(f"/proc/{kid}/environ").read_bytes().decode().split("\0") if "=" in v)
+        if env.get("RANK") == str(rank):
+            return int(kid)
+    raise AssertionError(f"no worker of rank {rank} under {launcher_pid}")
+
+
+def test_under_torchrun_a_user_error_and_a_stalled_rank_are_one_line_each(tmp_path):
+    """A user error: every rank used to print it (rank 0 alone can see a run folder's state) and the worker's exit
+    code was 1; now rank 0's one line, its worker exits 2 (torchrun's own report, which it prints after any failed
+    worker, shows the code; torchrun itself exits 1). A rank stopped with SIGSTOP used to leave the others waiting
+    in gloo for 30 minutes: with distributed_timeout_s = 3 rank 0 names it, the step and the --resume command within
+    two timeouts, and that command, run as printed, finishes the run."""
+    cfg, teacher = write_config(tmp_path), write_teacher(tmp_path / "teacher.pth")
+    (tmp_path / "owned").mkdir()
+    (tmp_path / "owned" / utils.OWNER_FILE).write_text(json.dumps({"script": "pretrain.py", "run_id": "r"}))
+    rc, out = torchrun(["main_distill.py", "--config", cfg, "--teacher", teacher, "--out", tmp_path / "owned", *CPU],
+                       cwd=REPO)
+    ours = [line for line in out.splitlines() if "main_distill.py: error:" in line or 'main_distill.py", line' in line]
+    assert rc == 1 and len(ours) == 1 and ours[0].startswith("main_distill.py: error: ") and "belongs to pretrain.py" \
+        in ours[0] and "exitcode  : 2" in out, out[-3000:]
+    run = ["main_distill.py", "--config", cfg, "--teacher", teacher, "--out", tmp_path / "a", *CPU,
+           "--distillation.steps=60", "--distillation.save_every=10", "--distributed_timeout_s=3"]
+    job = subprocess.Popen(TORCHRUN + [str(a) for a in run], cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        while not (tmp_path / "a" / "checkpoint.pth").exists():
+            assert job.poll() is None, job.stderr.read()
+            time.sleep(0.02)
+        os.kill(worker(job.pid, 1), signal.SIGSTOP)
+        t0 = time.time()
+        line = job.stderr.readline()
+        while line and "main_distill.py: error:" not in line:
+            line = job.stderr.readline()
+        waited = time.time() - t0
+    finally:
+        kill_tree(job.pid)  # torchrun itself stops a stopped worker only 30 s (its --shutdown-timeout) after SIGTERM
+        job.communicate()
+    line = line[line.index("main_distill.py: error:"):].strip()
+    assert waited < 3 * 3 + 5 and re.fullmatch(r"main_distill.py: error: rank 1 did not answer within "
+                                                r"distributed_timeout_s = 3 s at outer step \d+ .*`", line), (waited, line)
+    hinted = shlex.split(line.split("`")[1])
+    assert hinted[:3] == ["torchrun", "--standalone", "--nproc_per_node=2"] and hinted[-1] == "--resume", hinted
+    rc, out = torchrun(hinted[3:], cwd=REPO)  # as printed (torchrun: python -m torch.distributed.run)
+    assert rc == 0 and "resumed run" in out and torch.load(tmp_path / "a" / "checkpoint.pth", weights_only=False)[
+        "step"] == 60, out[-3000:]

@@ -94,6 +94,11 @@ def test_every_row_is_present_and_written(pipeline):
     for name in ("distilled", "krr_st", "random_subset", "no_pretraining"):
         assert len(results[name]["accs"]) == 2  # --seeds 2
     assert results["random_subset"]["storage_images"] == 10
+    # images (views) each row pre-trains on: m distilled images in K = 4 views, N = 10 random real ones, un-rotated
+    m = results["distilled"]["held"][0]
+    assert m > 10 and results["distilled"]["held"] == results["real_init"]["held"] == (m, 4 * m)
+    assert results["random_subset"]["held"] == results["krr_st"]["held"] == (10, 10)
+    assert results["teacher"]["held"] is None and results["no_pretraining"]["held"] == (0, 0)
     assert results["distilled"]["storage_floats"] <= results["random_subset"]["storage_floats"]
     assert results["distilled"]["within_budget"] and results["krr_st"]["within_budget"]
     # init_only: the same set before its first outer step, so the same storage and SGD steps, other numbers
@@ -106,7 +111,7 @@ def test_every_row_is_present_and_written(pipeline):
     assert results["random_subset"]["steps"] < results["distilled"]["steps"]
     assert results["teacher"]["fit_mean"] > 0.99  # the readout reproduces the teacher from its own features
     md = (out / "results.md").read_text()
-    assert "| distilled |" in md and "**over**" in md and "teacher fit R²" in md
+    assert "| distilled |" in md and "**over**" in md and "teacher fit R²" in md and f"| {m} ({4 * m}) |" in md
 
 
 def test_distilled_set_transfers_the_teacher_to_held_out_images(pipeline):

@@ -2,7 +2,12 @@
 the scripts as a user would, and fails on the code before these fixes)."""
 import errno
 import json
+import os
+import re
 import shlex
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -33,7 +38,7 @@ def test_the_readme_walk_missing_data_then_the_same_command_runs(tmp_path):
     answer 'holds run ...; pass --resume', and --resume then 'no checkpoint')."""
     root = tmp_path / "data"
     argv = ["CIFAR10", "--config", str(cifar_config(tmp_path, root)), "--out", str(tmp_path / "t"), *CPU]
-    with pytest.raises(utils.DatasetError, match="CIFAR-10 folder not found"):
+    with pytest.raises(utils.DatasetError, match="CIFAR-10 not found at"):
         pretrain.main(argv)
     assert not (tmp_path / "t").exists()
     make_cifar10(root)
@@ -111,6 +116,34 @@ def test_an_out_that_is_a_file_and_an_unreadable_lock_are_named(tmp_path):
     (tmp_path / "locked" / utils.LOCK_FILE).write_text("")
     with pytest.raises(utils.RunFolderError, match=r"run.lock cannot be read as a run lock .*delete "):
         main_distill.main(argv(tmp_path / "locked"))
+
+
+def test_a_start_killed_before_its_first_checkpoint_and_a_late_refusal_leave_folders_a_plain_rerun_takes(tmp_path):
+    """kill -9 before the first checkpoint left owner.json, config.json and run.lock (its process dead), and the plain
+    rerun was refused ('holds run ...: it has nothing to resume from'); probe.labels_per_class above the smallest
+    class was refused only after main_evaluate had claimed its folder and trained a student (pretrain.py: after every
+    epoch), and the folder then refused the corrected command."""
+    argv = ["--config", str(write_config(tmp_path)), "--teacher", str(write_teacher(tmp_path / "t.pth")), "--out",
+            str(tmp_path / "a"), *CPU, "--distillation.steps=30", "--distillation.save_every=30"]
+    first = subprocess.Popen([sys.executable, str(REPO / "main_distill.py"), *argv], cwd=tmp_path,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    while not (tmp_path / "a" / "config.json").exists():
+        assert first.poll() is None
+        time.sleep(0.01)
+    first.kill()
+    first.wait()
+    left = {p.name for p in (tmp_path / "a").iterdir()}
+    assert {utils.OWNER_FILE, "config.json", utils.LOCK_FILE} <= left and "checkpoint.pth" not in left, left
+    assert main_distill.main(argv)["steps"] == 30  # the same command
+    late = ["--probe.labels_per_class=1000"]  # DIGITS' smallest class has 134 train images
+    for main, args in ((pretrain.main, ["DIGITS", "--config", str(write_config(tmp_path)), "--out", str(tmp_path / "t"),
+                                        *CPU, "--epochs", "1"]),
+                       (main_evaluate.main, ["--config", str(write_config(tmp_path)), "--teacher", str(tmp_path / "t.pth"),
+                                             "--out", str(tmp_path / "e"), *CPU, "--rows", "no_pretraining"])):
+        with pytest.raises(utils.ConfigError, match="probe.labels_per_class = 1000: class .* has only 13"):
+            main(args + late)
+        assert not Path(args[args.index("--out") + 1]).exists()
+        assert main(args)  # the corrected command
 
 
 # ----------------------------------------------------------------------------- caches are optional
@@ -248,30 +281,60 @@ def test_the_nan_hint_under_torchrun_starts_as_many_processes(monkeypatch):
 @pytest.mark.parametrize("group", ["lr_repr", "lr_image"])
 def test_the_nan_hint_names_the_group_that_diverged_and_its_command_runs_as_printed(tmp_path, monkeypatch, group):
     """The hint always lowered lr_image; when lr_repr diverged, its command diverged again (the resumed optimizer also
-    kept the old rates). Simulated divergence: while the group's rate is above 0.02, each step doubles its tensors,
-    and at step 7 they overflow (a real rate too high grows them too, but Adam's bounded steps take thousands of steps
-    to reach an overflow)."""
+    kept the old rates), and the growth it named was counted from the resumed step, not the run's start. Simulated
+    divergence: while the group's rate is above 0.02, each step scales its tensors by 1.25, and at step 7 they
+    overflow (a real rate too high grows them too, but Adam's bounded steps take longer to reach an overflow); the run
+    is interrupted at step 5 and resumed from its step-4 checkpoint before it diverges."""
     real_step, calls = main_distill.outer_step, []
 
     def step(state, *a, **k):
-        loss = real_step(state, *a, **k)
         calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        loss = real_step(state, *a, **k)
         g = next(g for g in state.opt.param_groups if g["key"] == group)
         if g["initial_lr"] > 0.02:
             with torch.no_grad():
                 for p in g["params"]:
-                    p.mul_(2.0) if len(calls) < 7 else p.fill_(float("inf"))
+                    p.mul_(1.25) if len(calls) < 8 else p.fill_(float("inf"))
         return loss
 
     monkeypatch.setattr(main_distill, "outer_step", step)
     argv = ["--config", str(write_config(tmp_path)), "--teacher", str(write_teacher(tmp_path / "t.pth")), "--out",
             str(tmp_path / "my run"), *CPU, "--distillation.steps=12", "--distillation.save_every=2",
             "--distillation.log_every=2", f"--distillation.{group}=0.05"]
-    with pytest.raises(utils.RunStopped, match=rf"distillation.{group} grew the most, 6\d(\.\d)?x") as e:
+    with pytest.raises(KeyboardInterrupt):
         main_distill.main(argv)
+    with pytest.raises(utils.RunStopped, match=rf"distillation.{group} grew the most") as e:
+        main_distill.main(argv + ["--resume"])
+    grown = float(re.search(r"grew the most, ([\d.]+)x", str(e.value)).group(1))
+    assert 1.25 ** 5 < grown < 5, grown  # 1.25^6 and Adam's steps since the start (since the resumed step 4: ~1.25^2)
     script, hinted = hint_command(str(e.value))
     assert script == "main_distill.py" and f"--distillation.{group}=0.005" in hinted and "--resume" in hinted
-    assert main_distill.main(hinted)["steps"] == 12  # as printed
+    assert "(step 6)" in str(e.value) and main_distill.main(hinted)["steps"] == 12  # as printed
+
+
+def test_nan_hints_followed_as_printed_lower_the_rates_until_the_run_finishes(tmp_path):
+    """Both rates 1e6 x the tiny default: a real divergence by step 6, whose step-5 checkpoint had grown 1.4e4x. The
+    hint used to resume from it (which diverged again at any lower rate) and, the growth counted from the resumed
+    step, lowered the same rate again and again. Now a checkpoint with a group grown past SOUND_GROWTH is not
+    resumed: each hint starts afresh with the group that grew the most at a tenth, and the hints, followed as
+    printed, lower the rates in turn until a run finishes, never printing the same command twice."""
+    argv = ["--config", str(write_config(tmp_path)), "--teacher", str(write_teacher(tmp_path / "t.pth")), "--out",
+            str(tmp_path / "a"), *CPU, "--distillation.steps=30", "--distillation.save_every=5",
+            "--distillation.log_every=1", "--distillation.lr_image=1e4", "--distillation.lr_repr=1e4"]
+    hints = []
+    for _ in range(6):
+        try:
+            assert main_distill.main(argv)["steps"] == 30
+            break
+        except utils.RunStopped as e:
+            assert "past 10x: that checkpoint is not resumed" in str(e) and "--overwrite" in str(e), str(e)
+            script, argv = hint_command(str(e))
+            hints.append(" ".join(argv))
+    else:
+        pytest.fail(f"no run finished after {len(hints)} hints: {hints}")
+    assert 1 <= len(hints) == len(set(hints)) and "--distillation.lr_image=1e+03" in hints[0], hints
 
 
 def test_a_teacher_file_with_another_layout_is_refused_naming_it(tmp_path):

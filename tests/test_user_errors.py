@@ -1,8 +1,13 @@
 """Every user error reaches the user as one line, `<script>: error: <message>` on stderr with exit code 2 (as
 argparse does), never a traceback; the scripts run as a user runs them (a subprocess per case)."""
 import json
+import os
+import re
+import shlex
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -47,7 +52,7 @@ def test_a_missing_dataset(tmp_path):
     cfg["data"]["root"] = str(tmp_path / "nowhere")
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     p = run("pretrain.py", "CIFAR10", "--config", tmp_path / "c.yaml", "--out", tmp_path / "t", cwd=tmp_path)
-    one_line_error(p, "pretrain.py", "CIFAR-10 folder not found", str(tmp_path / "nowhere"))
+    one_line_error(p, "pretrain.py", "CIFAR-10 not found at", str(tmp_path / "nowhere"), "download failed")
     assert not (tmp_path / "t").exists()  # refused before anything was written
 
 
@@ -89,3 +94,108 @@ def test_no_cuda_is_one_line(tmp_path):
     p = subprocess.run([sys.executable, str(REPO / "pretrain.py"), "DIGITS", "--config", str(write_config(tmp_path)),
                         "--device", "cuda", "--out", str(tmp_path / "t")], cwd=tmp_path, capture_output=True, text=True)
     one_line_error(p, "pretrain.py", "--device cuda", "no CUDA device")
+
+
+def test_a_device_torch_cannot_run_here_is_one_line_naming_the_flag(tmp_path):
+    """--device mps / meta / xla used to end in torch's traceback (only cuda* was checked); cpu:1 is the CPU."""
+    import torch
+    for name in ("mps", "meta", "xla", "gpu", "cuda:x", "cuda:99"):
+        with pytest.raises(utils.UserError, match=rf"^--device {name}: expected cpu"):
+            utils.get_device(name)
+    assert utils.get_device("cpu:1").type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(utils.UserError, match="--device cuda: expected cpu .torch sees no CUDA device here"):
+            utils.get_device("cuda")
+    p = subprocess.run([sys.executable, str(REPO / "main_distill.py"), "--config", str(write_config(tmp_path)),
+                        "--device", "mps"], cwd=tmp_path, capture_output=True, text=True)
+    one_line_error(p, "main_distill.py", "--device mps: expected cpu")
+
+
+def test_a_config_not_in_utf8_is_one_line_naming_the_file_and_the_encoding(tmp_path):
+    """A config saved as UTF-16 or with a Latin-1 comment ended in UnicodeDecodeError, the file not named; UTF-8 with
+    a byte-order mark is read as it is."""
+    text = write_config(tmp_path).read_text() + "# café\n"
+    (tmp_path / "bom.yaml").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert utils.load_config(tmp_path / "bom.yaml") == utils.load_config(write_config(tmp_path))
+    for name, raw, why in (("utf16.yaml", text.encode("utf-16"), "it holds NUL bytes, as UTF-16 text does"),
+                           ("latin1.yaml", text.encode("latin-1"), f"byte 0xe9 on line {text.count(chr(10))} is not")):
+        (tmp_path / name).write_bytes(raw)
+        p = run("pretrain.py", "DIGITS", "--config", tmp_path / name, cwd=tmp_path)
+        one_line_error(p, "pretrain.py", f"{tmp_path / name} is not UTF-8 text: {why}", "save it as UTF-8")
+
+
+def stop(script, args, signum, ready, cwd):
+    """Start `script`, send `signum` once the file `ready` exists; (exit code, the last line on stderr, stderr)."""
+    p = subprocess.Popen([sys.executable, str(REPO / script), *map(str, args), "--device", "cpu"], cwd=cwd,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    while not ready.exists():
+        assert p.poll() is None, p.stderr.read()
+        time.sleep(0.02)
+    p.send_signal(signum)
+    err = p.communicate(timeout=120)[1]
+    assert "Traceback" not in err, err[-3000:]
+    return p.returncode, [line for line in err.splitlines() if line.strip()][-1], err  # (splitlines: tqdm's \r too)
+
+
+def resumed(line, script):
+    """The command between backquotes of a stop's line, as argv for main() (it runs in REPO as `python <script>`)."""
+    argv = shlex.split(line.split("`")[1])
+    assert argv[:2] == ["python", script] and argv[-1] == "--resume", argv
+    return argv[2:]
+
+
+def test_sigint_and_sigterm_stop_with_one_line_and_the_printed_resume_continues(tmp_path):
+    """Ctrl-C used to end in an 18-25 line KeyboardInterrupt traceback, SIGTERM in none at all; now each is one line
+    naming where the run was, what is kept and the exact --resume command, exit 128 + the signal number."""
+    import main_distill
+    import main_evaluate
+    import pretrain
+    cfg, teacher = write_config(tmp_path, pretrain__save_every=1), write_teacher(tmp_path / "t.pth")
+    code, line, _ = stop("main_distill.py", ["--config", cfg, "--teacher", teacher, "--out", tmp_path / "a",
+                                             "--distillation.steps=80", "--distillation.save_every=10"],
+                         signal.SIGINT, tmp_path / "a" / "checkpoint.pth", tmp_path)
+    assert code == 130 and re.fullmatch(r"main_distill.py: error: stopped by SIGINT at outer step \d+; "
+                                        rf"{tmp_path / 'a' / 'checkpoint.pth'} is kept .*`", line), line
+    assert main_distill.main(resumed(line, "main_distill.py"))["steps"] == 80  # as printed
+    code, line, _ = stop("pretrain.py", ["DIGITS", "--config", cfg, "--out", tmp_path / "t", "--epochs", "300"],
+                         signal.SIGTERM, tmp_path / "t" / "resnet18_barlow_twins_digits_run" / "checkpoint.pth", tmp_path)
+    assert code == 143 and re.fullmatch(r"pretrain.py: error: stopped by SIGTERM at epoch \d+; .*checkpoint.pth is "
+                                        r"kept \(nothing after it was saved\): continue with `python pretrain.py .*`",
+                                        line), line
+    code, line, _ = stop("main_evaluate.py", ["--config", cfg, "--teacher", teacher, "--out", tmp_path / "e", "--rows",
+                                              "no_pretraining", "--seeds", "4"],
+                         signal.SIGINT, tmp_path / "e" / "results.json", tmp_path)
+    assert code == 130 and f"at the cell no_pretraining seed" in line and "results.json is kept" in line, line
+    assert len(main_evaluate.main(resumed(line, "main_evaluate.py"))["no_pretraining"]["accs"]) == 4
+
+
+def test_a_value_no_step_of_the_run_would_read_is_refused(tmp_path):
+    """Each of these was accepted and silently ignored: --allow-changed without --resume, or naming no config key;
+    --krr-assets / --retrain-full / --assets when no row to run reads them; a snapshot step past the last step;
+    finetune.crop_pad (unchecked, unlike evaluation.crop_pad: a traceback mid-table)."""
+    import main_distill
+    import main_evaluate
+    distill = ["--config", str(write_config(tmp_path)), "--teacher", str(write_teacher(tmp_path / "t.pth")),
+               "--out", str(tmp_path / "a"), "--device", "cpu"]
+    for extra, expected in ((["--allow-changed", "distillation.steps"], "--allow-changed acts only with --resume"),
+                            (["--resume", "--allow-changed", "distillation.stepz"],
+                             r"--allow-changed: unknown config keys \['distillation.stepz'\]"),
+                            (["--distillation.snapshot_steps=[10,60]"], r"snapshot_steps \[60\]: after the last of "
+                                                                        "distillation.steps = 50, never written"),
+                            (["--finetune.crop_pad=8"], "finetune.crop_pad = 8: expected < data.resolution")):
+        with pytest.raises(utils.ConfigError, match=expected):
+            main_distill.main(distill + extra)
+    evaluate = ["--config", str(write_config(tmp_path)), "--teacher", str(tmp_path / "t.pth"), "--device", "cpu",
+                "--out", str(tmp_path / "e")]
+    for extra, flag in ((["--krr-assets", "k", "--rows", "distilled"], "--krr-assets"),
+                        (["--retrain-full", "--rows", "teacher"], "--retrain-full"),
+                        (["--assets", "a", "--rows", "teacher,no_pretraining"], "--assets")):
+        with pytest.raises(utils.ConfigError, match=f"{flag}: read by the rows .* none of them runs"):
+            main_evaluate.main(evaluate + extra)
+    cfg = utils.load_config(write_config(tmp_path))
+    for extra, kept in (([], False), (["--krr-assets", "k"], True)):  # a missing set given by flag: read, not skipped
+        args = main_evaluate.parse_args(evaluate + extra)[0]
+        rows = main_evaluate.available_rows(args, cfg, tmp_path / "a", tmp_path / "k", utils.Ranks())
+        assert ("krr_st" in rows) == kept, rows
+    assert not (tmp_path / "a").exists() and not (tmp_path / "e").exists()
