@@ -307,9 +307,11 @@ def host_bytes():
 OOM_TEXT = ("out of memory", "can't allocate memory", "Cannot allocate memory")
 
 
-def child(path, name, device, steps, n_train, result):
-    """In the child process: measure one stage and write its result (JSON) to `result`; running out of memory is a
-    result too, any other error its traceback (on stderr) and its first line."""
+def child(path, name, stage, device, steps, n_train, result):
+    """In the child process: measure one stage (the parent's STAGES[name], passed on: a spawned child imports this
+    file afresh) and write its result (JSON) to `result`; running out of memory is a result too, any other error its
+    traceback (on stderr) and its first line."""
+    STAGES[name] = stage
     try:
         out = measure(stage_config(path, name), name, n_train, utils.get_device(device), steps)
     except Exception as e:  # noqa: BLE001 - every failure is the report's content
@@ -341,7 +343,7 @@ def run_stage(path, name, args, n_train, timeout):
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
         t0 = time.time()
-        code = launch((str(path), name, args.device, args.steps, n_train, str(result)), timeout)
+        code = launch((str(path), name, STAGES[name], args.device, args.steps, n_train, str(result)), timeout)
         wall = time.time() - t0
         if result.is_file():
             return {**json.loads(result.read_text()), "wall_s": wall}

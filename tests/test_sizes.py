@@ -137,23 +137,31 @@ def test_cuda_without_cuda_is_one_line(tmp_path, capsys):
     assert e.value.code == 2 and err == ["sizes.py: error: --device cuda: expected cpu (torch sees no CUDA device here)"]
 
 
+def cuda(*args):  # the stages' faults, at module level: a spawned child unpickles them by name
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+def cpu(*args):
+    raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory")
+
+
+def killed(*args):
+    os.kill(os.getpid(), 9)
+
+
+def bug(*args):
+    raise ValueError("a bug")
+
+
+def sleeps(*args):
+    time.sleep(600)
+
+
 def test_a_stage_out_of_memory_is_in_the_table_the_next_runs_and_each_ends_as_one_line(tmp_path, monkeypatch, capsys):
     """CUDA's OutOfMemoryError, the CPU allocator's error and a child killed by the kernel (signal 9): each stage
     reported as out of memory in the table, the next stage runs, and the command ends with one line per such stage
     naming the config, the stage and what lowers its memory (exit 2); a stage that fails otherwise (a bug) is
     reported as failed."""
-    def cuda(*args):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-
-    def cpu(*args):
-        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory")
-
-    def killed(*args):
-        os.kill(os.getpid(), 9)
-
-    def bug(*args):
-        raise ValueError("a bug")
-
     for name, setup in (("outer_step", cuda), ("inner_step", cpu), ("student_step", killed), ("probe_step", bug)):
         monkeypatch.setitem(sizes.STAGES, name, dataclasses.replace(sizes.STAGES[name], setup=setup))
     config = write_config(tmp_path)
@@ -179,7 +187,7 @@ def test_the_reference_sizing_and_the_budget_skip_what_would_not_fit_or_finish(t
     still running at the deadline is stopped and reported; the others run."""
     monkeypatch.setattr(sizes, "CHILD_START_S", 0.0)
     monkeypatch.setitem(sizes.STAGES, "teacher_targets",
-                        dataclasses.replace(sizes.STAGES["teacher_targets"], setup=lambda *a: time.sleep(600)))
+                        dataclasses.replace(sizes.STAGES["teacher_targets"], setup=sleeps))
     config = write_config(tmp_path)
     plan = {"device": "cpu", "stages": {
         "inner_step": {"status": "ok", "flops": 1e9, "peak_bytes": 1e15, "train_images": 1347},

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 import yaml
 
 import utils
@@ -196,6 +197,8 @@ def test_a_value_no_step_of_the_run_would_read_is_refused(tmp_path):
     cfg = utils.load_config(write_config(tmp_path))
     for extra, kept in (([], False), (["--krr-assets", "k"], True)):  # a missing set given by flag: read, not skipped
         args = main_evaluate.parse_args(evaluate + extra)[0]
-        rows = main_evaluate.available_rows(args, cfg, tmp_path / "a", tmp_path / "k", utils.Ranks())
+        ev = main_evaluate.Inputs(args, cfg, utils.Ranks(), torch.device("cpu"), tmp_path / "e", args.rows, [0],
+                                  tmp_path / "a", tmp_path / "k")
+        rows = main_evaluate.available_rows(ev)
         assert ("krr_st" in rows) == kept, rows
     assert not (tmp_path / "a").exists() and not (tmp_path / "e").exists()
