@@ -206,7 +206,7 @@ class ModelPool:
     torchrun every rank holds the same pool (same seeds), its BatchNorm over every rank's views
     (models.sync_batchnorm), and the inner step is split."""
 
-    def __init__(self, mp, resolution, d_y, device, chunk=0, ranks=utils.Ranks()):
+    def __init__(self, mp, resolution, d_y, device, chunk=0, ranks=models.Ranks()):
         self.mp, self.resolution, self.d_y, self.device = mp, resolution, d_y, device
         self.chunk, self.ranks = chunk, ranks
         self.models, self.opts, self.ages = [None] * mp["size_L"], [None] * mp["size_L"], [0] * mp["size_L"]
@@ -217,7 +217,7 @@ class ModelPool:
         f = models.ConvNet(self.mp["widths"], self.resolution, self.d_y)
         if self.ranks.world > 1:  # the same weights (drawn on the CPU before the swap), BatchNorm over all ranks
             f = models.sync_batchnorm(f, self.device)
-        f = utils.channels_last_module(f.to(self.device), self.device)
+        f = models.channels_last_module(f.to(self.device), self.device)
         self.models[j] = f
         self.opts[j] = torch.optim.SGD(f.parameters(), lr=self.mp["lr"], momentum=self.mp["momentum"],
                                        weight_decay=self.mp["weight_decay"])
@@ -238,8 +238,8 @@ class ModelPool:
         self.opts[j].zero_grad(set_to_none=True)
         for c in range(n):
             x, y = X_r[c::n].detach(), Y_r[c::n].detach()
-            with utils.autocast(self.device):
-                loss = models.mse(f(utils.to_channels_last(x, self.device)), y)
+            with models.autocast(self.device):
+                loss = models.mse(f(models.to_channels_last(x, self.device)), y)
             (loss * (len(x) / len(X)) if len(x) < len(X) else loss).backward()  # the mean over all K m views
         all_reduce_flat([p.grad for p in f.parameters() if p.grad is not None], self.ranks)
         self.opts[j].step()
@@ -293,7 +293,7 @@ class PositiveDefiniteSolve(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gX):
         L, X = ctx.saved_tensors
-        with utils.tf32(False):
+        with models.tf32(False):
             gY = cholesky_solve(L, gX)
             return -gY @ X.T, gY
 
@@ -358,8 +358,8 @@ def support_features(embed, X_s, chunk, device):
     (activation checkpointing): the same values and gradients (f is in eval mode), the memory of one chunk, and no
     tensor near 2^31 elements (Stanford Dogs' 4 x 1,993 views at 64 px)."""
     if not chunk or chunk >= len(X_s):
-        return embed(utils.to_channels_last(X_s, device))
-    return torch.cat([checkpoint(embed, utils.to_channels_last(x, device), use_reentrant=False)
+        return embed(models.to_channels_last(X_s, device))
+    return torch.cat([checkpoint(embed, models.to_channels_last(x, device), use_reentrant=False)
                       for x in X_s.split(chunk)])
 
 
@@ -368,21 +368,21 @@ def real_precision(dc):
     return dc["krr_features"] if dc["real_features"] == "same" else dc["real_features"]
 
 
-def krr_forward(embed, X_s, Y_s, x_t, dc, ranks=utils.Ranks()):
+def krr_forward(embed, X_s, Y_s, x_t, dc, ranks=models.Ranks()):
     """SPEC 4.4: the KRR prediction of the real views x_t from the support set (X_s, Y_s) through `embed` (f.embed
     or its feature_pass): the support features in `distillation.krr_features`, the real views' (no gradient) in
     `distillation.real_features`, the kernels and the solve in float32 (krr_predict). Under torchrun each rank
     passes its part of the support views (rank_rows)."""
     device = Y_s.device
-    with utils.precision(device, real_precision(dc)), torch.no_grad():
-        Phi_t = embed(utils.to_channels_last(x_t, device))
-    with utils.precision(device, dc["krr_features"]):
+    with models.precision(device, real_precision(dc)), torch.no_grad():
+        Phi_t = embed(models.to_channels_last(x_t, device))
+    with models.precision(device, dc["krr_features"]):
         Phi_s = rank_rows(lambda X: support_features(embed, X, dc["support_chunk"], device), X_s, ranks)
-    with utils.tf32(False):
+    with models.tf32(False):
         return krr_predict(Phi_s, Phi_t, Y_s, dc["ridge"])
 
 
-def real_batch(data, T, dc, rotations, gen, ranks=utils.Ranks(), sharded=False):
+def real_batch(data, T, dc, rotations, gen, ranks=models.Ranks(), sharded=False):
     """`outer_batch_size` real images in all K views (or identity only) with targets from T. Under torchrun
     (`ranks`) this rank's contiguous part of them (rank_slice): of the batch every rank draws alike from the
     whole set, or with `sharded` (data.shard) as many drawn by this rank's own generator from its shard."""
@@ -417,7 +417,7 @@ def outer_step(state, data, T, dc):
     Yhat_t = krr_forward(state.embed_of(f), X_s, Y_s, x_t, dc, state.ranks)
     loss = models.mse(Yhat_t, y_t) * rank_share(dc["outer_batch_size"], state.ranks)
     state.opt.zero_grad(set_to_none=True)
-    with utils.tf32(dc["krr_features"] == "tf32"):
+    with models.tf32(dc["krr_features"] == "tf32"):
         loss.backward()
     f.requires_grad_(True)
     loss = rank_sum(loss.detach(), state.opt, state.ranks)
@@ -591,13 +591,13 @@ class State:
     scales: torch.Tensor = None  # each parameter group's largest |value| at the last finite check (check_finite)
     scales_start: torch.Tensor = None  # ... at the run's first step (kept in the checkpoint: resumes compare with it)
     scales_saved: torch.Tensor = None  # ... at the last checkpoint
-    ranks: utils.Ranks = utils.Ranks()  # torchrun's processes: every rank holds all of the above alike
+    ranks: models.Ranks = models.Ranks()  # torchrun's processes: every rank holds all of the above alike
     real_gen: torch.Generator = None  # data.shard under torchrun: this rank's generator of its real batch
     embed_of: object = None  # f -> the KRR passes' feature function of pool model f (feature_pass, not saved)
 
     def checkpoint(self, cfg, inputs):
         """Every rank calls it (under data.shard it gathers each rank's batch generator); rank 0 writes it."""
-        real = utils.gather_objects(utils.rng_state(self.real_gen), self.ranks) if self.real_gen else None
+        real = models.gather_objects(utils.rng_state(self.real_gen), self.ranks) if self.real_gen else None
         return {"distilled": self.distilled.state_dict(), "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "pool": self.pool.state_dict(), "rng": utils.rng_state(self.gen),
                 "py_rng": self.rng.getstate(), "step": self.step, "curve": self.curve, "schedule": self.schedule,
@@ -640,7 +640,7 @@ def rotations_of(cfg):
     return [] if cfg["distillation"]["method"] == "krr_st" else cfg["augmentations"]["rotate"]
 
 
-def load_checked(args, cfg, run, table, teacher_file, device, ranks=utils.Ranks()):
+def load_checked(args, cfg, run, table, teacher_file, device, ranks=models.Ranks()):
     """Everything that can refuse the run, before its folder is claimed: the folder's state (rank 0), the data and
     the sizes it must hold, the teacher against config and data, and under --resume the checkpoint (config, inputs,
     process count)."""
@@ -681,15 +681,15 @@ def check_processes(ckpt, cfg, ranks, path):
 
 def keep_shard(cfg, data, T, ranks):
     """data.shard under torchrun: this rank keeps only train images r, r + W, r + 2W, ... and their teacher targets
-    (utils.shard), once the set is built from the whole split (its PCA and starting images)."""
+    (models.shard), once the set is built from the whole split (its PCA and starting images)."""
     if not sharded(cfg, ranks):
         return data, T
     ranks.say(f"data.shard: each of the {ranks.world} ranks keeps {len(data.train_x) // ranks.world} of the "
               f"{len(data.train_x)} train images and their targets")
-    return dataclasses.replace(data, train_x=utils.shard(data.train_x, ranks).clone()), utils.shard(T, ranks).clone()
+    return dataclasses.replace(data, train_x=models.shard(data.train_x, ranks).clone()), models.shard(T, ranks).clone()
 
 
-def build(cfg, data, T, m, device, gen, rng, ranks=utils.Ranks()):
+def build(cfg, data, T, m, device, gen, rng, ranks=models.Ranks()):
     """SPEC 2 and 4: the set at its m starting images, AdamW with the linear decay to 0, and the model pool; under
     torchrun every rank builds the same (same seeds), and with data.shard its own real-batch generator."""
     dc = cfg["distillation"]
@@ -697,8 +697,8 @@ def build(cfg, data, T, m, device, gen, rng, ranks=utils.Ranks()):
     opt = make_optimizer(distilled, dc)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / dc["steps"]))
     pool = ModelPool(cfg["model_pool"], data.train_x.shape[-1], T.shape[-1], device, dc["support_chunk"], ranks)
-    real_gen = utils.make_generator(device, cfg["seed"] + 1 + ranks.rank) if sharded(cfg, ranks) else None
-    run_id = utils.gather_objects(utils.new_run_id(), ranks)[0]  # rank 0's
+    real_gen = models.make_generator(device, cfg["seed"] + 1 + ranks.rank) if sharded(cfg, ranks) else None
+    run_id = models.gather_objects(utils.new_run_id(), ranks)[0]  # rank 0's
     return State(distilled, opt, sched, pool, gen, rng, run_id, ranks=ranks, real_gen=real_gen,
                  schedule=[{"from_step": 0, "steps": dc["steps"], **rates(opt)}], embed_of=feature_pass(dc, device))
 
@@ -810,7 +810,7 @@ def check_ranks_agree(state):
     if state.ranks.world == 1:
         return
     tensors = list(state.distilled.parameters()) + [p for f in state.pool.models for p in f.parameters()]
-    hashes = utils.gather_objects((ranks_hash(tensors), list(state.pool.ages)), state.ranks)
+    hashes = models.gather_objects((ranks_hash(tensors), list(state.pool.ages)), state.ranks)
     differ = [r for r, (h, ages) in enumerate(hashes) if not torch.equal(h, hashes[0][0]) or ages != hashes[0][1]]
     if differ:
         raise utils.RunStopped(f"the ranks diverged by step {state.step}: rank(s) {differ} hold other distilled tensors "
@@ -860,15 +860,15 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)  # the command line, for the recovery hint
     args, cfg, ranks, device, run, teacher_file = configure(argv)
     utils.set_seed(cfg["seed"])
-    gen, rng = utils.make_generator(device, cfg["seed"]), random.Random(cfg["seed"])
+    gen, rng = models.make_generator(device, cfg["seed"]), random.Random(cfg["seed"])
     table = storage_accounting(cfg)
     data, teacher, inputs, ckpt = load_checked(args, cfg, run, table, teacher_file, device, ranks)
 
     # ---------------------------------------------------------------- run folder, teacher targets T (N, K, d_y)
     lock = run.claim(args.resume, args.overwrite) if ranks.main else None  # rank 0 alone writes
-    utils.barrier(ranks)
+    models.barrier(ranks)
     t0 = time.time()
-    with utils.rank0_first(ranks):  # rank 0 computes and caches them, the others read the cache
+    with models.rank0_first(ranks):  # rank 0 computes and caches them, the others read the cache
         T, target_scale = utils.teacher_targets(teacher, teacher_file, data, rotations_of(cfg), cfg["data"],
                                                 run.folder, inputs["teacher_hash"])
     print(f"teacher targets {tuple(T.shape)} ready in {time.time() - t0:.1f}s, scaled by {target_scale:.4g} to "

@@ -98,7 +98,7 @@ class Recipe:
     argv: tuple = ()
 
 
-def pretrain_on_set(images, targets, recipe, epochs, seed, desc, ranks=utils.Ranks()):
+def pretrain_on_set(images, targets, recipe, epochs, seed, desc, ranks=models.Ranks()):
     """The student (evaluation.student) + Linear(its width -> d_y), MSE to `targets`, SGD + cosine; a fresh
     crop + flip of every view each epoch when `augment`. images: uint8 (normalised per batch) or normalised float.
     Under torchrun with `ranks` (the full-dataset row), images and targets are this rank's share: DDP, global
@@ -108,10 +108,10 @@ def pretrain_on_set(images, targets, recipe, epochs, seed, desc, ranks=utils.Ran
     command (`recipe.argv`, the evaluation's) to start it again at a lower evaluation.lr."""
     ec, device = recipe.ec, targets.device
     torch.manual_seed(seed)
-    gen = utils.make_generator(device, seed + ranks.rank)
+    gen = models.make_generator(device, seed + ranks.rank)
     net = models.Regressor(*models.student(ec["student"], recipe.width, images.shape[-1]), targets.shape[1])
     net = (models.sync_batchnorm(net, device) if ranks.world > 1 else net).to(device)
-    net = utils.channels_last_module(net, device)
+    net = models.channels_last_module(net, device)
     fwd = DDP(net, device_ids=[device.index] if device.type == "cuda" else None) if ranks.world > 1 else net
     n, B = len(images), ec["batch_size"] // ranks.world
     steps = math.ceil(n / B)
@@ -127,8 +127,8 @@ def pretrain_on_set(images, targets, recipe, epochs, seed, desc, ranks=utils.Ran
             x = utils.normalize(images[idx], recipe.mean, recipe.std) if images.dtype == torch.uint8 else images[idx]
             if ec["augment"]:
                 x = random_crop_flip(x, ec["crop_pad"], gen)
-            with utils.autocast(device):
-                loss = models.mse(fwd(utils.to_channels_last(x, device)), targets[idx])
+            with models.autocast(device):
+                loss = models.mse(fwd(models.to_channels_last(x, device)), targets[idx])
             total += opt.step(loss)
         if epoch % 10 == 0 or epoch == epochs - 1:
             if logged is not None:
@@ -166,7 +166,7 @@ def check_loss(epoch, loss, desc, recipe):
 
 def random_subset(data, T, n, seed):
     """n random real train images (un-rotated) with their teacher targets: the budget's real baseline."""
-    gen = utils.make_generator(data.train_x.device, seed)
+    gen = models.make_generator(data.train_x.device, seed)
     idx = torch.randperm(len(data.train_x), generator=gen, device=data.train_x.device)[:n]
     return data.train_x[idx], T[idx, 0]
 
@@ -219,7 +219,7 @@ def full_dataset_backbone(ev):
             g = models.student(ec["student"], width, data.train_x.shape[-1])[0]
             utils.load_weights(g, saved["backbone"], path, f"a {ec['student']} student of width {width}")
             ranks.say(f"full_dataset: reusing {path} (trained in {saved['train_time_s']:.1f}s)")
-            g = utils.channels_last_module(g.to(ev.device), ev.device).eval()
+            g = models.channels_last_module(g.to(ev.device), ev.device).eval()
             ev.full = g, saved["steps"], {"reused": True, "train_time_s": saved["train_time_s"], "time_s": 0.0}
             return
         if not ev.args.overwrite:
@@ -227,7 +227,7 @@ def full_dataset_backbone(ev):
                                    f"pass --retrain-full or --overwrite to replace it")
         ranks.say(f"full_dataset: {path} was trained with other settings; retraining it (--overwrite)")
     t0 = time.time()
-    views, targets = real_views(data, ev.T, utils.shard(torch.arange(len(data.train_x)), ranks), ev.rotations)
+    views, targets = real_views(data, ev.T, models.shard(torch.arange(len(data.train_x)), ranks), ev.rotations)
     g, steps = pretrain_on_set(views, targets, ev.recipe, ec["full_epochs"], cfg["seed"], "full_dataset", ranks)
     train_time = time.time() - t0
     if ranks.main:
@@ -290,7 +290,7 @@ def recalibrate_bn(net, data, batch_size):
     net.train()
     dev = next(net.parameters()).device
     for part in data.train_x.split(batch_size):
-        net(utils.to_channels_last(utils.normalize(part.to(dev), data.mean, data.std), dev))  # float32: statistics, once
+        net(models.to_channels_last(utils.normalize(part.to(dev), data.mean, data.std), dev))  # float32: statistics, once
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
     return net.eval()
@@ -302,7 +302,7 @@ def finetune(backbone, data, ft, seed, batch_size):
     The pre-trained backbone itself is left unchanged."""
     dev = data.train_x.device
     torch.manual_seed(seed)
-    gen = utils.make_generator(dev, seed)
+    gen = models.make_generator(dev, seed)
     net = copy.deepcopy(backbone).to(dev)
     with torch.no_grad():
         dim = net.eval()(utils.normalize(data.train_x[:2], data.mean, data.std)).shape[1]
@@ -311,12 +311,12 @@ def finetune(backbone, data, ft, seed, batch_size):
     for idx in utils.batches(len(data.train_x), ft["batch_size"], ft["iterations"], gen):
         x = utils.normalize(data.train_x[idx], data.mean, data.std)
         x = random_crop_flip(x, ft["crop_pad"], gen) if ft["augment"] else x
-        with utils.autocast(dev):
-            loss = F.cross_entropy(model(utils.to_channels_last(x, dev)).float(), data.train_y[idx])
+        with models.autocast(dev):
+            loss = F.cross_entropy(model(models.to_channels_last(x, dev)).float(), data.train_y[idx])
         opt.step(loss)
     model.eval()
     with torch.no_grad():
-        correct = sum((model(utils.to_channels_last(utils.normalize(x, data.mean, data.std), dev)).argmax(1) == y).sum()
+        correct = sum((model(models.to_channels_last(utils.normalize(x, data.mean, data.std), dev)).argmax(1) == y).sum()
                       for x, y in zip(data.test_x.split(batch_size), data.test_y.split(batch_size)))
     return 100.0 * correct.item() / len(data.test_x)
 
@@ -330,7 +330,7 @@ class Inputs:
     distilled sets (checked), the teacher targets T, and the budget's arithmetic."""
     args: object
     cfg: dict
-    ranks: utils.Ranks
+    ranks: models.Ranks
     device: torch.device
     out: Path
     rows: list
@@ -392,7 +392,7 @@ def random_student(ev, row, seed):
     ec = ev.cfg["evaluation"]
     torch.manual_seed(seed)
     g = models.student(ec["student"], ev.cfg["network"]["width"], ev.cfg["data"]["resolution"])[0]
-    g = utils.channels_last_module(g.to(ev.device), ev.device).eval()
+    g = models.channels_last_module(g.to(ev.device), ev.device).eval()
     if ec["random_init_bn"] == "recalibrate":
         g = recalibrate_bn(g, ev.target, ev.cfg["data"]["eval_batch_size"])
     return g, 0, {}
@@ -705,7 +705,7 @@ def teacher_targets(ev):
     the teacher's features of the target (every row's teacher fit is scored against them), and the full-dataset
     model (every rank trains it under torchrun)."""
     if any(ROWS[row].targets for row in ev.rows):
-        with utils.rank0_first(ev.ranks):
+        with models.rank0_first(ev.ranks):
             ev.T, ev.target_scale = utils.teacher_targets(ev.teacher, ev.teacher_file, ev.data, ev.rotations,
                                                           ev.cfg["data"], ev.out, ev.hashes["teacher_hash"])
     ev.teacher_feats = utils.split_features(ev.teacher, ev.target, ev.cfg["data"]["eval_batch_size"])
@@ -728,7 +728,7 @@ def run_cells(ev, cells):
         cells[row][str(seed)] = run_cell(ev, row, seed, dict(cells[row].get(str(seed), {})))
         if ev.ranks.main:
             save(ev, cells, {})
-    for part in utils.gather_objects(cells, ev.ranks):  # every rank's cells
+    for part in models.gather_objects(cells, ev.ranks):  # every rank's cells
         for row, by_seed in part.items():
             cells[row].update(by_seed)
     return {row: dict(row_result([cells[row][str(s)] for s in row_seeds(row)], ev.args.protocol,
@@ -770,7 +770,7 @@ def evaluate(args, overrides, argv, sub=None):
     load_sets(ev)
     cells = resumed_cells(ev.out / "results.json", ev.cfg, ev.target.name, ev.hashes) if args.resume else {}
     lock = run_folder(ev).claim(args.resume, args.overwrite) if ev.ranks.main else None
-    utils.barrier(ev.ranks)
+    models.barrier(ev.ranks)
     teacher_targets(ev)
     if ev.ranks.main:
         utils.print_config(ev.cfg, derived(ev))

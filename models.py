@@ -1,4 +1,8 @@
-"""Networks, the Barlow Twins loss and LARS. Stands alone: torch only, sizes as arguments."""
+"""Networks, the Barlow Twins loss, LARS, and the torch execution helpers. Stands alone: torch only, sizes as
+arguments."""
+from contextlib import contextmanager
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -322,3 +326,92 @@ def num_params(module):
 
 def mse(pred, target):
     return F.mse_loss(pred.float(), target.float())
+
+
+# --------------------------------------------------------------------------------------------
+# Execution: torchrun's ranks, generators, numerics (autocast, TF32, precision, channels_last)
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Ranks:
+    """This process among torchrun's (utils.init_ranks): rank 0 of 1 when a script is started plainly."""
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self):
+        """Rank 0 alone writes files, logs and prints."""
+        return self.rank == 0
+
+    def say(self, *args, **kwargs):
+        if self.main:
+            print(*args, **kwargs)
+
+
+def shard(x, ranks):
+    """Rank r's equal share of x's rows: r, r + W, r + 2W, ... (the last len(x) mod W rows are left out)."""
+    return x[ranks.rank:len(x) // ranks.world * ranks.world:ranks.world]
+
+
+def gather_objects(obj, ranks):
+    """[rank 0's obj, rank 1's obj, ...] on every rank (picklable objects; [obj] in a single process)."""
+    if ranks.world == 1:
+        return [obj]
+    out = [None] * ranks.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(ranks):
+    if ranks.world > 1:
+        dist.barrier()
+
+
+@contextmanager
+def rank0_first(ranks):
+    """The block runs on rank 0 first (it computes and caches), then on the others (which read the cache)."""
+    if not ranks.main:
+        barrier(ranks)
+    yield
+    if ranks.main:
+        barrier(ranks)
+
+
+def make_generator(device, seed):
+    """A torch.Generator on `device`: all augmentation randomness is drawn from it."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def autocast(device, enabled=True):
+    """bf16 autocast on CUDA, a no-op on CPU (CPU bf16 convs are slower than fp32)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+
+
+@contextmanager
+def tf32(enabled):
+    """TF32 for float32 convs and matmuls on CUDA, set explicitly (PyTorch's defaults differ), restored on exit. The
+    legacy allow_tf32 flags only: torch.compile reads them, and mixing them with fp32_precision raises."""
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+
+
+@contextmanager
+def precision(device, name):
+    """A forward pass in one of utils.PRECISIONS: float32, TF32 or bf16 autocast (all float32 on the CPU). Backward
+    passes take `tf32(name == "tf32")` alone."""
+    with tf32(name == "tf32"), autocast(device, enabled=name == "bfloat16"):
+        yield
+
+
+def to_channels_last(x, device):
+    """channels_last on CUDA; contiguous NCHW on the CPU, where a channels_last batch sends a 1x1 stride-2 conv's
+    backward into a oneDNN kernel that corrupts the heap (torch 2.14.1)."""
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x.contiguous()
+
+
+def channels_last_module(net, device):
+    """Weights in channels_last once on CUDA (else cuDNN converts them on every call); unchanged on the CPU."""
+    return net.to(memory_format=torch.channels_last) if device.type == "cuda" else net

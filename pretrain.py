@@ -156,13 +156,13 @@ def lr_at(step, steps_per_epoch, pc):
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
 
-def build(pc, width, device, ranks=utils.Ranks()):
+def build(pc, width, device, ranks=models.Ranks()):
     """The Barlow Twins network (ResNet-18 + projector) on `device` and its LARS (rates set per step by lr_at).
     Under torchrun every BatchNorm normalises over the global batch, as solo-learn's recipe (sync_batchnorm) does."""
     net = models.BarlowTwins(models.resnet18_cifar(width), models.projector(models.resnet18_dim(width),
                                                                            pc["projector_dims"]))
     net = (models.sync_batchnorm(net, device) if ranks.world > 1 else net).to(device)
-    utils.channels_last_module(net.backbone, device)
+    models.channels_last_module(net.backbone, device)
     opt = models.LARS(models.lars_param_groups(net.backbone, net.projector), lr=0.0, momentum=pc["momentum"],
                       weight_decay=pc["weight_decay"], eta=pc["lars_eta"])
     return net, opt
@@ -171,8 +171,8 @@ def build(pc, width, device, ranks=utils.Ranks()):
 def barlow_step(net, opt, x, data, pc, gen, device):
     """One Barlow Twins step on the uint8 batch x (two fresh views each): the detached loss, no host sync.
     Under torchrun x is this rank's part of the global batch, and the loss is that of the global batch."""
-    v1, v2 = (utils.to_channels_last(v, device) for v in barlow_views(x, data.mean, data.std, pc, gen))
-    with utils.autocast(device):
+    v1, v2 = (models.to_channels_last(v, device) for v in barlow_views(x, data.mean, data.std, pc, gen))
+    with models.autocast(device):
         z1, z2 = net(v1, v2)
     loss = models.barlow_twins_loss(models.gather_rows(z1), models.gather_rows(z2), pc["lambda_offdiag"],
                                     pc["loss_scale"])
@@ -182,7 +182,7 @@ def barlow_step(net, opt, x, data, pc, gen, device):
     return loss.detach()
 
 
-def train_one_epoch(net, opt, data, pc, epoch, gen, device, ranks=utils.Ranks()):
+def train_one_epoch(net, opt, data, pc, epoch, gen, device, ranks=models.Ranks()):
     """One pass over the train split in random batches (last partial batch dropped): mean loss, views/s (of
     this process). Under torchrun `data` holds this rank's shard and each step takes batch_size / world of it.
     The loss is read back once, at the end of the epoch."""
@@ -249,7 +249,7 @@ def place_data(data, ranks, device):
     ranks.say(f"{data.name}: {len(data.train_x)} train / {len(data.test_x)} test images at {data.train_x.shape[-1]} px"
               + (f"; {ranks.world} processes, each with {len(data.train_x) // ranks.world} of them"
                  if ranks.world > 1 else ""))
-    local = dataclasses.replace(data, train_x=utils.shard(data.train_x, ranks)) if ranks.world > 1 else data
+    local = dataclasses.replace(data, train_x=models.shard(data.train_x, ranks)) if ranks.world > 1 else data
     local.to(device)
     return local, (data.to(device) if ranks.main else None)
 
@@ -271,7 +271,7 @@ class Job:
     (what a checkpoint keeps), its log, and the command line (the recovery hint)."""
     cfg: dict
     device: torch.device
-    ranks: utils.Ranks
+    ranks: models.Ranks
     local: object
     data: object
     run: utils.RunFolder
@@ -302,7 +302,7 @@ def fit(net, fwd, opt, gen, job, start, knn):
                                pc["knn_temperature"])
             row["knn_top1"] = knn
         if (epoch + 1) % pc["save_every"] == 0 or epoch + 1 == pc["epochs"]:
-            rngs = utils.gather_objects(utils.rng_state(gen), ranks)  # every rank's augmentation generator
+            rngs = models.gather_objects(utils.rng_state(gen), ranks)  # every rank's augmentation generator
             if ranks.main:
                 utils.atomic_save({"backbone": net.backbone.state_dict(), "projector": net.projector.state_dict(),
                                    "optimizer": opt.state_dict(), "epoch": epoch + 1, "rng": rngs, "knn_top1": knn,
@@ -318,12 +318,12 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)  # the command line, for the recovery hint
     args, cfg_path, cfg, ranks, device, teacher_file, run = configure(argv)
     utils.set_seed(cfg["seed"])
-    gen = utils.make_generator(device, cfg["seed"] + ranks.rank)  # each rank draws its own augmentations
+    gen = models.make_generator(device, cfg["seed"] + ranks.rank)  # each rank draws its own augmentations
     data, inputs, ckpt = load_checked(args, cfg_path, cfg, run, ranks)
 
     # ---------------------------------------------------------------- claim the run folder, data on the device
     lock = run.claim(args.resume, args.overwrite) if ranks.main else None
-    utils.barrier(ranks)
+    models.barrier(ranks)
     local, data = place_data(data, ranks, device)
 
     # ---------------------------------------------------------------- network, optimizer, resume
@@ -332,7 +332,7 @@ def main(argv=None):
     if cfg["pretrain"]["compile"] and device.type == "cuda":
         fwd = torch.compile(fwd)
     start, knn, run_id = restore(ckpt, net, opt, gen, ranks, run.checkpoint) if ckpt else (0, None, utils.new_run_id())
-    run_id = utils.gather_objects(run_id, ranks)[0]  # rank 0's
+    run_id = models.gather_objects(run_id, ranks)[0]  # rank 0's
     log = utils.RunLog(run.folder / "log.jsonl", resume_at=("epoch", start) if args.resume else None) \
         if ranks.main else None
     derived = {"device": str(device), "peak_lr": cfg["pretrain"]["lr"] * cfg["pretrain"]["batch_size"] / 256,

@@ -4,8 +4,7 @@
 Sections, in file order:
     Errors                 UserError and its kinds; cli: a user's mistake is one line
     Config                 SCHEMA (every key: type, range, meaning), load_config, overrides, the common arguments
-    Seeding, device        set_seed, get_device
-    Several processes      torchrun ranks, generators; numerics: autocast, TF32, precision, channels_last
+    Seeding, device        set_seed, get_device, init_ranks (torchrun; the execution helpers are in models.py)
     Data                   the dataset loaders (every file and split checked), normalisation
     Augmentation           flips and rotations (the predefined views a_k of SPEC 2)
     Storage                SPEC 3's budget; the default folder names
@@ -32,7 +31,6 @@ import stat
 import sys
 import time
 import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,7 +154,7 @@ def _stalled(e, script, speaks):
 # Config: one schema, YAML is the only source of hyperparameters (SPEC: every default in YAML)
 # ============================================================================================
 DATASETS = ("CIFAR10", "CIFAR100", "STANFORD_DOGS", "TINY_IMAGENET", "IMAGENET64", "DIGITS")
-PRECISIONS = ("float32", "tf32", "bfloat16")  # numerics of a frozen-network pass on CUDA (utils.precision)
+PRECISIONS = ("float32", "tf32", "bfloat16")  # numerics of a frozen-network pass on CUDA (models.precision)
 
 
 def _range(lo=None, hi=None, lo_open=False, hi_open=False):
@@ -522,7 +520,7 @@ def print_config(cfg, derived=None):
 
 
 # ============================================================================================
-# Seeding, device
+# Seeding, device, processes (torchrun; nothing joins a process group unless WORLD_SIZE > 1)
 # ============================================================================================
 def set_seed(seed):
     random.seed(seed)
@@ -546,35 +544,14 @@ def get_device(name=None):
     return device
 
 
-# ============================================================================================
-# Several processes (torchrun; nothing joins a process group unless WORLD_SIZE > 1), generators, numerics
-# ============================================================================================
-@dataclass(frozen=True)
-class Ranks:
-    """This process among torchrun's: rank 0 of 1 when a script is started plainly."""
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self):
-        """Rank 0 alone writes files, logs and prints."""
-        return self.rank == 0
-
-    def say(self, *args, **kwargs):
-        """print, on rank 0 only."""
-        if self.main:
-            print(*args, **kwargs)
-
-
 def init_ranks(device_name=None, timeout_s=None):
-    """(Ranks, device). Under torchrun (WORLD_SIZE > 1) every process joins the default process group: nccl on
-    CUDA, one GPU per process (cuda:LOCAL_RANK), gloo on the CPU, its collectives waiting at most `timeout_s`
-    (distributed_timeout_s; None: torch's default): on gloo the wait raises (cli names the rank that did not come,
-    found through a spare group), on nccl torch's watchdog aborts the job. A plain start: rank 0 of 1, no group."""
+    """(models.Ranks, device). Under torchrun (WORLD_SIZE > 1) every process joins the default group: nccl on CUDA,
+    one GPU per process (cuda:LOCAL_RANK), gloo on the CPU, collectives waiting at most `timeout_s` (on gloo the wait
+    raises and cli names the rank that did not come; on nccl the watchdog aborts). A plain start: rank 0 of 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = get_device(device_name)
     if world == 1:
-        return Ranks(), device
+        return models.Ranks(), device
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
@@ -586,81 +563,7 @@ def init_ranks(device_name=None, timeout_s=None):
         if device.type != "cuda" and timeout:
             RUN.update(side=torch.distributed.new_group(backend="gloo", **timeout), timeout=timeout["timeout"])
         atexit.register(lambda: torch.distributed.is_initialized() and torch.distributed.destroy_process_group())
-    return Ranks(torch.distributed.get_rank(), world), device
-
-
-def shard(x, ranks):
-    """Rank r's equal share of x's rows: r, r + W, r + 2W, ... (the last len(x) mod W rows are left out)."""
-    return x[ranks.rank:len(x) // ranks.world * ranks.world:ranks.world]
-
-
-def gather_objects(obj, ranks):
-    """[rank 0's obj, rank 1's obj, ...] on every rank (picklable objects; [obj] in a single process)."""
-    if ranks.world == 1:
-        return [obj]
-    out = [None] * ranks.world
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
-def barrier(ranks):
-    if ranks.world > 1:
-        torch.distributed.barrier()
-
-
-@contextmanager
-def rank0_first(ranks):
-    """The block runs on rank 0 first (e.g. it computes and caches), then on the others (which read the cache)."""
-    if not ranks.main:
-        barrier(ranks)
-    yield
-    if ranks.main:
-        barrier(ranks)
-
-
-def make_generator(device, seed):
-    """A torch.Generator on `device`: all augmentation randomness is drawn from it."""
-    return torch.Generator(device=device).manual_seed(seed)
-
-
-def autocast(device, enabled=True):
-    """bf16 autocast on CUDA, a no-op on CPU (CPU bf16 convs are slower than fp32)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
-
-
-@contextmanager
-def tf32(enabled):
-    """TF32 tensor cores (10-bit mantissa inputs, float32 accumulation) for float32 convs and matmuls on CUDA,
-    set explicitly: PyTorch's own defaults differ (on for cuDNN convs, off for matmuls). Restored on exit.
-    The legacy allow_tf32 flags only: torch.compile on torch 2.9-2.11 still reads them, and mixing them with the
-    newer fp32_precision API raises on a mixed read, so this repository never sets fp32_precision."""
-    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
-
-
-@contextmanager
-def precision(device, name):
-    """A forward pass in one of PRECISIONS: strict float32, float32 with TF32 tensor cores, or bf16 autocast.
-    On the CPU all three are float32. Backward passes take `tf32(name == "tf32")` alone (no autocast)."""
-    with tf32(name == "tf32"), autocast(device, enabled=name == "bfloat16"):
-        yield
-
-
-def to_channels_last(x, device):
-    """x in the layout the device's convolutions want: channels_last on CUDA, contiguous NCHW on the CPU (where a
-    channels_last-strided batch, as random_crop_flip returns, sends a 1x1 stride-2 convolution's backward into a
-    oneDNN kernel that corrupts the heap and gives run-to-run different gradients on torch 2.14.1)."""
-    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x.contiguous()
-
-
-def channels_last_module(net, device):
-    """A network whose inputs are channels_last on CUDA gets its weights in that layout once, here: otherwise
-    cuDNN converts every conv's weight on every call. Unchanged on the CPU."""
-    return net.to(memory_format=torch.channels_last) if device.type == "cuda" else net
+    return models.Ranks(torch.distributed.get_rank(), world), device
 
 
 # ============================================================================================
@@ -1260,7 +1163,7 @@ def load_teacher(path, cfg, device, data=None):
                          f"{', split ' + data.split if data.split else ''}); retrain it with pretrain.py")
     g = models.resnet18_cifar(width)
     load_weights(g, d["backbone"], path, f"a ResNet-18 (CIFAR stem) of width {width}")
-    return channels_last_module(g.to(device), device).eval(), meta
+    return models.channels_last_module(g.to(device), device).eval(), meta
 
 
 @torch.no_grad()
@@ -1274,8 +1177,8 @@ def embed_all(net, x, mean, std, batch_size, angle=0, precision_name="bfloat16")
         part = part.to(dev)
         part = normalize(part, mean, std) if part.dtype == torch.uint8 else part
         part = rotate(part, angle) if angle else part
-        with precision(dev, precision_name):
-            f = net(to_channels_last(part, dev))
+        with models.precision(dev, precision_name):
+            f = net(models.to_channels_last(part, dev))
         out.append(f.float())
     return torch.cat(out)
 
@@ -1348,7 +1251,7 @@ class CosineSGD:
 def train_linear_head(train_f, train_y, num_classes, probe, seed):
     """The linear probe's head (SPEC 6.2): Linear(d -> classes) on frozen features, mean cross-entropy, CosineSGD,
     `iterations` steps on batches of `batch_size` reshuffled each epoch."""
-    gen = make_generator(train_f.device, seed)
+    gen = models.make_generator(train_f.device, seed)
     torch.manual_seed(seed)
     head = torch.nn.Linear(train_f.shape[1], num_classes).to(train_f.device)
     opt = CosineSGD(head.parameters(), probe, probe["iterations"])

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import main_evaluate
+import models
 import pretrain
 import utils
 
@@ -26,7 +27,7 @@ def images(B=8, H=16, seed=0, dtype=torch.float32):
 
 
 def gen(seed=0):
-    return utils.make_generator(CPU, seed)
+    return models.make_generator(CPU, seed)
 
 
 MEAN, STD = torch.tensor([0.49, 0.48, 0.45]), torch.tensor([0.25, 0.24, 0.26])

@@ -12,6 +12,7 @@ import time
 import pytest
 import yaml
 
+import models
 import utils
 from tiny import REPO, write_config, write_teacher
 
@@ -196,6 +197,6 @@ def test_a_value_no_step_of_the_run_would_read_is_refused(tmp_path):
     cfg = utils.load_config(write_config(tmp_path))
     for extra, kept in (([], False), (["--krr-assets", "k"], True)):  # a missing set given by flag: read, not skipped
         args = main_evaluate.parse_args(evaluate + extra)[0]
-        rows = main_evaluate.available_rows(args, cfg, tmp_path / "a", tmp_path / "k", utils.Ranks())
+        rows = main_evaluate.available_rows(args, cfg, tmp_path / "a", tmp_path / "k", models.Ranks())
         assert ("krr_st" in rows) == kept, rows
     assert not (tmp_path / "a").exists() and not (tmp_path / "e").exists()
