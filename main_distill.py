@@ -70,7 +70,7 @@ class PCADistilled(nn.Module):
         """(K*m, 3, H, W) views and their (K*m, d_y) targets."""
         X = self.images()
         Y = utils.decode_targets(torch.cat([self.C_y[None], self.C_yk]).flatten(0, 1), self.B_y, self.mu_y)
-        return utils.all_views(X, self.rotations), Y
+        return all_views(X, self.rotations), Y
 
     def param_groups(self, dc):
         """Coefficients and bases get their own rates: a B_x step moves every image at once (SPEC 4.5)."""
@@ -396,7 +396,12 @@ def real_batch(data, T, dc, rotations, gen, ranks=models.Ranks(), sharded=False)
     x = utils.normalize(data.train_x[idx], data.mean, data.std)
     if dc["real_views"] == "identity":
         return x, T[idx, 0]
-    return utils.all_views(x, rotations), T[idx].transpose(0, 1).flatten(0, 1)  # view-major, as all_views
+    return all_views(x, rotations), T[idx].transpose(0, 1).flatten(0, 1)  # view-major, as all_views
+
+
+def all_views(x, rotations):
+    """(B, ...) -> (K*B, ...), view-major: [x, a_1(x), ..., a_{K-1}(x)]."""
+    return torch.cat([x] + [utils.rotate(x, a) for a in rotations])
 
 
 def make_optimizer(distilled, dc):

@@ -172,7 +172,7 @@ def random_subset(data, T, n, seed):
 
 
 def real_views(data, T, idx, rotations):
-    """Real images idx in all K views (uint8, view-major as all_views) with their exact teacher targets, a batch
+    """Real images idx in all K views (uint8, view-major as main_distill's all_views) with their exact teacher targets, a batch
     made when indexed: as tensors, the full_dataset row's K N views and targets were 63 + 10.5 GB beside the data
     at IMAGENET64 (tests/sizes.py), more than an 80 GB GPU holds."""
     idx, K = idx.to(data.train_x.device), 1 + len(rotations)

@@ -983,11 +983,6 @@ def rotate(x, angle):
     return torch.rot90(x, (angle // 90) % 4, dims=(-2, -1))
 
 
-def all_views(x, rotations):
-    """(B, ...) -> (K*B, ...), view-major: [x, a_1(x), ..., a_{K-1}(x)]."""
-    return torch.cat([x] + [rotate(x, a) for a in rotations])
-
-
 # ============================================================================================
 # Storage (SPEC 3): the budget; the default folder names
 # ============================================================================================
@@ -1042,7 +1037,7 @@ def save_distilled(folder, asset, controls, nets):
 def load_distilled(folder, device, exact=False):
     """A distilled_assets folder -> (views (K*m, 3, H, W), targets (K*m, d_y), the stored dict).
 
-    Views are view-major as all_views; rotated targets come from the approximation MLPs
+    Views are view-major, [X, a_1(X), ...]; rotated targets come from the approximation MLPs
     (SPEC 5) or, for the ablation that stores them, from the stored coefficients. exact=True reads
     the learned C_y^k from controls.pth instead (the distilled_exact row: the cost of approximating).
     """
