@@ -45,8 +45,7 @@ import models
 # Errors: a user's mistake is one line (cli), a bug keeps its traceback
 # ============================================================================================
 class UserError(Exception):
-    """A mistake in what the user gave (config, data, files, run folder, flags) or a run stopped on purpose: the
-    scripts' entry points print it as `<script>: error: <message>` and exit with `exit_code`, no traceback."""
+    """A mistake in what the user gave, or a run stopped on purpose: cli prints one line, no traceback."""
     exit_code = 2
 
 
@@ -59,8 +58,7 @@ class DatasetError(UserError, FileNotFoundError):
 
 
 class InputError(UserError, ValueError):
-    """A file read back that is not what it should be (teacher, distilled set, checkpoint, results), or a refused
-    --resume."""
+    """A file read back that is not what it should be (teacher, set, checkpoint, results), or a refused --resume."""
 
 
 class MissingInput(UserError, FileNotFoundError):
@@ -76,12 +74,11 @@ class RunStopped(UserError):
     exit_code = 1
 
 
-RUN = {}  # what a stop's line names, set as a run goes: "at" (where its loop is), "folders" (the RunFolders it
-# claimed), and under torchrun on gloo "side" (a spare group that finds a stalled rank) and "timeout"
+RUN = {}  # what a stop's line names: "at" (where the loop is), "folders" (RunFolders claimed); gloo: "side", "timeout"
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised wherever the script is, as Python raises KeyboardInterrupt on SIGINT: the same unwinding."""
+    """SIGTERM, raised as Python raises KeyboardInterrupt on SIGINT: the same unwinding."""
     signum = signal.SIGTERM
 
 
@@ -90,9 +87,9 @@ def _terminate(signum, frame):
 
 
 def cli(main, script):
-    """Run a script's main(); a UserError becomes one line on stderr and its exit code (as argparse does); SIGINT and
-    SIGTERM stop with one line (what was kept, the command that goes on) and exit 128 + the signal; under torchrun
-    a collective a rank never joined stops with one line naming it. Rank 0 alone prints; a bug keeps its traceback."""
+    """Run main(): a UserError is one line on stderr and its exit code (as argparse does); SIGINT/SIGTERM one line
+    (what was kept, the command that goes on), exit 128 + signal; a stalled collective names the rank. A bug keeps its
+    traceback."""
     signal.signal(signal.SIGTERM, _terminate)
     speaks = rank0 = os.environ.get("RANK", "0") == "0"
     try:
@@ -118,20 +115,21 @@ def _kept(script):
     argv = [a for a in sys.argv[1:] if a not in ("--resume", "--overwrite")]
     kept = [p for f in RUN.get("folders", []) if Path(p := f.checkpoint or f.outputs[0]).is_file()]
     if kept:
-        return f"{kept[-1]} is kept (nothing after it was saved): continue with `{command(script, argv + ['--resume'])}`"
+        return f"{kept[-1]} is kept (nothing after it was saved): continue with " \
+            f"`{command(script, argv + ['--resume'])}`"
     return f"no checkpoint was written, the run folder is free: run it again with `{command(script, argv)}`"
 
 
 def _stalled(e, script, speaks):
-    """(line, whether this rank prints it) after a collective of the default group timed out or lost a peer (gloo):
-    over the spare group RUN["side"] each rank still running sends rank 0 a word, and rank 0 names the ranks it does
-    not hear from within the timeout (of 2 ranks, rank 1 names rank 0 when its word is not taken). Else raised."""
+    """(line, whether this rank prints it) after a gloo collective timed out or lost a peer: each live rank sends rank 0
+    a word over RUN["side"], and rank 0 names the ranks it does not hear from (of 2, rank 1 names rank 0)."""
     text = str(e).lower()
     if "side" not in RUN or not ("timed out" in text or "closed" in text):
         raise e
     timeout, world = RUN["timeout"], torch.distributed.get_world_size()
     if torch.distributed.get_rank() == 0:
-        words, missing = [(r, torch.distributed.irecv(torch.zeros(1), r, group=RUN["side"])) for r in range(1, world)], []
+        words = [(r, torch.distributed.irecv(torch.zeros(1), r, group=RUN["side"])) for r in range(1, world)]
+        missing = []
         deadline = time.time() + timeout.total_seconds()
         for r, word in words:
             try:
@@ -145,7 +143,8 @@ def _stalled(e, script, speaks):
             missing = []
         except RuntimeError:
             missing, speaks = [0], world == 2 and "timed out" in text  # (a rank 0 gone spoke for itself)
-    what = f"rank {', '.join(map(str, missing))} did not answer" if missing else "every rank answered, but one was late"
+    what = f"rank {', '.join(map(str, missing))} did not answer" if missing else \
+        "every rank answered, but one was late"
     return f"{what} within distributed_timeout_s = {timeout.total_seconds():g} s{_at()} (stalled, stopped or gone; " \
         f"raise the key if a rank was only slow); {_kept(script)}", speaks
 
@@ -173,9 +172,8 @@ ROTATION = (lambda v: v in (90, 180, 270), "one of 90, 180, 270")
 
 @dataclass(frozen=True)
 class Key:
-    """One config key: its type (a tuple of strings is a choice, [type] a list of that type), its range (checked
-    on every element of a list; ANY: every value of the type), a list's (min, max) length, and its meaning (which the
-    one-line error for a bad value quotes)."""
+    """One config key: type (a tuple is a choice, [type] a list), range (per element; ANY: unbounded), meaning (the
+    error for a bad value quotes it), a list's (min, max) length."""
     type: object
     range: tuple
     meaning: str
@@ -198,7 +196,8 @@ SCHEMA = {
         "shard": Key(bool, ANY, "main_distill.py under torchrun: each rank keeps only its 1/W of the train images "
                      "and teacher targets"),
     },
-    "network": {"width": Key(int, POSITIVE, "first-stage channels of every ResNet-18 (64 = standard); d_y = 8 x width")},
+    "network": {
+        "width": Key(int, POSITIVE, "first-stage channels of every ResNet-18 (64 = standard); d_y = 8 x width")},
     "pretrain": {
         "epochs": Key(int, POSITIVE, "Barlow Twins epochs"),
         "batch_size": Key(int, _range(2), "global batch (all processes)"),
@@ -310,15 +309,8 @@ def leaves(schema=SCHEMA, prefix=""):
     return out
 
 
-def _get(cfg, dotted):
-    for k in dotted.split("."):
-        cfg = cfg[k]
-    return cfg
-
-
 def _check_value(value, key, where):
-    """`value` converted to `key.type` and inside key.range (each element of a list), or a ConfigError naming where
-    and what the key means."""
+    """`value` as key.type and inside key.range, or a ConfigError naming where and what the key means."""
     try:
         return _checked(value, key, where)
     except ConfigError as e:
@@ -406,8 +398,8 @@ def _check_consistent(cfg, source):
 
 
 def check_sizes(cfg, n_train, m=None):
-    """Counts that must fit the loaded train split (known only after loading): m and budget_N images are
-    drawn from it without replacement, so a larger value would silently shrink the set the table reports."""
+    """m, budget_N and the outer batch are drawn from the loaded train split without replacement: a larger value
+    would silently shrink the set."""
     checks = {"storage.budget_N": cfg["storage"]["budget_N"], "storage.m": m if m is not None else cfg["storage"]["m"],
               "distillation.outer_batch_size": cfg["distillation"]["outer_batch_size"]}
     for dotted, value in checks.items():
@@ -435,8 +427,7 @@ _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
 
 
 def parse_args(parser, argv):
-    """(args, overrides): the parser's flags, and every other --key=value a config override. --allow-changed acts
-    only with --resume and names config keys: without it, or with a key the schema lacks, it is refused."""
+    """(args, overrides): the parser's flags, every other --key=value a config override; --allow-changed checked."""
     args, rest = parser.parse_known_args(argv)
     changed = getattr(args, "allow_changed", [])
     if changed and not args.resume:
@@ -496,8 +487,7 @@ def load_config(path, overrides=None):
 
 
 def script_parser(doc):
-    """The three scripts' argument parser. No prefix matching: every --key=value it does not know is left over
-    as a config override (otherwise main_evaluate would read --seed=1 as --seeds=1)."""
+    """No prefix matching: an unknown --key=value is a config override (else --seed=1 would read as --seeds=1)."""
     return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
                                    allow_abbrev=False)
 
@@ -589,7 +579,8 @@ class ImageData:
 
 
 CIFAR10_LAYOUT = ("data/cifar-10-python/{data_batch_1..5, test_batch, batches.meta} (the official python pickles of "
-                  "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz; its folder name cifar-10-batches-py works too)")
+                  "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz; its folder name cifar-10-batches-py "
+                  "works too)")
 CIFAR100_LAYOUT = "data/data/cifar-100-python/{train, test, meta} (official python pickles, torchvision layout)"
 DOGS_LAYOUT = ("data/stanford-dogs/images/Images/<wnid>-<Breed>/*.jpg (120 breed folders: "
                "http://vision.stanford.edu/aditya86/ImageNetDogs/images.tar unpacked into data/stanford-dogs/images/), "
@@ -606,8 +597,7 @@ DIGITS_TEST_FRACTION = 0.25  # fixed stratified split of scikit-learn's 1,797 di
 
 def channel_stats(x, chunk=8192):
     """Per-channel mean and std in [0, 1] of a uint8 (N, 3, H, W) tensor, in float64."""
-    s = torch.zeros(3, dtype=torch.float64)
-    s2 = torch.zeros(3, dtype=torch.float64)
+    s, s2 = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
     for part in x.split(chunk):
         p = part.to(torch.float64) / 255
         s += p.sum((0, 2, 3))
@@ -617,20 +607,15 @@ def channel_stats(x, chunk=8192):
     return mean.float(), (s2 / n - mean**2).sqrt().float()
 
 
-def _unpickle(path):
-    """Official CIFAR pickles; keys are bytes or str depending on who wrote the file."""
-    with open(path, "rb") as f:
-        d = pickle.load(f, encoding="bytes")
-    return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in d.items()}
-
-
 def _plane_arrays(path, label_key, layout, num_classes, side=32, kind="a CIFAR", first_label=0):
     """One pickle of the CIFAR format (official CIFAR, and the Imagenet64x64 release at side 64 with 1-based labels):
     'data' uint8 (n, 3 side^2) in R, G, B planes and n labels in [first_label, first_label + num_classes)."""
     if not path.is_file():
         raise DatasetError(f"missing {path}; expected layout: {layout}")
     try:
-        d = _unpickle(path)
+        with open(path, "rb") as f:
+            d = pickle.load(f, encoding="bytes")  # keys are bytes or str, as the writer left them
+        d = {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in d.items()}
         data, labels = d["data"], d[label_key]
     except Exception as e:  # truncated file, not a pickle, wrong keys
         raise DatasetError(f"could not read {path} as {kind} pickle ({type(e).__name__}: {e}); "
@@ -638,7 +623,8 @@ def _plane_arrays(path, label_key, layout, num_classes, side=32, kind="a CIFAR",
     data = np.asarray(data)
     if data.ndim != 2 or data.shape[1] != 3 * side * side or data.dtype != np.uint8:
         raise DatasetError(f"{path}: 'data' is {data.dtype} of shape {data.shape}; expected uint8 (n, "
-                           f"{3 * side * side}) ({side} x {side} x 3 channel planes per row); expected layout: {layout}")
+                           f"{3 * side * side}) ({side} x {side} x 3 channel planes per row); expected layout: "
+                           f"{layout}")
     if first_label:
         labels = np.asarray(labels)
         if labels.size and np.issubdtype(labels.dtype, np.integer):
@@ -689,9 +675,8 @@ def download(what, dataset, root, folder, layout):
         import torchvision.datasets
         getattr(torchvision.datasets, dataset)(root=str(root), train=True, download=True)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise DatasetError(f"{what} not found at {folder} and the download failed ({type(e).__name__}: {first}); "
-                           f"put the files there by hand: {layout}") from None
+        raise DatasetError(f"{what} not found at {folder} and the download failed ({type(e).__name__}: "
+                           f"{first_line(e)}); put the files there by hand: {layout}") from None
 
 
 def load_cifar10(root):
@@ -702,9 +687,7 @@ def load_cifar10(root):
         folder = Path(root) / "cifar-10-batches-py"
     parts = [_plane_arrays(folder / f"data_batch_{i}", "labels", CIFAR10_LAYOUT, 10) for i in range(1, 6)]
     test_x, test_y = _plane_arrays(folder / "test_batch", "labels", CIFAR10_LAYOUT, 10)
-    train_x = torch.cat([p[0] for p in parts])
-    train_y = torch.cat([p[1] for p in parts])
-    return train_x, train_y, test_x, test_y, 10
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), test_x, test_y, 10
 
 
 def load_cifar100(root):
@@ -714,9 +697,10 @@ def load_cifar100(root):
                if (p / "train").is_file()]
         if off:  # data.root one level off: say so instead of downloading a second copy
             raise DatasetError(f"CIFAR-100 not found at {folder}, but {off[0]} holds it: the layout is "
-                               f"{CIFAR100_LAYOUT}, i.e. data.root must be the folder that holds data/cifar-100-python/ "
+                               f"{CIFAR100_LAYOUT}, i.e. data.root must be the folder that holds "
+                               f"data/cifar-100-python/ "
                                f"(here {off[0].parent.parent}); set data.root or move the folder")
-        download("CIFAR-100", "CIFAR100", Path(root) / "data", folder, CIFAR100_LAYOUT)  # into data/data/cifar-100-python
+        download("CIFAR-100", "CIFAR100", Path(root) / "data", folder, CIFAR100_LAYOUT)  # into data/data/...
     train_x, train_y = _plane_arrays(folder / "train", "fine_labels", CIFAR100_LAYOUT, 100)
     test_x, test_y = _plane_arrays(folder / "test", "fine_labels", CIFAR100_LAYOUT, 100)
     return train_x, train_y, test_x, test_y, 100
@@ -732,15 +716,12 @@ def _read_mat_list(path):
     return [str(np.asarray(c).ravel()[0]) for c in cells]
 
 
-RGB_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB")  # PIL's
-# convert("RGB") reads these at their contrast (PIL opens 16-bit RGB PNGs as RGB, at their high bytes)
+RGB_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB")  # read at contrast
 
 
 def _decode_image(path, size):
-    """8-bit RGB at the file's own contrast: 16-bit greyscale (Pillow's I;16 modes, and "I", as Pillow < 10 opens a
-    16-bit PNG) scaled by 255 / 65535, where convert("RGB") would clip it to white; a mode with no fixed range (32-bit
-    integer or float pixels) is refused. Then the shorter side resized to `size` (antialiased), a centre crop of size
-    x size, uint8 CHW."""
+    """uint8 (3, size, size): 8-bit RGB at the file's contrast (16-bit greyscale scaled by 255 / 65535, which convert
+    clips to white; 32-bit or float modes refused), the shorter side resized to `size` (antialiased), centre crop."""
     from PIL import Image
     with Image.open(path) as im:
         if im.mode in ("I;16", "I;16L", "I;16B", "I;16N") or im.mode == "I" and im.format == "PNG":
@@ -781,16 +762,12 @@ def stanford_dogs_split(folder):
 
 
 def files_key(images, breeds, files, split):
-    """What a decoded image cache (Stanford Dogs, Tiny ImageNet) was built from: split, classes, and every
-    file's name, size and mtime."""
+    """What a decoded image cache was built from: split, classes, and every file's name, size and mtime."""
     h = hashlib.sha256(f"{split}|{'|'.join(breeds)}".encode())
     for f in files:
         st = (images / f).stat()
         h.update(f"|{f}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
-
-
-DOGS_CHECKER = "; `python test_stanford_dogs.py` lists every unreadable file"
 
 
 def decode_image_or_fail(path, size, hint):
@@ -811,18 +788,18 @@ def load_stanford_dogs(root, resolution, cache_dir=""):
     missing = [f for f in train_files + test_files if not (images / f).is_file()]
     if missing:
         raise DatasetError(f"{len(missing)} listed images missing under {images}, e.g. {missing[0]}")
-    # keyed by what it was decoded from: a changed, added or removed file or breed decodes afresh
-    cache = Path(cache_dir or folder) / \
-        f"cache_{split}_{resolution}px_{files_key(images, breeds, train_files + test_files, split)}.pt"
+    key = files_key(images, breeds, train_files + test_files, split)  # a changed file or breed decodes afresh
+    cache = Path(cache_dir or folder) / f"cache_{split}_{resolution}px_{key}.pt"
     index = {b: i for i, b in enumerate(breeds)}
     label = lambda files: [index[f.split("/")[0]] for f in files]
     return (*decoded_splits(cache, "Stanford Dogs", images, (train_files, label(train_files)),
-                            (test_files, label(test_files)), resolution, DOGS_CHECKER), len(breeds), split)
+                            (test_files, label(test_files)), resolution,
+                            "; `python test_stanford_dogs.py` lists every unreadable file"), len(breeds), split)
 
 
 def decoded_splits(cache, what, folder, train, test, resolution, hint):
-    """(train_x, train_y, test_x, test_y) of the (files, labels) pairs under `folder`: read from `cache` when it
-    exists, else decoded in threads (PIL decodes without the GIL) and cached if the cache can be written."""
+    """(train_x, train_y, test_x, test_y) of (files, labels) pairs under `folder`: from `cache`, else decoded in
+    threads (PIL decodes without the GIL) and cached."""
     from concurrent.futures import ThreadPoolExecutor
     from tqdm import tqdm
     keys = ["train_x", "train_y", "test_x", "test_y"]
@@ -840,8 +817,8 @@ def decoded_splits(cache, what, folder, train, test, resolution, hint):
 
 
 def tiny_imagenet_files(folder):
-    """(wnids, train files, train labels, val files, val labels), files relative to tiny-imagenet-200/; the val
-    split (labels in val/val_annotations.txt) is the test split, as the official test images have no labels."""
+    """(wnids, train files, labels, val files, labels) under tiny-imagenet-200/; val is the test split (the official
+    test images have no labels)."""
     wnids_file, ann = folder / "wnids.txt", folder / "val" / "val_annotations.txt"
     for p in (wnids_file, folder / "train", ann):
         if not p.exists():
@@ -896,29 +873,17 @@ def load_digits(resolution):
 
 
 def load_dataset(name, root, resolution, train_subset=0, cache_dir=""):
-    """uint8 train/test tensors + labels + the train split's normalisation (SPEC 7).
-
-    CIFAR below 32 px is downsampled (antialiased) once here; `train_subset` > 0 keeps that many train
-    images, a fixed random draw (seed 0, whatever the run's seed, so teacher, distillation and evaluation
-    see the same images), for the CPU-scale configs. The test split is always whole.
-    """
+    """uint8 train/test tensors, labels and the train split's normalisation (SPEC 7). `train_subset` > 0 keeps a fixed
+    draw (seed 0, whatever the run's seed, so every script sees the same images); the test split is always whole."""
     if name in ("CIFAR10", "CIFAR100") and not 1 <= resolution <= 32:
         raise ConfigError(f"{name} is 32x32; data.resolution must be in [1, 32], got {resolution}")
-    if name == "CIFAR10":
-        parts = load_cifar10(root)
-    elif name == "CIFAR100":
-        parts = load_cifar100(root)
-    elif name == "STANFORD_DOGS":
-        parts = load_stanford_dogs(root, resolution, cache_dir)
-    elif name == "TINY_IMAGENET":
-        parts = load_tiny_imagenet(root, resolution, cache_dir)
-    elif name == "IMAGENET64":
-        parts = load_imagenet64(root)
-    elif name == "DIGITS":
-        parts = load_digits(resolution)
-    else:
+    loaders = {"CIFAR10": lambda: load_cifar10(root), "CIFAR100": lambda: load_cifar100(root),
+               "STANFORD_DOGS": lambda: load_stanford_dogs(root, resolution, cache_dir),
+               "TINY_IMAGENET": lambda: load_tiny_imagenet(root, resolution, cache_dir),
+               "IMAGENET64": lambda: load_imagenet64(root), "DIGITS": lambda: load_digits(resolution)}
+    if name not in loaders:
         raise ConfigError(f"unknown dataset {name!r}; expected one of {list(DATASETS)}")
-    train_x, train_y, test_x, test_y, num_classes, *split = parts
+    train_x, train_y, test_x, test_y, num_classes, *split = loaders[name]()
     for what, x, y in (("train", train_x, train_y), ("test", test_x, test_y)):
         check_split(x, y, num_classes, f"{name} {what} split (data.root {root})")
     if train_x.shape[-1] != resolution:
@@ -935,8 +900,7 @@ def load_dataset(name, root, resolution, train_subset=0, cache_dir=""):
 
 
 def tensor_hash(*tensors):
-    """sha256 (16 hex digits) of CPU tensors' bytes: the identity of a train split. The bytes are read in place:
-    a copy of IMAGENET64's 15.7 GB of images would be one more beside them."""
+    """sha256 (16 hex digits) of CPU tensors' bytes, read in place (no copy of IMAGENET64's 15.7 GB)."""
     h = hashlib.sha256()
     for t in tensors:
         h.update(str((tuple(t.shape), t.dtype)).encode())
@@ -990,16 +954,14 @@ INIT_ONLY = "init_only"  # sub-folder: the same set at step 0, approximation net
 
 
 def distilled_folder(cfg, name, method=None):
-    """main_distill.py's default output: distilled_assets/<config name>_N<budget>[_krr_st] (of `method`, default the
-    config's)."""
+    """main_distill.py's default output: distilled_assets/<config name>_N<budget>[_krr_st] (`method`: the config's)."""
     suffix = "_krr_st" if (method or cfg["distillation"]["method"]) == "krr_st" else ""
     return Path("distilled_assets") / f"{name}_N{cfg['storage']['budget_N']}{suffix}"
 
 
 def storage_budget(cfg):
-    """SPEC 3, the one place the budget is computed (main_distill's storage table and main_evaluate's storage
-    column read it): N images cost N (3 H W + d_y) floats, an image plus its target (KRR-ST); a real image kept
-    with its K teacher targets (the real_init and full_dataset rows) costs 3 H W + K d_y."""
+    """SPEC 3, the one place the budget is computed: N images cost N (3 H W + d_y) floats; a real image kept with its
+    K teacher targets (the real_init and full_dataset rows) costs 3 H W + K d_y."""
     pixels, d_y = 3 * cfg["data"]["resolution"] ** 2, models.resnet18_dim(cfg["network"]["width"])
     return {"floats_per_image": pixels + d_y, "budget": cfg["storage"]["budget_N"] * (pixels + d_y),
             "floats_per_real": pixels + d_y * (1 + len(cfg["augmentations"]["rotate"]))}
@@ -1021,9 +983,8 @@ def decode_targets(C_y, B_y, mu_y):
 
 
 def save_distilled(folder, asset, controls, nets):
-    """What main_distill.py writes and load_distilled reads back: distilled_data.pth (`asset`), controls.pth
-    (`controls`) and approx_net_rot_<angle>.pth for each {angle: (ApproxMLP, relative error)} of `nets`; every
-    file carries the run id, so a folder that mixes two runs is refused when read."""
+    """distilled_data.pth (`asset`), controls.pth and approx_net_rot_<angle>.pth per {angle: (ApproxMLP, error)}, each
+    with the run id: load_distilled refuses a folder that mixes two runs."""
     folder = Path(folder)
     V = asset["C_y"].shape[1] if nets else None
     for angle, (net, err) in nets.items():
@@ -1035,12 +996,8 @@ def save_distilled(folder, asset, controls, nets):
 
 
 def load_distilled(folder, device, exact=False):
-    """A distilled_assets folder -> (views (K*m, 3, H, W), targets (K*m, d_y), the stored dict).
-
-    Views are view-major, [X, a_1(X), ...]; rotated targets come from the approximation MLPs
-    (SPEC 5) or, for the ablation that stores them, from the stored coefficients. exact=True reads
-    the learned C_y^k from controls.pth instead (the distilled_exact row: the cost of approximating).
-    """
+    """A distilled_assets folder -> (views (K*m, 3, H, W) view-major, targets (K*m, d_y), the stored dict). Rotated
+    targets come from the MLPs (SPEC 5), the stored C_y^k (ablation), or with `exact` controls.pth's learned C_y^k."""
     folder = Path(folder)
     path = folder / "distilled_data.pth"
     if not path.is_file():
@@ -1103,8 +1060,8 @@ def load_approx_net(path, device, run_id):
 # Teacher and features: each frozen network runs once per input
 # ============================================================================================
 def config_name(config_path):
-    """A config's name, its file stem (cifar10, cifar10_cpu): default output names carry it, so runs of two
-    configs of one dataset never share a teacher, a distilled set or a table."""
+    """The config's file stem (cifar10, cifar10_cpu): default output names carry it, so two configs of one dataset
+    never share a teacher, a distilled set or a table."""
     return Path(config_path).stem
 
 
@@ -1134,13 +1091,13 @@ TEACHER_META = ["dataset", "resolution", "width", "train_hash", "train_images", 
 
 
 def load_teacher(path, cfg, device, data=None):
-    """The frozen Barlow Twins backbone g written by pretrain.py, checked against the config and, when the
-    teacher recorded it, against the train split it was trained on (`data`: another subset or Dogs split
-    would pair its targets with images it never saw)."""
+    """The frozen Barlow Twins backbone g written by pretrain.py, checked against the config and against `data`'s
+    train split (another subset or Dogs split would pair its targets with images it never saw)."""
     path, dataset, resolution, width = Path(path), cfg["dataset"], cfg["data"]["resolution"], cfg["network"]["width"]
     if not path.is_file():
         raise MissingInput(f"teacher not found: {path}; run `python pretrain.py {dataset}` first")
-    d = read_pth(path, "a teacher file written by pretrain.py", ["backbone", "meta"], rebuild="retrain it with pretrain.py")
+    d = read_pth(path, "a teacher file written by pretrain.py", ["backbone", "meta"],
+                 rebuild="retrain it with pretrain.py")
     meta = d["meta"]
     missing = [k for k in TEACHER_META if not (isinstance(meta, dict) and k in meta)]
     if missing:
@@ -1150,7 +1107,8 @@ def load_teacher(path, cfg, device, data=None):
         raise InputError(f"{path} is a teacher for {meta['dataset']} at {meta['resolution']} px, "
                          f"but the config asks for {dataset} at {resolution} px")
     if meta["width"] != width:
-        raise InputError(f"{path} is a ResNet-18 of width {meta['width']}, but the config asks for network.width {width}")
+        raise InputError(f"{path} is a ResNet-18 of width {meta['width']}, but the config asks for network.width "
+                         f"{width}")
     if data is not None and meta["train_hash"] != data.fingerprint:
         raise InputError(f"{path} was trained on another {dataset} train split (hash {meta['train_hash']}, "
                          f"{meta['train_images']} images{', split ' + meta['split'] if meta['split'] else ''}) "
@@ -1163,8 +1121,7 @@ def load_teacher(path, cfg, device, data=None):
 
 @torch.no_grad()
 def embed_all(net, x, mean, std, batch_size, angle=0, precision_name="bfloat16"):
-    """Features of every image of a uint8 (or normalised float) tensor, in eval mode: (N, d) float32,
-    computed in `precision_name` (bf16 for probe features; the teacher targets take data.target_precision)."""
+    """(N, d) float32 eval-mode features of uint8 (or normalised float) images, in `precision_name`."""
     net.eval()
     dev = next(net.parameters()).device
     out = []
@@ -1179,17 +1136,10 @@ def embed_all(net, x, mean, std, batch_size, angle=0, precision_name="bfloat16")
 
 
 def teacher_targets(teacher, teacher_file, data, rotations, dcfg, fallback_dir, teacher_hash=None):
-    """T[i, k] = s g(a_k(x_i)) for every train image and view: (N_train, K, d_y), and the scale s.
-
-    The raw features are cached on disk beside the teacher (or in `fallback_dir`, the run folder, when the
-    teacher's folder cannot take it; or nowhere, with a warning), keyed by the teacher file's hash, the train split's hash and the rotations
-    (SPEC 4.1) and the precision `data.target_precision` they were computed in. s is one constant that sets the
-    identity views' root-mean-square to `target_rms`: a short
-    teacher's eval-mode features can be 1e3-1e5 large, and the SGD of the pool and of the students diverges
-    on them, while the KRR fit and the linear probe are unchanged by s. Every script derives s from the same
-    teacher and split, so all of them see the same targets; the assets record it. `dcfg`: the config's data
-    section; `teacher_hash`: the teacher file's sha256 when the caller already has it (hashing it again is
-    another full read)."""
+    """T[i, k] = s g(a_k(x_i)) for every train image and view (SPEC 4.1): (N_train, K, d_y), and s. The raw features
+    are cached beside the teacher (else in `fallback_dir`), keyed by teacher, split, rotations and precision. s sets
+    the identity views' RMS to data.target_rms: a short teacher's features can be 1e3-1e5 large, which the pool's and
+    students' SGD diverge on, while KRR and the probe are unchanged by s. `dcfg`: the data: section."""
     teacher_hash = teacher_hash or file_hash(teacher_file)
     key = f"{data.name.lower()}_n{len(data.train_x)}_{data.fingerprint}_{teacher_hash[:16]}_" \
           f"rot{'-'.join(map(str, rotations)) or 'none'}_{dcfg['target_precision']}"
@@ -1215,8 +1165,7 @@ def teacher_targets(teacher, teacher_file, data, rotations, dcfg, fallback_dir, 
 # Probe (SPEC 6.2): the linear probe on frozen features, for pretrain.py's teacher and every evaluation row
 # ============================================================================================
 def batches(n, batch_size, iterations, gen):
-    """`iterations` random index batches of min(batch_size, n) from range(n), reshuffled each epoch (a DataLoader
-    with shuffle=True and drop_last), each epoch's permutation drawn from `gen` on its device when it starts."""
+    """`iterations` index batches of min(batch_size, n), a fresh randperm from `gen` each epoch (shuffle, drop_last)."""
     b = min(batch_size, n)
     perm, pos = torch.randperm(n, generator=gen, device=gen.device), 0
     for _ in range(iterations):
@@ -1227,8 +1176,8 @@ def batches(n, batch_size, iterations, gen):
 
 
 class CosineSGD:
-    """SGD with momentum and weight decay (`c`: a config section's lr, momentum, weight_decay), its rate on a cosine
-    schedule to 0 over `steps`: the optimizer of the students (SPEC 6.1), the linear probe (6.2) and fine-tuning."""
+    """SGD (`c`: a section's lr, momentum, weight_decay) on a cosine to 0 over `steps`: the optimizer of the students
+    (SPEC 6.1), the linear probe (6.2) and fine-tuning."""
 
     def __init__(self, params, c, steps):
         self.opt = torch.optim.SGD(params, lr=c["lr"], momentum=c["momentum"], weight_decay=c["weight_decay"])
@@ -1244,8 +1193,7 @@ class CosineSGD:
 
 
 def train_linear_head(train_f, train_y, num_classes, probe, seed):
-    """The linear probe's head (SPEC 6.2): Linear(d -> classes) on frozen features, mean cross-entropy, CosineSGD,
-    `iterations` steps on batches of `batch_size` reshuffled each epoch."""
+    """The linear probe's head (SPEC 6.2): Linear(d -> classes) on frozen features, cross-entropy, CosineSGD."""
     gen = models.make_generator(train_f.device, seed)
     torch.manual_seed(seed)
     head = torch.nn.Linear(train_f.shape[1], num_classes).to(train_f.device)
@@ -1269,9 +1217,8 @@ def split_features(backbone, data, batch_size):
 
 
 def labelled_subset(labels, num_classes, per_class):
-    """Indices of `per_class` train images of every class (0 = all) that the probe may read the labels of
-    (probe.labels_per_class): a stratified draw fixed by seed 0, whatever the run's seed, so every row and seed
-    probes from the same labelled images; nested in k (each class's first k of one fixed order)."""
+    """Indices of `per_class` train images per class (0 = all) whose labels the probe reads: a draw fixed by seed 0,
+    so every row and seed probes the same images, nested in k (each class's first k of one fixed order)."""
     if per_class == 0:
         return torch.arange(len(labels), device=labels.device)
     gen, y = torch.Generator().manual_seed(0), labels.cpu()
@@ -1286,8 +1233,8 @@ def labelled_subset(labels, num_classes, per_class):
 
 
 def probe_backbone(backbone, data, probe, seed, batch_size, features=None):
-    """SPEC 6.2: features of both splits computed once (or passed in), then the linear probe, trained on
-    probe.labels_per_class labels of each class (0 = the whole train split)."""
+    """SPEC 6.2: features of both splits computed once (or passed in), then the linear probe on
+    probe.labels_per_class labels of each class."""
     train_f, test_f = features if features is not None else split_features(backbone, data, batch_size)
     keep = labelled_subset(data.train_y, data.num_classes, probe["labels_per_class"])
     return linear_probe(train_f[keep], data.train_y[keep], test_f, data.test_y, data.num_classes, probe, seed)
@@ -1297,15 +1244,16 @@ def probe_backbone(backbone, data, probe, seed, batch_size, features=None):
 # Checkpoints, run folders (lock and owner), resume checks, logging, the non-finite stop
 # ============================================================================================
 def read_pth(path, what, keys=(), map_location="cpu", weights_only=True, rebuild=""):
-    """torch.load whose failure names the file and what it should have been (not an unpickling trace); a file
-    without `keys` (another kind of file, or one from before they existed) is refused saying how to `rebuild` it."""
+    """torch.load whose failure names the file and what it should have been; a file without `keys` (another kind, or
+    an older version) is refused saying how to `rebuild` it."""
     try:
         d = torch.load(path, map_location=map_location, weights_only=weights_only)
     except Exception as e:
         raise InputError(f"{path} could not be read as {what}: {type(e).__name__}: {first_line(e)}") from None
     missing = [k for k in keys if not (isinstance(d, dict) and k in d)]
     if missing:
-        raise InputError(f"{path} is not {what} of this version: keys {missing} missing" + (f"; {rebuild}" if rebuild else ""))
+        raise InputError(f"{path} is not {what} of this version: keys {missing} missing"
+                         + (f"; {rebuild}" if rebuild else ""))
     return d
 
 
@@ -1318,8 +1266,8 @@ def load_weights(net, state_dict, path, what):
 
 
 def _write_atomically(path, write):
-    """write(tmp) to a temporary file beside `path`, then os.replace: a crash never leaves half a file, and a
-    failed write (disk full, no permission) removes its .partial and says which path it could not write."""
+    """write(tmp) beside `path`, then os.replace: a crash never leaves half a file; a failed write removes its
+    .partial and names the path."""
     path = Path(path)
     tmp = path.with_name(path.name + ".partial")
     try:
@@ -1348,8 +1296,7 @@ def write_json(obj, path):
 
 
 def save_cache(obj, path, what):
-    """A cache is optional: one that cannot be written (read-only or full disk) is skipped with one warning
-    naming the path, and the run goes on from memory. Returns whether it was written."""
+    """A cache that cannot be written is skipped with one warning (the run goes on); returns whether it was."""
     try:
         atomic_save(obj, path)
         return True
@@ -1382,8 +1329,7 @@ def _lock_owner_alive(info):
 
 
 def _read_lock(folder):
-    """The lock's record, None without a lock; an unreadable lock is refused naming it (no run writes one: a lock
-    is created with its content in one step)."""
+    """The lock's record, None without a lock; an unreadable one is refused (_create_lock writes it in one step)."""
     path = Path(folder) / LOCK_FILE
     try:
         info = json.loads(path.read_text())
@@ -1404,21 +1350,20 @@ def read_owner(folder):
         return None
     try:
         owner = json.loads(path.read_text())
-        if not (isinstance(owner, dict) and isinstance(owner.get("script"), str) and isinstance(owner.get("run_id"), str)):
+        if not (isinstance(owner, dict) and all(isinstance(owner.get(k), str) for k in ("script", "run_id"))):
             raise ValueError("expected {script, run_id}")
     except (OSError, ValueError) as e:
         raise RunFolderError(f"{path} is not a run folder's owner record ({type(e).__name__}: {e}); the folder's "
-                             f"owner is unknown: choose another --out, or --overwrite to move the folder aside") from None
+                             f"owner is unknown: choose another --out, or --overwrite to move the folder "
+                             f"aside") from None
     return owner
 
 
 @dataclass
 class RunFolder:
-    """A run folder belongs to one run of one script. `outputs`: files whose presence means a run produced
-    something (some may lie outside the folder: `also`, moved aside with it); `checkpoint`: what --resume continues
-    from (None: --resume needs none); `keep`: caches inside it, checked by their own metadata, that --overwrite
-    keeps. check() refuses, writing nothing; claim() (after every other check of the script passed) writes the
-    owner record and a lock, or removes what it wrote and says why."""
+    """A run folder belongs to one run of one script. `outputs`: files that mean a run produced something; `checkpoint`:
+    what --resume continues from; `also`: outputs outside it, moved aside with it; `keep`: caches --overwrite keeps.
+    check() refuses, writing nothing; claim() writes the owner record and a lock, or removes what it wrote."""
     folder: Path
     script: str
     outputs: tuple = ()
@@ -1430,9 +1375,10 @@ class RunFolder:
         RUN.setdefault("folders", []).append(self)  # what a stopped run names as kept (cli)
 
     def _hint(self):
+        rest = "--overwrite to move it aside and start afresh, or choose another --out"
         if self.checkpoint is not None and Path(self.checkpoint).is_file():
-            return "pass --resume to continue it, --overwrite to move it aside and start afresh, or choose another --out"
-        return "it has nothing to resume from: pass --overwrite to move it aside and start afresh, or choose another --out"
+            return f"pass --resume to continue it, {rest}"
+        return f"it has nothing to resume from: pass {rest}"
 
     def check(self, resume, overwrite):
         """The folder's owner record (None for a folder holding no run), or a RunFolderError naming the folder."""
@@ -1470,9 +1416,8 @@ class RunFolder:
         return owner
 
     def claim(self, resume, overwrite):
-        """check(), then under --overwrite the old folder (and `also`) moved aside to <folder>.replaced-<time>-<id>/
-        in one rename, so old and new never mix; then the lock (created with its content in one step) and, for a new
-        run, the owner record. A claim that fails half-way removes what it wrote. Returns the lock's path."""
+        """check(); under --overwrite the old folder (and `also`) moved aside in one rename, so old and new never mix;
+        then the lock and, for a new run, the owner record. Returns the lock's path."""
         folder = Path(self.folder)
         owner = self.check(resume, overwrite)
         created = not folder.exists()
@@ -1485,8 +1430,8 @@ class RunFolder:
             _create_lock(lock)
             atexit.register(release_run_folder, lock)
             if owner is None or overwrite:
-                write_json({"script": self.script, "run_id": new_run_id(), "started": time.strftime("%Y-%m-%d %H:%M:%S")},
-                           folder / OWNER_FILE)
+                started = time.strftime("%Y-%m-%d %H:%M:%S")
+                write_json({"script": self.script, "run_id": new_run_id(), "started": started}, folder / OWNER_FILE)
         except (OSError, RunFolderError) as e:
             release_run_folder(lock)
             if created:
@@ -1514,8 +1459,8 @@ class RunFolder:
 
 
 def _create_lock(lock):
-    """The lock file with its content, or nothing: written beside it, then hard-linked into place (which fails if a
-    lock appeared meanwhile), so no reader ever sees an empty lock."""
+    """The lock with its content, or nothing: written beside it, then hard-linked into place (fails if a lock appeared
+    meanwhile), so no reader sees an empty lock."""
     info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     tmp = lock.with_name(f"{lock.name}.{os.getpid()}.partial")
     try:
@@ -1553,8 +1498,7 @@ def config_changes(old, new, prefix=""):
     return out
 
 
-# Keys that change what a checkpoint's tensors are (their shapes, or which tensors exist): --allow-changed refuses
-# them, since the checkpoint cannot continue under them.
+# Keys that change a checkpoint's tensors (shapes, or which exist): it cannot continue under them (--allow-changed)
 STATE_KEYS = ("dataset", "data.resolution", "data.train_subset", "network.width", "pretrain.projector_dims",
               "parameterization.image_basis_size", "parameterization.U", "parameterization.V",
               "parameterization.learn_bases", "augmentations.rotate", "storage.budget_N", "storage.m",
@@ -1562,15 +1506,15 @@ STATE_KEYS = ("dataset", "data.resolution", "data.train_subset", "network.width"
 
 
 def load_checkpoint(path, cfg, inputs, allow_changed=()):
-    """Load a run checkpoint for --resume. It continues the same run, so the config and the inputs (file and
-    data hashes) must be the ones it was written with; `allow_changed` names config keys the user changes on
-    purpose (a lower learning rate after a divergence, more steps), never one of STATE_KEYS."""
+    """A checkpoint for --resume, written with this config and these inputs (file and data hashes), but for the
+    `allow_changed` keys the user changes on purpose (a lower rate, more steps), never one of STATE_KEYS."""
     if not Path(path).is_file():
         raise MissingInput(f"--resume: no checkpoint at {path}")
     shaped = [k for k in allow_changed if k in STATE_KEYS]
     if shaped:
-        raise InputError(f"--allow-changed {','.join(shaped)}: {'this key changes' if len(shaped) == 1 else 'these keys change'} "
-                         f"the tensors of {path}, which cannot continue under {'it' if len(shaped) == 1 else 'them'}; "
+        one = len(shaped) == 1
+        raise InputError(f"--allow-changed {','.join(shaped)}: {'this key changes' if one else 'these keys change'} "
+                         f"the tensors of {path}, which cannot continue under {'it' if one else 'them'}; "
                          f"start a new run instead (--overwrite, or another --out)")
     ckpt = read_pth(path, "a checkpoint of this script", ["config", "inputs", "run_id"], weights_only=False)
     changed = [k for k in config_changes(ckpt["config"], cfg) if k not in allow_changed]
@@ -1590,7 +1534,9 @@ def load_checkpoint(path, cfg, inputs, allow_changed=()):
 
 def _get_or(cfg, dotted):
     try:
-        return _get(cfg, dotted)
+        for k in dotted.split("."):
+            cfg = cfg[k]
+        return cfg
     except (KeyError, TypeError):
         return None
 
@@ -1602,8 +1548,7 @@ def rng_state(gen):
 
 
 def set_rng_state(state, gen, path="the checkpoint"):
-    """Restore rng_state's states. A generator state of another device kind does not fit (a CPU and a CUDA
-    generator's states differ in size): refused by name. CUDA states are restored for the GPUs both boxes have."""
+    """Restore rng_state's states; a generator state of another device kind (another size) is refused by name."""
     if state["device"] != gen.device.type:
         raise InputError(f"--resume: {path} was written by a run on {state['device']}, this run is on "
                          f"{gen.device.type}: resume it on the same kind of device (--device {state['device']}), or "
@@ -1616,9 +1561,8 @@ def set_rng_state(state, gen, path="the checkpoint"):
 
 
 class RunLog:
-    """Appends one JSON object per line to <run>/log.jsonl (barlowtwins' stats.txt). On resume, rows past the
-    checkpoint (`resume_at` = (key, value), written after the last save) are dropped, so none repeats.
-    A non-finite value is refused: the file stays valid JSON."""
+    """One JSON object per line in <run>/log.jsonl (barlowtwins' stats.txt); on resume the rows past `resume_at` =
+    (key, value), written after the last save, are dropped. A non-finite value is refused: the file stays JSON."""
 
     def __init__(self, path, resume_at=None):
         self.path = Path(path)
@@ -1654,26 +1598,22 @@ def all_finite(tensors):
     return bool(torch.stack([t.isfinite().all() for t in tensors]).all()) if tensors else True
 
 
-def launcher():
-    """How this process was started, for a printed command: python, or torchrun with the same process counts."""
+def command(script, args):
+    """The command line that runs `script` with `args` as this process was started: python, or torchrun with the
+    same process counts."""
     world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if world <= 1:
-        return "python"
-    if world == local:
-        return f"torchrun --standalone --nproc_per_node={world}"
-    return f"torchrun --nnodes={world // local} --nproc_per_node={local} <your rendezvous flags>"
-
-
-def command(script, args):
-    """The command line that runs `script` with `args` as this process was started (launcher)."""
-    return f"{launcher()} " + shlex.join([script] + list(args))
+        launcher = "python"
+    elif world == local:
+        launcher = f"torchrun --standalone --nproc_per_node={world}"
+    else:
+        launcher = f"torchrun --nnodes={world // local} --nproc_per_node={local} <your rendezvous flags>"
+    return f"{launcher} " + shlex.join([script] + list(args))
 
 
 def non_finite_stop(what, script, argv, lr_key, lr, checkpoint=None, saved=None):
-    """The one stop of all three scripts at a non-finite value: a RunStopped saying what went non-finite and the
-    command that goes on: the one the run was started with (every flag and override kept) with `lr_key` at a
-    tenth of its value `lr`, resuming from the last good `checkpoint` (`saved` names its step) when one was
-    written, else starting afresh. Nothing of the failed part was saved."""
+    """The scripts' one stop at a non-finite value: a RunStopped with the command that goes on, the run's own with
+    `lr_key` at a tenth of `lr`, resuming from the last good `checkpoint` (`saved`: its step) if there is one."""
     keep, allowed, args = [], [lr_key], list(argv)
     while args:
         a = args.pop(0)
