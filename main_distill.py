@@ -46,7 +46,6 @@ def parse_args(argv):
     utils.add_common_args(p)
     return utils.parse_args(p, argv)
 
-
 # ============================================================================================
 # SPEC 2: the distilled set, parameterized (ours) or free (KRR-ST)
 # ============================================================================================
@@ -82,7 +81,6 @@ class PCADistilled(nn.Module):
         return {"mu_x": self.mu_x, "B_x": self.B_x.detach(), "C_x": self.C_x.detach(), "mu_y": self.mu_y,
                 "B_y": self.B_y.detach(), "C_y": self.C_y.detach(), "rotations": self.rotations}
 
-
 class FreeDistilled(nn.Module):
     """KRR-ST: free pixels X (m, 3, H, W) and free targets Y (m, d_y), no views."""
 
@@ -104,7 +102,6 @@ class FreeDistilled(nn.Module):
     def export(self):
         return {"X": self.X.detach(), "Y": self.Y.detach(), "rotations": []}
 
-
 @torch.no_grad()
 def init_distilled(cfg, data, T, m, gen):
     """Start from m distinct real train images drawn at random (SPEC 2): their PCA coefficients (or pixels) and
@@ -116,7 +113,6 @@ def init_distilled(cfg, data, T, m, gen):
         distilled = pca_distilled(cfg, data, T, idx)
     distilled.init_indices = idx.cpu()  # the real images it starts from: main_evaluate's real_init row
     return distilled
-
 
 def pca_distilled(cfg, data, T, idx):
     """SPEC 2: PCA bases of the train images and teacher targets; coefficients of the real images idx."""
@@ -130,11 +126,9 @@ def pca_distilled(cfg, data, T, idx):
     t = dict(mu_x=mu_x, B_x=B_x, C_x=C_x, mu_y=mu_y, B_y=B_y, C_y=C_y, C_yk=C_yk)
     return PCADistilled(t, cfg["augmentations"]["rotate"], data.train_x.shape[-1], P["learn_bases"])
 
-
 PCA_ROWS = 65536  # rows per float64 chunk of pca(): its memory is O(D^2 + PCA_ROWS D), not a float64 copy of X.
 # CIFAR's 50,000 and Stanford Dogs' 12,000 images are one chunk, the one-shot PCA's sums bit for bit; Tiny ImageNet's
 # 100,000 and IMAGENET64's 1.28M are summed in chunks (at 64 px a chunk's normalised images are ~3.2 GB of float32)
-
 
 def pca(X, k):
     """Top-k principal directions of the rows of X: (mean (D,), basis (k, D) with orthonormal rows). X is a
@@ -152,11 +146,9 @@ def pca(X, k):
     evals, evecs = torch.linalg.eigh(cov)  # ascending
     return mu.float(), evecs[:, -k:].flip(1).T.contiguous().float()
 
-
 def downsample(x, r_b):
     """Normalised images (n, 3, H, W) -> flattened antialiased r_b x r_b (n, 3 r_b^2)."""
     return F.interpolate(x, size=(r_b, r_b), mode="bilinear", antialias=True, align_corners=False).flatten(1)
-
 
 # ============================================================================================
 # SPEC 3: storage accounting decides m
@@ -195,7 +187,6 @@ def storage_accounting(cfg):
             f"fixed cost {fixed:,}, {per_m} floats per distilled image, so the largest m within budget is {m_max}")
     return {"budget_N": N, "floats_per_image": per_image, "budget": budget, "rows": rows, "m": m,
             "m_max": m_max, "stored": stored}
-
 
 # ============================================================================================
 # SPEC 4: the model pool and one outer step
@@ -269,11 +260,9 @@ class ModelPool:
             self.opts[j].load_state_dict(os_)
         self.ages = list(s["ages"])
 
-
 def cholesky_solve(L, Y):
     """(L L^T)^-1 Y by two triangular solves (cuBLAS trsm on CUDA, whatever the preferred linalg backend)."""
     return torch.linalg.solve_triangular(L.T, torch.linalg.solve_triangular(L, Y, upper=False), upper=True)
-
 
 class PositiveDefiniteSolve(torch.autograd.Function):
     """X = A^-1 Y for a symmetric positive-definite A, by its Cholesky factor L, forward and backward:
@@ -297,7 +286,6 @@ class PositiveDefiniteSolve(torch.autograd.Function):
             gY = cholesky_solve(L, gX)
             return -gY @ X.T, gY
 
-
 def krr_predict(Phi_s, Phi_t, Y_s, ridge):
     """Yhat_t = K_ts (K_ss + ridge tr(K_ss) I)^-1 Y_s in float32 (float64 features stay float64), features
     with a constant-1 column. The ridge keeps K_ss + lam I positive definite: PositiveDefiniteSolve (Cholesky,
@@ -310,7 +298,6 @@ def krr_predict(Phi_s, Phi_t, Y_s, ridge):
     lam = ridge * torch.trace(K_ss).detach()
     eye = torch.eye(len(K_ss), device=K_ss.device, dtype=dtype)
     return K_ts @ PositiveDefiniteSolve.apply(K_ss + lam * eye, Y_s.to(dtype))
-
 
 # ------------------------------------------------------------------ the frozen model's KRR passes, chosen at setup
 def frozen_blocks(f, fold_bn):
@@ -329,7 +316,6 @@ def frozen_blocks(f, fold_bn):
             blocks.append((conv.weight, conv.bias, scale, shift))
     return blocks
 
-
 def blocks_embed(x, blocks):
     """ConvNet.embed from frozen_blocks' tensors: [conv -> (BN) -> ReLU -> AvgPool2] per block, flattened. A pure
     function of tensors, so one torch.compile graph serves every pool model (and every re-initialisation)."""
@@ -339,7 +325,6 @@ def blocks_embed(x, blocks):
             x = x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
         x = F.avg_pool2d(F.relu(x), 2)
     return x.flatten(1)
-
 
 def feature_pass(dc, device):
     """f -> the KRR passes' x -> f.embed(x) of an eval-mode, frozen pool model f, chosen once at setup: f.embed
@@ -352,7 +337,6 @@ def feature_pass(dc, device):
     embed = torch.compile(blocks_embed, dynamic=False) if compiled else blocks_embed
     return lambda f: functools.partial(embed, blocks=frozen_blocks(f, dc["fold_bn"]))
 
-
 def support_features(embed, X_s, chunk, device):
     """Phi_s = embed(X_s) in one pass, or chunk by chunk with each chunk's activations recomputed in backward
     (activation checkpointing): the same values and gradients (f is in eval mode), the memory of one chunk, and no
@@ -362,11 +346,9 @@ def support_features(embed, X_s, chunk, device):
     return torch.cat([checkpoint(embed, models.to_channels_last(x, device), use_reentrant=False)
                       for x in X_s.split(chunk)])
 
-
 def real_precision(dc):
     """The precision of the real views' no-grad forward: `distillation.real_features`, `same` = krr_features."""
     return dc["krr_features"] if dc["real_features"] == "same" else dc["real_features"]
-
 
 def krr_forward(embed, X_s, Y_s, x_t, dc, ranks=models.Ranks()):
     """SPEC 4.4: the KRR prediction of the real views x_t from the support set (X_s, Y_s) through `embed` (f.embed
@@ -380,7 +362,6 @@ def krr_forward(embed, X_s, Y_s, x_t, dc, ranks=models.Ranks()):
         Phi_s = rank_rows(lambda X: support_features(embed, X, dc["support_chunk"], device), X_s, ranks)
     with models.tf32(False):
         return krr_predict(Phi_s, Phi_t, Y_s, dc["ridge"])
-
 
 def real_batch(data, T, dc, rotations, gen, ranks=models.Ranks(), sharded=False):
     """`outer_batch_size` real images in all K views (or identity only) with targets from T. Under torchrun
@@ -398,16 +379,13 @@ def real_batch(data, T, dc, rotations, gen, ranks=models.Ranks(), sharded=False)
         return x, T[idx, 0]
     return all_views(x, rotations), T[idx].transpose(0, 1).flatten(0, 1)  # view-major, as all_views
 
-
 def all_views(x, rotations):
     """(B, ...) -> (K*B, ...), view-major: [x, a_1(x), ..., a_{K-1}(x)]."""
     return torch.cat([x] + [utils.rotate(x, a) for a in rotations])
 
-
 def make_optimizer(distilled, dc):
     """AdamW (weight decay 0) on the learned distilled tensors, each group at its rate (SPEC 4.5)."""
     return torch.optim.AdamW(distilled.param_groups(dc), weight_decay=0.0)
-
 
 def outer_step(state, data, T, dc):
     """SPEC 4.2-7: the KRR loss of one random pool model on a real batch, an AdamW step of the distilled set, then
@@ -431,7 +409,6 @@ def outer_step(state, data, T, dc):
     state.pool.inner_step(j, X_s, Y_s)
     return loss
 
-
 # ------------------------------------------------------------------ under torchrun: the step's parts and their sums
 # A single-process reader can skip this: with one process rank_rows is f(X), rank_share 1 and rank_sum the loss.
 def rank_slice(n, ranks, rank=None):
@@ -441,7 +418,6 @@ def rank_slice(n, ranks, rank=None):
     base, extra = divmod(n, ranks.world)
     start = r * base + min(r, extra)
     return slice(start, start + base + (r < extra))
-
 
 def all_reduce_flat(tensors, ranks):
     """Sum each tensor over the ranks in place, with ONE all_reduce over a flat buffer (a gradient of many small
@@ -453,7 +429,6 @@ def all_reduce_flat(tensors, ranks):
     for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
         t.copy_(part.view_as(t))
     return tensors
-
 
 def rank_rows(f, X, ranks):
     """f(X) of every row of X from f of this rank's part only (rank_slice): the parts, padded to one length,
@@ -470,12 +445,10 @@ def rank_rows(f, X, ranks):
                       for r, p in enumerate(parts)])
     return models.gather_rows(Phi)[keep]
 
-
 def rank_share(n, ranks):
     """This rank's share of a mean over n images (or all their views), its rank_slice of them: 1 in one process."""
     part = rank_slice(n, ranks)
     return (part.stop - part.start) / n
-
 
 def rank_sum(loss, opt, ranks):
     """The loss and every distilled gradient summed over the ranks by ONE all_reduce over a flat buffer (each rank
@@ -489,7 +462,6 @@ def rank_sum(loss, opt, ranks):
     for p, g in zip(params, grads):
         p.grad = g
     return loss[0]
-
 
 # ============================================================================================
 # SPEC 5: approximation networks
@@ -523,7 +495,6 @@ def fit_approx_nets(C_y, C_yk, ac, seed):
         errors = [((net(C_y) - s).norm() / s.norm().clamp_min(1e-12)).item() for net, s in zip(nets, shift)]
     return [net.eval() for net in nets], errors
 
-
 def save_set(folder, distilled, base, cfg, data, recovery):
     """One distilled set in `folder` (utils.save_distilled): `base` + the exported tensors, the approximation nets
     fitted to its C_y -> C_y^k (SPEC 5), the controls and the image grid. Returns the nets' relative errors.
@@ -554,7 +525,6 @@ def save_set(folder, distilled, base, cfg, data, recovery):
         save_grid(distilled.images(), data.mean, data.std, folder / "distilled_images.png")
     return approx_errors
 
-
 def save_snapshot(state, job, saved):
     """The set after state.step outer steps (one of distillation.snapshot_steps) in <run>/snapshots/step_<n>/, the
     same files as the final set (save_set): main_evaluate reads it with --assets, as the gain-against-steps curve
@@ -565,7 +535,6 @@ def save_snapshot(state, job, saved):
     save_set(folder, state.distilled, {**job.base, "steps": state.step, "schedule": state.schedule}, job.cfg, job.data,
              (job.argv, job.run.checkpoint, saved))
 
-
 def save_grid(images, mean, std, path, max_images=100, min_side=64):
     """The first images, de-normalised, in a square grid; each drawn at least `min_side` pixels wide (whole-pixel
     nearest upscaling), so a 16 px set is not a 170-pixel thumbnail."""
@@ -574,7 +543,6 @@ def save_grid(images, mean, std, path, max_images=100, min_side=64):
     scale = max(1, math.ceil(min_side / x.shape[-1]))
     x = torch.nn.functional.interpolate(x, scale_factor=scale, mode="nearest")
     save_image(x.clamp(0, 1), path, nrow=int(math.ceil(math.sqrt(len(x)))), padding=2)
-
 
 # ============================================================================================
 # main: arguments -> config -> checks -> run folder -> teacher targets -> set, pool -> loop -> assets
@@ -609,7 +577,6 @@ class State:
                 "config": cfg, "inputs": inputs, "run_id": self.run_id, "processes": self.ranks.world,
                 "real_rng": real, "scales_start": self.scales_start}
 
-
 @dataclass
 class Job:
     """What one run works from besides its State: the config, the data and teacher targets T with their scale and
@@ -625,7 +592,6 @@ class Job:
     log: object = None
     base: dict = None
 
-
 def configure(argv):
     """(args, config, ranks, device, the run folder, the teacher file). Under torchrun rank 0 alone prints."""
     args, overrides = parse_args(argv)
@@ -640,10 +606,8 @@ def configure(argv):
         sys.stdout = open(os.devnull, "w")  # one copy of every line (errors still reach stderr)
     return args, cfg, ranks, device, run, teacher_file
 
-
 def rotations_of(cfg):
     return [] if cfg["distillation"]["method"] == "krr_st" else cfg["augmentations"]["rotate"]
-
 
 def load_checked(args, cfg, run, table, teacher_file, device, ranks=models.Ranks()):
     """Everything that can refuse the run, before its folder is claimed: the folder's state (rank 0), the data and
@@ -664,11 +628,9 @@ def load_checked(args, cfg, run, table, teacher_file, device, ranks=models.Ranks
                                 f"the {ranks.world} torchrun processes needs at least one real image; raise it")
     return data, teacher, inputs, ckpt
 
-
 def sharded(cfg, ranks):
     """data.shard takes effect under torchrun only (one process holds the whole set)."""
     return cfg["data"]["shard"] and ranks.world > 1
-
 
 def check_processes(ckpt, cfg, ranks, path):
     """A checkpoint of another process count continues where that is sound: without data.shard every rank holds
@@ -683,7 +645,6 @@ def check_processes(ckpt, cfg, ranks, path):
             f"{'with' if sharded(cfg, ranks) else 'without'}: each rank of a sharded run draws its real batch from its "
             f"own 1/W of the train set, so its draws continue only with as many ranks; resume with {how}")
 
-
 def keep_shard(cfg, data, T, ranks):
     """data.shard under torchrun: this rank keeps only train images r, r + W, r + 2W, ... and their teacher targets
     (models.shard), once the set is built from the whole split (its PCA and starting images)."""
@@ -692,7 +653,6 @@ def keep_shard(cfg, data, T, ranks):
     ranks.say(f"data.shard: each of the {ranks.world} ranks keeps {len(data.train_x) // ranks.world} of the "
               f"{len(data.train_x)} train images and their targets")
     return dataclasses.replace(data, train_x=models.shard(data.train_x, ranks).clone()), models.shard(T, ranks).clone()
-
 
 def build(cfg, data, T, m, device, gen, rng, ranks=models.Ranks()):
     """SPEC 2 and 4: the set at its m starting images, AdamW with the linear decay to 0, and the model pool; under
@@ -707,11 +667,9 @@ def build(cfg, data, T, m, device, gen, rng, ranks=models.Ranks()):
     return State(distilled, opt, sched, pool, gen, rng, run_id, ranks=ranks, real_gen=real_gen,
                  schedule=[{"from_step": 0, "steps": dc["steps"], **rates(opt)}], embed_of=feature_pass(dc, device))
 
-
 def rates(opt):
     """{config key: base learning rate} of each parameter group."""
     return {f"distillation.{g['key']}": g["initial_lr"] for g in opt.param_groups}
-
 
 def restore(state, ckpt, cfg, path):
     """The checkpoint's set, optimizer, schedule, pool and random states. The rates and the step count are the
@@ -741,7 +699,6 @@ def restore(state, ckpt, cfg, path):
           + (f" (written by {ckpt.get('processes', 1)} process(es), continued by {state.ranks.world}: the same state "
              f"and draws)" if ckpt.get("processes", 1) != state.ranks.world else ""))
 
-
 def describe(job, table, state, args, device):
     """Print the resolved config and the storage table, write config.json; job.base: what every set file carries."""
     cfg, data = job.cfg, job.data
@@ -758,7 +715,6 @@ def describe(job, table, state, args, device):
                 "run_id": state.run_id, "target_scale": job.target_scale,
                 "store_augmented_targets": cfg["storage"]["store_augmented_targets"]}
 
-
 def print_storage(table):
     print(f"storage budget: N={table['budget_N']} images x {table['floats_per_image']:,} floats = {table['budget']:,}")
     for k, v in table["rows"].items():
@@ -766,17 +722,14 @@ def print_storage(table):
     print(f"  {'stored':<34s}{table['stored']:>12,}  ({100 * table['stored'] / table['budget']:.2f}% of budget)")
     print(f"  m = {table['m']} distilled images (largest within budget: {table['m_max']})")
 
-
 def group_scales(opt):
     """The largest |value| of each parameter group (a device tensor: read it back with the finite check)."""
     return torch.stack([torch.stack([p.detach().abs().max() for p in g["params"] if p.numel()]).max()
                         for g in opt.param_groups])  # (C_y^k is empty without rotations)
 
-
 SOUND_GROWTH = 10.0  # a checkpoint with a group grown past this (largest |value| against the run's start) is taken as
 # diverging already: healthy DIGITS runs grow 1.04x in 300 steps; runs at 1e4 x the rates were at 1.4e4x the step before
 # their NaN, and resumed from there, diverged again at any lower rate
-
 
 def check_finite(state, losses, argv, run, saved):
     """Every outer loss since the last check and the distilled tensors finite (one host sync); else stop naming the
@@ -798,7 +751,6 @@ def check_finite(state, losses, argv, run, saved):
                                 "main_distill.py", argv, f"distillation.{group['key']}", group["initial_lr"],
                                 run.checkpoint if sound else None, f"step {saved}")
 
-
 def ranks_hash(tensors):
     """A few int64 numbers that change with any bit of any tensor: per tensor the wrapping sums of its 32-bit
     words and of those words times their position. Ranks that hold the same tensors hold the same numbers."""
@@ -807,7 +759,6 @@ def ranks_hash(tensors):
         w = t.detach().float().contiguous().view(-1).view(torch.int32).long()
         out += [w.sum(), (w * torch.arange(1, len(w) + 1, device=w.device)).sum()]
     return torch.stack(out).cpu()
-
 
 def check_ranks_agree(state):
     """The divergence guard, at each log step under torchrun: every rank's hash of its distilled tensors and pool
@@ -822,7 +773,6 @@ def check_ranks_agree(state):
                                f"or pool than rank 0 (a non-deterministic kernel, or a rank that skipped a collective); "
                                f"nothing of it was saved. Continue from the last checkpoint with --resume, or run "
                                f"with one process")
-
 
 def distill(state, job):
     """SPEC 4: outer steps until distillation.steps; finite values checked at every log line and before every
@@ -859,7 +809,6 @@ def distill(state, job):
             check_finite(state, unchecked, argv, run, saved)
             save_snapshot(state, job, f"step {saved}")
     bar.close()
-
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)  # the command line, for the recovery hint
@@ -911,7 +860,6 @@ def main(argv=None):
     utils.release_run_folder(lock)
     print(f"distilled set written to {run.folder} (m={table['m']}, {state.step} steps)")
     return metrics
-
 
 if __name__ == "__main__":
     utils.cli(main, "main_distill.py")

@@ -81,9 +81,6 @@ def parse_args(argv):
             p.error(f"--student: unknown {bad}; choose from {','.join(models.STUDENTS)}")
     return args, overrides
 
-
-
-
 # ============================================================================================
 # SPEC 6.1: one pre-training recipe for every (images, targets) set
 # ============================================================================================
@@ -96,7 +93,6 @@ class Recipe:
     mean: torch.Tensor
     std: torch.Tensor
     argv: tuple = ()
-
 
 def pretrain_on_set(images, targets, recipe, epochs, seed, desc, ranks=models.Ranks()):
     """The student (evaluation.student) + Linear(its width -> d_y), MSE to `targets`, SGD + cosine; a fresh
@@ -137,7 +133,6 @@ def pretrain_on_set(images, targets, recipe, epochs, seed, desc, ranks=models.Ra
     check_loss(*logged, desc, recipe)
     return net.backbone.eval(), epochs * steps
 
-
 class LateRead:
     """A device scalar on its way to the host: copied into pinned memory without the host waiting, and read a while
     later (float(...)), when the device is long past it, so that the read costs no wait. On the CPU, the tensor."""
@@ -153,7 +148,6 @@ class LateRead:
             self.event.synchronize()
         return float(self.value)
 
-
 def check_loss(epoch, loss, desc, recipe):
     """A logged epoch's mean loss as a float; a non-finite one stops the run with the command to start it again at
     a lower evaluation.lr."""
@@ -163,13 +157,11 @@ def check_loss(epoch, loss, desc, recipe):
                                     recipe.argv, "evaluation.lr", recipe.ec["lr"])
     return value
 
-
 def random_subset(data, T, n, seed):
     """n random real train images (un-rotated) with their teacher targets: the budget's real baseline."""
     gen = models.make_generator(data.train_x.device, seed)
     idx = torch.randperm(len(data.train_x), generator=gen, device=data.train_x.device)[:n]
     return data.train_x[idx], T[idx, 0]
-
 
 def real_views(data, T, idx, rotations):
     """Real images idx in all K views (uint8, view-major as main_distill's all_views) with their exact teacher targets, a batch
@@ -183,7 +175,6 @@ def real_views(data, T, idx, rotations):
             out = torch.where((k == view).view(-1, 1, 1, 1), utils.rotate(x, angle), out)
         return out
     return ViewMajor(len(idx), K, images), ViewMajor(len(idx), K, lambda i, k: T[idx[i], k])
-
 
 class ViewMajor:
     """The K n rows j = k n + i of a view-major set, row (i, k) = get(i, k) (index tensors), made only when indexed;
@@ -199,7 +190,6 @@ class ViewMajor:
 
     def __getitem__(self, j):
         return self.get(j % self.n, j // self.n)
-
 
 def full_dataset_backbone(ev):
     """ev.full: the full-dataset row's student, trained once and reused while its settings match; one trained with
@@ -235,7 +225,6 @@ def full_dataset_backbone(ev):
                            "train_time_s": train_time, "steps": steps}, path)
     ev.full = g, steps, {"reused": False, "train_time_s": train_time, "time_s": train_time}
 
-
 def random_crop_flip(x, pad, gen):
     """Reflect-pad by `pad`, random crop back to H x W and horizontal flip, per sample (SPEC 6.1)."""
     B, C, H, W = x.shape
@@ -266,7 +255,6 @@ def teacher_fit(features, teacher_features, ridge):
     sst = (Y_test - Y.mean(0)).pow(2).sum()
     return (1 - sse / sst).item()
 
-
 def check_features(features, row):
     """A backbone whose frozen features are not finite (a diverged student) is an error, never a probed number."""
     for split, f in zip(("train", "test"), features):
@@ -274,7 +262,6 @@ def check_features(features, row):
             raise utils.RunStopped(f"{row}: the pre-trained backbone gives non-finite features on the {split} "
                                    f"split; its accuracy would be meaningless (lower evaluation.lr, or check "
                                    f"the teacher's target scale)")
-
 
 @torch.no_grad()
 def recalibrate_bn(net, data, batch_size):
@@ -294,7 +281,6 @@ def recalibrate_bn(net, data, batch_size):
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
     return net.eval()
-
 
 def finetune(backbone, data, ft, seed, batch_size):
     """Fine-tuned transfer (KRR-ST's protocol): a copy of `backbone` plus a new Linear head trained with the
@@ -319,7 +305,6 @@ def finetune(backbone, data, ft, seed, batch_size):
         correct = sum((model(models.to_channels_last(utils.normalize(x, data.mean, data.std), dev)).argmax(1) == y).sum()
                       for x, y in zip(data.test_x.split(batch_size), data.test_y.split(batch_size)))
     return 100.0 * correct.item() / len(data.test_x)
-
 
 # ============================================================================================
 # SPEC 6.3: the rows. Each row is a source: what it pre-trains on (views, targets) and what it stores.
@@ -354,7 +339,6 @@ class Inputs:
     def rotations(self):
         return self.cfg["augmentations"]["rotate"]
 
-
 @dataclass(frozen=True)
 class Row:
     """One row of the table, all of it here: source(ev, row, seed) -> (the backbone it probes, its SGD steps, what
@@ -376,16 +360,13 @@ class Row:
     keep: bool = False
     held: object = lambda ev, row: (ev.sets[row][2]["m"], len(ev.sets[row][0]))  # a set's m images in its views
 
-
 def pretrained(ev, row, seed, views):
     """A student pre-trained on the row's (images, targets) with the table's recipe, evaluation.epochs."""
     return (*pretrain_on_set(*views, ev.recipe, ev.cfg["evaluation"]["epochs"], seed, f"{row} s{seed}"), {})
 
-
 def set_row(ev, row, seed):
     views, targets, _ = ev.sets[row]
     return pretrained(ev, row, seed, (views, targets))
-
 
 def random_student(ev, row, seed):
     """no_pretraining: a random student, its BatchNorm statistics as evaluation.random_init_bn says."""
@@ -397,7 +378,6 @@ def random_student(ev, row, seed):
         g = recalibrate_bn(g, ev.target, ev.cfg["data"]["eval_batch_size"])
     return g, 0, {}
 
-
 def load_set(ev, row, exact=False):
     """A distilled set (decoded, checked against this table's inputs) and its file's hash among the inputs."""
     folder = ROWS[row].folder(ev)
@@ -405,7 +385,6 @@ def load_set(ev, row, exact=False):
     check_assets(ev, folder, loaded[2])
     ev.hashes[f"{'distilled' if folder == ev.assets else row}_hash"] = utils.file_hash(folder / "distilled_data.pth")
     return loaded
-
 
 def load_init(ev, row):
     """The indices of the m real images the distilled set started from (its controls.pth)."""
@@ -415,17 +394,14 @@ def load_init(ev, row):
     ev.hashes["distilled_hash"] = utils.file_hash(ev.assets / "distilled_data.pth")
     return utils.read_controls(ev.assets, run_id=d["run_id"])["init_indices"]
 
-
 def set_floats(ev, row):
     return ev.sets[row][2]["storage"]["stored"]
-
 
 def exact_floats(ev, row):
     """The set's floats with the learned C_y^k stored instead of the approximation nets."""
     d = ev.sets[row][2]
     return d["storage"]["stored"] + len(d["rotations"]) * d["m"] * d["C_y"].shape[1] \
         - d["storage"]["rows"].get("approximation nets", 0)
-
 
 ROWS = {
     "distilled": Row(set_row, set_floats, folder=lambda ev: ev.assets, load=load_set, keep=True),
@@ -452,7 +428,6 @@ ROWS = {
     "no_pretraining": Row(random_student, lambda ev, row: 0, held=lambda ev, row: (0, 0)),
 }
 
-
 def run_cell(ev, row, seed, cell):
     """One (row, seed) cell: the backbone, then each protocol that `cell` still lacks (a cell that has one protocol
     runs only the other, its network trained again)."""
@@ -478,20 +453,16 @@ def run_cell(ev, row, seed, cell):
         if c in cell) + (f" (rank {ev.ranks.rank})" if ev.ranks.world > 1 else ""))
     return cell
 
-
 WANTED = {"probe": ("probe", "fit"), "finetune": ("finetune",)}  # what each protocol measures in a cell
-
 
 def missing(cell, protocol):
     """The protocols a cell has not measured yet."""
     return [p for p in protocol if any(k not in cell for k in WANTED[p])]
 
-
 # ============================================================================================
 # The table
 # ============================================================================================
 MIN_GAIN_POINTS = 1.0  # gain recovered is shown only when full_dataset beats random init by more than this
-
 
 def gain_defined(full, base):
     """Gain recovered is a ratio over (full_dataset - no_pretraining): shown only when that margin exceeds both
@@ -500,7 +471,6 @@ def gain_defined(full, base):
         return False
     spread = 2 * max(full.get("std") or 0.0, base.get("std") or 0.0)
     return full["mean"] - base["mean"] > max(MIN_GAIN_POINTS, spread)
-
 
 def summarize(results, budget):
     """Retention vs full_dataset, gain recovered over no_pretraining, storage in images and vs the budget."""
@@ -514,12 +484,10 @@ def summarize(results, budget):
         r["within_budget"] = None if floats is None else floats <= budget["budget"]
     return results
 
-
 def mean_std(r, key, f):
     """A row's "mean ± std" of `key` ("" the probe, "fit", "finetune") in format f; "-" where it did not run."""
     mean, std = (r[key + "_mean"], r[key + "_std"]) if key else (r["mean"], r["std"])
     return "-" if mean is None else format(mean, f) + (f" ± {format(std, f)}" if r["seeds"] > 1 else "")
-
 
 def markdown(results, header, protocol):
     """The table; the columns of a protocol that did not run are left out."""
@@ -541,7 +509,6 @@ def markdown(results, header, protocol):
             f"beats no_pretraining by no more than {MIN_GAIN_POINTS:g} point or twice either row's std.")
     return "\n".join(lines + ["", note]) + "\n"
 
-
 def row_result(row_cells, protocol, storage_floats):
     """One table row from its (row, seed) cells: probe accuracies, teacher fits and fine-tune accuracies (None
     where that protocol was not asked for), their mean and (population) std over seeds."""
@@ -555,11 +522,9 @@ def row_result(row_cells, protocol, storage_floats):
             "seeds": len(row_cells), "steps": row_cells[0]["steps"], "storage_floats": storage_floats,
             "time_s": sum(c["time_s"] for c in row_cells), **extra}
 
-
 # a kept cell's numbers: accuracies in percent; teacher fit R^2 <= 1, and >= -1 (a readout worse than twice the
 # teacher's variance is a broken file, not a measurement); times >= 0
 CELL_NUMBERS = {"probe": (0.0, 100.0), "fit": (-1.0, 1.0), "finetune": (0.0, 100.0), "time_s": (0.0, None)}
-
 
 def read_results(path):
     """results.json as main_evaluate.py writes it (save() in evaluate), every kept cell checked: a file that is
@@ -592,7 +557,6 @@ def read_results(path):
                 bad(f"{where}.steps = {cell.get('steps')!r}: expected a count of SGD steps")
     return saved
 
-
 def resumed_cells(path, cfg, target_name, inputs):
     """The (row, seed) cells a previous run of this config wrote to `path` (none if it wrote nothing yet: a
     student of --student a,b,c that had not started); refused, naming what changed, when its config, target or
@@ -612,7 +576,6 @@ def resumed_cells(path, cfg, target_name, inputs):
         raise utils.InputError(f"--resume: {path} was computed from other inputs ({', '.join(stale)} changed since); "
                          f"rerun without --resume (--overwrite) to recompute every row")
     return saved["cells"]
-
 
 # ============================================================================================
 # main: check inputs -> load sets -> targets -> cells -> table
@@ -651,7 +614,6 @@ def check_inputs(args, overrides, argv, sub):
     ev.recipe = Recipe(cfg["evaluation"], cfg["network"]["width"], ev.data.mean, ev.data.std, tuple(argv))
     return ev
 
-
 def available_rows(ev):
     """The asked rows (--rows), less, when --rows was not given, the optional rows whose set does not exist
     (krr_st unless --krr-assets names it, init_only) and those that repeat another row without rotations; asked
@@ -673,13 +635,11 @@ def available_rows(ev):
                                     f"runs (rows {rows}); add one to --rows or drop the flag")
     return rows
 
-
 def run_folder(ev):
     """The table's folder; the full-dataset model in it is a cache checked by its own metadata (kept by
     --overwrite)."""
     return utils.RunFolder(ev.out, "main_evaluate.py", outputs=(ev.out / "results.json",),
                            keep=(f"{ev.cfg['evaluation']['student']}_full_dataset.pth",))
-
 
 def load_sets(ev):
     """What every row reads from its distilled_assets folder (Row.load), checked against this table's dataset,
@@ -687,7 +647,6 @@ def load_sets(ev):
     for row in ev.rows:
         if ROWS[row].load is not None:
             ev.sets[row] = ROWS[row].load(ev, row)
-
 
 def check_assets(ev, folder, d):
     """A distilled set is compared with the other rows only if it was built from the same inputs."""
@@ -699,7 +658,6 @@ def check_assets(ev, folder, d):
         raise utils.InputError(f"{folder} was distilled from other inputs than this evaluation uses: "
                                f"{', '.join(stale)}; rerun main_distill.py with this config and teacher")
 
-
 def teacher_targets(ev):
     """T for the rows built from real images (rank 0 computes and caches them, then the others read the cache),
     the teacher's features of the target (every row's teacher fit is scored against them), and the full-dataset
@@ -709,7 +667,6 @@ def teacher_targets(ev):
             ev.T, ev.target_scale = utils.teacher_targets(ev.teacher, ev.teacher_file, ev.data, ev.rotations,
                                                           ev.cfg["data"], ev.out, ev.hashes["teacher_hash"])
     ev.teacher_feats = utils.split_features(ev.teacher, ev.target, ev.cfg["data"]["eval_batch_size"])
-
 
 def run_cells(ev, cells):
     """One loop over the (row, seed) cells still missing: seeded rows' cells dealt to the ranks, the others rank
@@ -734,17 +691,14 @@ def run_cells(ev, cells):
     return {row: dict(row_result([cells[row][str(s)] for s in row_seeds(row)], ev.args.protocol,
                                  ROWS[row].stored(ev, row)), held=ROWS[row].held(ev, row)) for row in ev.rows}
 
-
 def save(ev, cells, results, **final):
     utils.write_json({"rows": results, "cells": cells, "config": ev.cfg, "derived": derived(ev), "complete": False,
                       **final}, ev.out / "results.json")
-
 
 def derived(ev):
     return {"device": str(ev.device), "rows": ev.rows, "seeds": ev.seeds, "target": ev.target.name,
             "assets": str(ev.assets), "krr_assets": str(ev.krr_assets), "out": str(ev.out), "inputs": ev.hashes,
             "target_scale": ev.target_scale, "processes": ev.ranks.world, "protocol": ev.args.protocol}
-
 
 def write_table(ev, results, cells):
     """results.md and the final results.json; returns the table's rows."""
@@ -761,7 +715,6 @@ def write_table(ev, results, cells):
     (ev.out / "results.md").write_text(md)
     save(ev, cells, results, header=header, complete=True)
     return results
-
 
 def evaluate(args, overrides, argv, sub=None):
     """The table of every row for one student, written to <out>[/<sub>]: ({row: result}, out) on rank 0,
@@ -783,7 +736,6 @@ def evaluate(args, overrides, argv, sub=None):
     results = write_table(ev, results, cells)
     utils.release_run_folder(lock)
     return results, ev.out
-
 
 def main(argv=None):
     """One table (evaluation.student), or one per `--student` plus the cross-architecture summary."""
@@ -807,7 +759,6 @@ def main(argv=None):
     utils.write_json(tables, out / "students.json")
     print("\n".join(md))
     return tables
-
 
 if __name__ == "__main__":
     utils.cli(main, "main_evaluate.py")
