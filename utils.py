@@ -77,9 +77,8 @@ def _terminate(signum, frame):
     raise Terminated()
 
 def cli(main, script):
-    """Run main(): a UserError is one line on stderr and its exit code (as argparse does); SIGINT/SIGTERM one line
-    (what was kept, the command that goes on), exit 128 + signal; a stalled collective names the rank. A bug keeps its
-    traceback."""
+    """Run main(): a UserError, SIGINT/SIGTERM (exit 128 + signal) or a stalled collective is one line on stderr (what
+    was kept, the command that goes on); a bug keeps its traceback."""
     signal.signal(signal.SIGTERM, _terminate)
     speaks = rank0 = os.environ.get("RANK", "0") == "0"
     try:
@@ -290,13 +289,7 @@ def leaves(schema=SCHEMA, prefix=""):
     return out
 
 def _check_value(value, key, where):
-    """`value` as key.type and inside key.range, or a ConfigError naming where and what the key means."""
-    try:
-        return _checked(value, key, where)
-    except ConfigError as e:
-        raise ConfigError(f"{e} ({key.meaning})") from None
-
-def _checked(value, key, where):
+    """`value` as key.type and inside key.range, or a ConfigError naming where (its caller adds what key means)."""
     spec = key.type
     if isinstance(spec, list):
         if not isinstance(value, list):
@@ -348,7 +341,10 @@ def _check_section(cfg, schema, source, prefix=""):
         if isinstance(spec, dict):
             out[key] = _check_section(cfg[key], spec, source, f"{prefix}{key}.")
         else:
-            out[key] = _check_value(cfg[key], spec, f"{source}: {prefix}{key}")
+            try:
+                out[key] = _check_value(cfg[key], spec, f"{source}: {prefix}{key}")
+            except ConfigError as e:
+                raise ConfigError(f"{e} ({spec.meaning})") from None
     return out
 
 def _check_consistent(cfg, source):
@@ -373,8 +369,7 @@ def _check_consistent(cfg, source):
                           f"{cfg['distillation']['steps']}, never written; lower them or raise the steps")
 
 def check_sizes(cfg, n_train, m=None):
-    """m, budget_N and the outer batch are drawn from the loaded train split without replacement: a larger value
-    would silently shrink the set."""
+    """Counts drawn from the loaded train split without replacement: a larger one would silently shrink the set."""
     checks = {"storage.budget_N": cfg["storage"]["budget_N"], "storage.m": m if m is not None else cfg["storage"]["m"],
               "distillation.outer_batch_size": cfg["distillation"]["outer_batch_size"]}
     for dotted, value in checks.items():
@@ -483,8 +478,7 @@ def set_seed(seed):
     torch.manual_seed(seed)
 
 def get_device(name=None):
-    """--device: cpu (cpu:N is the CPU too), or cuda / cuda:N of a GPU torch sees (default: cuda when present);
-    anything else (mps, meta, xla, a typo) is refused naming the flag."""
+    """--device: cpu, or cuda / cuda:N of a GPU torch sees (default: cuda if present); anything else is refused."""
     if name is None:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -498,9 +492,8 @@ def get_device(name=None):
     return device
 
 def init_ranks(device_name=None, timeout_s=None):
-    """(models.Ranks, device). Under torchrun (WORLD_SIZE > 1) every process joins the default group: nccl on CUDA,
-    one GPU per process (cuda:LOCAL_RANK), gloo on the CPU, collectives waiting at most `timeout_s` (on gloo the wait
-    raises and cli names the rank that did not come; on nccl the watchdog aborts). A plain start: rank 0 of 1."""
+    """(models.Ranks, device). Under torchrun each process joins the default group (nccl on CUDA, one GPU each; gloo on
+    the CPU, where a wait past `timeout_s` raises and cli names the missing rank). A plain start: rank 0 of 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = get_device(device_name)
     if world == 1:
@@ -618,8 +611,7 @@ def check_labels(labels, n, num_classes, where):
     return torch.from_numpy(y.astype(np.int64))
 
 def check_split(x, y, num_classes, where):
-    """What every loader returns (and a decoded cache read back): uint8 (n > 0, 3, H, H) images and n integer
-    labels in [0, num_classes)."""
+    """What every loader returns: uint8 (n > 0, 3, H, H) images and n integer labels in [0, num_classes)."""
     if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3 or x.shape[2] != x.shape[3] or len(x) == 0:
         raise DatasetError(f"{where}: images {x.dtype} {tuple(x.shape)}; expected uint8 (n > 0, 3, H, H)")
     check_labels(y.numpy(), len(x), num_classes, where)
@@ -743,8 +735,7 @@ def load_stanford_dogs(root, resolution, cache_dir=""):
                             "; `python test_stanford_dogs.py` lists every unreadable file"), len(breeds), split)
 
 def decoded_splits(cache, what, folder, train, test, resolution, hint):
-    """(train_x, train_y, test_x, test_y) of (files, labels) pairs under `folder`: from `cache`, else decoded in
-    threads (PIL decodes without the GIL) and cached."""
+    """(train_x, train_y, test_x, test_y) from `cache`, else decoded in threads (PIL frees the GIL) and cached."""
     from concurrent.futures import ThreadPoolExecutor
     from tqdm import tqdm
     keys = ["train_x", "train_y", "test_x", "test_y"]
@@ -761,8 +752,7 @@ def decoded_splits(cache, what, folder, train, test, resolution, hint):
     return tuple(parts)
 
 def tiny_imagenet_files(folder):
-    """(wnids, train files, labels, val files, labels) under tiny-imagenet-200/; val is the test split (the official
-    test images have no labels)."""
+    """(wnids, train files, labels, val files, labels); val is the test split (the test images have no labels)."""
     wnids_file, ann = folder / "wnids.txt", folder / "val" / "val_annotations.txt"
     for p in (wnids_file, folder / "train", ann):
         if not p.exists():
@@ -891,8 +881,7 @@ def distilled_folder(cfg, name, method=None):
     return Path("distilled_assets") / f"{name}_N{cfg['storage']['budget_N']}{suffix}"
 
 def storage_budget(cfg):
-    """SPEC 3, the one place the budget is computed: N images cost N (3 H W + d_y) floats; a real image kept with its
-    K teacher targets (the real_init and full_dataset rows) costs 3 H W + K d_y."""
+    """SPEC 3, computed here alone: N images cost N (3 H W + d_y) floats; a real image with K targets 3 H W + K d_y."""
     pixels, d_y = 3 * cfg["data"]["resolution"] ** 2, models.resnet18_dim(cfg["network"]["width"])
     return {"floats_per_image": pixels + d_y, "budget": cfg["storage"]["budget_N"] * (pixels + d_y),
             "floats_per_real": pixels + d_y * (1 + len(cfg["augmentations"]["rotate"]))}
@@ -982,8 +971,7 @@ def load_approx_net(path, device, run_id):
 # Teacher and features: each frozen network runs once per input
 # ============================================================================================
 def config_name(config_path):
-    """The config's file stem (cifar10, cifar10_cpu): default output names carry it, so two configs of one dataset
-    never share a teacher, a distilled set or a table."""
+    """The file stem (cifar10_cpu): default outputs carry it, so two configs of one dataset never share them."""
     return Path(config_path).stem
 
 def teacher_path(name, folder="teacher_models"):
@@ -1089,8 +1077,7 @@ def batches(n, batch_size, iterations, gen):
         pos += b
 
 class CosineSGD:
-    """SGD (`c`: a section's lr, momentum, weight_decay) on a cosine to 0 over `steps`: the optimizer of the students
-    (SPEC 6.1), the linear probe (6.2) and fine-tuning."""
+    """SGD (a section's lr, momentum, weight_decay), cosine to 0: students (SPEC 6.1), probe (6.2), fine-tuning."""
 
     def __init__(self, params, c, steps):
         self.opt = torch.optim.SGD(params, lr=c["lr"], momentum=c["momentum"], weight_decay=c["weight_decay"])
@@ -1141,8 +1128,7 @@ def labelled_subset(labels, num_classes, per_class):
     return torch.cat(picks).sort().values.to(labels.device)
 
 def probe_backbone(backbone, data, probe, seed, batch_size, features=None):
-    """SPEC 6.2: features of both splits computed once (or passed in), then the linear probe on
-    probe.labels_per_class labels of each class."""
+    """SPEC 6.2: both splits' features once (or passed in), the probe on probe.labels_per_class labels per class."""
     train_f, test_f = features if features is not None else split_features(backbone, data, batch_size)
     keep = labelled_subset(data.train_y, data.num_classes, probe["labels_per_class"])
     return linear_probe(train_f[keep], data.train_y[keep], test_f, data.test_y, data.num_classes, probe, seed)
@@ -1151,8 +1137,7 @@ def probe_backbone(backbone, data, probe, seed, batch_size, features=None):
 # Checkpoints, run folders (lock and owner), resume checks, logging, the non-finite stop
 # ============================================================================================
 def read_pth(path, what, keys=(), map_location="cpu", weights_only=True, rebuild=""):
-    """torch.load whose failure names the file and what it should have been; a file without `keys` (another kind, or
-    an older version) is refused saying how to `rebuild` it."""
+    """torch.load whose failure, or a file without `keys`, names the file, what it should be and how to `rebuild` it."""
     try:
         d = torch.load(path, map_location=map_location, weights_only=weights_only)
     except Exception as e:
@@ -1171,8 +1156,7 @@ def load_weights(net, state_dict, path, what):
         raise InputError(f"{path} does not hold the weights of {what}: {first_line(e)}") from None
 
 def _write_atomically(path, write):
-    """write(tmp) beside `path`, then os.replace: a crash never leaves half a file; a failed write removes its
-    .partial and names the path."""
+    """write(tmp) beside `path`, then os.replace: a crash never leaves half a file; a failure names the path."""
     path = Path(path)
     tmp = path.with_name(path.name + ".partial")
     try:
@@ -1312,8 +1296,7 @@ class RunFolder:
         return owner
 
     def claim(self, resume, overwrite):
-        """check(); under --overwrite the old folder (and `also`) moved aside in one rename, so old and new never mix;
-        then the lock and, for a new run, the owner record. Returns the lock's path."""
+        """check(); --overwrite moves the old folder aside in one rename; then the lock and owner record. The lock."""
         folder = Path(self.folder)
         owner = self.check(resume, overwrite)
         created = not folder.exists()
@@ -1354,8 +1337,7 @@ class RunFolder:
         print(f"--overwrite: the previous outputs were moved to {aside} (delete it when no longer needed)")
 
 def _create_lock(lock):
-    """The lock with its content, or nothing: written beside it, then hard-linked into place (fails if a lock appeared
-    meanwhile), so no reader sees an empty lock."""
+    """Written beside the lock, then hard-linked into place (fails if one appeared): no reader sees an empty lock."""
     info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     tmp = lock.with_name(f"{lock.name}.{os.getpid()}.partial")
     try:
@@ -1483,8 +1465,7 @@ def all_finite(tensors):
     return bool(torch.stack([t.isfinite().all() for t in tensors]).all()) if tensors else True
 
 def command(script, args):
-    """The command line that runs `script` with `args` as this process was started: python, or torchrun with the
-    same process counts."""
+    """The command that runs `script` with `args` as this process was started (python, or torchrun alike)."""
     world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if world <= 1:
         launcher = "python"
