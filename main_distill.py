@@ -7,17 +7,15 @@
     torchrun --standalone --nproc_per_node=8 main_distill.py --config configs/imagenet64.yaml   # one step, 8 ranks
 
 Under torchrun every outer step is the single-process step spread over the ranks (README, Several GPUs); rank 0
-writes. Needs the teacher from pretrain.py. Writes distilled_assets/<config name>_N<budget>[_krr_st]/ (or --out), the
-config name being its file stem (cifar10, cifar10_cpu):
-    distilled_data.pth        bases, means, coefficients, normalisation, rotations, storage table,
-                              resolved config, teacher hash, step count (decode: utils.load_distilled)
+writes. Needs the teacher from pretrain.py. Writes distilled_assets/<config name>_N<budget>[_krr_st]/ (or --out):
+    distilled_data.pth        bases, means, coefficients, normalisation, rotations, storage table, resolved config,
+                              teacher hash, step count (decode: utils.load_distilled)
     approx_net_rot_<a>.pth    one MLP per rotation a (SPEC 5)
-    controls.pth              not stored data: the indices of the m real images the set started from and
-                              the learned C_y^k, for main_evaluate's real_init and distilled_exact rows
+    controls.pth              not stored data: the indices of the m real images the set started from and the
+                              learned C_y^k, for main_evaluate's real_init and distilled_exact rows
     distilled_images.png      the decoded images, de-normalised
     config.json, log.jsonl, metrics.json (loss curve, storage, approximation errors), checkpoint.pth
-    init_only/, snapshots/step_<n>/  the same files for the set at step 0 and after each of
-                              distillation.snapshot_steps (the gain against outer steps)
+    init_only/, snapshots/step_<n>/  the same files for the set at step 0 and at each of distillation.snapshot_steps
 """
 import dataclasses
 import functools
@@ -53,7 +51,7 @@ class PCADistilled(nn.Module):
     """x_i = up(mu_x + c_i^x B_x), y_i = mu_y + c_i^y B_y, y_i^k = mu_y + c_i^{y,k} B_y; views view-major."""
 
     def __init__(self, t, rotations, resolution, learn_bases):
-        """t: the tensors mu_x, B_x, C_x, mu_y, B_y, C_y and C_yk (K-1, m, V); the means are fixed (SPEC 2)."""
+        """t: mu_x, B_x, C_x, mu_y, B_y, C_y and C_yk (K-1, m, V); the means are fixed (SPEC 2)."""
         super().__init__()
         self.register_buffer("mu_x", t["mu_x"])
         self.register_buffer("mu_y", t["mu_y"])
@@ -104,8 +102,7 @@ class FreeDistilled(nn.Module):
 
 @torch.no_grad()
 def init_distilled(cfg, data, T, m, gen):
-    """Start from m distinct real train images drawn at random (SPEC 2): their PCA coefficients (or pixels) and
-    teacher targets."""
+    """Start from m distinct random real train images (SPEC 2): their PCA coefficients (or pixels) and targets."""
     idx = torch.randperm(len(T), generator=gen, device=gen.device)[:m].to(data.train_x.device)
     if cfg["distillation"]["method"] == "krr_st":
         distilled = FreeDistilled(utils.normalize(data.train_x[idx], data.mean, data.std), T[idx, 0].clone())
@@ -126,15 +123,11 @@ def pca_distilled(cfg, data, T, idx):
     t = dict(mu_x=mu_x, B_x=B_x, C_x=C_x, mu_y=mu_y, B_y=B_y, C_y=C_y, C_yk=C_yk)
     return PCADistilled(t, cfg["augmentations"]["rotate"], data.train_x.shape[-1], P["learn_bases"])
 
-PCA_ROWS = 65536  # rows per float64 chunk of pca(): its memory is O(D^2 + PCA_ROWS D), not a float64 copy of X.
-# CIFAR's 50,000 and Stanford Dogs' 12,000 images are one chunk, the one-shot PCA's sums bit for bit; Tiny ImageNet's
-# 100,000 and IMAGENET64's 1.28M are summed in chunks (at 64 px a chunk's normalised images are ~3.2 GB of float32)
+PCA_ROWS = 65536  # rows per float64 chunk of pca(): O(D^2 + PCA_ROWS D) memory; CIFAR is one chunk (bit for bit)
 
 def pca(X, k):
-    """Top-k principal directions of the rows of X: (mean (D,), basis (k, D) with orthonormal rows). X is a
-    tensor, or a function returning an iterable of row chunks (read twice), so that a source of a million images
-    (IMAGENET64: 1.28M x 3,072 downsampled values) never exists whole, let alone in float64: the mean and the
-    centred covariance are summed chunk by chunk in float64."""
+    """Top-k principal directions of X's rows: (mean (D,), orthonormal basis (k, D)). X is a tensor or a function
+    returning row chunks (read twice), summed in float64 chunk by chunk: IMAGENET64's 1.28M rows never exist whole."""
     chunks = (lambda: X.split(PCA_ROWS)) if torch.is_tensor(X) else X
     n, total = 0, 0
     for x in chunks():
@@ -192,10 +185,8 @@ def storage_accounting(cfg):
 # SPEC 4: the model pool and one outer step
 # ============================================================================================
 class ModelPool:
-    """L ConvNets, each with its own SGD state and age; a model is re-initialised at age Z.
-    `chunk` (distillation.support_chunk): views per forward pass of the inner step, 0 = all at once; `ranks`: under
-    torchrun every rank holds the same pool (same seeds), its BatchNorm over every rank's views
-    (models.sync_batchnorm), and the inner step is split."""
+    """L ConvNets, each with its own SGD state and age, re-initialised at age Z. `chunk`: views per inner-step pass
+    (0 = all); under torchrun every rank holds the same pool, BatchNorm over all ranks' views, the step split."""
 
     def __init__(self, mp, resolution, d_y, device, chunk=0, ranks=models.Ranks()):
         self.mp, self.resolution, self.d_y, self.device = mp, resolution, d_y, device
@@ -215,13 +206,9 @@ class ModelPool:
         self.ages[j] = 0
 
     def inner_step(self, j, X, Y):
-        """One SGD step of model j on MSE(f(X_s), Y_s), train mode, X_s and Y_s detached (SPEC 4.6-7).
-        With a chunk size, gradients accumulate over strided chunks (each holds every view alike), and
-        BatchNorm normalises each chunk by its own statistics. Under torchrun the step is data-parallel: rank r
-        takes its contiguous part of the K m views (rank_slice) in the single process's number of strided chunks
-        (BatchNorm normalises chunk c over every rank's chunk c: the single process's chunk c when the chunk count
-        divides each part, and always without chunks); each rank's loss is its share of the mean over all K m
-        views, the gradients summed by one all_reduce, then the same SGD step on every rank."""
+        """One SGD step of model j on MSE(f(X_s), Y_s), train mode, detached (SPEC 4.6-7); gradients accumulate over
+        strided chunks (BatchNorm per chunk). Under torchrun rank r takes its rank_slice of the K m views in as many
+        chunks, its loss its share of the mean; one all_reduce sums the gradients, then the same SGD step."""
         f = self.models[j].train()
         n = min(math.ceil(len(X) / (self.chunk or len(X))), max(len(X) // self.ranks.world, 1))  # alike on all ranks
         part = rank_slice(len(X), self.ranks)
@@ -239,8 +226,7 @@ class ModelPool:
             self.reset(j)
 
     def stagger(self, X, Y, rng):
-        """Model j starts at a random age in [0, Z), pre-trained that many steps on the initial set
-        (about L x Z / 2 inner steps before the first outer step: shrink model_pool.size_L or Z to shorten it)."""
+        """Model j starts at a random age in [0, Z), pre-trained that many steps on the initial set (~L Z / 2 steps)."""
         ages = [rng.randrange(self.mp["inner_loop_steps_Z"]) for _ in self.models]
         with tqdm(total=sum(ages), desc="stagger pool", leave=False, dynamic_ncols=True,
                   disable=not self.ranks.main) as bar:
@@ -265,12 +251,9 @@ def cholesky_solve(L, Y):
     return torch.linalg.solve_triangular(L.T, torch.linalg.solve_triangular(L, Y, upper=False), upper=True)
 
 class PositiveDefiniteSolve(torch.autograd.Function):
-    """X = A^-1 Y for a symmetric positive-definite A, by its Cholesky factor L, forward and backward:
-    gY = A^-1 gX and gA = -gY X^T, the gradient an LU solve gives, at O(n^2 k) (differentiating through the
-    factor instead would add O(n^3) matrix products). Nothing is read back to the host on CUDA: a factorisation that
-    fails (info > 0: a non-finite entry, or A no longer positive definite in float32) makes X NaN on the device,
-    which the loop's next finiteness check stops on. The backward runs in strict float32, as torch's linalg
-    backwards do."""
+    """X = A^-1 Y for a symmetric positive-definite A by its Cholesky factor: gY = A^-1 gX, gA = -gY X^T at O(n^2 k)
+    (through the factor would add O(n^3)). No host sync: a failed factorisation makes X NaN, which the loop's next
+    finiteness check stops on. The backward runs in strict float32, as torch's linalg backwards do."""
 
     @staticmethod
     def forward(ctx, A, Y):
@@ -287,9 +270,8 @@ class PositiveDefiniteSolve(torch.autograd.Function):
             return -gY @ X.T, gY
 
 def krr_predict(Phi_s, Phi_t, Y_s, ridge):
-    """Yhat_t = K_ts (K_ss + ridge tr(K_ss) I)^-1 Y_s in float32 (float64 features stay float64), features
-    with a constant-1 column. The ridge keeps K_ss + lam I positive definite: PositiveDefiniteSolve (Cholesky,
-    no host sync on CUDA; NaN where the factorisation fails)."""
+    """Yhat_t = K_ts (K_ss + ridge tr(K_ss) I)^-1 Y_s in float32 (float64 stays), features with a constant-1 column;
+    the ridge keeps the matrix positive definite for PositiveDefiniteSolve."""
     dtype = torch.promote_types(Phi_s.dtype, torch.float32)
     Phi_s = torch.cat([Phi_s.to(dtype), Phi_s.new_ones(len(Phi_s), 1, dtype=dtype)], 1)
     Phi_t = torch.cat([Phi_t.to(dtype), Phi_t.new_ones(len(Phi_t), 1, dtype=dtype)], 1)
@@ -301,10 +283,8 @@ def krr_predict(Phi_s, Phi_t, Y_s, ridge):
 
 # ------------------------------------------------------------------ the frozen model's KRR passes, chosen at setup
 def frozen_blocks(f, fold_bn):
-    """The eval-mode pool ConvNet f as tensors, one (conv weight, conv bias, BN scale, BN shift) per block: eval-mode
-    BatchNorm is x * scale + shift with scale = gamma / sqrt(var + eps), shift = beta - mean * scale. With
-    `fold_bn` (distillation.fold_bn) both are folded into the conv (W scale, b scale + shift; scale and shift None):
-    the same function, one pass fewer over every block's activations."""
+    """The eval-mode pool ConvNet f as one (conv W, conv b, BN scale, BN shift) per block; with `fold_bn` the BN is
+    folded into the conv (W scale, b scale + shift): the same function, one pass fewer over the activations."""
     layers = list(f.features)
     blocks = []
     for conv, bn in zip(layers[0::4], layers[1::4]):
@@ -317,8 +297,7 @@ def frozen_blocks(f, fold_bn):
     return blocks
 
 def blocks_embed(x, blocks):
-    """ConvNet.embed from frozen_blocks' tensors: [conv -> (BN) -> ReLU -> AvgPool2] per block, flattened. A pure
-    function of tensors, so one torch.compile graph serves every pool model (and every re-initialisation)."""
+    """ConvNet.embed from frozen_blocks' tensors: a pure function, so one torch.compile graph serves every model."""
     for W, b, scale, shift in blocks:
         x = F.conv2d(x, W, b, padding=1)
         if scale is not None:
@@ -327,10 +306,8 @@ def blocks_embed(x, blocks):
     return x.flatten(1)
 
 def feature_pass(dc, device):
-    """f -> the KRR passes' x -> f.embed(x) of an eval-mode, frozen pool model f, chosen once at setup: f.embed
-    itself, or with the levers that paid on the H200 (2026-12-04): `distillation.fold_bn` folds BatchNorm into the
-    convs (1.15x), `distillation.compile_features` runs blocks_embed as one torch.compile graph for every pool model
-    (1.74x; CUDA only: on the CPU the key is read and the eager function runs)."""
+    """f -> the frozen pool model f's KRR feature function, chosen once at setup: f.embed, or blocks_embed with
+    distillation.fold_bn and/or compile_features (torch.compile, CUDA only), the levers that paid."""
     compiled = dc["compile_features"] and device.type == "cuda"
     if not (dc["fold_bn"] or compiled):
         return lambda f: f.embed
@@ -338,9 +315,8 @@ def feature_pass(dc, device):
     return lambda f: functools.partial(embed, blocks=frozen_blocks(f, dc["fold_bn"]))
 
 def support_features(embed, X_s, chunk, device):
-    """Phi_s = embed(X_s) in one pass, or chunk by chunk with each chunk's activations recomputed in backward
-    (activation checkpointing): the same values and gradients (f is in eval mode), the memory of one chunk, and no
-    tensor near 2^31 elements (Stanford Dogs' 4 x 1,993 views at 64 px)."""
+    """Phi_s = embed(X_s) in one pass, or chunk by chunk with activation checkpointing: the same values and gradients
+    (f is in eval mode), the memory of one chunk and no tensor near 2^31 elements."""
     if not chunk or chunk >= len(X_s):
         return embed(models.to_channels_last(X_s, device))
     return torch.cat([checkpoint(embed, models.to_channels_last(x, device), use_reentrant=False)
@@ -351,10 +327,8 @@ def real_precision(dc):
     return dc["krr_features"] if dc["real_features"] == "same" else dc["real_features"]
 
 def krr_forward(embed, X_s, Y_s, x_t, dc, ranks=models.Ranks()):
-    """SPEC 4.4: the KRR prediction of the real views x_t from the support set (X_s, Y_s) through `embed` (f.embed
-    or its feature_pass): the support features in `distillation.krr_features`, the real views' (no gradient) in
-    `distillation.real_features`, the kernels and the solve in float32 (krr_predict). Under torchrun each rank
-    passes its part of the support views (rank_rows)."""
+    """SPEC 4.4: the KRR prediction of the real views x_t from (X_s, Y_s) through `embed`, each pass in its precision
+    key, the solve in float32; under torchrun each rank passes its part of the support views (rank_rows)."""
     device = Y_s.device
     with models.precision(device, real_precision(dc)), torch.no_grad():
         Phi_t = embed(models.to_channels_last(x_t, device))
@@ -364,9 +338,8 @@ def krr_forward(embed, X_s, Y_s, x_t, dc, ranks=models.Ranks()):
         return krr_predict(Phi_s, Phi_t, Y_s, dc["ridge"])
 
 def real_batch(data, T, dc, rotations, gen, ranks=models.Ranks(), sharded=False):
-    """`outer_batch_size` real images in all K views (or identity only) with targets from T. Under torchrun
-    (`ranks`) this rank's contiguous part of them (rank_slice): of the batch every rank draws alike from the
-    whole set, or with `sharded` (data.shard) as many drawn by this rank's own generator from its shard."""
+    """`outer_batch_size` real images in all K views (or identity only) with targets from T; under torchrun this
+    rank's rank_slice of the batch all ranks draw alike, or with `sharded` its own draw from its shard."""
     b = dc["outer_batch_size"]
     if sharded:
         part = rank_slice(b, ranks)
@@ -388,10 +361,8 @@ def make_optimizer(distilled, dc):
     return torch.optim.AdamW(distilled.param_groups(dc), weight_decay=0.0)
 
 def outer_step(state, data, T, dc):
-    """SPEC 4.2-7: the KRR loss of one random pool model on a real batch, an AdamW step of the distilled set, then
-    the model's inner step. Under torchrun every rank holds the same set and pool and draws the same model, passes
-    its part of the real and support views, and takes the same AdamW step (the steps below with their rank_ parts:
-    the single-process step exactly, spread over the ranks)."""
+    """SPEC 4.2-7: the KRR loss of one random pool model on a real batch, an AdamW step of the set, the model's inner
+    step. Under torchrun every rank passes its part and takes the same step (the rank_ helpers)."""
     x_t, y_t = real_batch(data, T, dc, state.distilled.rotations, state.real_gen or state.gen, state.ranks,
                           state.real_gen is not None)  # (b K, 3, H, W), (b K, d_y)
     X_s, Y_s = state.distilled()  # (K m, 3, H, W), (K m, d_y)
@@ -412,16 +383,14 @@ def outer_step(state, data, T, dc):
 # ------------------------------------------------------------------ under torchrun: the step's parts and their sums
 # A single-process reader can skip this: with one process rank_rows is f(X), rank_share 1 and rank_sum the loss.
 def rank_slice(n, ranks, rank=None):
-    """Rank r's contiguous part of n rows, as torch.tensor_split cuts them (the first n mod W parts one longer):
-    the parts, in rank order, are the rows in their order."""
+    """Rank r's contiguous part of n rows, as torch.tensor_split cuts them (the first n mod W parts one longer)."""
     r = ranks.rank if rank is None else rank
     base, extra = divmod(n, ranks.world)
     start = r * base + min(r, extra)
     return slice(start, start + base + (r < extra))
 
 def all_reduce_flat(tensors, ranks):
-    """Sum each tensor over the ranks in place, with ONE all_reduce over a flat buffer (a gradient of many small
-    tensors in one message); nothing in a single process."""
+    """Sum each tensor over the ranks in place with ONE all_reduce over a flat buffer; nothing in one process."""
     if ranks.world == 1 or not tensors:
         return tensors
     flat = torch.cat([t.reshape(-1) for t in tensors])
@@ -431,10 +400,8 @@ def all_reduce_flat(tensors, ranks):
     return tensors
 
 def rank_rows(f, X, ranks):
-    """f(X) of every row of X from f of this rank's part only (rank_slice): the parts, padded to one length,
-    gathered in rank order by models.gather_rows, whose backward sums every rank's gradient of the gathered rows
-    and hands each rank that of its own, so every rank forms the same K_ss and its pass gets the whole loss's
-    gradient."""
+    """f(X) of every row from f of this rank's part (rank_slice), padded and gathered by models.gather_rows, whose
+    backward hands each rank its rows' summed gradient: every rank forms the same K_ss."""
     if ranks.world == 1:
         return f(X)
     parts = [rank_slice(len(X), ranks, r) for r in range(ranks.world)]
@@ -451,8 +418,7 @@ def rank_share(n, ranks):
     return (part.stop - part.start) / n
 
 def rank_sum(loss, opt, ranks):
-    """The loss and every distilled gradient summed over the ranks by ONE all_reduce over a flat buffer (each rank
-    computed its share); the loss itself in a single process."""
+    """The loss and every distilled gradient summed over the ranks by ONE all_reduce (each rank computed its share)."""
     if ranks.world == 1:
         return loss
     params = [p for g in opt.param_groups for p in g["params"]]
@@ -467,12 +433,9 @@ def rank_sum(loss, opt, ranks):
 # SPEC 5: approximation networks
 # ============================================================================================
 def fit_approx_nets(C_y, C_yk, ac, seed):
-    """One MLP per rotation k, c^y -> c^{y,k} - c^y (SPEC 5), net k initialised by seed + k; returns the nets and
-    their relative errors ||err|| / ||shift||. The K nets' weights are stacked (torch.func.stack_module_state) and
-    fitted together, full batch, by one Adam: the summed loss gives each net the gradient of its own mean squared
-    error, and Adam acts per element, so each net follows its separate fit at a third of the steps' launches (a
-    GPU idled ~16 s per fit of three separate loops, 2026-12-04). The initialisation runs in a forked random state:
-    fitting the init_only set's nets before the loop leaves the run's own draws (pool re-initialisations) alone."""
+    """One MLP per rotation k, c^y -> c^{y,k} - c^y (SPEC 5), net k seeded seed + k: (nets, relative errors). The
+    nets are stacked (torch.func.stack_module_state) and fitted by one Adam on the summed loss, each net's own fit
+    (Adam acts per element) in one loop; seeded in a forked random state, leaving the run's draws alone."""
     (m, V), K = C_y.shape, len(C_yk)
     with torch.random.fork_rng(devices=[C_y.device.index or 0] if C_y.device.type == "cuda" else []):
         nets = []
@@ -496,9 +459,8 @@ def fit_approx_nets(C_y, C_yk, ac, seed):
     return [net.eval() for net in nets], errors
 
 def save_set(folder, distilled, base, cfg, data, recovery):
-    """One distilled set in `folder` (utils.save_distilled): `base` + the exported tensors, the approximation nets
-    fitted to its C_y -> C_y^k (SPEC 5), the controls and the image grid. Returns the nets' relative errors.
-    `recovery` = (argv, checkpoint, its step): what a divergence of the nets' fit tells the user to run."""
+    """One set in `folder` (utils.save_distilled): `base` + its tensors, its approximation nets, controls and image
+    grid; the nets' relative errors. `recovery` = (argv, checkpoint, its step), for a diverged fit's hint."""
     asset = {**base, **{k: v.cpu() if torch.is_tensor(v) else v for k, v in distilled.export().items()}}
     # Not part of the distilled set (nor of its budget): what main_evaluate's control rows need.
     controls = {"init_indices": distilled.init_indices, "teacher_hash": base["teacher_hash"], "run_id": base["run_id"]}
@@ -526,18 +488,15 @@ def save_set(folder, distilled, base, cfg, data, recovery):
     return approx_errors
 
 def save_snapshot(state, job, saved):
-    """The set after state.step outer steps (one of distillation.snapshot_steps) in <run>/snapshots/step_<n>/, the
-    same files as the final set (save_set): main_evaluate reads it with --assets, as the gain-against-steps curve
-    (tests/gpu_session.py) does. Its approximation nets are fitted in a forked random state, as init_only's.
-    `saved`: the step of the last checkpoint, for the recovery hint."""
+    """The set at one of distillation.snapshot_steps in <run>/snapshots/step_<n>/, as the final set's files
+    (main_evaluate --assets reads it); `saved`: the last checkpoint's step, for the recovery hint."""
     folder = job.run.folder / "snapshots" / f"step_{state.step}"
     folder.mkdir(parents=True, exist_ok=True)
     save_set(folder, state.distilled, {**job.base, "steps": state.step, "schedule": state.schedule}, job.cfg, job.data,
              (job.argv, job.run.checkpoint, saved))
 
 def save_grid(images, mean, std, path, max_images=100, min_side=64):
-    """The first images, de-normalised, in a square grid; each drawn at least `min_side` pixels wide (whole-pixel
-    nearest upscaling), so a 16 px set is not a 170-pixel thumbnail."""
+    """The first images, de-normalised, in a square grid, each upscaled (nearest) to at least `min_side` pixels."""
     from torchvision.utils import save_image
     x = images[:max_images].detach().float().cpu() * std.view(1, -1, 1, 1).cpu() + mean.view(1, -1, 1, 1).cpu()
     scale = max(1, math.ceil(min_side / x.shape[-1]))
@@ -579,9 +538,8 @@ class State:
 
 @dataclass
 class Job:
-    """What one run works from besides its State: the config, the data and teacher targets T with their scale and
-    the inputs they were built from, the run folder and its log, the command line (for recovery hints), and what
-    every set file carries (`base`, set by describe)."""
+    """What a run works from besides its State: config, data, targets T, run folder, log, the command line (recovery
+    hints) and what every set file carries (`base`, set by describe)."""
     cfg: dict
     data: object
     T: torch.Tensor
@@ -610,9 +568,7 @@ def rotations_of(cfg):
     return [] if cfg["distillation"]["method"] == "krr_st" else cfg["augmentations"]["rotate"]
 
 def load_checked(args, cfg, run, table, teacher_file, device, ranks=models.Ranks()):
-    """Everything that can refuse the run, before its folder is claimed: the folder's state (rank 0), the data and
-    the sizes it must hold, the teacher against config and data, and under --resume the checkpoint (config, inputs,
-    process count)."""
+    """Everything that can refuse the run, before its folder is claimed: folder, data sizes, teacher, checkpoint."""
     if ranks.main:
         run.check(args.resume, args.overwrite)
     data = utils.load_data(cfg)
@@ -633,9 +589,8 @@ def sharded(cfg, ranks):
     return cfg["data"]["shard"] and ranks.world > 1
 
 def check_processes(ckpt, cfg, ranks, path):
-    """A checkpoint of another process count continues where that is sound: without data.shard every rank holds
-    the whole state and draws alike, so any count continues the same run; with it each rank drew its batch from
-    its own shard with its own generator, and only as many ranks continue those draws."""
+    """Another process count continues a run without data.shard (every rank draws alike); a sharded run's per-rank
+    draws continue only with as many ranks."""
     wrote, real = ckpt.get("processes", 1), ckpt.get("real_rng")
     if sharded(cfg, ranks) and (real is None or len(real) != ranks.world) or (real and not sharded(cfg, ranks)):
         how = f"torchrun --nproc_per_node={wrote}" if wrote > 1 else "plain python (one process)"
@@ -646,8 +601,7 @@ def check_processes(ckpt, cfg, ranks, path):
             f"own 1/W of the train set, so its draws continue only with as many ranks; resume with {how}")
 
 def keep_shard(cfg, data, T, ranks):
-    """data.shard under torchrun: this rank keeps only train images r, r + W, r + 2W, ... and their teacher targets
-    (models.shard), once the set is built from the whole split (its PCA and starting images)."""
+    """data.shard: this rank keeps its models.shard of the images and targets, once the set is built from them all."""
     if not sharded(cfg, ranks):
         return data, T
     ranks.say(f"data.shard: each of the {ranks.world} ranks keeps {len(data.train_x) // ranks.world} of the "
@@ -655,8 +609,8 @@ def keep_shard(cfg, data, T, ranks):
     return dataclasses.replace(data, train_x=models.shard(data.train_x, ranks).clone()), models.shard(T, ranks).clone()
 
 def build(cfg, data, T, m, device, gen, rng, ranks=models.Ranks()):
-    """SPEC 2 and 4: the set at its m starting images, AdamW with the linear decay to 0, and the model pool; under
-    torchrun every rank builds the same (same seeds), and with data.shard its own real-batch generator."""
+    """SPEC 2 and 4: the set at its m starting images, AdamW with the linear decay to 0, the model pool (alike on
+    every rank; with data.shard each rank's own real-batch generator)."""
     dc = cfg["distillation"]
     distilled = init_distilled(cfg, data, T, m, gen).to(device)
     opt = make_optimizer(distilled, dc)
@@ -672,9 +626,8 @@ def rates(opt):
     return {f"distillation.{g['key']}": g["initial_lr"] for g in opt.param_groups}
 
 def restore(state, ckpt, cfg, path):
-    """The checkpoint's set, optimizer, schedule, pool and random states. The rates and the step count are the
-    config's (--allow-changed): the linear decay is recomputed from the resumed step, lr = base (1 - step / steps),
-    and a change is printed and appended to the schedule's history (kept in the set's metadata)."""
+    """The checkpoint's state, at the config's rates and steps (--allow-changed): lr = base (1 - step / steps) from
+    the resumed step, a change appended to the schedule's history."""
     state.distilled.load_state_dict(ckpt["distilled"], strict=True)
     bases = [g["initial_lr"] for g in state.opt.param_groups]  # this config's rates
     state.opt.load_state_dict(ckpt["optimizer"])
@@ -687,8 +640,8 @@ def restore(state, ckpt, cfg, path):
     if state.real_gen is not None:  # check_processes: one per rank
         utils.set_rng_state(ckpt["real_rng"][state.ranks.rank], state.real_gen, path)
     state.rng.setstate(ckpt["py_rng"])
-    state.step, state.curve, state.run_id, state.schedule = ckpt["step"], ckpt["curve"], ckpt["run_id"], ckpt["schedule"]
-    state.scales_start = ckpt.get("scales_start")  # None in a checkpoint from before it was kept: this start's
+    state.step, state.curve, state.run_id = ckpt["step"], ckpt["curve"], ckpt["run_id"]
+    state.schedule, state.scales_start = ckpt["schedule"], ckpt.get("scales_start")
     now = {"from_step": state.step, "steps": cfg["distillation"]["steps"], **rates(state.opt)}
     if {k: v for k, v in now.items() if k != "from_step"} != {k: v for k, v in state.schedule[-1].items()
                                                                if k != "from_step"}:
@@ -727,16 +680,11 @@ def group_scales(opt):
     return torch.stack([torch.stack([p.detach().abs().max() for p in g["params"] if p.numel()]).max()
                         for g in opt.param_groups])  # (C_y^k is empty without rotations)
 
-SOUND_GROWTH = 10.0  # a checkpoint with a group grown past this (largest |value| against the run's start) is taken as
-# diverging already: healthy DIGITS runs grow 1.04x in 300 steps; runs at 1e4 x the rates were at 1.4e4x the step before
-# their NaN, and resumed from there, diverged again at any lower rate
+SOUND_GROWTH = 10.0  # a checkpoint with a group grown past this x its start is diverging already (DIGITS: 1.04x)
 
 def check_finite(state, losses, argv, run, saved):
-    """Every outer loss since the last check and the distilled tensors finite (one host sync); else stop naming the
-    parameter group that diverged: once the loss is non-finite every group follows within a step, so the culprit is
-    the group that had grown the most (largest |value| against the run's start) by the last check that passed. The
-    command it prints lowers that group's rate and continues from the last checkpoint if no group had grown past
-    SOUND_GROWTH there, else starts afresh."""
+    """The outer losses since the last check and the set finite (one host sync); else stop naming the group that had
+    grown the most by the last check, the command lowering its rate from the last sound checkpoint (SOUND_GROWTH)."""
     scales = group_scales(state.opt)
     if utils.all_finite(losses + [scales]):  # the check's host sync
         state.scales = scales.cpu()
@@ -752,8 +700,7 @@ def check_finite(state, losses, argv, run, saved):
                                 run.checkpoint if sound else None, f"step {saved}")
 
 def ranks_hash(tensors):
-    """A few int64 numbers that change with any bit of any tensor: per tensor the wrapping sums of its 32-bit
-    words and of those words times their position. Ranks that hold the same tensors hold the same numbers."""
+    """Per tensor the wrapping sums of its 32-bit words and of words x position: any changed bit changes them."""
     out = []
     for t in tensors:
         w = t.detach().float().contiguous().view(-1).view(torch.int32).long()
@@ -761,27 +708,24 @@ def ranks_hash(tensors):
     return torch.stack(out).cpu()
 
 def check_ranks_agree(state):
-    """The divergence guard, at each log step under torchrun: every rank's hash of its distilled tensors and pool
-    (ranks_hash), gathered; any rank that differs from rank 0 stops every rank, naming the step."""
+    """Under torchrun, at each log step: a rank whose set or pool (ranks_hash) differs from rank 0's stops the run."""
     if state.ranks.world == 1:
         return
     tensors = list(state.distilled.parameters()) + [p for f in state.pool.models for p in f.parameters()]
     hashes = models.gather_objects((ranks_hash(tensors), list(state.pool.ages)), state.ranks)
     differ = [r for r, (h, ages) in enumerate(hashes) if not torch.equal(h, hashes[0][0]) or ages != hashes[0][1]]
     if differ:
-        raise utils.RunStopped(f"the ranks diverged by step {state.step}: rank(s) {differ} hold other distilled tensors "
-                               f"or pool than rank 0 (a non-deterministic kernel, or a rank that skipped a collective); "
-                               f"nothing of it was saved. Continue from the last checkpoint with --resume, or run "
-                               f"with one process")
+        raise utils.RunStopped(f"the ranks diverged by step {state.step}: rank(s) {differ} hold other distilled "
+                               f"tensors or pool than rank 0 (a non-deterministic kernel, or a rank that skipped a "
+                               f"collective); nothing of it was saved. Continue from the last checkpoint with "
+                               f"--resume, or run with one process")
 
 def distill(state, job):
-    """SPEC 4: outer steps until distillation.steps; finite values checked at every log line and before every
-    checkpoint, which is written atomically; the set written at each of distillation.snapshot_steps."""
+    """SPEC 4: outer steps until distillation.steps; values checked finite at each log line, checkpoint and snapshot."""
     dc, run, argv = job.cfg["distillation"], job.run, job.argv
     state.scales = state.scales_saved = group_scales(state.opt).cpu()
     state.scales_start = state.scales if state.scales_start is None else state.scales_start
-    bar = tqdm(total=dc["steps"], initial=state.step, desc="distill", dynamic_ncols=True,
-               disable=not state.ranks.main)
+    bar = tqdm(total=dc["steps"], initial=state.step, desc="distill", dynamic_ncols=True, disable=not state.ranks.main)
     window, unchecked, t_log, s_log, saved = [], [], time.time(), state.step, state.step
     while state.step < dc["steps"]:
         utils.RUN["at"] = f"outer step {state.step + 1}"
