@@ -86,8 +86,8 @@ def parse_args(argv):
 # ============================================================================================
 @dataclass(frozen=True)
 class Recipe:
-    """SPEC 6.1's recipe as one table applies it: the evaluation: section, the network width, the source split's
-    normalisation, and the evaluation's command line (what a non-finite loss tells the user to run again)."""
+    """SPEC 6.1's recipe in one table: the evaluation: section, width, the source's normalisation, the command line
+    (what a non-finite loss tells the user to run again)."""
     ec: dict
     width: int
     mean: torch.Tensor
@@ -95,13 +95,9 @@ class Recipe:
     argv: tuple = ()
 
 def pretrain_on_set(images, targets, recipe, epochs, seed, desc, ranks=models.Ranks()):
-    """The student (evaluation.student) + Linear(its width -> d_y), MSE to `targets`, SGD + cosine; a fresh
-    crop + flip of every view each epoch when `augment`. images: uint8 (normalised per batch) or normalised float.
-    Under torchrun with `ranks` (the full-dataset row), images and targets are this rank's share: DDP, global
-    batch evaluation.batch_size, BatchNorm over it, crops drawn per rank. The loss every 10 epochs is read on the
-    host one reading late (LateRead): the loop never waits for the device.
-    Returns the backbone (eval mode) and the number of SGD steps it took; a non-finite loss stops the run with the
-    command (`recipe.argv`, the evaluation's) to start it again at a lower evaluation.lr."""
+    """The student + Linear(width -> d_y), MSE to `targets`, CosineSGD, a fresh crop + flip each epoch if `augment`:
+    (backbone in eval mode, SGD steps). images: uint8 or normalised float. Under torchrun (full_dataset) this rank's
+    share, DDP over the global batch. The loss is read one reading late (LateRead): the loop never waits."""
     ec, device = recipe.ec, targets.device
     torch.manual_seed(seed)
     gen = models.make_generator(device, seed + ranks.rank)
@@ -134,8 +130,7 @@ def pretrain_on_set(images, targets, recipe, epochs, seed, desc, ranks=models.Ra
     return net.backbone.eval(), epochs * steps
 
 class LateRead:
-    """A device scalar on its way to the host: copied into pinned memory without the host waiting, and read a while
-    later (float(...)), when the device is long past it, so that the read costs no wait. On the CPU, the tensor."""
+    """A device scalar copied to the host without waiting, read (float(...)) when the device is long past it."""
 
     def __init__(self, t):
         t = t.detach()
@@ -149,8 +144,7 @@ class LateRead:
         return float(self.value)
 
 def check_loss(epoch, loss, desc, recipe):
-    """A logged epoch's mean loss as a float; a non-finite one stops the run with the command to start it again at
-    a lower evaluation.lr."""
+    """A logged epoch's mean loss; a non-finite one stops the run with the command to rerun at a lower lr."""
     value = float(loss)
     if not math.isfinite(value):
         raise utils.non_finite_stop(f"pre-training loss {value} in {desc} epoch {epoch + 1}", "main_evaluate.py",
@@ -164,9 +158,8 @@ def random_subset(data, T, n, seed):
     return data.train_x[idx], T[idx, 0]
 
 def real_views(data, T, idx, rotations):
-    """Real images idx in all K views (uint8, view-major as main_distill's all_views) with their exact teacher targets, a batch
-    made when indexed: as tensors, the full_dataset row's K N views and targets were 63 + 10.5 GB beside the data
-    at IMAGENET64 (tests/sizes.py), more than an 80 GB GPU holds."""
+    """Real images idx in all K views (uint8, view-major) with their exact teacher targets, made per batch when
+    indexed: as tensors, full_dataset's K N views at IMAGENET64 would not fit an 80 GB GPU."""
     idx, K = idx.to(data.train_x.device), 1 + len(rotations)
 
     def images(i, k):  # image idx[i] in view k
@@ -177,8 +170,8 @@ def real_views(data, T, idx, rotations):
     return ViewMajor(len(idx), K, images), ViewMajor(len(idx), K, lambda i, k: T[idx[i], k])
 
 class ViewMajor:
-    """The K n rows j = k n + i of a view-major set, row (i, k) = get(i, k) (index tensors), made only when indexed;
-    what pretrain_on_set reads of a tensor: len, shape, dtype, device and [index tensor]."""
+    """The K n rows j = k n + i of a view-major set, row (i, k) = get(i, k), made when indexed; what pretrain_on_set
+    reads of a tensor: len, shape, dtype, device, [index tensor]."""
 
     def __init__(self, n, K, get):
         self.n, self.get = n, get
@@ -192,10 +185,8 @@ class ViewMajor:
         return self.get(j % self.n, j // self.n)
 
 def full_dataset_backbone(ev):
-    """ev.full: the full-dataset row's student, trained once and reused while its settings match; one trained with
-    other settings (another teacher, another recipe) is replaced only under --overwrite. Under torchrun every rank
-    trains it together (DDP, each on its share of the train images); rank 0 saves it. (backbone, its SGD steps,
-    {reused, train_time_s, time_s: the seconds this run spent on it})."""
+    """ev.full = (backbone, SGD steps, cell info): the full-dataset student, trained once (every rank under torchrun)
+    and reused while its settings match; another's is replaced only under --overwrite."""
     cfg, data, ranks, path = ev.cfg, ev.data, ev.ranks, ev.out / run_folder(ev).keep[0]
     ec, width = cfg["evaluation"], cfg["network"]["width"]
     recipe = {k: v for k, v in ec.items() if k != "random_init_bn"}  # what it is trained with
@@ -241,10 +232,8 @@ def random_crop_flip(x, pad, gen):
 # SPEC 6.2 and the other measurements of a pre-trained backbone: teacher fit, fine-tuning, BatchNorm recalibration
 # ============================================================================================
 def teacher_fit(features, teacher_features, ridge):
-    """R^2 on the test split of a ridge readout (fit on the train split) from a backbone's frozen features
-    to the teacher's: 1 - SSE / SST, SST around the teacher's train mean. How much of the teacher a
-    pre-trained student reproduces on unseen images (1 for the teacher itself). features and
-    teacher_features are (train, test) pairs; ridge is relative to the mean eigenvalue of the Gram matrix."""
+    """Test R^2 (SST around the train mean) of a ridge readout, fit on train, from frozen features to the teacher's:
+    how much of the teacher a student reproduces on unseen images. (train, test) pairs; ridge x mean eigenvalue."""
     (X, X_test), (Y, Y_test) = features, teacher_features
     ones = lambda A: torch.cat([A.double(), A.new_ones(len(A), 1, dtype=torch.float64)], 1)
     X, X_test, Y, Y_test = ones(X), ones(X_test), Y.double(), Y_test.double()
@@ -265,10 +254,8 @@ def check_features(features, row):
 
 @torch.no_grad()
 def recalibrate_bn(net, data, batch_size):
-    """Every BatchNorm's running statistics re-estimated on data's train split: a train-mode pass without
-    gradients, averaged exactly over the batches (momentum None); weights untouched; returns net in eval mode.
-    The no_pretraining row's option (`evaluation.random_init_bn: recalibrate`): at its initial statistics (mean
-    0, var 1) an eval-mode random VGG-11 gives features of scale ~1e-6 that the SGD probe reads at chance."""
+    """BatchNorm statistics re-estimated exactly (momentum None) on data's train split; net back in eval mode. A random
+    VGG-11 at its initial statistics gives features of scale ~1e-6 that the probe reads at chance."""
     norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in norms]
     for m in norms:
@@ -277,15 +264,14 @@ def recalibrate_bn(net, data, batch_size):
     net.train()
     dev = next(net.parameters()).device
     for part in data.train_x.split(batch_size):
-        net(models.to_channels_last(utils.normalize(part.to(dev), data.mean, data.std), dev))  # float32: statistics, once
+        net(models.to_channels_last(utils.normalize(part.to(dev), data.mean, data.std), dev))  # float32 statistics
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
     return net.eval()
 
 def finetune(backbone, data, ft, seed, batch_size):
-    """Fine-tuned transfer (KRR-ST's protocol): a copy of `backbone` plus a new Linear head trained with the
-    labels of data's train split (SGD + cosine, `iterations` steps, crop + flip), top-1 (%) on its test split.
-    The pre-trained backbone itself is left unchanged."""
+    """Fine-tuned transfer (KRR-ST's protocol): a copy of `backbone` + a Linear head trained on data's labels (SGD,
+    cosine, crop + flip); test top-1 (%)."""
     dev = data.train_x.device
     torch.manual_seed(seed)
     gen = models.make_generator(dev, seed)
@@ -302,8 +288,8 @@ def finetune(backbone, data, ft, seed, batch_size):
         opt.step(loss)
     model.eval()
     with torch.no_grad():
-        correct = sum((model(models.to_channels_last(utils.normalize(x, data.mean, data.std), dev)).argmax(1) == y).sum()
-                      for x, y in zip(data.test_x.split(batch_size), data.test_y.split(batch_size)))
+        correct = sum((model(models.to_channels_last(utils.normalize(x, data.mean, data.std), dev)).argmax(1) == y)
+                      .sum() for x, y in zip(data.test_x.split(batch_size), data.test_y.split(batch_size)))
     return 100.0 * correct.item() / len(data.test_x)
 
 # ============================================================================================
@@ -311,8 +297,7 @@ def finetune(backbone, data, ft, seed, batch_size):
 # ============================================================================================
 @dataclass
 class Inputs:
-    """What every row of one table reads: config, processes, folders, data, teacher and its features, the
-    distilled sets (checked), the teacher targets T, and the budget's arithmetic."""
+    """What every row of one table reads: config, processes, folders, data, teacher, sets, targets T, budget."""
     args: object
     cfg: dict
     ranks: models.Ranks
@@ -341,13 +326,11 @@ class Inputs:
 
 @dataclass(frozen=True)
 class Row:
-    """One row of the table, all of it here: source(ev, row, seed) -> (the backbone it probes, its SGD steps, what
-    its cell records besides); stored(ev, row) -> the floats it keeps (None: not a stored set); seeded: repeated
-    with every --seeds seed; load(ev, row) -> what it reads from its distilled_assets folder(ev), into ev.sets[row],
-    before the run folder is claimed; rotations: exists only where the set has rotated views; targets: built from
-    the teacher targets T; optional: how its set is made, the row skipped (when --rows is not given) where it is
-    missing; prepare(ev): run by every rank before the cells when one of the row's cells is missing; keep: its first
-    seed's backbone is saved as <student>_<row>_dataset.pth; held(ev, row) -> the (images, views) it pre-trains on."""
+    """One table row, all of it here: source(ev, row, seed) -> (backbone, SGD steps, cell extras); stored(ev, row) ->
+    floats kept (None: not a set); seeded: run per --seeds seed; load(ev, row) -> what it reads from folder(ev) into
+    ev.sets[row]; rotations / targets: needs rotated views / teacher targets T; optional: how its set is made (a missing
+    one skipped unless --rows names it); prepare(ev): every rank, before the cells; keep: save its first seed's
+    backbone; held(ev, row) -> (images, views) it pre-trains on."""
     source: object
     stored: object
     seeded: bool = True
@@ -429,8 +412,7 @@ ROWS = {
 }
 
 def run_cell(ev, row, seed, cell):
-    """One (row, seed) cell: the backbone, then each protocol that `cell` still lacks (a cell that has one protocol
-    runs only the other, its network trained again)."""
+    """One (row, seed) cell: the backbone, then each protocol `cell` still lacks (its network trained again)."""
     t0, bs = time.time(), ev.cfg["data"]["eval_batch_size"]
     g, steps, info = ROWS[row].source(ev, row, seed)
     info = dict(info)
@@ -465,8 +447,7 @@ def missing(cell, protocol):
 MIN_GAIN_POINTS = 1.0  # gain recovered is shown only when full_dataset beats random init by more than this
 
 def gain_defined(full, base):
-    """Gain recovered is a ratio over (full_dataset - no_pretraining): shown only when that margin exceeds both
-    MIN_GAIN_POINTS and twice the spread of either row over its seeds (DIGITS: within noise, so it is blank)."""
+    """Gain recovered is shown only where full_dataset - no_pretraining exceeds MIN_GAIN_POINTS and twice each std."""
     if None in (full.get("mean"), base.get("mean")):
         return False
     spread = 2 * max(full.get("std") or 0.0, base.get("std") or 0.0)
@@ -494,15 +475,16 @@ def markdown(results, header, protocol):
     fmt = lambda v, f: "-" if v is None else format(v, f)
     reused = lambda r: f" (model reused, trained in {fmt(r['train_time_s'], '.1f')})" if r.get("reused") else ""
     budget = {True: "yes", False: "**over**", None: "-"}
-    columns = ([("top-1 (%)", lambda r: mean_std(r, "", ".2f")), ("teacher fit R²", lambda r: mean_std(r, "fit", ".3f"))]
-               if "probe" in protocol else []) + \
+    columns = ([("top-1 (%)", lambda r: mean_std(r, "", ".2f")),
+                ("teacher fit R²", lambda r: mean_std(r, "fit", ".3f"))] if "probe" in protocol else []) + \
         ([("fine-tune top-1 (%)", lambda r: mean_std(r, "finetune", ".2f"))] if "finetune" in protocol else []) + [
         ("images (views)", lambda r: "-" if r.get("held") is None else "{:,} ({:,})".format(*r["held"])),
         ("seeds", lambda r: str(r["seeds"])), ("gain recovered", lambda r: fmt(r["gain_recovered"], ".1%")),
         ("retention", lambda r: fmt(r["retention"], ".1%")), ("SGD steps", lambda r: fmt(r["steps"], ",")),
         ("storage (floats)", lambda r: fmt(r["storage_floats"], ",")),
         ("storage (images)", lambda r: fmt(r["storage_images"], ",.1f")),
-        ("within budget", lambda r: budget[r["within_budget"]]), ("time (s)", lambda r: f"{r['time_s']:.1f}{reused(r)}")]
+        ("within budget", lambda r: budget[r["within_budget"]]),
+        ("time (s)", lambda r: f"{r['time_s']:.1f}{reused(r)}")]
     lines = [header, "", "| row | " + " | ".join(c for c, _ in columns) + " |", "|---" * (1 + len(columns)) + "|"]
     lines += [f"| {name} | " + " | ".join(f(r) for _, f in columns) + " |" for name, r in results.items()]
     note = (f"Gain recovered = (row - no_pretraining) / (full_dataset - no_pretraining), blank when full_dataset "
@@ -510,8 +492,7 @@ def markdown(results, header, protocol):
     return "\n".join(lines + ["", note]) + "\n"
 
 def row_result(row_cells, protocol, storage_floats):
-    """One table row from its (row, seed) cells: probe accuracies, teacher fits and fine-tune accuracies (None
-    where that protocol was not asked for), their mean and (population) std over seeds."""
+    """One table row from its cells: each measure (None where its protocol did not run), mean and std over seeds."""
     values = lambda key, p: [c[key] if p in protocol else None for c in row_cells]
     mean = lambda v: None if None in v else statistics.fmean(v)
     std = lambda v: None if None in v else statistics.pstdev(v) if len(v) > 1 else 0.0
@@ -522,13 +503,11 @@ def row_result(row_cells, protocol, storage_floats):
             "seeds": len(row_cells), "steps": row_cells[0]["steps"], "storage_floats": storage_floats,
             "time_s": sum(c["time_s"] for c in row_cells), **extra}
 
-# a kept cell's numbers: accuracies in percent; teacher fit R^2 <= 1, and >= -1 (a readout worse than twice the
-# teacher's variance is a broken file, not a measurement); times >= 0
+# a kept cell's numbers: accuracies in percent; R^2 in [-1, 1] (below -1 is a broken file, not a measurement)
 CELL_NUMBERS = {"probe": (0.0, 100.0), "fit": (-1.0, 1.0), "finetune": (0.0, 100.0), "time_s": (0.0, None)}
 
 def read_results(path):
-    """results.json as main_evaluate.py writes it (save() in evaluate), every kept cell checked: a file that is
-    not JSON, lacks a part, or holds a value that cannot be right is refused, naming the file and the entry."""
+    """results.json as save() writes it, every kept cell checked: anything else is refused naming file and entry."""
     def bad(what):
         raise utils.InputError(f"{path} is not a results.json written by main_evaluate.py: {what}; move it aside or "
                          f"rerun with --overwrite")
@@ -558,10 +537,8 @@ def read_results(path):
     return saved
 
 def resumed_cells(path, cfg, target_name, inputs):
-    """The (row, seed) cells a previous run of this config wrote to `path` (none if it wrote nothing yet: a
-    student of --student a,b,c that had not started); refused, naming what changed, when its config, target or
-    inputs (teacher, train split, distilled sets) differ. Seeds, rows and protocols may differ: cells of other
-    seeds or protocols are kept for a later run and only the missing ones run."""
+    """The (row, seed) cells a previous run wrote to `path` (none yet: {}); refused if its config, target or inputs
+    differ. Seeds, rows and protocols may differ: only the missing cells run."""
     if not path.is_file():
         print(f"--resume: no {path} yet; every cell runs")
         return {}
@@ -581,9 +558,7 @@ def resumed_cells(path, cfg, target_name, inputs):
 # main: check inputs -> load sets -> targets -> cells -> table
 # ============================================================================================
 def check_inputs(args, overrides, argv, sub):
-    """The table's Inputs with everything that can refuse it checked before anything is written: config, process
-    count, the run folder's state, the rows that can run, data, target data (and its labels per class for the
-    probe) and teacher."""
+    """The table's Inputs, everything that can refuse it checked before anything is written."""
     cfg = utils.load_config(args.config, overrides)
     ranks, device = utils.init_ranks(args.device, cfg["distributed_timeout_s"])  # rank 0 of 1 unless torchrun
     if cfg["evaluation"]["batch_size"] % ranks.world:
@@ -615,9 +590,8 @@ def check_inputs(args, overrides, argv, sub):
     return ev
 
 def available_rows(ev):
-    """The asked rows (--rows), less, when --rows was not given, the optional rows whose set does not exist
-    (krr_st unless --krr-assets names it, init_only) and those that repeat another row without rotations; asked
-    for, a missing set is an error. A flag that no row to run reads is refused."""
+    """The asked rows, less (without --rows) optional rows whose set is missing and rotation rows without rotations;
+    a flag that no row to run reads is refused."""
     rows = list(ev.rows)
     if not ev.args.rows_given:
         rows = []
@@ -636,14 +610,12 @@ def available_rows(ev):
     return rows
 
 def run_folder(ev):
-    """The table's folder; the full-dataset model in it is a cache checked by its own metadata (kept by
-    --overwrite)."""
+    """The table's folder; the full-dataset model in it is a cache --overwrite keeps (checked by its metadata)."""
     return utils.RunFolder(ev.out, "main_evaluate.py", outputs=(ev.out / "results.json",),
                            keep=(f"{ev.cfg['evaluation']['student']}_full_dataset.pth",))
 
 def load_sets(ev):
-    """What every row reads from its distilled_assets folder (Row.load), checked against this table's dataset,
-    teacher, split and target scale; the sets' file hashes join the table's inputs."""
+    """What every row reads from its folder (Row.load), checked against this table's inputs, which its hash joins."""
     for row in ev.rows:
         if ROWS[row].load is not None:
             ev.sets[row] = ROWS[row].load(ev, row)
@@ -659,9 +631,8 @@ def check_assets(ev, folder, d):
                                f"{', '.join(stale)}; rerun main_distill.py with this config and teacher")
 
 def teacher_targets(ev):
-    """T for the rows built from real images (rank 0 computes and caches them, then the others read the cache),
-    the teacher's features of the target (every row's teacher fit is scored against them), and the full-dataset
-    model (every rank trains it under torchrun)."""
+    """T for the rows built from real images (rank 0 caches it first), and the teacher's features of the target
+    (every row's teacher fit is scored against them)."""
     if any(ROWS[row].targets for row in ev.rows):
         with models.rank0_first(ev.ranks):
             ev.T, ev.target_scale = utils.teacher_targets(ev.teacher, ev.teacher_file, ev.data, ev.rotations,
@@ -669,9 +640,7 @@ def teacher_targets(ev):
     ev.teacher_feats = utils.split_features(ev.teacher, ev.target, ev.cfg["data"]["eval_batch_size"])
 
 def run_cells(ev, cells):
-    """One loop over the (row, seed) cells still missing: seeded rows' cells dealt to the ranks, the others rank
-    0's; results.json rewritten after each (under torchrun, rank 0's, then every rank's at the end). Returns the
-    table's rows."""
+    """The missing (row, seed) cells, seeded rows' dealt to the ranks, results.json rewritten after each; the rows."""
     def row_seeds(row):
         return ev.seeds if ROWS[row].seeded else [ev.cfg["seed"]]
     todo = [(r, s) for r in ev.rows for s in row_seeds(r) if missing(cells.setdefault(r, {}).get(str(s), {}),
@@ -706,8 +675,9 @@ def write_table(ev, results, cells):
     results = summarize(results, budget)
     header = (f"{cfg['dataset']} -> {ev.target.name}, budget N={cfg['storage']['budget_N']} ({budget['budget']:,} "
               f"floats), student {ec['student']} (width {cfg['network']['width']}; the teacher row is the ResNet-18 "
-              f"teacher) pre-trained {ec['epochs']} epochs (full dataset {ec['full_epochs']}), augment={ec['augment']}, "
-              f"protocol {'+'.join(ev.args.protocol)} (linear probe {cfg['probe']['iterations']} it., fine-tune "
+              f"teacher) pre-trained {ec['epochs']} epochs (full dataset {ec['full_epochs']}), "
+              f"augment={ec['augment']}, protocol {'+'.join(ev.args.protocol)} (linear probe "
+              f"{cfg['probe']['iterations']} it., fine-tune "
               f"{cfg['finetune']['iterations']} it.), seeds {ev.seeds}"
               + (f"; {ev.target.name} images at {cfg['data']['resolution']} px" if ev.target is not ev.data else ""))
     md = markdown(results, header, ev.args.protocol)
@@ -717,8 +687,7 @@ def write_table(ev, results, cells):
     return results
 
 def evaluate(args, overrides, argv, sub=None):
-    """The table of every row for one student, written to <out>[/<sub>]: ({row: result}, out) on rank 0,
-    (None, None) on the others."""
+    """One student's table in <out>[/<sub>]: ({row: result}, out) on rank 0, (None, None) on the others."""
     ev = check_inputs(args, overrides, argv, sub)
     load_sets(ev)
     cells = resumed_cells(ev.out / "results.json", ev.cfg, ev.target.name, ev.hashes) if args.resume else {}
