@@ -12,20 +12,13 @@ import torchvision
 # --------------------------------------------------------------------------------------------
 # ResNet-18 with the CIFAR stem (teacher g and the evaluation network)
 # --------------------------------------------------------------------------------------------
-RESNET18_DIM = 512  # the standard ResNet-18's global-average-pooled feature width: the teacher's d_y
-
 def resnet18_dim(width=64):
     """Feature width of a ResNet-18 whose stages are width, 2w, 4w, 8w channels: d_y = 8 * width."""
     return 8 * width
 
 def resnet18_cifar(width=64, blocks=2):
-    """torchvision ResNet-18 with a 3x3 stride-1 stem, no max-pool, fc = Identity -> 8*width features.
-
-    width = 64 is the standard ResNet-18 (only the stem is swapped, so saved state_dicts load into the
-    torchvision class after the same swap); a smaller width (the CPU-scale configs) rebuilds the four
-    stages at width, 2w, 4w, 8w channels with torchvision's own blocks and initialisation. Used at
-    32 and 64 px alike (SPEC 1). blocks = 1 per stage is ResNet-10 (an evaluation student).
-    """
+    """torchvision ResNet-18 with a 3x3 stride-1 stem, no max-pool, fc = Identity -> 8*width features. Another width
+    or `blocks` (1: ResNet-10) rebuilds the stages with torchvision's blocks and initialisation (SPEC 1)."""
     net = torchvision.models.resnet18()
     if width != 64 or blocks != 2:
         block = torchvision.models.resnet.BasicBlock
@@ -165,9 +158,8 @@ class _GatherRows(torch.autograd.Function):
         return grad[ctx.rows]
 
 def gather_rows(z):
-    """(world x b, ...) from every rank's (b, ...), differentiable; z itself in a single process. Each rank then
-    computes the loss of the global batch; DDP's gradient average over ranks makes the step the single-process
-    step on that batch (every rank's gradient of the same loss is summed here, then averaged there)."""
+    """(world x b, ...) from every rank's (b, ...), differentiable; z in one process. Every rank computes the global
+    batch's loss; summed here, averaged by DDP, the step is the single-process step."""
     return _GatherRows.apply(z) if dist.is_initialized() and dist.get_world_size() > 1 else z
 
 class _AllReduceSum(torch.autograd.Function):
@@ -223,11 +215,8 @@ def sync_batchnorm(module, device):
     return module
 
 class LARS(torch.optim.Optimizer):
-    """SGD with momentum and layer-wise trust ratios (solo-learn's LARS, clip_lr=True).
-
-    Parameter groups with `lars=False` (biases and norm parameters, SPEC 1) get neither weight
-    decay nor adaptation.
-    """
+    """SGD with momentum and layer-wise trust ratios (solo-learn's LARS, clip_lr=True); groups with `lars=False`
+    (biases and norm parameters, SPEC 1) get neither weight decay nor adaptation."""
 
     def __init__(self, params, lr, momentum, weight_decay, eta):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True))
@@ -267,10 +256,8 @@ def lars_param_groups(*modules):
 # KRR-ST model pool ConvNet and the approximation MLP
 # --------------------------------------------------------------------------------------------
 class ConvNet(nn.Module):
-    """KRR-ST pool network: [Conv3x3 -> BatchNorm -> ReLU -> AvgPool2] per width, then Linear.
-
-    embed(x) is the flattened last block (8192-d for 128-256-512 at 32 px), the KRR features.
-    """
+    """KRR-ST pool network: [Conv3x3 -> BatchNorm -> ReLU -> AvgPool2] per width, then Linear; embed(x), the
+    flattened last block, gives the KRR features."""
 
     def __init__(self, widths, resolution, out_dim, in_ch=3):
         super().__init__()

@@ -168,9 +168,8 @@ def barlow_step(net, opt, x, data, pc, gen, device):
     return loss.detach()
 
 def train_one_epoch(net, opt, data, pc, epoch, gen, device, ranks=models.Ranks()):
-    """One pass over the train split in random batches (last partial batch dropped): mean loss, views/s (of
-    this process). Under torchrun `data` holds this rank's shard and each step takes batch_size / world of it.
-    The loss is read back once, at the end of the epoch."""
+    """One pass in random batches (last partial dropped; under torchrun this rank's shard, batch_size / world each):
+    (mean loss, read back once; this process's views/s)."""
     net.train()
     N, B = len(data.train_x), pc["batch_size"] // ranks.world
     steps = N // B
@@ -204,9 +203,8 @@ def configure(argv):
     return args, cfg_path, cfg, ranks, device, teacher_file, run
 
 def load_checked(args, cfg_path, cfg, run, ranks):
-    """Everything that can refuse the run, before its folder is claimed: the folder's state, the data, the batch
-    size and the final probe's labels per class against it, and under --resume the checkpoint (config, inputs,
-    process count)."""
+    """Everything that can refuse the run, before its folder is claimed: folder, data, batch size, the probe's labels
+    per class, and under --resume the checkpoint."""
     if ranks.main:
         run.check(args.resume, args.overwrite)
     data = utils.load_data(cfg)
@@ -246,9 +244,8 @@ def restore(ckpt, net, opt, gen, ranks, path):
 
 @dataclass
 class Job:
-    """What the epochs work with besides the network: the config, device and processes, this rank's share of the
-    train split (`local`) and the whole split (`data`, rank 0's: kNN and probe), the run folder, its id and inputs
-    (what a checkpoint keeps), its log, and the command line (the recovery hint)."""
+    """What the epochs work with besides the network: config, device, ranks, this rank's share (`local`) and the
+    whole split (`data`, rank 0's: kNN, probe), run folder, id, inputs, log, command line (the recovery hint)."""
     cfg: dict
     device: torch.device
     ranks: models.Ranks
