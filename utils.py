@@ -77,8 +77,7 @@ def _terminate(signum, frame):
     raise Terminated()
 
 def cli(main, script):
-    """Run main(): a UserError, SIGINT/SIGTERM (exit 128 + signal) or a stalled collective is one line on stderr (what
-    was kept, the command that goes on); a bug keeps its traceback."""
+    """Run main(): a user's mistake, a signal or a stalled collective is one line on stderr; a bug keeps its trace."""
     signal.signal(signal.SIGTERM, _terminate)
     speaks = rank0 = os.environ.get("RANK", "0") == "0"
     try:
@@ -107,16 +106,15 @@ def _kept(script):
     return f"no checkpoint was written, the run folder is free: run it again with `{command(script, argv)}`"
 
 def _stalled(e, script, speaks):
-    """(line, whether this rank prints it) after a gloo collective timed out or lost a peer: each live rank sends rank 0
-    a word over RUN["side"], and rank 0 names the ranks it does not hear from (of 2, rank 1 names rank 0)."""
+    """(line, whether this rank prints it) after a gloo collective timed out: each live rank sends rank 0 a word over
+    RUN["side"]; rank 0 names the ranks it does not hear from."""
     text = str(e).lower()
     if "side" not in RUN or not ("timed out" in text or "closed" in text):
         raise e
     timeout, world = RUN["timeout"], torch.distributed.get_world_size()
     if torch.distributed.get_rank() == 0:
         words = [(r, torch.distributed.irecv(torch.zeros(1), r, group=RUN["side"])) for r in range(1, world)]
-        missing = []
-        deadline = time.time() + timeout.total_seconds()
+        missing, deadline = [], time.time() + timeout.total_seconds()
         for r, word in words:
             try:
                 word.wait(datetime.timedelta(seconds=max(deadline - time.time(), 0.01)))
@@ -154,8 +152,7 @@ ROTATION = (lambda v: v in (90, 180, 270), "one of 90, 180, 270")
 
 @dataclass(frozen=True)
 class Key:
-    """One config key: type (a tuple is a choice, [type] a list), range (per element; ANY: unbounded), meaning (the
-    error for a bad value quotes it), a list's (min, max) length."""
+    """A key's type (a tuple: a choice; [type]: a list), range (ANY: none), meaning (errors quote it), list length."""
     type: object
     range: tuple
     meaning: str
@@ -560,8 +557,7 @@ def channel_stats(x, chunk=8192):
     return mean.float(), (s2 / n - mean**2).sqrt().float()
 
 def _plane_arrays(path, label_key, layout, num_classes, side=32, kind="a CIFAR", first_label=0):
-    """One pickle of the CIFAR format (official CIFAR, and the Imagenet64x64 release at side 64 with 1-based labels):
-    'data' uint8 (n, 3 side^2) in R, G, B planes and n labels in [first_label, first_label + num_classes)."""
+    """A CIFAR-format pickle (also Imagenet64x64's, 1-based labels): 'data' uint8 (n, 3 side^2) in R, G, B planes."""
     if not path.is_file():
         raise DatasetError(f"missing {path}; expected layout: {layout}")
     try:
@@ -642,9 +638,8 @@ def load_cifar100(root):
                if (p / "train").is_file()]
         if off:  # data.root one level off: say so instead of downloading a second copy
             raise DatasetError(f"CIFAR-100 not found at {folder}, but {off[0]} holds it: the layout is "
-                               f"{CIFAR100_LAYOUT}, i.e. data.root must be the folder that holds "
-                               f"data/cifar-100-python/ "
-                               f"(here {off[0].parent.parent}); set data.root or move the folder")
+                               f"{CIFAR100_LAYOUT}, i.e. data.root must be the folder that holds data/cifar-100-python/"
+                               f" (here {off[0].parent.parent}); set data.root or move the folder")
         download("CIFAR-100", "CIFAR100", Path(root) / "data", folder, CIFAR100_LAYOUT)  # into data/data/...
     train_x, train_y = _plane_arrays(folder / "train", "fine_labels", CIFAR100_LAYOUT, 100)
     test_x, test_y = _plane_arrays(folder / "test", "fine_labels", CIFAR100_LAYOUT, 100)
@@ -900,8 +895,7 @@ def decode_targets(C_y, B_y, mu_y):
     return mu_y + C_y @ B_y
 
 def save_distilled(folder, asset, controls, nets):
-    """distilled_data.pth (`asset`), controls.pth and approx_net_rot_<angle>.pth per {angle: (ApproxMLP, error)}, each
-    with the run id: load_distilled refuses a folder that mixes two runs."""
+    """distilled_data.pth, controls.pth and approx_net_rot_<angle>.pth, each with the run id (load_distilled checks)."""
     folder = Path(folder)
     V = asset["C_y"].shape[1] if nets else None
     for angle, (net, err) in nets.items():
@@ -912,8 +906,8 @@ def save_distilled(folder, asset, controls, nets):
     atomic_save(asset, folder / "distilled_data.pth")
 
 def load_distilled(folder, device, exact=False):
-    """A distilled_assets folder -> (views (K*m, 3, H, W) view-major, targets (K*m, d_y), the stored dict). Rotated
-    targets come from the MLPs (SPEC 5), the stored C_y^k (ablation), or with `exact` controls.pth's learned C_y^k."""
+    """A distilled_assets folder -> (views (K*m, 3, H, W) view-major, targets (K*m, d_y), the stored dict); rotated
+    targets from the MLPs (SPEC 5), the stored C_y^k (ablation), or with `exact` the learned C_y^k."""
     folder = Path(folder)
     path = folder / "distilled_data.pth"
     if not path.is_file():
@@ -940,29 +934,25 @@ CONTROLS_FILE = "controls.pth"  # init indices and learned C_y^k, outside distil
 DISTILLED_KEYS = ["method", "dataset", "rotations", "resolution", "m", "storage", "config", "run_id", "teacher_hash",
                   "train_hash", "target_scale", "store_augmented_targets", "steps"]
 
-def check_same_run(path, found, run_id):
-    """A file of a distilled_assets folder must come from the run that wrote distilled_data.pth beside it."""
-    if found != run_id:
-        raise InputError(f"{path} belongs to run {found}, but distilled_data.pth beside it to run {run_id}: the "
-                         f"folder mixes two runs; rerun main_distill.py into an empty folder (or --overwrite)")
+def _run_file(path, what, keys, device, run_id, missing):
+    """A file of a distilled_assets folder, from the run (`run_id`; None: unchecked) that wrote distilled_data.pth."""
+    if not Path(path).is_file():
+        raise MissingInput(missing)
+    d = read_pth(path, what, keys, device, rebuild="rerun main_distill.py")
+    if run_id is not None and d["run_id"] != run_id:
+        raise InputError(f"{path} belongs to run {d['run_id']}, but distilled_data.pth beside it to run {run_id}: "
+                         f"the folder mixes two runs; rerun main_distill.py into an empty folder (or --overwrite)")
+    return d
 
 def read_controls(folder, device="cpu", run_id=None):
     """controls.pth of a distilled_assets folder: init indices and learned C_y^k (not part of the set)."""
     path = Path(folder) / CONTROLS_FILE
-    if not path.is_file():
-        raise MissingInput(f"no {path}: the real_init and distilled_exact rows need it; rerun main_distill.py")
-    c = read_pth(path, "the controls written by main_distill.py", ["init_indices", "run_id"], device,
-                 rebuild="rerun main_distill.py")
-    if run_id is not None:
-        check_same_run(path, c["run_id"], run_id)
-    return c
+    return _run_file(path, "the controls written by main_distill.py", ["init_indices", "run_id"], device, run_id,
+                     f"no {path}: the real_init and distilled_exact rows need it; rerun main_distill.py")
 
 def load_approx_net(path, device, run_id):
-    if not Path(path).is_file():
-        raise MissingInput(f"approximation net missing: {path}; rerun main_distill.py")
-    s = read_pth(path, "an approximation net written by main_distill.py", ["state_dict", "V", "hidden", "run_id"],
-                 device, rebuild="rerun main_distill.py")
-    check_same_run(path, s["run_id"], run_id)
+    s = _run_file(path, "an approximation net written by main_distill.py", ["state_dict", "V", "hidden", "run_id"],
+                  device, run_id, f"approximation net missing: {path}; rerun main_distill.py")
     net = models.ApproxMLP(s["V"], s["hidden"]).to(device)
     load_weights(net, s["state_dict"], path, f"an approximation MLP {s['V']} -> {s['hidden']} -> {s['V']}")
     return net.eval()
@@ -996,8 +986,7 @@ def save_teacher(path, backbone, cfg, data, run_id):
 TEACHER_META = ["dataset", "resolution", "width", "train_hash", "train_images", "split", "run_id"]
 
 def load_teacher(path, cfg, device, data=None):
-    """The frozen Barlow Twins backbone g written by pretrain.py, checked against the config and against `data`'s
-    train split (another subset or Dogs split would pair its targets with images it never saw)."""
+    """The frozen teacher g from pretrain.py, checked against the config and the train split it was trained on."""
     path, dataset, resolution, width = Path(path), cfg["dataset"], cfg["data"]["resolution"], cfg["network"]["width"]
     if not path.is_file():
         raise MissingInput(f"teacher not found: {path}; run `python pretrain.py {dataset}` first")
@@ -1039,10 +1028,8 @@ def embed_all(net, x, mean, std, batch_size, angle=0, precision_name="bfloat16")
     return torch.cat(out)
 
 def teacher_targets(teacher, teacher_file, data, rotations, dcfg, fallback_dir, teacher_hash=None):
-    """T[i, k] = s g(a_k(x_i)) for every train image and view (SPEC 4.1): (N_train, K, d_y), and s. The raw features
-    are cached beside the teacher (else in `fallback_dir`), keyed by teacher, split, rotations and precision. s sets
-    the identity views' RMS to data.target_rms: a short teacher's features can be 1e3-1e5 large, which the pool's and
-    students' SGD diverge on, while KRR and the probe are unchanged by s. `dcfg`: the data: section."""
+    """(T[i, k] = s g(a_k(x_i)) (N_train, K, d_y), s) (SPEC 4.1), cached beside the teacher (else in `fallback_dir`).
+    s sets the identity views' RMS to data.target_rms: SGD diverges on a short teacher's 1e3-1e5 features."""
     teacher_hash = teacher_hash or file_hash(teacher_file)
     key = f"{data.name.lower()}_n{len(data.train_x)}_{data.fingerprint}_{teacher_hash[:16]}_" \
           f"rot{'-'.join(map(str, rotations)) or 'none'}_{dcfg['target_precision']}"
@@ -1241,9 +1228,8 @@ def read_owner(folder):
 
 @dataclass
 class RunFolder:
-    """A run folder belongs to one run of one script. `outputs`: files that mean a run produced something; `checkpoint`:
-    what --resume continues from; `also`: outputs outside it, moved aside with it; `keep`: caches --overwrite keeps.
-    check() refuses, writing nothing; claim() writes the owner record and a lock, or removes what it wrote."""
+    """One run of one script: `outputs` mean a run produced something, `checkpoint` is what --resume continues, `also`:
+    outputs outside, moved aside with it; `keep`: caches --overwrite keeps. check() writes nothing; claim() locks."""
     folder: Path
     script: str
     outputs: tuple = ()
@@ -1378,8 +1364,7 @@ STATE_KEYS = ("dataset", "data.resolution", "data.train_subset", "network.width"
               "storage.store_augmented_targets", "distillation.method", "model_pool.size_L", "model_pool.widths")
 
 def load_checkpoint(path, cfg, inputs, allow_changed=()):
-    """A checkpoint for --resume, written with this config and these inputs (file and data hashes), but for the
-    `allow_changed` keys the user changes on purpose (a lower rate, more steps), never one of STATE_KEYS."""
+    """A checkpoint for --resume: its config and inputs must match, but for `allow_changed` keys (never STATE_KEYS)."""
     if not Path(path).is_file():
         raise MissingInput(f"--resume: no checkpoint at {path}")
     shaped = [k for k in allow_changed if k in STATE_KEYS]
@@ -1429,8 +1414,7 @@ def set_rng_state(state, gen, path="the checkpoint"):
             torch.cuda.set_rng_state(s, i)
 
 class RunLog:
-    """One JSON object per line in <run>/log.jsonl (barlowtwins' stats.txt); on resume the rows past `resume_at` =
-    (key, value), written after the last save, are dropped. A non-finite value is refused: the file stays JSON."""
+    """One JSON object per line in <run>/log.jsonl; on resume the rows past `resume_at` = (key, value) are dropped."""
 
     def __init__(self, path, resume_at=None):
         self.path = Path(path)
@@ -1438,8 +1422,7 @@ class RunLog:
         if resume_at is None:
             self.path.unlink(missing_ok=True)
         elif self.path.exists():
-            key, last = resume_at
-            rows = []
+            (key, last), rows = resume_at, []
             for n, line in enumerate(self.path.read_text().splitlines(), 1):
                 try:
                     value = json.loads(line).get(key, 0) if line.strip() else None
