@@ -7,17 +7,15 @@
     torchrun --standalone --nproc_per_node=8 main_distill.py --config configs/imagenet64.yaml   # one step, 8 ranks
 
 Under torchrun every outer step is the single-process step spread over the ranks (README, Several GPUs); rank 0
-writes. Needs the teacher from pretrain.py. Writes distilled_assets/<config name>_N<budget>[_krr_st]/ (or --out), the
-config name being its file stem (cifar10, cifar10_cpu):
-    distilled_data.pth        bases, means, coefficients, normalisation, rotations, storage table,
-                              resolved config, teacher hash, step count (decode: utils.load_distilled)
+writes. Needs the teacher from pretrain.py. Writes distilled_assets/<config name>_N<budget>[_krr_st]/ (or --out):
+    distilled_data.pth        bases, means, coefficients, normalisation, rotations, storage table, resolved config,
+                              teacher hash, step count (decode: utils.load_distilled)
     approx_net_rot_<a>.pth    one MLP per rotation a (SPEC 5)
-    controls.pth              not stored data: the indices of the m real images the set started from and
-                              the learned C_y^k, for main_evaluate's real_init and distilled_exact rows
+    controls.pth              not stored data: the indices of the m real images the set started from and the
+                              learned C_y^k, for main_evaluate's real_init and distilled_exact rows
     distilled_images.png      the decoded images, de-normalised
     config.json, log.jsonl, metrics.json (loss curve, storage, approximation errors), checkpoint.pth
-    init_only/, snapshots/step_<n>/  the same files for the set at step 0 and after each of
-                              distillation.snapshot_steps (the gain against outer steps)
+    init_only/, snapshots/step_<n>/  the same files for the set at step 0 and at each of distillation.snapshot_steps
 """
 import dataclasses
 import functools
@@ -46,7 +44,6 @@ def parse_args(argv):
     utils.add_common_args(p)
     return utils.parse_args(p, argv)
 
-
 # ============================================================================================
 # SPEC 2: the distilled set, parameterized (ours) or free (KRR-ST)
 # ============================================================================================
@@ -54,7 +51,7 @@ class PCADistilled(nn.Module):
     """x_i = up(mu_x + c_i^x B_x), y_i = mu_y + c_i^y B_y, y_i^k = mu_y + c_i^{y,k} B_y; views view-major."""
 
     def __init__(self, t, rotations, resolution, learn_bases):
-        """t: the tensors mu_x, B_x, C_x, mu_y, B_y, C_y and C_yk (K-1, m, V); the means are fixed (SPEC 2)."""
+        """t: mu_x, B_x, C_x, mu_y, B_y, C_y and C_yk (K-1, m, V); the means are fixed (SPEC 2)."""
         super().__init__()
         self.register_buffer("mu_x", t["mu_x"])
         self.register_buffer("mu_y", t["mu_y"])
@@ -70,7 +67,7 @@ class PCADistilled(nn.Module):
         """(K*m, 3, H, W) views and their (K*m, d_y) targets."""
         X = self.images()
         Y = utils.decode_targets(torch.cat([self.C_y[None], self.C_yk]).flatten(0, 1), self.B_y, self.mu_y)
-        return utils.all_views(X, self.rotations), Y
+        return all_views(X, self.rotations), Y
 
     def param_groups(self, dc):
         """Coefficients and bases get their own rates: a B_x step moves every image at once (SPEC 4.5)."""
@@ -81,7 +78,6 @@ class PCADistilled(nn.Module):
     def export(self):
         return {"mu_x": self.mu_x, "B_x": self.B_x.detach(), "C_x": self.C_x.detach(), "mu_y": self.mu_y,
                 "B_y": self.B_y.detach(), "C_y": self.C_y.detach(), "rotations": self.rotations}
-
 
 class FreeDistilled(nn.Module):
     """KRR-ST: free pixels X (m, 3, H, W) and free targets Y (m, d_y), no views."""
@@ -104,11 +100,9 @@ class FreeDistilled(nn.Module):
     def export(self):
         return {"X": self.X.detach(), "Y": self.Y.detach(), "rotations": []}
 
-
 @torch.no_grad()
 def init_distilled(cfg, data, T, m, gen):
-    """Start from m distinct real train images drawn at random (SPEC 2): their PCA coefficients (or pixels) and
-    teacher targets."""
+    """Start from m distinct random real train images (SPEC 2): their PCA coefficients (or pixels) and targets."""
     idx = torch.randperm(len(T), generator=gen, device=gen.device)[:m].to(data.train_x.device)
     if cfg["distillation"]["method"] == "krr_st":
         distilled = FreeDistilled(utils.normalize(data.train_x[idx], data.mean, data.std), T[idx, 0].clone())
@@ -116,7 +110,6 @@ def init_distilled(cfg, data, T, m, gen):
         distilled = pca_distilled(cfg, data, T, idx)
     distilled.init_indices = idx.cpu()  # the real images it starts from: main_evaluate's real_init row
     return distilled
-
 
 def pca_distilled(cfg, data, T, idx):
     """SPEC 2: PCA bases of the train images and teacher targets; coefficients of the real images idx."""
@@ -130,17 +123,11 @@ def pca_distilled(cfg, data, T, idx):
     t = dict(mu_x=mu_x, B_x=B_x, C_x=C_x, mu_y=mu_y, B_y=B_y, C_y=C_y, C_yk=C_yk)
     return PCADistilled(t, cfg["augmentations"]["rotate"], data.train_x.shape[-1], P["learn_bases"])
 
-
-PCA_ROWS = 65536  # rows per float64 chunk of pca(): its memory is O(D^2 + PCA_ROWS D), not a float64 copy of X.
-# CIFAR's 50,000 and Stanford Dogs' 12,000 images are one chunk, the one-shot PCA's sums bit for bit; Tiny ImageNet's
-# 100,000 and IMAGENET64's 1.28M are summed in chunks (at 64 px a chunk's normalised images are ~3.2 GB of float32)
-
+PCA_ROWS = 65536  # rows per float64 chunk of pca(): O(D^2 + PCA_ROWS D) memory; CIFAR is one chunk (bit for bit)
 
 def pca(X, k):
-    """Top-k principal directions of the rows of X: (mean (D,), basis (k, D) with orthonormal rows). X is a
-    tensor, or a function returning an iterable of row chunks (read twice), so that a source of a million images
-    (IMAGENET64: 1.28M x 3,072 downsampled values) never exists whole, let alone in float64: the mean and the
-    centred covariance are summed chunk by chunk in float64."""
+    """Top-k principal directions of X's rows: (mean (D,), orthonormal basis (k, D)). X is a tensor or a function
+    returning row chunks (read twice), summed in float64 chunk by chunk: IMAGENET64's 1.28M rows never exist whole."""
     chunks = (lambda: X.split(PCA_ROWS)) if torch.is_tensor(X) else X
     n, total = 0, 0
     for x in chunks():
@@ -152,11 +139,9 @@ def pca(X, k):
     evals, evecs = torch.linalg.eigh(cov)  # ascending
     return mu.float(), evecs[:, -k:].flip(1).T.contiguous().float()
 
-
 def downsample(x, r_b):
     """Normalised images (n, 3, H, W) -> flattened antialiased r_b x r_b (n, 3 r_b^2)."""
     return F.interpolate(x, size=(r_b, r_b), mode="bilinear", antialias=True, align_corners=False).flatten(1)
-
 
 # ============================================================================================
 # SPEC 3: storage accounting decides m
@@ -196,17 +181,14 @@ def storage_accounting(cfg):
     return {"budget_N": N, "floats_per_image": per_image, "budget": budget, "rows": rows, "m": m,
             "m_max": m_max, "stored": stored}
 
-
 # ============================================================================================
 # SPEC 4: the model pool and one outer step
 # ============================================================================================
 class ModelPool:
-    """L ConvNets, each with its own SGD state and age; a model is re-initialised at age Z.
-    `chunk` (distillation.support_chunk): views per forward pass of the inner step, 0 = all at once; `ranks`: under
-    torchrun every rank holds the same pool (same seeds), its BatchNorm over every rank's views
-    (models.sync_batchnorm), and the inner step is split."""
+    """L ConvNets, each with its own SGD state and age, re-initialised at age Z. `chunk`: views per inner-step pass
+    (0 = all); under torchrun every rank holds the same pool, BatchNorm over all ranks' views, the step split."""
 
-    def __init__(self, mp, resolution, d_y, device, chunk=0, ranks=utils.Ranks()):
+    def __init__(self, mp, resolution, d_y, device, chunk=0, ranks=models.Ranks()):
         self.mp, self.resolution, self.d_y, self.device = mp, resolution, d_y, device
         self.chunk, self.ranks = chunk, ranks
         self.models, self.opts, self.ages = [None] * mp["size_L"], [None] * mp["size_L"], [0] * mp["size_L"]
@@ -217,20 +199,16 @@ class ModelPool:
         f = models.ConvNet(self.mp["widths"], self.resolution, self.d_y)
         if self.ranks.world > 1:  # the same weights (drawn on the CPU before the swap), BatchNorm over all ranks
             f = models.sync_batchnorm(f, self.device)
-        f = utils.channels_last_module(f.to(self.device), self.device)
+        f = models.channels_last_module(f.to(self.device), self.device)
         self.models[j] = f
         self.opts[j] = torch.optim.SGD(f.parameters(), lr=self.mp["lr"], momentum=self.mp["momentum"],
                                        weight_decay=self.mp["weight_decay"])
         self.ages[j] = 0
 
     def inner_step(self, j, X, Y):
-        """One SGD step of model j on MSE(f(X_s), Y_s), train mode, X_s and Y_s detached (SPEC 4.6-7).
-        With a chunk size, gradients accumulate over strided chunks (each holds every view alike), and
-        BatchNorm normalises each chunk by its own statistics. Under torchrun the step is data-parallel: rank r
-        takes its contiguous part of the K m views (rank_slice) in the single process's number of strided chunks
-        (BatchNorm normalises chunk c over every rank's chunk c: the single process's chunk c when the chunk count
-        divides each part, and always without chunks); each rank's loss is its share of the mean over all K m
-        views, the gradients summed by one all_reduce, then the same SGD step on every rank."""
+        """One SGD step of model j on MSE(f(X_s), Y_s), train mode, detached (SPEC 4.6-7); gradients accumulate over
+        strided chunks (BatchNorm per chunk). Under torchrun rank r takes its rank_slice of the K m views in as many
+        chunks, its loss its share of the mean; one all_reduce sums the gradients, then the same SGD step."""
         f = self.models[j].train()
         n = min(math.ceil(len(X) / (self.chunk or len(X))), max(len(X) // self.ranks.world, 1))  # alike on all ranks
         part = rank_slice(len(X), self.ranks)
@@ -238,8 +216,8 @@ class ModelPool:
         self.opts[j].zero_grad(set_to_none=True)
         for c in range(n):
             x, y = X_r[c::n].detach(), Y_r[c::n].detach()
-            with utils.autocast(self.device):
-                loss = models.mse(f(utils.to_channels_last(x, self.device)), y)
+            with models.autocast(self.device):
+                loss = models.mse(f(models.to_channels_last(x, self.device)), y)
             (loss * (len(x) / len(X)) if len(x) < len(X) else loss).backward()  # the mean over all K m views
         all_reduce_flat([p.grad for p in f.parameters() if p.grad is not None], self.ranks)
         self.opts[j].step()
@@ -248,8 +226,7 @@ class ModelPool:
             self.reset(j)
 
     def stagger(self, X, Y, rng):
-        """Model j starts at a random age in [0, Z), pre-trained that many steps on the initial set
-        (about L x Z / 2 inner steps before the first outer step: shrink model_pool.size_L or Z to shorten it)."""
+        """Model j starts at a random age in [0, Z), pre-trained that many steps on the initial set (~L Z / 2 steps)."""
         ages = [rng.randrange(self.mp["inner_loop_steps_Z"]) for _ in self.models]
         with tqdm(total=sum(ages), desc="stagger pool", leave=False, dynamic_ncols=True,
                   disable=not self.ranks.main) as bar:
@@ -269,19 +246,14 @@ class ModelPool:
             self.opts[j].load_state_dict(os_)
         self.ages = list(s["ages"])
 
-
 def cholesky_solve(L, Y):
     """(L L^T)^-1 Y by two triangular solves (cuBLAS trsm on CUDA, whatever the preferred linalg backend)."""
     return torch.linalg.solve_triangular(L.T, torch.linalg.solve_triangular(L, Y, upper=False), upper=True)
 
-
 class PositiveDefiniteSolve(torch.autograd.Function):
-    """X = A^-1 Y for a symmetric positive-definite A, by its Cholesky factor L, forward and backward:
-    gY = A^-1 gX and gA = -gY X^T, the gradient an LU solve gives, at O(n^2 k) (differentiating through the
-    factor instead would add O(n^3) matrix products). Nothing is read back to the host on CUDA: a factorisation that
-    fails (info > 0: a non-finite entry, or A no longer positive definite in float32) makes X NaN on the device,
-    which the loop's next finiteness check stops on. The backward runs in strict float32, as torch's linalg
-    backwards do."""
+    """X = A^-1 Y for a symmetric positive-definite A by its Cholesky factor: gY = A^-1 gX, gA = -gY X^T at O(n^2 k)
+    (through the factor would add O(n^3)). No host sync: a failed factorisation makes X NaN, which the loop's next
+    finiteness check stops on. The backward runs in strict float32, as torch's linalg backwards do."""
 
     @staticmethod
     def forward(ctx, A, Y):
@@ -293,15 +265,13 @@ class PositiveDefiniteSolve(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gX):
         L, X = ctx.saved_tensors
-        with utils.tf32(False):
+        with models.tf32(False):
             gY = cholesky_solve(L, gX)
             return -gY @ X.T, gY
 
-
 def krr_predict(Phi_s, Phi_t, Y_s, ridge):
-    """Yhat_t = K_ts (K_ss + ridge tr(K_ss) I)^-1 Y_s in float32 (float64 features stay float64), features
-    with a constant-1 column. The ridge keeps K_ss + lam I positive definite: PositiveDefiniteSolve (Cholesky,
-    no host sync on CUDA; NaN where the factorisation fails)."""
+    """Yhat_t = K_ts (K_ss + ridge tr(K_ss) I)^-1 Y_s in float32 (float64 stays), features with a constant-1 column;
+    the ridge keeps the matrix positive definite for PositiveDefiniteSolve."""
     dtype = torch.promote_types(Phi_s.dtype, torch.float32)
     Phi_s = torch.cat([Phi_s.to(dtype), Phi_s.new_ones(len(Phi_s), 1, dtype=dtype)], 1)
     Phi_t = torch.cat([Phi_t.to(dtype), Phi_t.new_ones(len(Phi_t), 1, dtype=dtype)], 1)
@@ -311,13 +281,10 @@ def krr_predict(Phi_s, Phi_t, Y_s, ridge):
     eye = torch.eye(len(K_ss), device=K_ss.device, dtype=dtype)
     return K_ts @ PositiveDefiniteSolve.apply(K_ss + lam * eye, Y_s.to(dtype))
 
-
 # ------------------------------------------------------------------ the frozen model's KRR passes, chosen at setup
 def frozen_blocks(f, fold_bn):
-    """The eval-mode pool ConvNet f as tensors, one (conv weight, conv bias, BN scale, BN shift) per block: eval-mode
-    BatchNorm is x * scale + shift with scale = gamma / sqrt(var + eps), shift = beta - mean * scale. With
-    `fold_bn` (distillation.fold_bn) both are folded into the conv (W scale, b scale + shift; scale and shift None):
-    the same function, one pass fewer over every block's activations."""
+    """The eval-mode pool ConvNet f as one (conv W, conv b, BN scale, BN shift) per block; with `fold_bn` the BN is
+    folded into the conv (W scale, b scale + shift): the same function, one pass fewer over the activations."""
     layers = list(f.features)
     blocks = []
     for conv, bn in zip(layers[0::4], layers[1::4]):
@@ -329,10 +296,8 @@ def frozen_blocks(f, fold_bn):
             blocks.append((conv.weight, conv.bias, scale, shift))
     return blocks
 
-
 def blocks_embed(x, blocks):
-    """ConvNet.embed from frozen_blocks' tensors: [conv -> (BN) -> ReLU -> AvgPool2] per block, flattened. A pure
-    function of tensors, so one torch.compile graph serves every pool model (and every re-initialisation)."""
+    """ConvNet.embed from frozen_blocks' tensors: a pure function, so one torch.compile graph serves every model."""
     for W, b, scale, shift in blocks:
         x = F.conv2d(x, W, b, padding=1)
         if scale is not None:
@@ -340,52 +305,41 @@ def blocks_embed(x, blocks):
         x = F.avg_pool2d(F.relu(x), 2)
     return x.flatten(1)
 
-
 def feature_pass(dc, device):
-    """f -> the KRR passes' x -> f.embed(x) of an eval-mode, frozen pool model f, chosen once at setup: f.embed
-    itself, or with the levers that paid on the H200 (2026-12-04): `distillation.fold_bn` folds BatchNorm into the
-    convs (1.15x), `distillation.compile_features` runs blocks_embed as one torch.compile graph for every pool model
-    (1.74x; CUDA only: on the CPU the key is read and the eager function runs)."""
+    """f -> the frozen pool model f's KRR feature function, chosen once at setup: f.embed, or blocks_embed with
+    distillation.fold_bn and/or compile_features (torch.compile, CUDA only), the levers that paid."""
     compiled = dc["compile_features"] and device.type == "cuda"
     if not (dc["fold_bn"] or compiled):
         return lambda f: f.embed
     embed = torch.compile(blocks_embed, dynamic=False) if compiled else blocks_embed
     return lambda f: functools.partial(embed, blocks=frozen_blocks(f, dc["fold_bn"]))
 
-
 def support_features(embed, X_s, chunk, device):
-    """Phi_s = embed(X_s) in one pass, or chunk by chunk with each chunk's activations recomputed in backward
-    (activation checkpointing): the same values and gradients (f is in eval mode), the memory of one chunk, and no
-    tensor near 2^31 elements (Stanford Dogs' 4 x 1,993 views at 64 px)."""
+    """Phi_s = embed(X_s) in one pass, or chunk by chunk with activation checkpointing: the same values and gradients
+    (f is in eval mode), the memory of one chunk and no tensor near 2^31 elements."""
     if not chunk or chunk >= len(X_s):
-        return embed(utils.to_channels_last(X_s, device))
-    return torch.cat([checkpoint(embed, utils.to_channels_last(x, device), use_reentrant=False)
+        return embed(models.to_channels_last(X_s, device))
+    return torch.cat([checkpoint(embed, models.to_channels_last(x, device), use_reentrant=False)
                       for x in X_s.split(chunk)])
-
 
 def real_precision(dc):
     """The precision of the real views' no-grad forward: `distillation.real_features`, `same` = krr_features."""
     return dc["krr_features"] if dc["real_features"] == "same" else dc["real_features"]
 
-
-def krr_forward(embed, X_s, Y_s, x_t, dc, ranks=utils.Ranks()):
-    """SPEC 4.4: the KRR prediction of the real views x_t from the support set (X_s, Y_s) through `embed` (f.embed
-    or its feature_pass): the support features in `distillation.krr_features`, the real views' (no gradient) in
-    `distillation.real_features`, the kernels and the solve in float32 (krr_predict). Under torchrun each rank
-    passes its part of the support views (rank_rows)."""
+def krr_forward(embed, X_s, Y_s, x_t, dc, ranks=models.Ranks()):
+    """SPEC 4.4: the KRR prediction of the real views x_t from (X_s, Y_s) through `embed`, each pass in its precision
+    key, the solve in float32; under torchrun each rank passes its part of the support views (rank_rows)."""
     device = Y_s.device
-    with utils.precision(device, real_precision(dc)), torch.no_grad():
-        Phi_t = embed(utils.to_channels_last(x_t, device))
-    with utils.precision(device, dc["krr_features"]):
+    with models.precision(device, real_precision(dc)), torch.no_grad():
+        Phi_t = embed(models.to_channels_last(x_t, device))
+    with models.precision(device, dc["krr_features"]):
         Phi_s = rank_rows(lambda X: support_features(embed, X, dc["support_chunk"], device), X_s, ranks)
-    with utils.tf32(False):
+    with models.tf32(False):
         return krr_predict(Phi_s, Phi_t, Y_s, dc["ridge"])
 
-
-def real_batch(data, T, dc, rotations, gen, ranks=utils.Ranks(), sharded=False):
-    """`outer_batch_size` real images in all K views (or identity only) with targets from T. Under torchrun
-    (`ranks`) this rank's contiguous part of them (rank_slice): of the batch every rank draws alike from the
-    whole set, or with `sharded` (data.shard) as many drawn by this rank's own generator from its shard."""
+def real_batch(data, T, dc, rotations, gen, ranks=models.Ranks(), sharded=False):
+    """`outer_batch_size` real images in all K views (or identity only) with targets from T; under torchrun this
+    rank's rank_slice of the batch all ranks draw alike, or with `sharded` its own draw from its shard."""
     b = dc["outer_batch_size"]
     if sharded:
         part = rank_slice(b, ranks)
@@ -396,19 +350,19 @@ def real_batch(data, T, dc, rotations, gen, ranks=utils.Ranks(), sharded=False):
     x = utils.normalize(data.train_x[idx], data.mean, data.std)
     if dc["real_views"] == "identity":
         return x, T[idx, 0]
-    return utils.all_views(x, rotations), T[idx].transpose(0, 1).flatten(0, 1)  # view-major, as all_views
+    return all_views(x, rotations), T[idx].transpose(0, 1).flatten(0, 1)  # view-major, as all_views
 
+def all_views(x, rotations):
+    """(B, ...) -> (K*B, ...), view-major: [x, a_1(x), ..., a_{K-1}(x)]."""
+    return torch.cat([x] + [utils.rotate(x, a) for a in rotations])
 
 def make_optimizer(distilled, dc):
     """AdamW (weight decay 0) on the learned distilled tensors, each group at its rate (SPEC 4.5)."""
     return torch.optim.AdamW(distilled.param_groups(dc), weight_decay=0.0)
 
-
 def outer_step(state, data, T, dc):
-    """SPEC 4.2-7: the KRR loss of one random pool model on a real batch, an AdamW step of the distilled set, then
-    the model's inner step. Under torchrun every rank holds the same set and pool and draws the same model, passes
-    its part of the real and support views, and takes the same AdamW step (the steps below with their rank_ parts:
-    the single-process step exactly, spread over the ranks)."""
+    """SPEC 4.2-7: the KRR loss of one random pool model on a real batch, an AdamW step of the set, the model's inner
+    step. Under torchrun every rank passes its part and takes the same step (the rank_ helpers)."""
     x_t, y_t = real_batch(data, T, dc, state.distilled.rotations, state.real_gen or state.gen, state.ranks,
                           state.real_gen is not None)  # (b K, 3, H, W), (b K, d_y)
     X_s, Y_s = state.distilled()  # (K m, 3, H, W), (K m, d_y)
@@ -417,7 +371,7 @@ def outer_step(state, data, T, dc):
     Yhat_t = krr_forward(state.embed_of(f), X_s, Y_s, x_t, dc, state.ranks)
     loss = models.mse(Yhat_t, y_t) * rank_share(dc["outer_batch_size"], state.ranks)
     state.opt.zero_grad(set_to_none=True)
-    with utils.tf32(dc["krr_features"] == "tf32"):
+    with models.tf32(dc["krr_features"] == "tf32"):
         loss.backward()
     f.requires_grad_(True)
     loss = rank_sum(loss.detach(), state.opt, state.ranks)
@@ -426,21 +380,17 @@ def outer_step(state, data, T, dc):
     state.pool.inner_step(j, X_s, Y_s)
     return loss
 
-
 # ------------------------------------------------------------------ under torchrun: the step's parts and their sums
 # A single-process reader can skip this: with one process rank_rows is f(X), rank_share 1 and rank_sum the loss.
 def rank_slice(n, ranks, rank=None):
-    """Rank r's contiguous part of n rows, as torch.tensor_split cuts them (the first n mod W parts one longer):
-    the parts, in rank order, are the rows in their order."""
+    """Rank r's contiguous part of n rows, as torch.tensor_split cuts them (the first n mod W parts one longer)."""
     r = ranks.rank if rank is None else rank
     base, extra = divmod(n, ranks.world)
     start = r * base + min(r, extra)
     return slice(start, start + base + (r < extra))
 
-
 def all_reduce_flat(tensors, ranks):
-    """Sum each tensor over the ranks in place, with ONE all_reduce over a flat buffer (a gradient of many small
-    tensors in one message); nothing in a single process."""
+    """Sum each tensor over the ranks in place with ONE all_reduce over a flat buffer; nothing in one process."""
     if ranks.world == 1 or not tensors:
         return tensors
     flat = torch.cat([t.reshape(-1) for t in tensors])
@@ -449,12 +399,9 @@ def all_reduce_flat(tensors, ranks):
         t.copy_(part.view_as(t))
     return tensors
 
-
 def rank_rows(f, X, ranks):
-    """f(X) of every row of X from f of this rank's part only (rank_slice): the parts, padded to one length,
-    gathered in rank order by models.gather_rows, whose backward sums every rank's gradient of the gathered rows
-    and hands each rank that of its own, so every rank forms the same K_ss and its pass gets the whole loss's
-    gradient."""
+    """f(X) of every row from f of this rank's part (rank_slice), padded and gathered by models.gather_rows, whose
+    backward hands each rank its rows' summed gradient: every rank forms the same K_ss."""
     if ranks.world == 1:
         return f(X)
     parts = [rank_slice(len(X), ranks, r) for r in range(ranks.world)]
@@ -465,16 +412,13 @@ def rank_rows(f, X, ranks):
                       for r, p in enumerate(parts)])
     return models.gather_rows(Phi)[keep]
 
-
 def rank_share(n, ranks):
     """This rank's share of a mean over n images (or all their views), its rank_slice of them: 1 in one process."""
     part = rank_slice(n, ranks)
     return (part.stop - part.start) / n
 
-
 def rank_sum(loss, opt, ranks):
-    """The loss and every distilled gradient summed over the ranks by ONE all_reduce over a flat buffer (each rank
-    computed its share); the loss itself in a single process."""
+    """The loss and every distilled gradient summed over the ranks by ONE all_reduce (each rank computed its share)."""
     if ranks.world == 1:
         return loss
     params = [p for g in opt.param_groups for p in g["params"]]
@@ -485,17 +429,13 @@ def rank_sum(loss, opt, ranks):
         p.grad = g
     return loss[0]
 
-
 # ============================================================================================
 # SPEC 5: approximation networks
 # ============================================================================================
 def fit_approx_nets(C_y, C_yk, ac, seed):
-    """One MLP per rotation k, c^y -> c^{y,k} - c^y (SPEC 5), net k initialised by seed + k; returns the nets and
-    their relative errors ||err|| / ||shift||. The K nets' weights are stacked (torch.func.stack_module_state) and
-    fitted together, full batch, by one Adam: the summed loss gives each net the gradient of its own mean squared
-    error, and Adam acts per element, so each net follows its separate fit at a third of the steps' launches (a
-    GPU idled ~16 s per fit of three separate loops, 2026-12-04). The initialisation runs in a forked random state:
-    fitting the init_only set's nets before the loop leaves the run's own draws (pool re-initialisations) alone."""
+    """One MLP per rotation k, c^y -> c^{y,k} - c^y (SPEC 5), net k seeded seed + k: (nets, relative errors). The
+    nets are stacked (torch.func.stack_module_state) and fitted by one Adam on the summed loss, each net's own fit
+    (Adam acts per element) in one loop; seeded in a forked random state, leaving the run's draws alone."""
     (m, V), K = C_y.shape, len(C_yk)
     with torch.random.fork_rng(devices=[C_y.device.index or 0] if C_y.device.type == "cuda" else []):
         nets = []
@@ -518,11 +458,9 @@ def fit_approx_nets(C_y, C_yk, ac, seed):
         errors = [((net(C_y) - s).norm() / s.norm().clamp_min(1e-12)).item() for net, s in zip(nets, shift)]
     return [net.eval() for net in nets], errors
 
-
 def save_set(folder, distilled, base, cfg, data, recovery):
-    """One distilled set in `folder` (utils.save_distilled): `base` + the exported tensors, the approximation nets
-    fitted to its C_y -> C_y^k (SPEC 5), the controls and the image grid. Returns the nets' relative errors.
-    `recovery` = (argv, checkpoint, its step): what a divergence of the nets' fit tells the user to run."""
+    """One set in `folder` (utils.save_distilled): `base` + its tensors, its approximation nets, controls and image
+    grid; the nets' relative errors. `recovery` = (argv, checkpoint, its step), for a diverged fit's hint."""
     asset = {**base, **{k: v.cpu() if torch.is_tensor(v) else v for k, v in distilled.export().items()}}
     # Not part of the distilled set (nor of its budget): what main_evaluate's control rows need.
     controls = {"init_indices": distilled.init_indices, "teacher_hash": base["teacher_hash"], "run_id": base["run_id"]}
@@ -549,27 +487,21 @@ def save_set(folder, distilled, base, cfg, data, recovery):
         save_grid(distilled.images(), data.mean, data.std, folder / "distilled_images.png")
     return approx_errors
 
-
 def save_snapshot(state, job, saved):
-    """The set after state.step outer steps (one of distillation.snapshot_steps) in <run>/snapshots/step_<n>/, the
-    same files as the final set (save_set): main_evaluate reads it with --assets, as the gain-against-steps curve
-    (tests/gpu_session.py) does. Its approximation nets are fitted in a forked random state, as init_only's.
-    `saved`: the step of the last checkpoint, for the recovery hint."""
+    """The set at one of distillation.snapshot_steps in <run>/snapshots/step_<n>/, as the final set's files
+    (main_evaluate --assets reads it); `saved`: the last checkpoint's step, for the recovery hint."""
     folder = job.run.folder / "snapshots" / f"step_{state.step}"
     folder.mkdir(parents=True, exist_ok=True)
     save_set(folder, state.distilled, {**job.base, "steps": state.step, "schedule": state.schedule}, job.cfg, job.data,
              (job.argv, job.run.checkpoint, saved))
 
-
 def save_grid(images, mean, std, path, max_images=100, min_side=64):
-    """The first images, de-normalised, in a square grid; each drawn at least `min_side` pixels wide (whole-pixel
-    nearest upscaling), so a 16 px set is not a 170-pixel thumbnail."""
+    """The first images, de-normalised, in a square grid, each upscaled (nearest) to at least `min_side` pixels."""
     from torchvision.utils import save_image
     x = images[:max_images].detach().float().cpu() * std.view(1, -1, 1, 1).cpu() + mean.view(1, -1, 1, 1).cpu()
     scale = max(1, math.ceil(min_side / x.shape[-1]))
     x = torch.nn.functional.interpolate(x, scale_factor=scale, mode="nearest")
     save_image(x.clamp(0, 1), path, nrow=int(math.ceil(math.sqrt(len(x)))), padding=2)
-
 
 # ============================================================================================
 # main: arguments -> config -> checks -> run folder -> teacher targets -> set, pool -> loop -> assets
@@ -591,25 +523,23 @@ class State:
     scales: torch.Tensor = None  # each parameter group's largest |value| at the last finite check (check_finite)
     scales_start: torch.Tensor = None  # ... at the run's first step (kept in the checkpoint: resumes compare with it)
     scales_saved: torch.Tensor = None  # ... at the last checkpoint
-    ranks: utils.Ranks = utils.Ranks()  # torchrun's processes: every rank holds all of the above alike
+    ranks: models.Ranks = models.Ranks()  # torchrun's processes: every rank holds all of the above alike
     real_gen: torch.Generator = None  # data.shard under torchrun: this rank's generator of its real batch
     embed_of: object = None  # f -> the KRR passes' feature function of pool model f (feature_pass, not saved)
 
     def checkpoint(self, cfg, inputs):
         """Every rank calls it (under data.shard it gathers each rank's batch generator); rank 0 writes it."""
-        real = utils.gather_objects(utils.rng_state(self.real_gen), self.ranks) if self.real_gen else None
+        real = models.gather_objects(utils.rng_state(self.real_gen), self.ranks) if self.real_gen else None
         return {"distilled": self.distilled.state_dict(), "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "pool": self.pool.state_dict(), "rng": utils.rng_state(self.gen),
                 "py_rng": self.rng.getstate(), "step": self.step, "curve": self.curve, "schedule": self.schedule,
                 "config": cfg, "inputs": inputs, "run_id": self.run_id, "processes": self.ranks.world,
                 "real_rng": real, "scales_start": self.scales_start}
 
-
 @dataclass
 class Job:
-    """What one run works from besides its State: the config, the data and teacher targets T with their scale and
-    the inputs they were built from, the run folder and its log, the command line (for recovery hints), and what
-    every set file carries (`base`, set by describe)."""
+    """What a run works from besides its State: config, data, targets T, run folder, log, the command line (recovery
+    hints) and what every set file carries (`base`, set by describe)."""
     cfg: dict
     data: object
     T: torch.Tensor
@@ -619,7 +549,6 @@ class Job:
     argv: list
     log: object = None
     base: dict = None
-
 
 def configure(argv):
     """(args, config, ranks, device, the run folder, the teacher file). Under torchrun rank 0 alone prints."""
@@ -635,15 +564,11 @@ def configure(argv):
         sys.stdout = open(os.devnull, "w")  # one copy of every line (errors still reach stderr)
     return args, cfg, ranks, device, run, teacher_file
 
-
 def rotations_of(cfg):
     return [] if cfg["distillation"]["method"] == "krr_st" else cfg["augmentations"]["rotate"]
 
-
-def load_checked(args, cfg, run, table, teacher_file, device, ranks=utils.Ranks()):
-    """Everything that can refuse the run, before its folder is claimed: the folder's state (rank 0), the data and
-    the sizes it must hold, the teacher against config and data, and under --resume the checkpoint (config, inputs,
-    process count)."""
+def load_checked(args, cfg, run, table, teacher_file, device, ranks=models.Ranks()):
+    """Everything that can refuse the run, before its folder is claimed: folder, data sizes, teacher, checkpoint."""
     if ranks.main:
         run.check(args.resume, args.overwrite)
     data = utils.load_data(cfg)
@@ -659,16 +584,13 @@ def load_checked(args, cfg, run, table, teacher_file, device, ranks=utils.Ranks(
                                 f"the {ranks.world} torchrun processes needs at least one real image; raise it")
     return data, teacher, inputs, ckpt
 
-
 def sharded(cfg, ranks):
     """data.shard takes effect under torchrun only (one process holds the whole set)."""
     return cfg["data"]["shard"] and ranks.world > 1
 
-
 def check_processes(ckpt, cfg, ranks, path):
-    """A checkpoint of another process count continues where that is sound: without data.shard every rank holds
-    the whole state and draws alike, so any count continues the same run; with it each rank drew its batch from
-    its own shard with its own generator, and only as many ranks continue those draws."""
+    """Another process count continues a run without data.shard (every rank draws alike); a sharded run's per-rank
+    draws continue only with as many ranks."""
     wrote, real = ckpt.get("processes", 1), ckpt.get("real_rng")
     if sharded(cfg, ranks) and (real is None or len(real) != ranks.world) or (real and not sharded(cfg, ranks)):
         how = f"torchrun --nproc_per_node={wrote}" if wrote > 1 else "plain python (one process)"
@@ -678,40 +600,34 @@ def check_processes(ckpt, cfg, ranks, path):
             f"{'with' if sharded(cfg, ranks) else 'without'}: each rank of a sharded run draws its real batch from its "
             f"own 1/W of the train set, so its draws continue only with as many ranks; resume with {how}")
 
-
 def keep_shard(cfg, data, T, ranks):
-    """data.shard under torchrun: this rank keeps only train images r, r + W, r + 2W, ... and their teacher targets
-    (utils.shard), once the set is built from the whole split (its PCA and starting images)."""
+    """data.shard: this rank keeps its models.shard of the images and targets, once the set is built from them all."""
     if not sharded(cfg, ranks):
         return data, T
     ranks.say(f"data.shard: each of the {ranks.world} ranks keeps {len(data.train_x) // ranks.world} of the "
               f"{len(data.train_x)} train images and their targets")
-    return dataclasses.replace(data, train_x=utils.shard(data.train_x, ranks).clone()), utils.shard(T, ranks).clone()
+    return dataclasses.replace(data, train_x=models.shard(data.train_x, ranks).clone()), models.shard(T, ranks).clone()
 
-
-def build(cfg, data, T, m, device, gen, rng, ranks=utils.Ranks()):
-    """SPEC 2 and 4: the set at its m starting images, AdamW with the linear decay to 0, and the model pool; under
-    torchrun every rank builds the same (same seeds), and with data.shard its own real-batch generator."""
+def build(cfg, data, T, m, device, gen, rng, ranks=models.Ranks()):
+    """SPEC 2 and 4: the set at its m starting images, AdamW with the linear decay to 0, the model pool (alike on
+    every rank; with data.shard each rank's own real-batch generator)."""
     dc = cfg["distillation"]
     distilled = init_distilled(cfg, data, T, m, gen).to(device)
     opt = make_optimizer(distilled, dc)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / dc["steps"]))
     pool = ModelPool(cfg["model_pool"], data.train_x.shape[-1], T.shape[-1], device, dc["support_chunk"], ranks)
-    real_gen = utils.make_generator(device, cfg["seed"] + 1 + ranks.rank) if sharded(cfg, ranks) else None
-    run_id = utils.gather_objects(utils.new_run_id(), ranks)[0]  # rank 0's
+    real_gen = models.make_generator(device, cfg["seed"] + 1 + ranks.rank) if sharded(cfg, ranks) else None
+    run_id = models.gather_objects(utils.new_run_id(), ranks)[0]  # rank 0's
     return State(distilled, opt, sched, pool, gen, rng, run_id, ranks=ranks, real_gen=real_gen,
                  schedule=[{"from_step": 0, "steps": dc["steps"], **rates(opt)}], embed_of=feature_pass(dc, device))
-
 
 def rates(opt):
     """{config key: base learning rate} of each parameter group."""
     return {f"distillation.{g['key']}": g["initial_lr"] for g in opt.param_groups}
 
-
 def restore(state, ckpt, cfg, path):
-    """The checkpoint's set, optimizer, schedule, pool and random states. The rates and the step count are the
-    config's (--allow-changed): the linear decay is recomputed from the resumed step, lr = base (1 - step / steps),
-    and a change is printed and appended to the schedule's history (kept in the set's metadata)."""
+    """The checkpoint's state, at the config's rates and steps (--allow-changed): lr = base (1 - step / steps) from
+    the resumed step, a change appended to the schedule's history."""
     state.distilled.load_state_dict(ckpt["distilled"], strict=True)
     bases = [g["initial_lr"] for g in state.opt.param_groups]  # this config's rates
     state.opt.load_state_dict(ckpt["optimizer"])
@@ -724,8 +640,8 @@ def restore(state, ckpt, cfg, path):
     if state.real_gen is not None:  # check_processes: one per rank
         utils.set_rng_state(ckpt["real_rng"][state.ranks.rank], state.real_gen, path)
     state.rng.setstate(ckpt["py_rng"])
-    state.step, state.curve, state.run_id, state.schedule = ckpt["step"], ckpt["curve"], ckpt["run_id"], ckpt["schedule"]
-    state.scales_start = ckpt.get("scales_start")  # None in a checkpoint from before it was kept: this start's
+    state.step, state.curve, state.run_id = ckpt["step"], ckpt["curve"], ckpt["run_id"]
+    state.schedule, state.scales_start = ckpt["schedule"], ckpt.get("scales_start")
     now = {"from_step": state.step, "steps": cfg["distillation"]["steps"], **rates(state.opt)}
     if {k: v for k, v in now.items() if k != "from_step"} != {k: v for k, v in state.schedule[-1].items()
                                                                if k != "from_step"}:
@@ -735,7 +651,6 @@ def restore(state, ckpt, cfg, path):
     print(f"resumed run {state.run_id} from {path} at step {state.step}"
           + (f" (written by {ckpt.get('processes', 1)} process(es), continued by {state.ranks.world}: the same state "
              f"and draws)" if ckpt.get("processes", 1) != state.ranks.world else ""))
-
 
 def describe(job, table, state, args, device):
     """Print the resolved config and the storage table, write config.json; job.base: what every set file carries."""
@@ -753,7 +668,6 @@ def describe(job, table, state, args, device):
                 "run_id": state.run_id, "target_scale": job.target_scale,
                 "store_augmented_targets": cfg["storage"]["store_augmented_targets"]}
 
-
 def print_storage(table):
     print(f"storage budget: N={table['budget_N']} images x {table['floats_per_image']:,} floats = {table['budget']:,}")
     for k, v in table["rows"].items():
@@ -761,24 +675,16 @@ def print_storage(table):
     print(f"  {'stored':<34s}{table['stored']:>12,}  ({100 * table['stored'] / table['budget']:.2f}% of budget)")
     print(f"  m = {table['m']} distilled images (largest within budget: {table['m_max']})")
 
-
 def group_scales(opt):
     """The largest |value| of each parameter group (a device tensor: read it back with the finite check)."""
     return torch.stack([torch.stack([p.detach().abs().max() for p in g["params"] if p.numel()]).max()
                         for g in opt.param_groups])  # (C_y^k is empty without rotations)
 
-
-SOUND_GROWTH = 10.0  # a checkpoint with a group grown past this (largest |value| against the run's start) is taken as
-# diverging already: healthy DIGITS runs grow 1.04x in 300 steps; runs at 1e4 x the rates were at 1.4e4x the step before
-# their NaN, and resumed from there, diverged again at any lower rate
-
+SOUND_GROWTH = 10.0  # a checkpoint with a group grown past this x its start is diverging already (DIGITS: 1.04x)
 
 def check_finite(state, losses, argv, run, saved):
-    """Every outer loss since the last check and the distilled tensors finite (one host sync); else stop naming the
-    parameter group that diverged: once the loss is non-finite every group follows within a step, so the culprit is
-    the group that had grown the most (largest |value| against the run's start) by the last check that passed. The
-    command it prints lowers that group's rate and continues from the last checkpoint if no group had grown past
-    SOUND_GROWTH there, else starts afresh."""
+    """The outer losses since the last check and the set finite (one host sync); else stop naming the group that had
+    grown the most by the last check, the command lowering its rate from the last sound checkpoint (SOUND_GROWTH)."""
     scales = group_scales(state.opt)
     if utils.all_finite(losses + [scales]):  # the check's host sync
         state.scales = scales.cpu()
@@ -793,40 +699,33 @@ def check_finite(state, losses, argv, run, saved):
                                 "main_distill.py", argv, f"distillation.{group['key']}", group["initial_lr"],
                                 run.checkpoint if sound else None, f"step {saved}")
 
-
 def ranks_hash(tensors):
-    """A few int64 numbers that change with any bit of any tensor: per tensor the wrapping sums of its 32-bit
-    words and of those words times their position. Ranks that hold the same tensors hold the same numbers."""
+    """Per tensor the wrapping sums of its 32-bit words and of words x position: any changed bit changes them."""
     out = []
     for t in tensors:
         w = t.detach().float().contiguous().view(-1).view(torch.int32).long()
         out += [w.sum(), (w * torch.arange(1, len(w) + 1, device=w.device)).sum()]
     return torch.stack(out).cpu()
 
-
 def check_ranks_agree(state):
-    """The divergence guard, at each log step under torchrun: every rank's hash of its distilled tensors and pool
-    (ranks_hash), gathered; any rank that differs from rank 0 stops every rank, naming the step."""
+    """Under torchrun, at each log step: a rank whose set or pool (ranks_hash) differs from rank 0's stops the run."""
     if state.ranks.world == 1:
         return
     tensors = list(state.distilled.parameters()) + [p for f in state.pool.models for p in f.parameters()]
-    hashes = utils.gather_objects((ranks_hash(tensors), list(state.pool.ages)), state.ranks)
+    hashes = models.gather_objects((ranks_hash(tensors), list(state.pool.ages)), state.ranks)
     differ = [r for r, (h, ages) in enumerate(hashes) if not torch.equal(h, hashes[0][0]) or ages != hashes[0][1]]
     if differ:
-        raise utils.RunStopped(f"the ranks diverged by step {state.step}: rank(s) {differ} hold other distilled tensors "
-                               f"or pool than rank 0 (a non-deterministic kernel, or a rank that skipped a collective); "
-                               f"nothing of it was saved. Continue from the last checkpoint with --resume, or run "
-                               f"with one process")
-
+        raise utils.RunStopped(f"the ranks diverged by step {state.step}: rank(s) {differ} hold other distilled "
+                               f"tensors or pool than rank 0 (a non-deterministic kernel, or a rank that skipped a "
+                               f"collective); nothing of it was saved. Continue from the last checkpoint with "
+                               f"--resume, or run with one process")
 
 def distill(state, job):
-    """SPEC 4: outer steps until distillation.steps; finite values checked at every log line and before every
-    checkpoint, which is written atomically; the set written at each of distillation.snapshot_steps."""
+    """SPEC 4: outer steps until distillation.steps; values checked finite at each log line, checkpoint and snapshot."""
     dc, run, argv = job.cfg["distillation"], job.run, job.argv
     state.scales = state.scales_saved = group_scales(state.opt).cpu()
     state.scales_start = state.scales if state.scales_start is None else state.scales_start
-    bar = tqdm(total=dc["steps"], initial=state.step, desc="distill", dynamic_ncols=True,
-               disable=not state.ranks.main)
+    bar = tqdm(total=dc["steps"], initial=state.step, desc="distill", dynamic_ncols=True, disable=not state.ranks.main)
     window, unchecked, t_log, s_log, saved = [], [], time.time(), state.step, state.step
     while state.step < dc["steps"]:
         utils.RUN["at"] = f"outer step {state.step + 1}"
@@ -855,20 +754,19 @@ def distill(state, job):
             save_snapshot(state, job, f"step {saved}")
     bar.close()
 
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)  # the command line, for the recovery hint
     args, cfg, ranks, device, run, teacher_file = configure(argv)
     utils.set_seed(cfg["seed"])
-    gen, rng = utils.make_generator(device, cfg["seed"]), random.Random(cfg["seed"])
+    gen, rng = models.make_generator(device, cfg["seed"]), random.Random(cfg["seed"])
     table = storage_accounting(cfg)
     data, teacher, inputs, ckpt = load_checked(args, cfg, run, table, teacher_file, device, ranks)
 
     # ---------------------------------------------------------------- run folder, teacher targets T (N, K, d_y)
     lock = run.claim(args.resume, args.overwrite) if ranks.main else None  # rank 0 alone writes
-    utils.barrier(ranks)
+    models.barrier(ranks)
     t0 = time.time()
-    with utils.rank0_first(ranks):  # rank 0 computes and caches them, the others read the cache
+    with models.rank0_first(ranks):  # rank 0 computes and caches them, the others read the cache
         T, target_scale = utils.teacher_targets(teacher, teacher_file, data, rotations_of(cfg), cfg["data"],
                                                 run.folder, inputs["teacher_hash"])
     print(f"teacher targets {tuple(T.shape)} ready in {time.time() - t0:.1f}s, scaled by {target_scale:.4g} to "
@@ -906,7 +804,6 @@ def main(argv=None):
     utils.release_run_folder(lock)
     print(f"distilled set written to {run.folder} (m={table['m']}, {state.step} steps)")
     return metrics
-
 
 if __name__ == "__main__":
     utils.cli(main, "main_distill.py")

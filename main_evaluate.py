@@ -81,37 +81,29 @@ def parse_args(argv):
             p.error(f"--student: unknown {bad}; choose from {','.join(models.STUDENTS)}")
     return args, overrides
 
-
-
-
 # ============================================================================================
 # SPEC 6.1: one pre-training recipe for every (images, targets) set
 # ============================================================================================
 @dataclass(frozen=True)
 class Recipe:
-    """SPEC 6.1's recipe as one table applies it: the evaluation: section, the network width, the source split's
-    normalisation, and the evaluation's command line (what a non-finite loss tells the user to run again)."""
+    """SPEC 6.1's recipe in one table: the evaluation: section, width, the source's normalisation, the command line
+    (what a non-finite loss tells the user to run again)."""
     ec: dict
     width: int
     mean: torch.Tensor
     std: torch.Tensor
     argv: tuple = ()
 
-
-def pretrain_on_set(images, targets, recipe, epochs, seed, desc, ranks=utils.Ranks()):
-    """The student (evaluation.student) + Linear(its width -> d_y), MSE to `targets`, SGD + cosine; a fresh
-    crop + flip of every view each epoch when `augment`. images: uint8 (normalised per batch) or normalised float.
-    Under torchrun with `ranks` (the full-dataset row), images and targets are this rank's share: DDP, global
-    batch evaluation.batch_size, BatchNorm over it, crops drawn per rank. The loss every 10 epochs is read on the
-    host one reading late (LateRead): the loop never waits for the device.
-    Returns the backbone (eval mode) and the number of SGD steps it took; a non-finite loss stops the run with the
-    command (`recipe.argv`, the evaluation's) to start it again at a lower evaluation.lr."""
+def pretrain_on_set(images, targets, recipe, epochs, seed, desc, ranks=models.Ranks()):
+    """The student + Linear(width -> d_y), MSE to `targets`, CosineSGD, a fresh crop + flip each epoch if `augment`:
+    (backbone in eval mode, SGD steps). images: uint8 or normalised float. Under torchrun (full_dataset) this rank's
+    share, DDP over the global batch. The loss is read one reading late (LateRead): the loop never waits."""
     ec, device = recipe.ec, targets.device
     torch.manual_seed(seed)
-    gen = utils.make_generator(device, seed + ranks.rank)
+    gen = models.make_generator(device, seed + ranks.rank)
     net = models.Regressor(*models.student(ec["student"], recipe.width, images.shape[-1]), targets.shape[1])
     net = (models.sync_batchnorm(net, device) if ranks.world > 1 else net).to(device)
-    net = utils.channels_last_module(net, device)
+    net = models.channels_last_module(net, device)
     fwd = DDP(net, device_ids=[device.index] if device.type == "cuda" else None) if ranks.world > 1 else net
     n, B = len(images), ec["batch_size"] // ranks.world
     steps = math.ceil(n / B)
@@ -127,8 +119,8 @@ def pretrain_on_set(images, targets, recipe, epochs, seed, desc, ranks=utils.Ran
             x = utils.normalize(images[idx], recipe.mean, recipe.std) if images.dtype == torch.uint8 else images[idx]
             if ec["augment"]:
                 x = random_crop_flip(x, ec["crop_pad"], gen)
-            with utils.autocast(device):
-                loss = models.mse(fwd(utils.to_channels_last(x, device)), targets[idx])
+            with models.autocast(device):
+                loss = models.mse(fwd(models.to_channels_last(x, device)), targets[idx])
             total += opt.step(loss)
         if epoch % 10 == 0 or epoch == epochs - 1:
             if logged is not None:
@@ -137,10 +129,8 @@ def pretrain_on_set(images, targets, recipe, epochs, seed, desc, ranks=utils.Ran
     check_loss(*logged, desc, recipe)
     return net.backbone.eval(), epochs * steps
 
-
 class LateRead:
-    """A device scalar on its way to the host: copied into pinned memory without the host waiting, and read a while
-    later (float(...)), when the device is long past it, so that the read costs no wait. On the CPU, the tensor."""
+    """A device scalar copied to the host without waiting, read (float(...)) when the device is long past it."""
 
     def __init__(self, t):
         t = t.detach()
@@ -153,28 +143,23 @@ class LateRead:
             self.event.synchronize()
         return float(self.value)
 
-
 def check_loss(epoch, loss, desc, recipe):
-    """A logged epoch's mean loss as a float; a non-finite one stops the run with the command to start it again at
-    a lower evaluation.lr."""
+    """A logged epoch's mean loss; a non-finite one stops the run with the command to rerun at a lower lr."""
     value = float(loss)
     if not math.isfinite(value):
         raise utils.non_finite_stop(f"pre-training loss {value} in {desc} epoch {epoch + 1}", "main_evaluate.py",
                                     recipe.argv, "evaluation.lr", recipe.ec["lr"])
     return value
 
-
 def random_subset(data, T, n, seed):
     """n random real train images (un-rotated) with their teacher targets: the budget's real baseline."""
-    gen = utils.make_generator(data.train_x.device, seed)
+    gen = models.make_generator(data.train_x.device, seed)
     idx = torch.randperm(len(data.train_x), generator=gen, device=data.train_x.device)[:n]
     return data.train_x[idx], T[idx, 0]
 
-
 def real_views(data, T, idx, rotations):
-    """Real images idx in all K views (uint8, view-major as all_views) with their exact teacher targets, a batch
-    made when indexed: as tensors, the full_dataset row's K N views and targets were 63 + 10.5 GB beside the data
-    at IMAGENET64 (tests/sizes.py), more than an 80 GB GPU holds."""
+    """Real images idx in all K views (uint8, view-major) with their exact teacher targets, made per batch when
+    indexed: as tensors, full_dataset's K N views at IMAGENET64 would not fit an 80 GB GPU."""
     idx, K = idx.to(data.train_x.device), 1 + len(rotations)
 
     def images(i, k):  # image idx[i] in view k
@@ -184,10 +169,9 @@ def real_views(data, T, idx, rotations):
         return out
     return ViewMajor(len(idx), K, images), ViewMajor(len(idx), K, lambda i, k: T[idx[i], k])
 
-
 class ViewMajor:
-    """The K n rows j = k n + i of a view-major set, row (i, k) = get(i, k) (index tensors), made only when indexed;
-    what pretrain_on_set reads of a tensor: len, shape, dtype, device and [index tensor]."""
+    """The K n rows j = k n + i of a view-major set, row (i, k) = get(i, k), made when indexed; what pretrain_on_set
+    reads of a tensor: len, shape, dtype, device, [index tensor]."""
 
     def __init__(self, n, K, get):
         self.n, self.get = n, get
@@ -200,12 +184,9 @@ class ViewMajor:
     def __getitem__(self, j):
         return self.get(j % self.n, j // self.n)
 
-
 def full_dataset_backbone(ev):
-    """ev.full: the full-dataset row's student, trained once and reused while its settings match; one trained with
-    other settings (another teacher, another recipe) is replaced only under --overwrite. Under torchrun every rank
-    trains it together (DDP, each on its share of the train images); rank 0 saves it. (backbone, its SGD steps,
-    {reused, train_time_s, time_s: the seconds this run spent on it})."""
+    """ev.full = (backbone, SGD steps, cell info): the full-dataset student, trained once (every rank under torchrun)
+    and reused while its settings match; another's is replaced only under --overwrite."""
     cfg, data, ranks, path = ev.cfg, ev.data, ev.ranks, ev.out / run_folder(ev).keep[0]
     ec, width = cfg["evaluation"], cfg["network"]["width"]
     recipe = {k: v for k, v in ec.items() if k != "random_init_bn"}  # what it is trained with
@@ -219,7 +200,7 @@ def full_dataset_backbone(ev):
             g = models.student(ec["student"], width, data.train_x.shape[-1])[0]
             utils.load_weights(g, saved["backbone"], path, f"a {ec['student']} student of width {width}")
             ranks.say(f"full_dataset: reusing {path} (trained in {saved['train_time_s']:.1f}s)")
-            g = utils.channels_last_module(g.to(ev.device), ev.device).eval()
+            g = models.channels_last_module(g.to(ev.device), ev.device).eval()
             ev.full = g, saved["steps"], {"reused": True, "train_time_s": saved["train_time_s"], "time_s": 0.0}
             return
         if not ev.args.overwrite:
@@ -227,14 +208,13 @@ def full_dataset_backbone(ev):
                                    f"pass --retrain-full or --overwrite to replace it")
         ranks.say(f"full_dataset: {path} was trained with other settings; retraining it (--overwrite)")
     t0 = time.time()
-    views, targets = real_views(data, ev.T, utils.shard(torch.arange(len(data.train_x)), ranks), ev.rotations)
+    views, targets = real_views(data, ev.T, models.shard(torch.arange(len(data.train_x)), ranks), ev.rotations)
     g, steps = pretrain_on_set(views, targets, ev.recipe, ec["full_epochs"], cfg["seed"], "full_dataset", ranks)
     train_time = time.time() - t0
     if ranks.main:
         utils.atomic_save({"backbone": {k: v.cpu() for k, v in g.state_dict().items()}, "meta": meta,
                            "train_time_s": train_time, "steps": steps}, path)
     ev.full = g, steps, {"reused": False, "train_time_s": train_time, "time_s": train_time}
-
 
 def random_crop_flip(x, pad, gen):
     """Reflect-pad by `pad`, random crop back to H x W and horizontal flip, per sample (SPEC 6.1)."""
@@ -252,10 +232,8 @@ def random_crop_flip(x, pad, gen):
 # SPEC 6.2 and the other measurements of a pre-trained backbone: teacher fit, fine-tuning, BatchNorm recalibration
 # ============================================================================================
 def teacher_fit(features, teacher_features, ridge):
-    """R^2 on the test split of a ridge readout (fit on the train split) from a backbone's frozen features
-    to the teacher's: 1 - SSE / SST, SST around the teacher's train mean. How much of the teacher a
-    pre-trained student reproduces on unseen images (1 for the teacher itself). features and
-    teacher_features are (train, test) pairs; ridge is relative to the mean eigenvalue of the Gram matrix."""
+    """Test R^2 (SST around the train mean) of a ridge readout, fit on train, from frozen features to the teacher's:
+    how much of the teacher a student reproduces on unseen images. (train, test) pairs; ridge x mean eigenvalue."""
     (X, X_test), (Y, Y_test) = features, teacher_features
     ones = lambda A: torch.cat([A.double(), A.new_ones(len(A), 1, dtype=torch.float64)], 1)
     X, X_test, Y, Y_test = ones(X), ones(X_test), Y.double(), Y_test.double()
@@ -266,7 +244,6 @@ def teacher_fit(features, teacher_features, ridge):
     sst = (Y_test - Y.mean(0)).pow(2).sum()
     return (1 - sse / sst).item()
 
-
 def check_features(features, row):
     """A backbone whose frozen features are not finite (a diverged student) is an error, never a probed number."""
     for split, f in zip(("train", "test"), features):
@@ -275,13 +252,10 @@ def check_features(features, row):
                                    f"split; its accuracy would be meaningless (lower evaluation.lr, or check "
                                    f"the teacher's target scale)")
 
-
 @torch.no_grad()
 def recalibrate_bn(net, data, batch_size):
-    """Every BatchNorm's running statistics re-estimated on data's train split: a train-mode pass without
-    gradients, averaged exactly over the batches (momentum None); weights untouched; returns net in eval mode.
-    The no_pretraining row's option (`evaluation.random_init_bn: recalibrate`): at its initial statistics (mean
-    0, var 1) an eval-mode random VGG-11 gives features of scale ~1e-6 that the SGD probe reads at chance."""
+    """BatchNorm statistics re-estimated exactly (momentum None) on data's train split; net back in eval mode. A random
+    VGG-11 at its initial statistics gives features of scale ~1e-6 that the probe reads at chance."""
     norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in norms]
     for m in norms:
@@ -290,19 +264,17 @@ def recalibrate_bn(net, data, batch_size):
     net.train()
     dev = next(net.parameters()).device
     for part in data.train_x.split(batch_size):
-        net(utils.to_channels_last(utils.normalize(part.to(dev), data.mean, data.std), dev))  # float32: statistics, once
+        net(models.to_channels_last(utils.normalize(part.to(dev), data.mean, data.std), dev))  # float32 statistics
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
     return net.eval()
 
-
 def finetune(backbone, data, ft, seed, batch_size):
-    """Fine-tuned transfer (KRR-ST's protocol): a copy of `backbone` plus a new Linear head trained with the
-    labels of data's train split (SGD + cosine, `iterations` steps, crop + flip), top-1 (%) on its test split.
-    The pre-trained backbone itself is left unchanged."""
+    """Fine-tuned transfer (KRR-ST's protocol): a copy of `backbone` + a Linear head trained on data's labels (SGD,
+    cosine, crop + flip); test top-1 (%)."""
     dev = data.train_x.device
     torch.manual_seed(seed)
-    gen = utils.make_generator(dev, seed)
+    gen = models.make_generator(dev, seed)
     net = copy.deepcopy(backbone).to(dev)
     with torch.no_grad():
         dim = net.eval()(utils.normalize(data.train_x[:2], data.mean, data.std)).shape[1]
@@ -311,26 +283,24 @@ def finetune(backbone, data, ft, seed, batch_size):
     for idx in utils.batches(len(data.train_x), ft["batch_size"], ft["iterations"], gen):
         x = utils.normalize(data.train_x[idx], data.mean, data.std)
         x = random_crop_flip(x, ft["crop_pad"], gen) if ft["augment"] else x
-        with utils.autocast(dev):
-            loss = F.cross_entropy(model(utils.to_channels_last(x, dev)).float(), data.train_y[idx])
+        with models.autocast(dev):
+            loss = F.cross_entropy(model(models.to_channels_last(x, dev)).float(), data.train_y[idx])
         opt.step(loss)
     model.eval()
     with torch.no_grad():
-        correct = sum((model(utils.to_channels_last(utils.normalize(x, data.mean, data.std), dev)).argmax(1) == y).sum()
-                      for x, y in zip(data.test_x.split(batch_size), data.test_y.split(batch_size)))
+        correct = sum((model(models.to_channels_last(utils.normalize(x, data.mean, data.std), dev)).argmax(1) == y)
+                      .sum() for x, y in zip(data.test_x.split(batch_size), data.test_y.split(batch_size)))
     return 100.0 * correct.item() / len(data.test_x)
-
 
 # ============================================================================================
 # SPEC 6.3: the rows. Each row is a source: what it pre-trains on (views, targets) and what it stores.
 # ============================================================================================
 @dataclass
 class Inputs:
-    """What every row of one table reads: config, processes, folders, data, teacher and its features, the
-    distilled sets (checked), the teacher targets T, and the budget's arithmetic."""
+    """What every row of one table reads: config, processes, folders, data, teacher, sets, targets T, budget."""
     args: object
     cfg: dict
-    ranks: utils.Ranks
+    ranks: models.Ranks
     device: torch.device
     out: Path
     rows: list
@@ -354,16 +324,13 @@ class Inputs:
     def rotations(self):
         return self.cfg["augmentations"]["rotate"]
 
-
 @dataclass(frozen=True)
 class Row:
-    """One row of the table, all of it here: source(ev, row, seed) -> (the backbone it probes, its SGD steps, what
-    its cell records besides); stored(ev, row) -> the floats it keeps (None: not a stored set); seeded: repeated
-    with every --seeds seed; load(ev, row) -> what it reads from its distilled_assets folder(ev), into ev.sets[row],
-    before the run folder is claimed; rotations: exists only where the set has rotated views; targets: built from
-    the teacher targets T; optional: how its set is made, the row skipped (when --rows is not given) where it is
-    missing; prepare(ev): run by every rank before the cells when one of the row's cells is missing; keep: its first
-    seed's backbone is saved as <student>_<row>_dataset.pth; held(ev, row) -> the (images, views) it pre-trains on."""
+    """One table row, all of it here: source(ev, row, seed) -> (backbone, SGD steps, cell extras); stored(ev, row) ->
+    floats kept (None: not a set); seeded: run per --seeds seed; load(ev, row) -> what it reads from folder(ev) into
+    ev.sets[row]; rotations / targets: needs rotated views / teacher targets T; optional: how its set is made (a missing
+    one skipped unless --rows names it); prepare(ev): every rank, before the cells; keep: save its first seed's
+    backbone; held(ev, row) -> (images, views) it pre-trains on."""
     source: object
     stored: object
     seeded: bool = True
@@ -376,27 +343,23 @@ class Row:
     keep: bool = False
     held: object = lambda ev, row: (ev.sets[row][2]["m"], len(ev.sets[row][0]))  # a set's m images in its views
 
-
 def pretrained(ev, row, seed, views):
     """A student pre-trained on the row's (images, targets) with the table's recipe, evaluation.epochs."""
     return (*pretrain_on_set(*views, ev.recipe, ev.cfg["evaluation"]["epochs"], seed, f"{row} s{seed}"), {})
 
-
 def set_row(ev, row, seed):
     views, targets, _ = ev.sets[row]
     return pretrained(ev, row, seed, (views, targets))
-
 
 def random_student(ev, row, seed):
     """no_pretraining: a random student, its BatchNorm statistics as evaluation.random_init_bn says."""
     ec = ev.cfg["evaluation"]
     torch.manual_seed(seed)
     g = models.student(ec["student"], ev.cfg["network"]["width"], ev.cfg["data"]["resolution"])[0]
-    g = utils.channels_last_module(g.to(ev.device), ev.device).eval()
+    g = models.channels_last_module(g.to(ev.device), ev.device).eval()
     if ec["random_init_bn"] == "recalibrate":
         g = recalibrate_bn(g, ev.target, ev.cfg["data"]["eval_batch_size"])
     return g, 0, {}
-
 
 def load_set(ev, row, exact=False):
     """A distilled set (decoded, checked against this table's inputs) and its file's hash among the inputs."""
@@ -406,7 +369,6 @@ def load_set(ev, row, exact=False):
     ev.hashes[f"{'distilled' if folder == ev.assets else row}_hash"] = utils.file_hash(folder / "distilled_data.pth")
     return loaded
 
-
 def load_init(ev, row):
     """The indices of the m real images the distilled set started from (its controls.pth)."""
     d = utils.read_pth(ev.assets / "distilled_data.pth", "a distilled set written by main_distill.py",
@@ -415,17 +377,14 @@ def load_init(ev, row):
     ev.hashes["distilled_hash"] = utils.file_hash(ev.assets / "distilled_data.pth")
     return utils.read_controls(ev.assets, run_id=d["run_id"])["init_indices"]
 
-
 def set_floats(ev, row):
     return ev.sets[row][2]["storage"]["stored"]
-
 
 def exact_floats(ev, row):
     """The set's floats with the learned C_y^k stored instead of the approximation nets."""
     d = ev.sets[row][2]
     return d["storage"]["stored"] + len(d["rotations"]) * d["m"] * d["C_y"].shape[1] \
         - d["storage"]["rows"].get("approximation nets", 0)
-
 
 ROWS = {
     "distilled": Row(set_row, set_floats, folder=lambda ev: ev.assets, load=load_set, keep=True),
@@ -452,10 +411,8 @@ ROWS = {
     "no_pretraining": Row(random_student, lambda ev, row: 0, held=lambda ev, row: (0, 0)),
 }
 
-
 def run_cell(ev, row, seed, cell):
-    """One (row, seed) cell: the backbone, then each protocol that `cell` still lacks (a cell that has one protocol
-    runs only the other, its network trained again)."""
+    """One (row, seed) cell: the backbone, then each protocol `cell` still lacks (its network trained again)."""
     t0, bs = time.time(), ev.cfg["data"]["eval_batch_size"]
     g, steps, info = ROWS[row].source(ev, row, seed)
     info = dict(info)
@@ -478,29 +435,23 @@ def run_cell(ev, row, seed, cell):
         if c in cell) + (f" (rank {ev.ranks.rank})" if ev.ranks.world > 1 else ""))
     return cell
 
-
 WANTED = {"probe": ("probe", "fit"), "finetune": ("finetune",)}  # what each protocol measures in a cell
-
 
 def missing(cell, protocol):
     """The protocols a cell has not measured yet."""
     return [p for p in protocol if any(k not in cell for k in WANTED[p])]
-
 
 # ============================================================================================
 # The table
 # ============================================================================================
 MIN_GAIN_POINTS = 1.0  # gain recovered is shown only when full_dataset beats random init by more than this
 
-
 def gain_defined(full, base):
-    """Gain recovered is a ratio over (full_dataset - no_pretraining): shown only when that margin exceeds both
-    MIN_GAIN_POINTS and twice the spread of either row over its seeds (DIGITS: within noise, so it is blank)."""
+    """Gain recovered is shown only where full_dataset - no_pretraining exceeds MIN_GAIN_POINTS and twice each std."""
     if None in (full.get("mean"), base.get("mean")):
         return False
     spread = 2 * max(full.get("std") or 0.0, base.get("std") or 0.0)
     return full["mean"] - base["mean"] > max(MIN_GAIN_POINTS, spread)
-
 
 def summarize(results, budget):
     """Retention vs full_dataset, gain recovered over no_pretraining, storage in images and vs the budget."""
@@ -514,37 +465,34 @@ def summarize(results, budget):
         r["within_budget"] = None if floats is None else floats <= budget["budget"]
     return results
 
-
 def mean_std(r, key, f):
     """A row's "mean ± std" of `key` ("" the probe, "fit", "finetune") in format f; "-" where it did not run."""
     mean, std = (r[key + "_mean"], r[key + "_std"]) if key else (r["mean"], r["std"])
     return "-" if mean is None else format(mean, f) + (f" ± {format(std, f)}" if r["seeds"] > 1 else "")
-
 
 def markdown(results, header, protocol):
     """The table; the columns of a protocol that did not run are left out."""
     fmt = lambda v, f: "-" if v is None else format(v, f)
     reused = lambda r: f" (model reused, trained in {fmt(r['train_time_s'], '.1f')})" if r.get("reused") else ""
     budget = {True: "yes", False: "**over**", None: "-"}
-    columns = ([("top-1 (%)", lambda r: mean_std(r, "", ".2f")), ("teacher fit R²", lambda r: mean_std(r, "fit", ".3f"))]
-               if "probe" in protocol else []) + \
+    columns = ([("top-1 (%)", lambda r: mean_std(r, "", ".2f")),
+                ("teacher fit R²", lambda r: mean_std(r, "fit", ".3f"))] if "probe" in protocol else []) + \
         ([("fine-tune top-1 (%)", lambda r: mean_std(r, "finetune", ".2f"))] if "finetune" in protocol else []) + [
         ("images (views)", lambda r: "-" if r.get("held") is None else "{:,} ({:,})".format(*r["held"])),
         ("seeds", lambda r: str(r["seeds"])), ("gain recovered", lambda r: fmt(r["gain_recovered"], ".1%")),
         ("retention", lambda r: fmt(r["retention"], ".1%")), ("SGD steps", lambda r: fmt(r["steps"], ",")),
         ("storage (floats)", lambda r: fmt(r["storage_floats"], ",")),
         ("storage (images)", lambda r: fmt(r["storage_images"], ",.1f")),
-        ("within budget", lambda r: budget[r["within_budget"]]), ("time (s)", lambda r: f"{r['time_s']:.1f}{reused(r)}")]
+        ("within budget", lambda r: budget[r["within_budget"]]),
+        ("time (s)", lambda r: f"{r['time_s']:.1f}{reused(r)}")]
     lines = [header, "", "| row | " + " | ".join(c for c, _ in columns) + " |", "|---" * (1 + len(columns)) + "|"]
     lines += [f"| {name} | " + " | ".join(f(r) for _, f in columns) + " |" for name, r in results.items()]
     note = (f"Gain recovered = (row - no_pretraining) / (full_dataset - no_pretraining), blank when full_dataset "
             f"beats no_pretraining by no more than {MIN_GAIN_POINTS:g} point or twice either row's std.")
     return "\n".join(lines + ["", note]) + "\n"
 
-
 def row_result(row_cells, protocol, storage_floats):
-    """One table row from its (row, seed) cells: probe accuracies, teacher fits and fine-tune accuracies (None
-    where that protocol was not asked for), their mean and (population) std over seeds."""
+    """One table row from its cells: each measure (None where its protocol did not run), mean and std over seeds."""
     values = lambda key, p: [c[key] if p in protocol else None for c in row_cells]
     mean = lambda v: None if None in v else statistics.fmean(v)
     std = lambda v: None if None in v else statistics.pstdev(v) if len(v) > 1 else 0.0
@@ -555,15 +503,11 @@ def row_result(row_cells, protocol, storage_floats):
             "seeds": len(row_cells), "steps": row_cells[0]["steps"], "storage_floats": storage_floats,
             "time_s": sum(c["time_s"] for c in row_cells), **extra}
 
-
-# a kept cell's numbers: accuracies in percent; teacher fit R^2 <= 1, and >= -1 (a readout worse than twice the
-# teacher's variance is a broken file, not a measurement); times >= 0
+# a kept cell's numbers: accuracies in percent; R^2 in [-1, 1] (below -1 is a broken file, not a measurement)
 CELL_NUMBERS = {"probe": (0.0, 100.0), "fit": (-1.0, 1.0), "finetune": (0.0, 100.0), "time_s": (0.0, None)}
 
-
 def read_results(path):
-    """results.json as main_evaluate.py writes it (save() in evaluate), every kept cell checked: a file that is
-    not JSON, lacks a part, or holds a value that cannot be right is refused, naming the file and the entry."""
+    """results.json as save() writes it, every kept cell checked: anything else is refused naming file and entry."""
     def bad(what):
         raise utils.InputError(f"{path} is not a results.json written by main_evaluate.py: {what}; move it aside or "
                          f"rerun with --overwrite")
@@ -592,12 +536,9 @@ def read_results(path):
                 bad(f"{where}.steps = {cell.get('steps')!r}: expected a count of SGD steps")
     return saved
 
-
 def resumed_cells(path, cfg, target_name, inputs):
-    """The (row, seed) cells a previous run of this config wrote to `path` (none if it wrote nothing yet: a
-    student of --student a,b,c that had not started); refused, naming what changed, when its config, target or
-    inputs (teacher, train split, distilled sets) differ. Seeds, rows and protocols may differ: cells of other
-    seeds or protocols are kept for a later run and only the missing ones run."""
+    """The (row, seed) cells a previous run wrote to `path` (none yet: {}); refused if its config, target or inputs
+    differ. Seeds, rows and protocols may differ: only the missing cells run."""
     if not path.is_file():
         print(f"--resume: no {path} yet; every cell runs")
         return {}
@@ -613,14 +554,11 @@ def resumed_cells(path, cfg, target_name, inputs):
                          f"rerun without --resume (--overwrite) to recompute every row")
     return saved["cells"]
 
-
 # ============================================================================================
 # main: check inputs -> load sets -> targets -> cells -> table
 # ============================================================================================
 def check_inputs(args, overrides, argv, sub):
-    """The table's Inputs with everything that can refuse it checked before anything is written: config, process
-    count, the run folder's state, the rows that can run, data, target data (and its labels per class for the
-    probe) and teacher."""
+    """The table's Inputs, everything that can refuse it checked before anything is written."""
     cfg = utils.load_config(args.config, overrides)
     ranks, device = utils.init_ranks(args.device, cfg["distributed_timeout_s"])  # rank 0 of 1 unless torchrun
     if cfg["evaluation"]["batch_size"] % ranks.world:
@@ -651,11 +589,9 @@ def check_inputs(args, overrides, argv, sub):
     ev.recipe = Recipe(cfg["evaluation"], cfg["network"]["width"], ev.data.mean, ev.data.std, tuple(argv))
     return ev
 
-
 def available_rows(ev):
-    """The asked rows (--rows), less, when --rows was not given, the optional rows whose set does not exist
-    (krr_st unless --krr-assets names it, init_only) and those that repeat another row without rotations; asked
-    for, a missing set is an error. A flag that no row to run reads is refused."""
+    """The asked rows, less (without --rows) optional rows whose set is missing and rotation rows without rotations;
+    a flag that no row to run reads is refused."""
     rows = list(ev.rows)
     if not ev.args.rows_given:
         rows = []
@@ -673,21 +609,16 @@ def available_rows(ev):
                                     f"runs (rows {rows}); add one to --rows or drop the flag")
     return rows
 
-
 def run_folder(ev):
-    """The table's folder; the full-dataset model in it is a cache checked by its own metadata (kept by
-    --overwrite)."""
+    """The table's folder; the full-dataset model in it is a cache --overwrite keeps (checked by its metadata)."""
     return utils.RunFolder(ev.out, "main_evaluate.py", outputs=(ev.out / "results.json",),
                            keep=(f"{ev.cfg['evaluation']['student']}_full_dataset.pth",))
 
-
 def load_sets(ev):
-    """What every row reads from its distilled_assets folder (Row.load), checked against this table's dataset,
-    teacher, split and target scale; the sets' file hashes join the table's inputs."""
+    """What every row reads from its folder (Row.load), checked against this table's inputs, which its hash joins."""
     for row in ev.rows:
         if ROWS[row].load is not None:
             ev.sets[row] = ROWS[row].load(ev, row)
-
 
 def check_assets(ev, folder, d):
     """A distilled set is compared with the other rows only if it was built from the same inputs."""
@@ -699,22 +630,17 @@ def check_assets(ev, folder, d):
         raise utils.InputError(f"{folder} was distilled from other inputs than this evaluation uses: "
                                f"{', '.join(stale)}; rerun main_distill.py with this config and teacher")
 
-
 def teacher_targets(ev):
-    """T for the rows built from real images (rank 0 computes and caches them, then the others read the cache),
-    the teacher's features of the target (every row's teacher fit is scored against them), and the full-dataset
-    model (every rank trains it under torchrun)."""
+    """T for the rows built from real images (rank 0 caches it first), and the teacher's features of the target
+    (every row's teacher fit is scored against them)."""
     if any(ROWS[row].targets for row in ev.rows):
-        with utils.rank0_first(ev.ranks):
+        with models.rank0_first(ev.ranks):
             ev.T, ev.target_scale = utils.teacher_targets(ev.teacher, ev.teacher_file, ev.data, ev.rotations,
                                                           ev.cfg["data"], ev.out, ev.hashes["teacher_hash"])
     ev.teacher_feats = utils.split_features(ev.teacher, ev.target, ev.cfg["data"]["eval_batch_size"])
 
-
 def run_cells(ev, cells):
-    """One loop over the (row, seed) cells still missing: seeded rows' cells dealt to the ranks, the others rank
-    0's; results.json rewritten after each (under torchrun, rank 0's, then every rank's at the end). Returns the
-    table's rows."""
+    """The missing (row, seed) cells, seeded rows' dealt to the ranks, results.json rewritten after each; the rows."""
     def row_seeds(row):
         return ev.seeds if ROWS[row].seeded else [ev.cfg["seed"]]
     todo = [(r, s) for r in ev.rows for s in row_seeds(r) if missing(cells.setdefault(r, {}).get(str(s), {}),
@@ -728,23 +654,20 @@ def run_cells(ev, cells):
         cells[row][str(seed)] = run_cell(ev, row, seed, dict(cells[row].get(str(seed), {})))
         if ev.ranks.main:
             save(ev, cells, {})
-    for part in utils.gather_objects(cells, ev.ranks):  # every rank's cells
+    for part in models.gather_objects(cells, ev.ranks):  # every rank's cells
         for row, by_seed in part.items():
             cells[row].update(by_seed)
     return {row: dict(row_result([cells[row][str(s)] for s in row_seeds(row)], ev.args.protocol,
                                  ROWS[row].stored(ev, row)), held=ROWS[row].held(ev, row)) for row in ev.rows}
 
-
 def save(ev, cells, results, **final):
     utils.write_json({"rows": results, "cells": cells, "config": ev.cfg, "derived": derived(ev), "complete": False,
                       **final}, ev.out / "results.json")
-
 
 def derived(ev):
     return {"device": str(ev.device), "rows": ev.rows, "seeds": ev.seeds, "target": ev.target.name,
             "assets": str(ev.assets), "krr_assets": str(ev.krr_assets), "out": str(ev.out), "inputs": ev.hashes,
             "target_scale": ev.target_scale, "processes": ev.ranks.world, "protocol": ev.args.protocol}
-
 
 def write_table(ev, results, cells):
     """results.md and the final results.json; returns the table's rows."""
@@ -752,8 +675,9 @@ def write_table(ev, results, cells):
     results = summarize(results, budget)
     header = (f"{cfg['dataset']} -> {ev.target.name}, budget N={cfg['storage']['budget_N']} ({budget['budget']:,} "
               f"floats), student {ec['student']} (width {cfg['network']['width']}; the teacher row is the ResNet-18 "
-              f"teacher) pre-trained {ec['epochs']} epochs (full dataset {ec['full_epochs']}), augment={ec['augment']}, "
-              f"protocol {'+'.join(ev.args.protocol)} (linear probe {cfg['probe']['iterations']} it., fine-tune "
+              f"teacher) pre-trained {ec['epochs']} epochs (full dataset {ec['full_epochs']}), "
+              f"augment={ec['augment']}, protocol {'+'.join(ev.args.protocol)} (linear probe "
+              f"{cfg['probe']['iterations']} it., fine-tune "
               f"{cfg['finetune']['iterations']} it.), seeds {ev.seeds}"
               + (f"; {ev.target.name} images at {cfg['data']['resolution']} px" if ev.target is not ev.data else ""))
     md = markdown(results, header, ev.args.protocol)
@@ -762,15 +686,13 @@ def write_table(ev, results, cells):
     save(ev, cells, results, header=header, complete=True)
     return results
 
-
 def evaluate(args, overrides, argv, sub=None):
-    """The table of every row for one student, written to <out>[/<sub>]: ({row: result}, out) on rank 0,
-    (None, None) on the others."""
+    """One student's table in <out>[/<sub>]: ({row: result}, out) on rank 0, (None, None) on the others."""
     ev = check_inputs(args, overrides, argv, sub)
     load_sets(ev)
     cells = resumed_cells(ev.out / "results.json", ev.cfg, ev.target.name, ev.hashes) if args.resume else {}
     lock = run_folder(ev).claim(args.resume, args.overwrite) if ev.ranks.main else None
-    utils.barrier(ev.ranks)
+    models.barrier(ev.ranks)
     teacher_targets(ev)
     if ev.ranks.main:
         utils.print_config(ev.cfg, derived(ev))
@@ -783,7 +705,6 @@ def evaluate(args, overrides, argv, sub=None):
     results = write_table(ev, results, cells)
     utils.release_run_folder(lock)
     return results, ev.out
-
 
 def main(argv=None):
     """One table (evaluation.student), or one per `--student` plus the cross-architecture summary."""
@@ -807,7 +728,6 @@ def main(argv=None):
     utils.write_json(tables, out / "students.json")
     print("\n".join(md))
     return tables
-
 
 if __name__ == "__main__":
     utils.cli(main, "main_evaluate.py")

@@ -1,30 +1,24 @@
-"""Networks, the Barlow Twins loss and LARS. Stands alone: torch only, sizes as arguments."""
+"""Networks, the Barlow Twins loss, LARS, and the torch execution helpers. Stands alone: torch only, sizes as
+arguments."""
+from contextlib import contextmanager
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-
 # --------------------------------------------------------------------------------------------
 # ResNet-18 with the CIFAR stem (teacher g and the evaluation network)
 # --------------------------------------------------------------------------------------------
-RESNET18_DIM = 512  # the standard ResNet-18's global-average-pooled feature width: the teacher's d_y
-
-
 def resnet18_dim(width=64):
     """Feature width of a ResNet-18 whose stages are width, 2w, 4w, 8w channels: d_y = 8 * width."""
     return 8 * width
 
-
 def resnet18_cifar(width=64, blocks=2):
-    """torchvision ResNet-18 with a 3x3 stride-1 stem, no max-pool, fc = Identity -> 8*width features.
-
-    width = 64 is the standard ResNet-18 (only the stem is swapped, so saved state_dicts load into the
-    torchvision class after the same swap); a smaller width (the CPU-scale configs) rebuilds the four
-    stages at width, 2w, 4w, 8w channels with torchvision's own blocks and initialisation. Used at
-    32 and 64 px alike (SPEC 1). blocks = 1 per stage is ResNet-10 (an evaluation student).
-    """
+    """torchvision ResNet-18 with a 3x3 stride-1 stem, no max-pool, fc = Identity -> 8*width features. Another width
+    or `blocks` (1: ResNet-10) rebuilds the stages with torchvision's blocks and initialisation (SPEC 1)."""
     net = torchvision.models.resnet18()
     if width != 64 or blocks != 2:
         block = torchvision.models.resnet.BasicBlock
@@ -38,7 +32,6 @@ def resnet18_cifar(width=64, blocks=2):
     net.maxpool = nn.Identity()
     net.fc = nn.Identity()
     return net
-
 
 # --------------------------------------------------------------------------------------------
 # Evaluation students (KRR-ST's cross-architecture set), CIFAR-size variants
@@ -56,7 +49,6 @@ def vgg11_bn_cifar(width=64, resolution=32):
         cfg.append(v if v == "M" else max(1, v * width // 64))
     return nn.Sequential(torchvision.models.vgg.make_layers(cfg, batch_norm=True), nn.Flatten())
 
-
 def alexnet_cifar(width=64, resolution=32):
     """AlexNet for small images (KRR-ST's CIFAR AlexNet: 5x5 and 3x3 convs with BatchNorm, three max-pools),
     channels x width/64, flattened; torchvision's ImageNet AlexNet (11x11 stride 4) does not fit 8-64 px."""
@@ -69,7 +61,6 @@ def alexnet_cifar(width=64, resolution=32):
         prev = ch
     return nn.Sequential(*layers, nn.Flatten())
 
-
 def mobilenetv2_cifar(width=64):
     """torchvision's MobileNetV2 (width_mult = width/64) with the CIFAR strides: stem and first down-sampling
     stage at stride 1 (8x down-sampling in all), global average pool, classifier removed."""
@@ -80,7 +71,6 @@ def mobilenetv2_cifar(width=64):
     net.classifier = nn.Identity()
     return net
 
-
 STUDENTS = {
     "resnet18": lambda width, res: resnet18_cifar(width),
     "resnet10": lambda width, res: resnet18_cifar(width, blocks=1),
@@ -89,14 +79,12 @@ STUDENTS = {
     "mobilenetv2": lambda width, res: mobilenetv2_cifar(width),
 }
 
-
 def student(name, width, resolution):
     """(backbone, feature width) of an evaluation student; the width is read off the network at `resolution`."""
     net = STUDENTS[name](width, resolution)
     with torch.no_grad():
         dim = net.eval()(torch.zeros(2, 3, resolution, resolution)).shape[1]
     return net.train(), dim
-
 
 class Regressor(nn.Module):
     """backbone + Linear(feat_dim -> out_dim): the pre-training network of SPEC 6.1."""
@@ -112,7 +100,6 @@ class Regressor(nn.Module):
     def forward(self, x):
         return self.head(self.backbone(x))
 
-
 # --------------------------------------------------------------------------------------------
 # Barlow Twins
 # --------------------------------------------------------------------------------------------
@@ -125,7 +112,6 @@ def projector(in_dim, dims):
     layers.append(nn.Linear(d, dims[-1]))
     return nn.Sequential(*layers)
 
-
 class BarlowTwins(nn.Module):
     """Backbone + projector applied to both views in one forward (one DDP forward per step under torchrun)."""
 
@@ -136,11 +122,9 @@ class BarlowTwins(nn.Module):
     def forward(self, v1, v2):
         return self.projector(self.backbone(v1)), self.projector(self.backbone(v2))
 
-
 def off_diagonal(c):
     n = c.shape[0]
     return c.flatten()[:-1].view(n - 1, n + 1)[:, 1:].flatten()
-
 
 def barlow_twins_loss(z1, z2, lambd, scale):
     """z1, z2: (B, D) projections of two views. scale * (sum (1 - C_ii)^2 + lambd sum_{i!=j} C_ij^2),
@@ -153,7 +137,6 @@ def barlow_twins_loss(z1, z2, lambd, scale):
     on_diag = (torch.diagonal(c) - 1).pow(2).sum()
     off_diag = off_diagonal(c).pow(2).sum()
     return scale * (on_diag + lambd * off_diag)
-
 
 # --------------------------------------------------------------------------------------------
 # Several processes (torchrun): the global batch's embeddings and BatchNorm statistics
@@ -174,13 +157,10 @@ class _GatherRows(torch.autograd.Function):
         dist.all_reduce(grad)
         return grad[ctx.rows]
 
-
 def gather_rows(z):
-    """(world x b, ...) from every rank's (b, ...), differentiable; z itself in a single process. Each rank then
-    computes the loss of the global batch; DDP's gradient average over ranks makes the step the single-process
-    step on that batch (every rank's gradient of the same loss is summed here, then averaged there)."""
+    """(world x b, ...) from every rank's (b, ...), differentiable; z in one process. Every rank computes the global
+    batch's loss; summed here, averaged by DDP, the step is the single-process step."""
     return _GatherRows.apply(z) if dist.is_initialized() and dist.get_world_size() > 1 else z
-
 
 class _AllReduceSum(torch.autograd.Function):
     @staticmethod
@@ -194,7 +174,6 @@ class _AllReduceSum(torch.autograd.Function):
         grad = grad.clone()
         dist.all_reduce(grad)
         return grad
-
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm over the batch of every rank, for CPU process groups (gloo), where PyTorch's SyncBatchNorm does
@@ -220,7 +199,6 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
 
-
 def sync_batchnorm(module, device):
     """Every BatchNorm of `module` normalised over the global batch of all ranks: PyTorch's SyncBatchNorm on
     CUDA, GlobalBatchNorm on the CPU. The state_dict keys stay those of BatchNorm (checkpoints load plainly)."""
@@ -236,13 +214,9 @@ def sync_batchnorm(module, device):
             sync_batchnorm(child, device)
     return module
 
-
 class LARS(torch.optim.Optimizer):
-    """SGD with momentum and layer-wise trust ratios (solo-learn's LARS, clip_lr=True).
-
-    Parameter groups with `lars=False` (biases and norm parameters, SPEC 1) get neither weight
-    decay nor adaptation.
-    """
+    """SGD with momentum and layer-wise trust ratios (solo-learn's LARS, clip_lr=True); groups with `lars=False`
+    (biases and norm parameters, SPEC 1) get neither weight decay nor adaptation."""
 
     def __init__(self, params, lr, momentum, weight_decay, eta):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True))
@@ -270,7 +244,6 @@ class LARS(torch.optim.Optimizer):
             torch._foreach_add_(bufs, grads)
             torch._foreach_add_(params, bufs, alpha=-g["lr"])
 
-
 def lars_param_groups(*modules):
     """Split parameters: weights (LARS + wd) and biases / norm parameters (neither)."""
     decay, plain = [], []
@@ -279,15 +252,12 @@ def lars_param_groups(*modules):
             (plain if p.ndim <= 1 else decay).append(p)
     return [{"params": decay}, {"params": plain, "lars": False, "weight_decay": 0.0}]
 
-
 # --------------------------------------------------------------------------------------------
 # KRR-ST model pool ConvNet and the approximation MLP
 # --------------------------------------------------------------------------------------------
 class ConvNet(nn.Module):
-    """KRR-ST pool network: [Conv3x3 -> BatchNorm -> ReLU -> AvgPool2] per width, then Linear.
-
-    embed(x) is the flattened last block (8192-d for 128-256-512 at 32 px), the KRR features.
-    """
+    """KRR-ST pool network: [Conv3x3 -> BatchNorm -> ReLU -> AvgPool2] per width, then Linear; embed(x), the
+    flattened last block, gives the KRR features."""
 
     def __init__(self, widths, resolution, out_dim, in_ch=3):
         super().__init__()
@@ -308,17 +278,92 @@ class ConvNet(nn.Module):
     def forward(self, x):
         return self.head(self.embed(x))
 
-
 class ApproxMLP(nn.Sequential):
     """V -> hidden -> V: predicts the coefficient shift c^{y,k} - c^y of one rotation (SPEC 5)."""
 
     def __init__(self, V, hidden):
         super().__init__(nn.Linear(V, hidden), nn.ReLU(), nn.Linear(hidden, V))
 
-
 def num_params(module):
     return sum(p.numel() for p in module.parameters())
 
-
 def mse(pred, target):
     return F.mse_loss(pred.float(), target.float())
+
+# --------------------------------------------------------------------------------------------
+# Execution: torchrun's ranks, generators, numerics (autocast, TF32, precision, channels_last)
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Ranks:
+    """This process among torchrun's (utils.init_ranks): rank 0 of 1 when a script is started plainly."""
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self):
+        """Rank 0 alone writes files, logs and prints."""
+        return self.rank == 0
+
+    def say(self, *args, **kwargs):
+        if self.main:
+            print(*args, **kwargs)
+
+def shard(x, ranks):
+    """Rank r's equal share of x's rows: r, r + W, r + 2W, ... (the last len(x) mod W rows are left out)."""
+    return x[ranks.rank:len(x) // ranks.world * ranks.world:ranks.world]
+
+def gather_objects(obj, ranks):
+    """[rank 0's obj, rank 1's obj, ...] on every rank (picklable objects; [obj] in a single process)."""
+    if ranks.world == 1:
+        return [obj]
+    out = [None] * ranks.world
+    dist.all_gather_object(out, obj)
+    return out
+
+def barrier(ranks):
+    if ranks.world > 1:
+        dist.barrier()
+
+@contextmanager
+def rank0_first(ranks):
+    """The block runs on rank 0 first (it computes and caches), then on the others (which read the cache)."""
+    if not ranks.main:
+        barrier(ranks)
+    yield
+    if ranks.main:
+        barrier(ranks)
+
+def make_generator(device, seed):
+    """A torch.Generator on `device`: all augmentation randomness is drawn from it."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+def autocast(device, enabled=True):
+    """bf16 autocast on CUDA, a no-op on CPU (CPU bf16 convs are slower than fp32)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+
+@contextmanager
+def tf32(enabled):
+    """TF32 for float32 convs and matmuls on CUDA, set explicitly (PyTorch's defaults differ), restored on exit. The
+    legacy allow_tf32 flags only: torch.compile reads them, and mixing them with fp32_precision raises."""
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+
+@contextmanager
+def precision(device, name):
+    """A forward pass in one of utils.PRECISIONS: float32, TF32 or bf16 autocast (all float32 on the CPU). Backward
+    passes take `tf32(name == "tf32")` alone."""
+    with tf32(name == "tf32"), autocast(device, enabled=name == "bfloat16"):
+        yield
+
+def to_channels_last(x, device):
+    """channels_last on CUDA; contiguous NCHW on the CPU, where a channels_last batch sends a 1x1 stride-2 conv's
+    backward into a oneDNN kernel that corrupts the heap (torch 2.14.1)."""
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x.contiguous()
+
+def channels_last_module(net, device):
+    """Weights in channels_last once on CUDA (else cuDNN converts them on every call); unchanged on the CPU."""
+    return net.to(memory_format=torch.channels_last) if device.type == "cuda" else net

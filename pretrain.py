@@ -30,7 +30,6 @@ from tqdm import tqdm
 import models
 import utils
 
-
 def parse_args(argv):
     p = utils.script_parser(__doc__)
     p.add_argument("dataset", type=str.upper, choices=utils.DATASETS)
@@ -46,18 +45,15 @@ def parse_args(argv):
         overrides["pretrain.batch_size"] = args.batch_size
     return args, overrides
 
-
 # ============================================================================================
 # SPEC 1: the two asymmetric views, batched on the device (one random draw per sample, from a generator)
 # ============================================================================================
 def _uniform(n, lo, hi, gen, device):
     return torch.rand(n, generator=gen, device=device) * (hi - lo) + lo
 
-
 def _gray(x):
     """ITU-R 601 luma, as torchvision's rgb_to_grayscale. (B, 3, H, W) -> (B, 1, H, W)."""
     return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
-
 
 def random_resized_crop(x, size, scale, gen, ratio=(3 / 4, 4 / 3)):
     """Per-sample RandomResizedCrop via one affine matrix per image and grid_sample."""
@@ -73,7 +69,6 @@ def random_resized_crop(x, size, scale, gen, ratio=(3 / 4, 4 / 3)):
     grid = F.affine_grid(theta, (B, x.shape[1], size, size), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
-
 def rgb_to_hsv(x):
     r, g, b = x.unbind(1)
     maxc, minc = x.amax(1), x.amin(1)
@@ -84,12 +79,10 @@ def rgb_to_hsv(x):
     h = torch.where(delta > 0, (h / 6) % 1, torch.zeros_like(h))
     return h, s, maxc
 
-
 def hsv_to_rgb(h, s, v):
     """The offsets 5, 3, 1 (R, G, B) are Python numbers: no host-to-device copy of a constant per call."""
     k = torch.stack([(n + h * 6) % 6 for n in (5.0, 3.0, 1.0)], 1)
     return v.unsqueeze(1) - v.unsqueeze(1) * s.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
-
 
 def color_jitter(x, brightness, contrast, saturation, hue, p, gen):
     """torchvision ColorJitter with per-sample factors, applied (in this fixed order) with prob. p."""
@@ -104,16 +97,13 @@ def color_jitter(x, brightness, contrast, saturation, hue, p, gen):
     y = hsv_to_rgb((h + _uniform(B, -hue, hue, gen, dev).view(B, 1, 1)) % 1, s, v)
     return torch.where(utils.coin(B, p, gen, dev).view(B, 1, 1, 1), y, x)
 
-
 def random_grayscale(x, p, gen):
     mask = utils.coin(x.shape[0], p, gen, x.device).view(-1, 1, 1, 1)
     return torch.where(mask, _gray(x).expand_as(x), x)
 
-
 def random_solarize(x, p, gen, threshold=0.5):
     mask = utils.coin(x.shape[0], p, gen, x.device).view(-1, 1, 1, 1)
     return torch.where(mask & (x >= threshold), 1 - x, x)
-
 
 def barlow_views(x, mean, std, aug, gen):
     """Two asymmetric Barlow Twins views (SPEC 1) of a uint8 batch, normalised float32."""
@@ -127,7 +117,6 @@ def barlow_views(x, mean, std, aug, gen):
         v = random_solarize(v, solarize_p, gen)
         views.append(utils.normalize(v, mean, std))
     return views
-
 
 @torch.no_grad()
 def knn_accuracy(train_f, train_y, test_f, test_y, num_classes, k, temperature, chunk=1024):
@@ -143,7 +132,6 @@ def knn_accuracy(train_f, train_y, test_f, test_y, num_classes, k, temperature, 
         correct += (votes.argmax(1) == y).sum().item()
     return 100.0 * correct / len(test_f)
 
-
 # ============================================================================================
 # SPEC 1: the network, LARS, the warm-up + cosine schedule, one step, one epoch
 # ============================================================================================
@@ -155,24 +143,22 @@ def lr_at(step, steps_per_epoch, pc):
         return peak * (step + 1) / warm
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
-
-def build(pc, width, device, ranks=utils.Ranks()):
+def build(pc, width, device, ranks=models.Ranks()):
     """The Barlow Twins network (ResNet-18 + projector) on `device` and its LARS (rates set per step by lr_at).
     Under torchrun every BatchNorm normalises over the global batch, as solo-learn's recipe (sync_batchnorm) does."""
     net = models.BarlowTwins(models.resnet18_cifar(width), models.projector(models.resnet18_dim(width),
                                                                            pc["projector_dims"]))
     net = (models.sync_batchnorm(net, device) if ranks.world > 1 else net).to(device)
-    utils.channels_last_module(net.backbone, device)
+    models.channels_last_module(net.backbone, device)
     opt = models.LARS(models.lars_param_groups(net.backbone, net.projector), lr=0.0, momentum=pc["momentum"],
                       weight_decay=pc["weight_decay"], eta=pc["lars_eta"])
     return net, opt
 
-
 def barlow_step(net, opt, x, data, pc, gen, device):
     """One Barlow Twins step on the uint8 batch x (two fresh views each): the detached loss, no host sync.
     Under torchrun x is this rank's part of the global batch, and the loss is that of the global batch."""
-    v1, v2 = (utils.to_channels_last(v, device) for v in barlow_views(x, data.mean, data.std, pc, gen))
-    with utils.autocast(device):
+    v1, v2 = (models.to_channels_last(v, device) for v in barlow_views(x, data.mean, data.std, pc, gen))
+    with models.autocast(device):
         z1, z2 = net(v1, v2)
     loss = models.barlow_twins_loss(models.gather_rows(z1), models.gather_rows(z2), pc["lambda_offdiag"],
                                     pc["loss_scale"])
@@ -181,11 +167,9 @@ def barlow_step(net, opt, x, data, pc, gen, device):
     opt.step()
     return loss.detach()
 
-
-def train_one_epoch(net, opt, data, pc, epoch, gen, device, ranks=utils.Ranks()):
-    """One pass over the train split in random batches (last partial batch dropped): mean loss, views/s (of
-    this process). Under torchrun `data` holds this rank's shard and each step takes batch_size / world of it.
-    The loss is read back once, at the end of the epoch."""
+def train_one_epoch(net, opt, data, pc, epoch, gen, device, ranks=models.Ranks()):
+    """One pass in random batches (last partial dropped; under torchrun this rank's shard, batch_size / world each):
+    (mean loss, read back once; this process's views/s)."""
     net.train()
     N, B = len(data.train_x), pc["batch_size"] // ranks.world
     steps = N // B
@@ -197,7 +181,6 @@ def train_one_epoch(net, opt, data, pc, epoch, gen, device, ranks=utils.Ranks())
         total += barlow_step(net, opt, data.train_x[perm[i * B:(i + 1) * B]], data, pc, gen, device)
     mean_loss = total.item() / steps
     return mean_loss, 2 * steps * B / (time.time() - t0)
-
 
 # ============================================================================================
 # main: arguments -> config -> checks -> run folder -> network -> resume -> epochs -> teacher file and probe
@@ -219,11 +202,9 @@ def configure(argv):
                           checkpoint=folder / "checkpoint.pth", also=(teacher_file,))
     return args, cfg_path, cfg, ranks, device, teacher_file, run
 
-
 def load_checked(args, cfg_path, cfg, run, ranks):
-    """Everything that can refuse the run, before its folder is claimed: the folder's state, the data, the batch
-    size and the final probe's labels per class against it, and under --resume the checkpoint (config, inputs,
-    process count)."""
+    """Everything that can refuse the run, before its folder is claimed: folder, data, batch size, the probe's labels
+    per class, and under --resume the checkpoint."""
     if ranks.main:
         run.check(args.resume, args.overwrite)
     data = utils.load_data(cfg)
@@ -243,16 +224,14 @@ def load_checked(args, cfg_path, cfg, run, ranks):
                                    f"as many (torchrun --nproc_per_node={len(ckpt['rng'])}; plain python for 1)")
     return data, inputs, ckpt
 
-
 def place_data(data, ranks, device):
     """(this rank's share of the train split on the device, the whole split on rank 0 for kNN and probe)."""
     ranks.say(f"{data.name}: {len(data.train_x)} train / {len(data.test_x)} test images at {data.train_x.shape[-1]} px"
               + (f"; {ranks.world} processes, each with {len(data.train_x) // ranks.world} of them"
                  if ranks.world > 1 else ""))
-    local = dataclasses.replace(data, train_x=utils.shard(data.train_x, ranks)) if ranks.world > 1 else data
+    local = dataclasses.replace(data, train_x=models.shard(data.train_x, ranks)) if ranks.world > 1 else data
     local.to(device)
     return local, (data.to(device) if ranks.main else None)
-
 
 def restore(ckpt, net, opt, gen, ranks, path):
     """The checkpoint's weights, optimizer and this rank's generator: (first epoch, last kNN, run id)."""
@@ -263,15 +242,13 @@ def restore(ckpt, net, opt, gen, ranks, path):
     ranks.say(f"resumed run {ckpt['run_id']} from {path} at epoch {ckpt['epoch']}")
     return ckpt["epoch"], ckpt["knn_top1"], ckpt["run_id"]
 
-
 @dataclass
 class Job:
-    """What the epochs work with besides the network: the config, device and processes, this rank's share of the
-    train split (`local`) and the whole split (`data`, rank 0's: kNN and probe), the run folder, its id and inputs
-    (what a checkpoint keeps), its log, and the command line (the recovery hint)."""
+    """What the epochs work with besides the network: config, device, ranks, this rank's share (`local`) and the
+    whole split (`data`, rank 0's: kNN, probe), run folder, id, inputs, log, command line (the recovery hint)."""
     cfg: dict
     device: torch.device
-    ranks: utils.Ranks
+    ranks: models.Ranks
     local: object
     data: object
     run: utils.RunFolder
@@ -279,7 +256,6 @@ class Job:
     inputs: dict
     log: object
     argv: list
-
 
 def fit(net, fwd, opt, gen, job, start, knn):
     """The epochs from `start`: a non-finite epoch stops before anything of it is saved; kNN every knn_every
@@ -302,7 +278,7 @@ def fit(net, fwd, opt, gen, job, start, knn):
                                pc["knn_temperature"])
             row["knn_top1"] = knn
         if (epoch + 1) % pc["save_every"] == 0 or epoch + 1 == pc["epochs"]:
-            rngs = utils.gather_objects(utils.rng_state(gen), ranks)  # every rank's augmentation generator
+            rngs = models.gather_objects(utils.rng_state(gen), ranks)  # every rank's augmentation generator
             if ranks.main:
                 utils.atomic_save({"backbone": net.backbone.state_dict(), "projector": net.projector.state_dict(),
                                    "optimizer": opt.state_dict(), "epoch": epoch + 1, "rng": rngs, "knn_top1": knn,
@@ -313,17 +289,16 @@ def fit(net, fwd, opt, gen, job, start, knn):
             ranks.say(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
     return knn, feats
 
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)  # the command line, for the recovery hint
     args, cfg_path, cfg, ranks, device, teacher_file, run = configure(argv)
     utils.set_seed(cfg["seed"])
-    gen = utils.make_generator(device, cfg["seed"] + ranks.rank)  # each rank draws its own augmentations
+    gen = models.make_generator(device, cfg["seed"] + ranks.rank)  # each rank draws its own augmentations
     data, inputs, ckpt = load_checked(args, cfg_path, cfg, run, ranks)
 
     # ---------------------------------------------------------------- claim the run folder, data on the device
     lock = run.claim(args.resume, args.overwrite) if ranks.main else None
-    utils.barrier(ranks)
+    models.barrier(ranks)
     local, data = place_data(data, ranks, device)
 
     # ---------------------------------------------------------------- network, optimizer, resume
@@ -332,7 +307,7 @@ def main(argv=None):
     if cfg["pretrain"]["compile"] and device.type == "cuda":
         fwd = torch.compile(fwd)
     start, knn, run_id = restore(ckpt, net, opt, gen, ranks, run.checkpoint) if ckpt else (0, None, utils.new_run_id())
-    run_id = utils.gather_objects(run_id, ranks)[0]  # rank 0's
+    run_id = models.gather_objects(run_id, ranks)[0]  # rank 0's
     log = utils.RunLog(run.folder / "log.jsonl", resume_at=("epoch", start) if args.resume else None) \
         if ranks.main else None
     derived = {"device": str(device), "peak_lr": cfg["pretrain"]["lr"] * cfg["pretrain"]["batch_size"] / 256,
@@ -360,7 +335,6 @@ def main(argv=None):
     print(f"teacher written to {teacher_file}; linear probe top-1 {probe:.2f}%"
           + (f" (kNN {knn:.2f}%)" if knn is not None else ""))
     return metrics
-
 
 if __name__ == "__main__":
     utils.cli(main, "pretrain.py")

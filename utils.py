@@ -4,8 +4,7 @@
 Sections, in file order:
     Errors                 UserError and its kinds; cli: a user's mistake is one line
     Config                 SCHEMA (every key: type, range, meaning), load_config, overrides, the common arguments
-    Seeding, device        set_seed, get_device
-    Several processes      torchrun ranks, generators; numerics: autocast, TF32, precision, channels_last
+    Seeding, device        set_seed, get_device, init_ranks (torchrun; the execution helpers are in models.py)
     Data                   the dataset loaders (every file and split checked), normalisation
     Augmentation           flips and rotations (the predefined views a_k of SPEC 2)
     Storage                SPEC 3's budget; the default folder names
@@ -32,7 +31,6 @@ import stat
 import sys
 import time
 import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,54 +45,39 @@ import models
 # Errors: a user's mistake is one line (cli), a bug keeps its traceback
 # ============================================================================================
 class UserError(Exception):
-    """A mistake in what the user gave (config, data, files, run folder, flags) or a run stopped on purpose: the
-    scripts' entry points print it as `<script>: error: <message>` and exit with `exit_code`, no traceback."""
+    """A mistake in what the user gave, or a run stopped on purpose: cli prints one line, no traceback."""
     exit_code = 2
-
 
 class ConfigError(UserError, ValueError):
     """A config file or override that does not match SCHEMA."""
 
-
 class DatasetError(UserError, FileNotFoundError):
     """A dataset folder that is missing or not in the expected layout."""
 
-
 class InputError(UserError, ValueError):
-    """A file read back that is not what it should be (teacher, distilled set, checkpoint, results), or a refused
-    --resume."""
-
+    """A file read back that is not what it should be (teacher, set, checkpoint, results), or a refused --resume."""
 
 class MissingInput(UserError, FileNotFoundError):
     """A file an earlier script writes is not there yet (teacher, distilled set, checkpoint)."""
 
-
 class RunFolderError(UserError, FileExistsError):
     """A run folder that another run holds, or outputs that would be mixed or lost."""
-
 
 class RunStopped(UserError):
     """A run stopped on a non-finite value: nothing of it was saved; the message says how to go on."""
     exit_code = 1
 
-
-RUN = {}  # what a stop's line names, set as a run goes: "at" (where its loop is), "folders" (the RunFolders it
-# claimed), and under torchrun on gloo "side" (a spare group that finds a stalled rank) and "timeout"
-
+RUN = {}  # what a stop's line names: "at" (where the loop is), "folders" (RunFolders claimed); gloo: "side", "timeout"
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised wherever the script is, as Python raises KeyboardInterrupt on SIGINT: the same unwinding."""
+    """SIGTERM, raised as Python raises KeyboardInterrupt on SIGINT: the same unwinding."""
     signum = signal.SIGTERM
-
 
 def _terminate(signum, frame):
     raise Terminated()
 
-
 def cli(main, script):
-    """Run a script's main(); a UserError becomes one line on stderr and its exit code (as argparse does); SIGINT and
-    SIGTERM stop with one line (what was kept, the command that goes on) and exit 128 + the signal; under torchrun
-    a collective a rank never joined stops with one line naming it. Rank 0 alone prints; a bug keeps its traceback."""
+    """Run main(): a user's mistake, a signal or a stalled collective is one line on stderr; a bug keeps its trace."""
     signal.signal(signal.SIGTERM, _terminate)
     speaks = rank0 = os.environ.get("RANK", "0") == "0"
     try:
@@ -110,31 +93,28 @@ def cli(main, script):
         print(("" if rank0 else "\n") + f"{script}: error: {error}", file=sys.stderr)  # (rank 0's line may be cut)
     sys.exit(code)
 
-
 def _at():
     return f" at {RUN['at']}" if RUN.get("at") else ""
-
 
 def _kept(script):
     """What a stopped run kept, and the command that goes on from it (the one it was started with)."""
     argv = [a for a in sys.argv[1:] if a not in ("--resume", "--overwrite")]
     kept = [p for f in RUN.get("folders", []) if Path(p := f.checkpoint or f.outputs[0]).is_file()]
     if kept:
-        return f"{kept[-1]} is kept (nothing after it was saved): continue with `{command(script, argv + ['--resume'])}`"
+        return f"{kept[-1]} is kept (nothing after it was saved): continue with " \
+            f"`{command(script, argv + ['--resume'])}`"
     return f"no checkpoint was written, the run folder is free: run it again with `{command(script, argv)}`"
 
-
 def _stalled(e, script, speaks):
-    """(line, whether this rank prints it) after a collective of the default group timed out or lost a peer (gloo):
-    over the spare group RUN["side"] each rank still running sends rank 0 a word, and rank 0 names the ranks it does
-    not hear from within the timeout (of 2 ranks, rank 1 names rank 0 when its word is not taken). Else raised."""
+    """(line, whether this rank prints it) after a gloo collective timed out: each live rank sends rank 0 a word over
+    RUN["side"]; rank 0 names the ranks it does not hear from."""
     text = str(e).lower()
     if "side" not in RUN or not ("timed out" in text or "closed" in text):
         raise e
     timeout, world = RUN["timeout"], torch.distributed.get_world_size()
     if torch.distributed.get_rank() == 0:
-        words, missing = [(r, torch.distributed.irecv(torch.zeros(1), r, group=RUN["side"])) for r in range(1, world)], []
-        deadline = time.time() + timeout.total_seconds()
+        words = [(r, torch.distributed.irecv(torch.zeros(1), r, group=RUN["side"])) for r in range(1, world)]
+        missing, deadline = [], time.time() + timeout.total_seconds()
         for r, word in words:
             try:
                 word.wait(datetime.timedelta(seconds=max(deadline - time.time(), 0.01)))
@@ -147,17 +127,16 @@ def _stalled(e, script, speaks):
             missing = []
         except RuntimeError:
             missing, speaks = [0], world == 2 and "timed out" in text  # (a rank 0 gone spoke for itself)
-    what = f"rank {', '.join(map(str, missing))} did not answer" if missing else "every rank answered, but one was late"
+    what = f"rank {', '.join(map(str, missing))} did not answer" if missing else \
+        "every rank answered, but one was late"
     return f"{what} within distributed_timeout_s = {timeout.total_seconds():g} s{_at()} (stalled, stopped or gone; " \
         f"raise the key if a rank was only slow); {_kept(script)}", speaks
-
 
 # ============================================================================================
 # Config: one schema, YAML is the only source of hyperparameters (SPEC: every default in YAML)
 # ============================================================================================
 DATASETS = ("CIFAR10", "CIFAR100", "STANFORD_DOGS", "TINY_IMAGENET", "IMAGENET64", "DIGITS")
-PRECISIONS = ("float32", "tf32", "bfloat16")  # numerics of a frozen-network pass on CUDA (utils.precision)
-
+PRECISIONS = ("float32", "tf32", "bfloat16")  # numerics of a frozen-network pass on CUDA (models.precision)
 
 def _range(lo=None, hi=None, lo_open=False, hi_open=False):
     """(predicate, text) for a numeric interval; None is unbounded."""
@@ -167,22 +146,17 @@ def _range(lo=None, hi=None, lo_open=False, hi_open=False):
                                     (hi is not None and f"{'<' if hi_open else '<='} {hi}")) if t)
     return ok, text
 
-
 ANY, POSITIVE, NONNEG, PROB = None, _range(1), _range(0), _range(0, 1)
 MOMENTUM, POS_REAL = _range(0, 1, hi_open=True), _range(0, lo_open=True)
 ROTATION = (lambda v: v in (90, 180, 270), "one of 90, 180, 270")
 
-
 @dataclass(frozen=True)
 class Key:
-    """One config key: its type (a tuple of strings is a choice, [type] a list of that type), its range (checked
-    on every element of a list; ANY: every value of the type), a list's (min, max) length, and its meaning (which the
-    one-line error for a bad value quotes)."""
+    """A key's type (a tuple: a choice; [type]: a list), range (ANY: none), meaning (errors quote it), list length."""
     type: object
     range: tuple
     meaning: str
     length: tuple = None
-
 
 SCHEMA = {
     "dataset": Key(DATASETS, ANY, "the source dataset (SPEC 7)"),
@@ -200,7 +174,8 @@ SCHEMA = {
         "shard": Key(bool, ANY, "main_distill.py under torchrun: each rank keeps only its 1/W of the train images "
                      "and teacher targets"),
     },
-    "network": {"width": Key(int, POSITIVE, "first-stage channels of every ResNet-18 (64 = standard); d_y = 8 x width")},
+    "network": {
+        "width": Key(int, POSITIVE, "first-stage channels of every ResNet-18 (64 = standard); d_y = 8 x width")},
     "pretrain": {
         "epochs": Key(int, POSITIVE, "Barlow Twins epochs"),
         "batch_size": Key(int, _range(2), "global batch (all processes)"),
@@ -303,7 +278,6 @@ SCHEMA = {
     },
 }
 
-
 def leaves(schema=SCHEMA, prefix=""):
     """{dotted key: Key} of every key of the schema."""
     out = {}
@@ -311,23 +285,8 @@ def leaves(schema=SCHEMA, prefix=""):
         out.update(leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
 
-
-def _get(cfg, dotted):
-    for k in dotted.split("."):
-        cfg = cfg[k]
-    return cfg
-
-
 def _check_value(value, key, where):
-    """`value` converted to `key.type` and inside key.range (each element of a list), or a ConfigError naming where
-    and what the key means."""
-    try:
-        return _checked(value, key, where)
-    except ConfigError as e:
-        raise ConfigError(f"{e} ({key.meaning})") from None
-
-
-def _checked(value, key, where):
+    """`value` as key.type and inside key.range, or a ConfigError naming where (its caller adds what key means)."""
     spec = key.type
     if isinstance(spec, list):
         if not isinstance(value, list):
@@ -344,7 +303,6 @@ def _checked(value, key, where):
         if not all(ok(v) for v in (value if isinstance(value, list) else [value])):
             raise ConfigError(f"{where} = {value!r}: expected {'each value ' if isinstance(value, list) else ''}{text}")
     return value
-
 
 def _check_type(value, spec, where):
     if isinstance(spec, tuple):
@@ -367,7 +325,6 @@ def _check_type(value, spec, where):
         raise ConfigError(f"{where}: expected {spec.__name__}, got {value!r}")
     return value
 
-
 def _check_section(cfg, schema, source, prefix=""):
     if not isinstance(cfg, dict):
         raise ConfigError(f"{source}: {prefix.rstrip('.') or 'top level'}: expected a mapping, got {cfg!r}")
@@ -381,9 +338,11 @@ def _check_section(cfg, schema, source, prefix=""):
         if isinstance(spec, dict):
             out[key] = _check_section(cfg[key], spec, source, f"{prefix}{key}.")
         else:
-            out[key] = _check_value(cfg[key], spec, f"{source}: {prefix}{key}")
+            try:
+                out[key] = _check_value(cfg[key], spec, f"{source}: {prefix}{key}")
+            except ConfigError as e:
+                raise ConfigError(f"{e} ({spec.meaning})") from None
     return out
-
 
 def _check_consistent(cfg, source):
     """Rules between keys, after each key passed its own."""
@@ -406,10 +365,8 @@ def _check_consistent(cfg, source):
         raise ConfigError(f"{source}: distillation.snapshot_steps {late}: after the last of distillation.steps = "
                           f"{cfg['distillation']['steps']}, never written; lower them or raise the steps")
 
-
 def check_sizes(cfg, n_train, m=None):
-    """Counts that must fit the loaded train split (known only after loading): m and budget_N images are
-    drawn from it without replacement, so a larger value would silently shrink the set the table reports."""
+    """Counts drawn from the loaded train split without replacement: a larger one would silently shrink the set."""
     checks = {"storage.budget_N": cfg["storage"]["budget_N"], "storage.m": m if m is not None else cfg["storage"]["m"],
               "distillation.outer_batch_size": cfg["distillation"]["outer_batch_size"]}
     for dotted, value in checks.items():
@@ -417,10 +374,8 @@ def check_sizes(cfg, n_train, m=None):
             raise ConfigError(f"{dotted} = {value} exceeds the {n_train} images of the {cfg['dataset']} train split "
                               f"(data.train_subset = {cfg['data']['train_subset']}); lower it")
 
-
 class _UniqueKeyLoader(yaml.SafeLoader):
     """PyYAML keeps the last of two equal keys silently: this loader refuses them."""
-
 
 def _unique_mapping(loader, node, deep=False):
     seen = set()
@@ -432,13 +387,10 @@ def _unique_mapping(loader, node, deep=False):
         seen.add(key)
     return loader.construct_mapping(node, deep)
 
-
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
-
 def parse_args(parser, argv):
-    """(args, overrides): the parser's flags, and every other --key=value a config override. --allow-changed acts
-    only with --resume and names config keys: without it, or with a key the schema lacks, it is refused."""
+    """(args, overrides): the parser's flags, every other --key=value a config override; --allow-changed checked."""
     args, rest = parser.parse_known_args(argv)
     changed = getattr(args, "allow_changed", [])
     if changed and not args.resume:
@@ -447,7 +399,6 @@ def parse_args(parser, argv):
     if unknown:
         raise ConfigError(f"--allow-changed: unknown config keys {unknown} (keys look like section.key)")
     return args, parse_overrides(rest)
-
 
 def parse_overrides(items):
     """['--distillation.steps=200', '--seed=1'] -> {'distillation.steps': 200, 'seed': 1} (values parsed as YAML)."""
@@ -461,7 +412,6 @@ def parse_overrides(items):
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: the value is not YAML ({str(e).splitlines()[0]})") from None
     return out
-
 
 def load_config(path, overrides=None):
     """Read configs/<name>.yaml, apply dotted overrides, check everything against SCHEMA."""
@@ -496,13 +446,10 @@ def load_config(path, overrides=None):
     _check_consistent(cfg, str(path))
     return cfg
 
-
 def script_parser(doc):
-    """The three scripts' argument parser. No prefix matching: every --key=value it does not know is left over
-    as a config override (otherwise main_evaluate would read --seed=1 as --seeds=1)."""
+    """No prefix matching: an unknown --key=value is a config override (else --seed=1 would read as --seeds=1)."""
     return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
                                    allow_abbrev=False)
-
 
 def add_common_args(parser, allow_changed=True):
     """--device/--resume/--overwrite, and --allow-changed for the scripts whose checkpoints continue a run."""
@@ -516,23 +463,19 @@ def add_common_args(parser, allow_changed=True):
                                  "(not those that change the checkpoint's tensors)")
     return parser
 
-
 def print_config(cfg, derived=None):
     print(json.dumps({"config": cfg, "derived": derived or {}}, indent=1, default=str))
 
-
 # ============================================================================================
-# Seeding, device
+# Seeding, device, processes (torchrun; nothing joins a process group unless WORLD_SIZE > 1)
 # ============================================================================================
 def set_seed(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
-
 def get_device(name=None):
-    """--device: cpu (cpu:N is the CPU too), or cuda / cuda:N of a GPU torch sees (default: cuda when present);
-    anything else (mps, meta, xla, a typo) is refused naming the flag."""
+    """--device: cpu, or cuda / cuda:N of a GPU torch sees (default: cuda if present); anything else is refused."""
     if name is None:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -545,36 +488,13 @@ def get_device(name=None):
                                                             " (torch sees no CUDA device here)"))
     return device
 
-
-# ============================================================================================
-# Several processes (torchrun; nothing joins a process group unless WORLD_SIZE > 1), generators, numerics
-# ============================================================================================
-@dataclass(frozen=True)
-class Ranks:
-    """This process among torchrun's: rank 0 of 1 when a script is started plainly."""
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self):
-        """Rank 0 alone writes files, logs and prints."""
-        return self.rank == 0
-
-    def say(self, *args, **kwargs):
-        """print, on rank 0 only."""
-        if self.main:
-            print(*args, **kwargs)
-
-
 def init_ranks(device_name=None, timeout_s=None):
-    """(Ranks, device). Under torchrun (WORLD_SIZE > 1) every process joins the default process group: nccl on
-    CUDA, one GPU per process (cuda:LOCAL_RANK), gloo on the CPU, its collectives waiting at most `timeout_s`
-    (distributed_timeout_s; None: torch's default): on gloo the wait raises (cli names the rank that did not come,
-    found through a spare group), on nccl torch's watchdog aborts the job. A plain start: rank 0 of 1, no group."""
+    """(models.Ranks, device). Under torchrun each process joins the default group (nccl on CUDA, one GPU each; gloo on
+    the CPU, where a wait past `timeout_s` raises and cli names the missing rank). A plain start: rank 0 of 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = get_device(device_name)
     if world == 1:
-        return Ranks(), device
+        return models.Ranks(), device
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
@@ -586,82 +506,7 @@ def init_ranks(device_name=None, timeout_s=None):
         if device.type != "cuda" and timeout:
             RUN.update(side=torch.distributed.new_group(backend="gloo", **timeout), timeout=timeout["timeout"])
         atexit.register(lambda: torch.distributed.is_initialized() and torch.distributed.destroy_process_group())
-    return Ranks(torch.distributed.get_rank(), world), device
-
-
-def shard(x, ranks):
-    """Rank r's equal share of x's rows: r, r + W, r + 2W, ... (the last len(x) mod W rows are left out)."""
-    return x[ranks.rank:len(x) // ranks.world * ranks.world:ranks.world]
-
-
-def gather_objects(obj, ranks):
-    """[rank 0's obj, rank 1's obj, ...] on every rank (picklable objects; [obj] in a single process)."""
-    if ranks.world == 1:
-        return [obj]
-    out = [None] * ranks.world
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
-def barrier(ranks):
-    if ranks.world > 1:
-        torch.distributed.barrier()
-
-
-@contextmanager
-def rank0_first(ranks):
-    """The block runs on rank 0 first (e.g. it computes and caches), then on the others (which read the cache)."""
-    if not ranks.main:
-        barrier(ranks)
-    yield
-    if ranks.main:
-        barrier(ranks)
-
-
-def make_generator(device, seed):
-    """A torch.Generator on `device`: all augmentation randomness is drawn from it."""
-    return torch.Generator(device=device).manual_seed(seed)
-
-
-def autocast(device, enabled=True):
-    """bf16 autocast on CUDA, a no-op on CPU (CPU bf16 convs are slower than fp32)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
-
-
-@contextmanager
-def tf32(enabled):
-    """TF32 tensor cores (10-bit mantissa inputs, float32 accumulation) for float32 convs and matmuls on CUDA,
-    set explicitly: PyTorch's own defaults differ (on for cuDNN convs, off for matmuls). Restored on exit.
-    The legacy allow_tf32 flags only: torch.compile on torch 2.9-2.11 still reads them, and mixing them with the
-    newer fp32_precision API raises on a mixed read, so this repository never sets fp32_precision."""
-    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
-
-
-@contextmanager
-def precision(device, name):
-    """A forward pass in one of PRECISIONS: strict float32, float32 with TF32 tensor cores, or bf16 autocast.
-    On the CPU all three are float32. Backward passes take `tf32(name == "tf32")` alone (no autocast)."""
-    with tf32(name == "tf32"), autocast(device, enabled=name == "bfloat16"):
-        yield
-
-
-def to_channels_last(x, device):
-    """x in the layout the device's convolutions want: channels_last on CUDA, contiguous NCHW on the CPU (where a
-    channels_last-strided batch, as random_crop_flip returns, sends a 1x1 stride-2 convolution's backward into a
-    oneDNN kernel that corrupts the heap and gives run-to-run different gradients on torch 2.14.1)."""
-    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x.contiguous()
-
-
-def channels_last_module(net, device):
-    """A network whose inputs are channels_last on CUDA gets its weights in that layout once, here: otherwise
-    cuDNN converts every conv's weight on every call. Unchanged on the CPU."""
-    return net.to(memory_format=torch.channels_last) if device.type == "cuda" else net
-
+    return models.Ranks(torch.distributed.get_rank(), world), device
 
 # ============================================================================================
 # Data: uint8 (N, 3, H, W) tensors + int64 labels; normalised on the device
@@ -684,9 +529,9 @@ class ImageData:
             setattr(self, k, getattr(self, k).to(device))
         return self
 
-
 CIFAR10_LAYOUT = ("data/cifar-10-python/{data_batch_1..5, test_batch, batches.meta} (the official python pickles of "
-                  "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz; its folder name cifar-10-batches-py works too)")
+                  "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz; its folder name cifar-10-batches-py "
+                  "works too)")
 CIFAR100_LAYOUT = "data/data/cifar-100-python/{train, test, meta} (official python pickles, torchvision layout)"
 DOGS_LAYOUT = ("data/stanford-dogs/images/Images/<wnid>-<Breed>/*.jpg (120 breed folders: "
                "http://vision.stanford.edu/aditya86/ImageNetDogs/images.tar unpacked into data/stanford-dogs/images/), "
@@ -700,11 +545,9 @@ IMAGENET64_TRAIN = [f"train_data_batch_{i}" for i in range(1, 11)]
 DOGS_TRAIN_PER_BREED = 100  # the official split's count, used when no .mat lists are present
 DIGITS_TEST_FRACTION = 0.25  # fixed stratified split of scikit-learn's 1,797 digits
 
-
 def channel_stats(x, chunk=8192):
     """Per-channel mean and std in [0, 1] of a uint8 (N, 3, H, W) tensor, in float64."""
-    s = torch.zeros(3, dtype=torch.float64)
-    s2 = torch.zeros(3, dtype=torch.float64)
+    s, s2 = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
     for part in x.split(chunk):
         p = part.to(torch.float64) / 255
         s += p.sum((0, 2, 3))
@@ -713,21 +556,14 @@ def channel_stats(x, chunk=8192):
     mean = s / n
     return mean.float(), (s2 / n - mean**2).sqrt().float()
 
-
-def _unpickle(path):
-    """Official CIFAR pickles; keys are bytes or str depending on who wrote the file."""
-    with open(path, "rb") as f:
-        d = pickle.load(f, encoding="bytes")
-    return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in d.items()}
-
-
 def _plane_arrays(path, label_key, layout, num_classes, side=32, kind="a CIFAR", first_label=0):
-    """One pickle of the CIFAR format (official CIFAR, and the Imagenet64x64 release at side 64 with 1-based labels):
-    'data' uint8 (n, 3 side^2) in R, G, B planes and n labels in [first_label, first_label + num_classes)."""
+    """A CIFAR-format pickle (also Imagenet64x64's, 1-based labels): 'data' uint8 (n, 3 side^2) in R, G, B planes."""
     if not path.is_file():
         raise DatasetError(f"missing {path}; expected layout: {layout}")
     try:
-        d = _unpickle(path)
+        with open(path, "rb") as f:
+            d = pickle.load(f, encoding="bytes")  # keys are bytes or str, as the writer left them
+        d = {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in d.items()}
         data, labels = d["data"], d[label_key]
     except Exception as e:  # truncated file, not a pickle, wrong keys
         raise DatasetError(f"could not read {path} as {kind} pickle ({type(e).__name__}: {e}); "
@@ -735,7 +571,8 @@ def _plane_arrays(path, label_key, layout, num_classes, side=32, kind="a CIFAR",
     data = np.asarray(data)
     if data.ndim != 2 or data.shape[1] != 3 * side * side or data.dtype != np.uint8:
         raise DatasetError(f"{path}: 'data' is {data.dtype} of shape {data.shape}; expected uint8 (n, "
-                           f"{3 * side * side}) ({side} x {side} x 3 channel planes per row); expected layout: {layout}")
+                           f"{3 * side * side}) ({side} x {side} x 3 channel planes per row); expected layout: "
+                           f"{layout}")
     if first_label:
         labels = np.asarray(labels)
         if labels.size and np.issubdtype(labels.dtype, np.integer):
@@ -745,7 +582,6 @@ def _plane_arrays(path, label_key, layout, num_classes, side=32, kind="a CIFAR",
             labels = labels - first_label
     x = torch.from_numpy(data.reshape(-1, 3, side, side).copy())
     return x, check_labels(labels, len(x), num_classes, f"{path}: '{label_key}'")
-
 
 def load_imagenet64(root):
     """Downsampled ImageNet at 64 px: ten train pickles and the val pickle (the test split); every file checked."""
@@ -760,7 +596,6 @@ def load_imagenet64(root):
     test_x, test_y = read("val_data")
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), test_x, test_y, 1000
 
-
 def check_labels(labels, n, num_classes, where):
     """n integer labels in [0, num_classes) as int64, or a DatasetError naming `where`."""
     y = np.asarray(labels)
@@ -771,14 +606,11 @@ def check_labels(labels, n, num_classes, where):
         raise DatasetError(f"{where}: labels range over [{y.min()}, {y.max()}]; expected [0, {num_classes - 1}]")
     return torch.from_numpy(y.astype(np.int64))
 
-
 def check_split(x, y, num_classes, where):
-    """What every loader returns (and a decoded cache read back): uint8 (n > 0, 3, H, H) images and n integer
-    labels in [0, num_classes)."""
+    """What every loader returns: uint8 (n > 0, 3, H, H) images and n integer labels in [0, num_classes)."""
     if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3 or x.shape[2] != x.shape[3] or len(x) == 0:
         raise DatasetError(f"{where}: images {x.dtype} {tuple(x.shape)}; expected uint8 (n > 0, 3, H, H)")
     check_labels(y.numpy(), len(x), num_classes, where)
-
 
 def download(what, dataset, root, folder, layout):
     """torchvision fetches `dataset` into `root` and checks its md5 sums; a failure is one line naming `folder`."""
@@ -786,10 +618,8 @@ def download(what, dataset, root, folder, layout):
         import torchvision.datasets
         getattr(torchvision.datasets, dataset)(root=str(root), train=True, download=True)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise DatasetError(f"{what} not found at {folder} and the download failed ({type(e).__name__}: {first}); "
-                           f"put the files there by hand: {layout}") from None
-
+        raise DatasetError(f"{what} not found at {folder} and the download failed ({type(e).__name__}: "
+                           f"{first_line(e)}); put the files there by hand: {layout}") from None
 
 def load_cifar10(root):
     folder = Path(root) / "cifar-10-python"
@@ -799,10 +629,7 @@ def load_cifar10(root):
         folder = Path(root) / "cifar-10-batches-py"
     parts = [_plane_arrays(folder / f"data_batch_{i}", "labels", CIFAR10_LAYOUT, 10) for i in range(1, 6)]
     test_x, test_y = _plane_arrays(folder / "test_batch", "labels", CIFAR10_LAYOUT, 10)
-    train_x = torch.cat([p[0] for p in parts])
-    train_y = torch.cat([p[1] for p in parts])
-    return train_x, train_y, test_x, test_y, 10
-
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), test_x, test_y, 10
 
 def load_cifar100(root):
     folder = Path(root) / "data" / "cifar-100-python"
@@ -811,13 +638,12 @@ def load_cifar100(root):
                if (p / "train").is_file()]
         if off:  # data.root one level off: say so instead of downloading a second copy
             raise DatasetError(f"CIFAR-100 not found at {folder}, but {off[0]} holds it: the layout is "
-                               f"{CIFAR100_LAYOUT}, i.e. data.root must be the folder that holds data/cifar-100-python/ "
-                               f"(here {off[0].parent.parent}); set data.root or move the folder")
-        download("CIFAR-100", "CIFAR100", Path(root) / "data", folder, CIFAR100_LAYOUT)  # into data/data/cifar-100-python
+                               f"{CIFAR100_LAYOUT}, i.e. data.root must be the folder that holds data/cifar-100-python/"
+                               f" (here {off[0].parent.parent}); set data.root or move the folder")
+        download("CIFAR-100", "CIFAR100", Path(root) / "data", folder, CIFAR100_LAYOUT)  # into data/data/...
     train_x, train_y = _plane_arrays(folder / "train", "fine_labels", CIFAR100_LAYOUT, 100)
     test_x, test_y = _plane_arrays(folder / "test", "fine_labels", CIFAR100_LAYOUT, 100)
     return train_x, train_y, test_x, test_y, 100
-
 
 def _read_mat_list(path):
     """Official Stanford Dogs lists: file_list is an (N, 1) cell of 'wnid-Breed/name.jpg'."""
@@ -828,16 +654,11 @@ def _read_mat_list(path):
         raise DatasetError(f"could not read 'file_list' from {path} ({e!r}); expected the official list") from e
     return [str(np.asarray(c).ravel()[0]) for c in cells]
 
-
-RGB_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB")  # PIL's
-# convert("RGB") reads these at their contrast (PIL opens 16-bit RGB PNGs as RGB, at their high bytes)
-
+RGB_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB")  # read at contrast
 
 def _decode_image(path, size):
-    """8-bit RGB at the file's own contrast: 16-bit greyscale (Pillow's I;16 modes, and "I", as Pillow < 10 opens a
-    16-bit PNG) scaled by 255 / 65535, where convert("RGB") would clip it to white; a mode with no fixed range (32-bit
-    integer or float pixels) is refused. Then the shorter side resized to `size` (antialiased), a centre crop of size
-    x size, uint8 CHW."""
+    """uint8 (3, size, size): 8-bit RGB at the file's contrast (16-bit greyscale scaled by 255 / 65535, which convert
+    clips to white; 32-bit or float modes refused), the shorter side resized to `size` (antialiased), centre crop."""
     from PIL import Image
     with Image.open(path) as im:
         if im.mode in ("I;16", "I;16L", "I;16B", "I;16N") or im.mode == "I" and im.format == "PNG":
@@ -853,7 +674,6 @@ def _decode_image(path, size):
         left, top = (nw - size) // 2, (nh - size) // 2
         im = im.crop((left, top, left + size, top + size))
         return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
-
 
 def stanford_dogs_split(folder):
     """(breeds, train_files, test_files, split_name): files relative to images/Images, official split if present."""
@@ -876,19 +696,13 @@ def stanford_dogs_split(folder):
         test += files[DOGS_TRAIN_PER_BREED:]
     return breeds, train, test, f"first{DOGS_TRAIN_PER_BREED}"
 
-
 def files_key(images, breeds, files, split):
-    """What a decoded image cache (Stanford Dogs, Tiny ImageNet) was built from: split, classes, and every
-    file's name, size and mtime."""
+    """What a decoded image cache was built from: split, classes, and every file's name, size and mtime."""
     h = hashlib.sha256(f"{split}|{'|'.join(breeds)}".encode())
     for f in files:
         st = (images / f).stat()
         h.update(f"|{f}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
-
-
-DOGS_CHECKER = "; `python test_stanford_dogs.py` lists every unreadable file"
-
 
 def decode_image_or_fail(path, size, hint):
     """_decode_image whose failure names the file (a truncated JPEG, a non-image with a .jpg name)."""
@@ -896,7 +710,6 @@ def decode_image_or_fail(path, size, hint):
         return _decode_image(path, size)
     except Exception as e:
         raise DatasetError(f"cannot decode {path} ({type(e).__name__}: {e}){hint}") from e
-
 
 def load_stanford_dogs(root, resolution, cache_dir=""):
     folder = Path(root) / "stanford-dogs"
@@ -908,18 +721,16 @@ def load_stanford_dogs(root, resolution, cache_dir=""):
     missing = [f for f in train_files + test_files if not (images / f).is_file()]
     if missing:
         raise DatasetError(f"{len(missing)} listed images missing under {images}, e.g. {missing[0]}")
-    # keyed by what it was decoded from: a changed, added or removed file or breed decodes afresh
-    cache = Path(cache_dir or folder) / \
-        f"cache_{split}_{resolution}px_{files_key(images, breeds, train_files + test_files, split)}.pt"
+    key = files_key(images, breeds, train_files + test_files, split)  # a changed file or breed decodes afresh
+    cache = Path(cache_dir or folder) / f"cache_{split}_{resolution}px_{key}.pt"
     index = {b: i for i, b in enumerate(breeds)}
     label = lambda files: [index[f.split("/")[0]] for f in files]
     return (*decoded_splits(cache, "Stanford Dogs", images, (train_files, label(train_files)),
-                            (test_files, label(test_files)), resolution, DOGS_CHECKER), len(breeds), split)
-
+                            (test_files, label(test_files)), resolution,
+                            "; `python test_stanford_dogs.py` lists every unreadable file"), len(breeds), split)
 
 def decoded_splits(cache, what, folder, train, test, resolution, hint):
-    """(train_x, train_y, test_x, test_y) of the (files, labels) pairs under `folder`: read from `cache` when it
-    exists, else decoded in threads (PIL decodes without the GIL) and cached if the cache can be written."""
+    """(train_x, train_y, test_x, test_y) from `cache`, else decoded in threads (PIL frees the GIL) and cached."""
     from concurrent.futures import ThreadPoolExecutor
     from tqdm import tqdm
     keys = ["train_x", "train_y", "test_x", "test_y"]
@@ -935,10 +746,8 @@ def decoded_splits(cache, what, folder, train, test, resolution, hint):
     save_cache(dict(zip(keys, parts)), cache, f"the decoded {what} images")
     return tuple(parts)
 
-
 def tiny_imagenet_files(folder):
-    """(wnids, train files, train labels, val files, val labels), files relative to tiny-imagenet-200/; the val
-    split (labels in val/val_annotations.txt) is the test split, as the official test images have no labels."""
+    """(wnids, train files, labels, val files, labels); val is the test split (the test images have no labels)."""
     wnids_file, ann = folder / "wnids.txt", folder / "val" / "val_annotations.txt"
     for p in (wnids_file, folder / "train", ann):
         if not p.exists():
@@ -970,14 +779,12 @@ def tiny_imagenet_files(folder):
                            + (f", e.g. {missing[0]}" if missing else f"; {ann} lists no images"))
     return wnids, train, train_y, val, val_y
 
-
 def load_tiny_imagenet(root, resolution, cache_dir=""):
     folder = Path(root) / "tiny-imagenet-200"
     wnids, train, train_y, val, val_y = tiny_imagenet_files(folder)
     cache = Path(cache_dir or folder) / f"cache_{resolution}px_{files_key(folder, wnids, train + val, 'val')}.pt"
     return (*decoded_splits(cache, "Tiny ImageNet", folder, (train, train_y), (val, val_y), resolution, ""),
             len(wnids))
-
 
 def load_digits(resolution):
     """scikit-learn's bundled 8x8 digits, upsampled (bilinear) to resolution x resolution RGB."""
@@ -991,31 +798,18 @@ def load_digits(resolution):
     tr, te = train_test_split(np.arange(len(y)), test_size=DIGITS_TEST_FRACTION, stratify=d.target, random_state=0)
     return x[tr], y[tr], x[te], y[te], 10
 
-
 def load_dataset(name, root, resolution, train_subset=0, cache_dir=""):
-    """uint8 train/test tensors + labels + the train split's normalisation (SPEC 7).
-
-    CIFAR below 32 px is downsampled (antialiased) once here; `train_subset` > 0 keeps that many train
-    images, a fixed random draw (seed 0, whatever the run's seed, so teacher, distillation and evaluation
-    see the same images), for the CPU-scale configs. The test split is always whole.
-    """
+    """uint8 train/test tensors, labels and the train split's normalisation (SPEC 7). `train_subset` > 0 keeps a fixed
+    draw (seed 0, whatever the run's seed, so every script sees the same images); the test split is always whole."""
     if name in ("CIFAR10", "CIFAR100") and not 1 <= resolution <= 32:
         raise ConfigError(f"{name} is 32x32; data.resolution must be in [1, 32], got {resolution}")
-    if name == "CIFAR10":
-        parts = load_cifar10(root)
-    elif name == "CIFAR100":
-        parts = load_cifar100(root)
-    elif name == "STANFORD_DOGS":
-        parts = load_stanford_dogs(root, resolution, cache_dir)
-    elif name == "TINY_IMAGENET":
-        parts = load_tiny_imagenet(root, resolution, cache_dir)
-    elif name == "IMAGENET64":
-        parts = load_imagenet64(root)
-    elif name == "DIGITS":
-        parts = load_digits(resolution)
-    else:
+    loaders = {"CIFAR10": lambda: load_cifar10(root), "CIFAR100": lambda: load_cifar100(root),
+               "STANFORD_DOGS": lambda: load_stanford_dogs(root, resolution, cache_dir),
+               "TINY_IMAGENET": lambda: load_tiny_imagenet(root, resolution, cache_dir),
+               "IMAGENET64": lambda: load_imagenet64(root), "DIGITS": lambda: load_digits(resolution)}
+    if name not in loaders:
         raise ConfigError(f"unknown dataset {name!r}; expected one of {list(DATASETS)}")
-    train_x, train_y, test_x, test_y, num_classes, *split = parts
+    train_x, train_y, test_x, test_y, num_classes, *split = loaders[name]()
     for what, x, y in (("train", train_x, train_y), ("test", test_x, test_y)):
         check_split(x, y, num_classes, f"{name} {what} split (data.root {root})")
     if train_x.shape[-1] != resolution:
@@ -1030,22 +824,18 @@ def load_dataset(name, root, resolution, train_subset=0, cache_dir=""):
     return ImageData(name, train_x, train_y, test_x, test_y, mean, std, num_classes,
                      tensor_hash(train_x, train_y), split[0] if split else "")
 
-
 def tensor_hash(*tensors):
-    """sha256 (16 hex digits) of CPU tensors' bytes: the identity of a train split. The bytes are read in place:
-    a copy of IMAGENET64's 15.7 GB of images would be one more beside them."""
+    """sha256 (16 hex digits) of CPU tensors' bytes, read in place (no copy of IMAGENET64's 15.7 GB)."""
     h = hashlib.sha256()
     for t in tensors:
         h.update(str((tuple(t.shape), t.dtype)).encode())
         h.update(t.contiguous().numpy())
     return h.hexdigest()[:16]
 
-
 def load_data(cfg):
     """The config's source dataset: load_dataset with its data: keys."""
     d = cfg["data"]
     return load_dataset(cfg["dataset"], d["root"], d["resolution"], d["train_subset"], d["cache_dir"])
-
 
 def resize_uint8(x, size, chunk=8192):
     """uint8 (N, 3, H, W) -> uint8 (N, 3, size, size), bilinear with antialiasing (a downsample keeps detail)."""
@@ -1053,13 +843,11 @@ def resize_uint8(x, size, chunk=8192):
                                     align_corners=False).round().clamp(0, 255).to(torch.uint8)
                       for p in x.split(chunk)])
 
-
 def normalize(x, mean, std):
     """uint8 (or [0, 1] float) images -> float32 normalised with the dataset's mean/std."""
     if x.dtype == torch.uint8:
         x = x.float().div_(255)
     return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
-
 
 # ============================================================================================
 # Augmentation: batched on the device, one random draw per sample, from a torch.Generator (pretrain.py: SPEC 1's)
@@ -1067,11 +855,9 @@ def normalize(x, mean, std):
 def coin(n, p, gen, device):
     return torch.rand(n, generator=gen, device=device) < p
 
-
 def random_flip(x, p, gen):
     mask = coin(x.shape[0], p, gen, x.device).view(-1, 1, 1, 1)
     return torch.where(mask, x.flip(3), x)
-
 
 def rotate(x, angle):
     """The exact predefined augmentation a_k: torch.rot90 on the spatial dims."""
@@ -1079,33 +865,21 @@ def rotate(x, angle):
         raise ValueError(f"rotations must be multiples of 90 degrees, got {angle}")
     return torch.rot90(x, (angle // 90) % 4, dims=(-2, -1))
 
-
-def all_views(x, rotations):
-    """(B, ...) -> (K*B, ...), view-major: [x, a_1(x), ..., a_{K-1}(x)]."""
-    return torch.cat([x] + [rotate(x, a) for a in rotations])
-
-
 # ============================================================================================
 # Storage (SPEC 3): the budget; the default folder names
 # ============================================================================================
 INIT_ONLY = "init_only"  # sub-folder: the same set at step 0, approximation nets fitted to it
 
-
 def distilled_folder(cfg, name, method=None):
-    """main_distill.py's default output: distilled_assets/<config name>_N<budget>[_krr_st] (of `method`, default the
-    config's)."""
+    """main_distill.py's default output: distilled_assets/<config name>_N<budget>[_krr_st] (`method`: the config's)."""
     suffix = "_krr_st" if (method or cfg["distillation"]["method"]) == "krr_st" else ""
     return Path("distilled_assets") / f"{name}_N{cfg['storage']['budget_N']}{suffix}"
 
-
 def storage_budget(cfg):
-    """SPEC 3, the one place the budget is computed (main_distill's storage table and main_evaluate's storage
-    column read it): N images cost N (3 H W + d_y) floats, an image plus its target (KRR-ST); a real image kept
-    with its K teacher targets (the real_init and full_dataset rows) costs 3 H W + K d_y."""
+    """SPEC 3, computed here alone: N images cost N (3 H W + d_y) floats; a real image with K targets 3 H W + K d_y."""
     pixels, d_y = 3 * cfg["data"]["resolution"] ** 2, models.resnet18_dim(cfg["network"]["width"])
     return {"floats_per_image": pixels + d_y, "budget": cfg["storage"]["budget_N"] * (pixels + d_y),
             "floats_per_real": pixels + d_y * (1 + len(cfg["augmentations"]["rotate"]))}
-
 
 # ============================================================================================
 # Distilled set files (SPEC 2): decoding, the writer and the reader
@@ -1116,16 +890,12 @@ def decode_images(C_x, B_x, mu_x, size):
     low = (mu_x + C_x @ B_x).view(-1, 3, r_b, r_b)
     return F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
 
-
 def decode_targets(C_y, B_y, mu_y):
     """y_i = mu_y + c_i^y B_y -> (m, d_y)."""
     return mu_y + C_y @ B_y
 
-
 def save_distilled(folder, asset, controls, nets):
-    """What main_distill.py writes and load_distilled reads back: distilled_data.pth (`asset`), controls.pth
-    (`controls`) and approx_net_rot_<angle>.pth for each {angle: (ApproxMLP, relative error)} of `nets`; every
-    file carries the run id, so a folder that mixes two runs is refused when read."""
+    """distilled_data.pth, controls.pth and approx_net_rot_<angle>.pth, each with the run id (load_distilled checks)."""
     folder = Path(folder)
     V = asset["C_y"].shape[1] if nets else None
     for angle, (net, err) in nets.items():
@@ -1135,14 +905,9 @@ def save_distilled(folder, asset, controls, nets):
     atomic_save(controls, folder / CONTROLS_FILE)
     atomic_save(asset, folder / "distilled_data.pth")
 
-
 def load_distilled(folder, device, exact=False):
-    """A distilled_assets folder -> (views (K*m, 3, H, W), targets (K*m, d_y), the stored dict).
-
-    Views are view-major as all_views; rotated targets come from the approximation MLPs
-    (SPEC 5) or, for the ablation that stores them, from the stored coefficients. exact=True reads
-    the learned C_y^k from controls.pth instead (the distilled_exact row: the cost of approximating).
-    """
+    """A distilled_assets folder -> (views (K*m, 3, H, W) view-major, targets (K*m, d_y), the stored dict); rotated
+    targets from the MLPs (SPEC 5), the stored C_y^k (ablation), or with `exact` the learned C_y^k."""
     folder = Path(folder)
     path = folder / "distilled_data.pth"
     if not path.is_file():
@@ -1165,54 +930,42 @@ def load_distilled(folder, device, exact=False):
         targets.append(decode_targets(C_yk, d["B_y"], d["mu_y"]))
     return torch.cat(views), torch.cat(targets), d
 
-
 CONTROLS_FILE = "controls.pth"  # init indices and learned C_y^k, outside distilled_data.pth and its budget
 DISTILLED_KEYS = ["method", "dataset", "rotations", "resolution", "m", "storage", "config", "run_id", "teacher_hash",
                   "train_hash", "target_scale", "store_augmented_targets", "steps"]
 
-
-def check_same_run(path, found, run_id):
-    """A file of a distilled_assets folder must come from the run that wrote distilled_data.pth beside it."""
-    if found != run_id:
-        raise InputError(f"{path} belongs to run {found}, but distilled_data.pth beside it to run {run_id}: the "
-                         f"folder mixes two runs; rerun main_distill.py into an empty folder (or --overwrite)")
-
+def _run_file(path, what, keys, device, run_id, missing):
+    """A file of a distilled_assets folder, from the run (`run_id`; None: unchecked) that wrote distilled_data.pth."""
+    if not Path(path).is_file():
+        raise MissingInput(missing)
+    d = read_pth(path, what, keys, device, rebuild="rerun main_distill.py")
+    if run_id is not None and d["run_id"] != run_id:
+        raise InputError(f"{path} belongs to run {d['run_id']}, but distilled_data.pth beside it to run {run_id}: "
+                         f"the folder mixes two runs; rerun main_distill.py into an empty folder (or --overwrite)")
+    return d
 
 def read_controls(folder, device="cpu", run_id=None):
     """controls.pth of a distilled_assets folder: init indices and learned C_y^k (not part of the set)."""
     path = Path(folder) / CONTROLS_FILE
-    if not path.is_file():
-        raise MissingInput(f"no {path}: the real_init and distilled_exact rows need it; rerun main_distill.py")
-    c = read_pth(path, "the controls written by main_distill.py", ["init_indices", "run_id"], device,
-                 rebuild="rerun main_distill.py")
-    if run_id is not None:
-        check_same_run(path, c["run_id"], run_id)
-    return c
-
+    return _run_file(path, "the controls written by main_distill.py", ["init_indices", "run_id"], device, run_id,
+                     f"no {path}: the real_init and distilled_exact rows need it; rerun main_distill.py")
 
 def load_approx_net(path, device, run_id):
-    if not Path(path).is_file():
-        raise MissingInput(f"approximation net missing: {path}; rerun main_distill.py")
-    s = read_pth(path, "an approximation net written by main_distill.py", ["state_dict", "V", "hidden", "run_id"],
-                 device, rebuild="rerun main_distill.py")
-    check_same_run(path, s["run_id"], run_id)
+    s = _run_file(path, "an approximation net written by main_distill.py", ["state_dict", "V", "hidden", "run_id"],
+                  device, run_id, f"approximation net missing: {path}; rerun main_distill.py")
     net = models.ApproxMLP(s["V"], s["hidden"]).to(device)
     load_weights(net, s["state_dict"], path, f"an approximation MLP {s['V']} -> {s['hidden']} -> {s['V']}")
     return net.eval()
-
 
 # ============================================================================================
 # Teacher and features: each frozen network runs once per input
 # ============================================================================================
 def config_name(config_path):
-    """A config's name, its file stem (cifar10, cifar10_cpu): default output names carry it, so runs of two
-    configs of one dataset never share a teacher, a distilled set or a table."""
+    """The file stem (cifar10_cpu): default outputs carry it, so two configs of one dataset never share them."""
     return Path(config_path).stem
-
 
 def teacher_path(name, folder="teacher_models"):
     return Path(folder) / f"resnet18_barlow_twins_{name}.pth"
-
 
 def file_hash(path):
     h = hashlib.sha256()
@@ -1220,7 +973,6 @@ def file_hash(path):
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
 
 def save_teacher(path, backbone, cfg, data, run_id):
     """The teacher file load_teacher reads: the backbone's weights and what it was trained on."""
@@ -1231,18 +983,15 @@ def save_teacher(path, backbone, cfg, data, run_id):
             "run_id": run_id}
     atomic_save({"backbone": {k: v.cpu() for k, v in backbone.state_dict().items()}, "meta": meta}, path)
 
-
 TEACHER_META = ["dataset", "resolution", "width", "train_hash", "train_images", "split", "run_id"]
 
-
 def load_teacher(path, cfg, device, data=None):
-    """The frozen Barlow Twins backbone g written by pretrain.py, checked against the config and, when the
-    teacher recorded it, against the train split it was trained on (`data`: another subset or Dogs split
-    would pair its targets with images it never saw)."""
+    """The frozen teacher g from pretrain.py, checked against the config and the train split it was trained on."""
     path, dataset, resolution, width = Path(path), cfg["dataset"], cfg["data"]["resolution"], cfg["network"]["width"]
     if not path.is_file():
         raise MissingInput(f"teacher not found: {path}; run `python pretrain.py {dataset}` first")
-    d = read_pth(path, "a teacher file written by pretrain.py", ["backbone", "meta"], rebuild="retrain it with pretrain.py")
+    d = read_pth(path, "a teacher file written by pretrain.py", ["backbone", "meta"],
+                 rebuild="retrain it with pretrain.py")
     meta = d["meta"]
     missing = [k for k in TEACHER_META if not (isinstance(meta, dict) and k in meta)]
     if missing:
@@ -1252,7 +1001,8 @@ def load_teacher(path, cfg, device, data=None):
         raise InputError(f"{path} is a teacher for {meta['dataset']} at {meta['resolution']} px, "
                          f"but the config asks for {dataset} at {resolution} px")
     if meta["width"] != width:
-        raise InputError(f"{path} is a ResNet-18 of width {meta['width']}, but the config asks for network.width {width}")
+        raise InputError(f"{path} is a ResNet-18 of width {meta['width']}, but the config asks for network.width "
+                         f"{width}")
     if data is not None and meta["train_hash"] != data.fingerprint:
         raise InputError(f"{path} was trained on another {dataset} train split (hash {meta['train_hash']}, "
                          f"{meta['train_images']} images{', split ' + meta['split'] if meta['split'] else ''}) "
@@ -1260,13 +1010,11 @@ def load_teacher(path, cfg, device, data=None):
                          f"{', split ' + data.split if data.split else ''}); retrain it with pretrain.py")
     g = models.resnet18_cifar(width)
     load_weights(g, d["backbone"], path, f"a ResNet-18 (CIFAR stem) of width {width}")
-    return channels_last_module(g.to(device), device).eval(), meta
-
+    return models.channels_last_module(g.to(device), device).eval(), meta
 
 @torch.no_grad()
 def embed_all(net, x, mean, std, batch_size, angle=0, precision_name="bfloat16"):
-    """Features of every image of a uint8 (or normalised float) tensor, in eval mode: (N, d) float32,
-    computed in `precision_name` (bf16 for probe features; the teacher targets take data.target_precision)."""
+    """(N, d) float32 eval-mode features of uint8 (or normalised float) images, in `precision_name`."""
     net.eval()
     dev = next(net.parameters()).device
     out = []
@@ -1274,24 +1022,14 @@ def embed_all(net, x, mean, std, batch_size, angle=0, precision_name="bfloat16")
         part = part.to(dev)
         part = normalize(part, mean, std) if part.dtype == torch.uint8 else part
         part = rotate(part, angle) if angle else part
-        with precision(dev, precision_name):
-            f = net(to_channels_last(part, dev))
+        with models.precision(dev, precision_name):
+            f = net(models.to_channels_last(part, dev))
         out.append(f.float())
     return torch.cat(out)
 
-
 def teacher_targets(teacher, teacher_file, data, rotations, dcfg, fallback_dir, teacher_hash=None):
-    """T[i, k] = s g(a_k(x_i)) for every train image and view: (N_train, K, d_y), and the scale s.
-
-    The raw features are cached on disk beside the teacher (or in `fallback_dir`, the run folder, when the
-    teacher's folder cannot take it; or nowhere, with a warning), keyed by the teacher file's hash, the train split's hash and the rotations
-    (SPEC 4.1) and the precision `data.target_precision` they were computed in. s is one constant that sets the
-    identity views' root-mean-square to `target_rms`: a short
-    teacher's eval-mode features can be 1e3-1e5 large, and the SGD of the pool and of the students diverges
-    on them, while the KRR fit and the linear probe are unchanged by s. Every script derives s from the same
-    teacher and split, so all of them see the same targets; the assets record it. `dcfg`: the config's data
-    section; `teacher_hash`: the teacher file's sha256 when the caller already has it (hashing it again is
-    another full read)."""
+    """(T[i, k] = s g(a_k(x_i)) (N_train, K, d_y), s) (SPEC 4.1), cached beside the teacher (else in `fallback_dir`).
+    s sets the identity views' RMS to data.target_rms: SGD diverges on a short teacher's 1e3-1e5 features."""
     teacher_hash = teacher_hash or file_hash(teacher_file)
     key = f"{data.name.lower()}_n{len(data.train_x)}_{data.fingerprint}_{teacher_hash[:16]}_" \
           f"rot{'-'.join(map(str, rotations)) or 'none'}_{dcfg['target_precision']}"
@@ -1312,13 +1050,11 @@ def teacher_targets(teacher, teacher_file, data, rotations, dcfg, fallback_dir, 
     scale = dcfg["target_rms"] / T[:, 0].pow(2).mean().sqrt().clamp_min(1e-12).item()
     return T.mul_(scale), scale
 
-
 # ============================================================================================
 # Probe (SPEC 6.2): the linear probe on frozen features, for pretrain.py's teacher and every evaluation row
 # ============================================================================================
 def batches(n, batch_size, iterations, gen):
-    """`iterations` random index batches of min(batch_size, n) from range(n), reshuffled each epoch (a DataLoader
-    with shuffle=True and drop_last), each epoch's permutation drawn from `gen` on its device when it starts."""
+    """`iterations` index batches of min(batch_size, n), a fresh randperm from `gen` each epoch (shuffle, drop_last)."""
     b = min(batch_size, n)
     perm, pos = torch.randperm(n, generator=gen, device=gen.device), 0
     for _ in range(iterations):
@@ -1327,10 +1063,8 @@ def batches(n, batch_size, iterations, gen):
         yield perm[pos:pos + b]
         pos += b
 
-
 class CosineSGD:
-    """SGD with momentum and weight decay (`c`: a config section's lr, momentum, weight_decay), its rate on a cosine
-    schedule to 0 over `steps`: the optimizer of the students (SPEC 6.1), the linear probe (6.2) and fine-tuning."""
+    """SGD (a section's lr, momentum, weight_decay), cosine to 0: students (SPEC 6.1), probe (6.2), fine-tuning."""
 
     def __init__(self, params, c, steps):
         self.opt = torch.optim.SGD(params, lr=c["lr"], momentum=c["momentum"], weight_decay=c["weight_decay"])
@@ -1344,11 +1078,9 @@ class CosineSGD:
         self.sched.step()
         return loss.detach()
 
-
 def train_linear_head(train_f, train_y, num_classes, probe, seed):
-    """The linear probe's head (SPEC 6.2): Linear(d -> classes) on frozen features, mean cross-entropy, CosineSGD,
-    `iterations` steps on batches of `batch_size` reshuffled each epoch."""
-    gen = make_generator(train_f.device, seed)
+    """The linear probe's head (SPEC 6.2): Linear(d -> classes) on frozen features, cross-entropy, CosineSGD."""
+    gen = models.make_generator(train_f.device, seed)
     torch.manual_seed(seed)
     head = torch.nn.Linear(train_f.shape[1], num_classes).to(train_f.device)
     opt = CosineSGD(head.parameters(), probe, probe["iterations"])
@@ -1356,24 +1088,20 @@ def train_linear_head(train_f, train_y, num_classes, probe, seed):
         opt.step(F.cross_entropy(head(train_f[idx]), train_y[idx]))
     return head
 
-
 def linear_probe(train_f, train_y, test_f, test_y, num_classes, probe, seed):
     """Linear(d -> classes) on frozen features (train_linear_head); test top-1 (%)."""
     head = train_linear_head(train_f, train_y, num_classes, probe, seed)
     with torch.no_grad():
         return 100.0 * (head(test_f).argmax(1) == test_y).float().mean().item()
 
-
 def split_features(backbone, data, batch_size):
     """Frozen features of the train and test splits (normalised, un-augmented): what kNN and probe read."""
     return (embed_all(backbone, data.train_x, data.mean, data.std, batch_size),
             embed_all(backbone, data.test_x, data.mean, data.std, batch_size))
 
-
 def labelled_subset(labels, num_classes, per_class):
-    """Indices of `per_class` train images of every class (0 = all) that the probe may read the labels of
-    (probe.labels_per_class): a stratified draw fixed by seed 0, whatever the run's seed, so every row and seed
-    probes from the same labelled images; nested in k (each class's first k of one fixed order)."""
+    """Indices of `per_class` train images per class (0 = all) whose labels the probe reads: a draw fixed by seed 0,
+    so every row and seed probes the same images, nested in k (each class's first k of one fixed order)."""
     if per_class == 0:
         return torch.arange(len(labels), device=labels.device)
     gen, y = torch.Generator().manual_seed(0), labels.cpu()
@@ -1386,30 +1114,26 @@ def labelled_subset(labels, num_classes, per_class):
         picks.append(members[torch.randperm(len(members), generator=gen)[:per_class]])
     return torch.cat(picks).sort().values.to(labels.device)
 
-
 def probe_backbone(backbone, data, probe, seed, batch_size, features=None):
-    """SPEC 6.2: features of both splits computed once (or passed in), then the linear probe, trained on
-    probe.labels_per_class labels of each class (0 = the whole train split)."""
+    """SPEC 6.2: both splits' features once (or passed in), the probe on probe.labels_per_class labels per class."""
     train_f, test_f = features if features is not None else split_features(backbone, data, batch_size)
     keep = labelled_subset(data.train_y, data.num_classes, probe["labels_per_class"])
     return linear_probe(train_f[keep], data.train_y[keep], test_f, data.test_y, data.num_classes, probe, seed)
-
 
 # ============================================================================================
 # Checkpoints, run folders (lock and owner), resume checks, logging, the non-finite stop
 # ============================================================================================
 def read_pth(path, what, keys=(), map_location="cpu", weights_only=True, rebuild=""):
-    """torch.load whose failure names the file and what it should have been (not an unpickling trace); a file
-    without `keys` (another kind of file, or one from before they existed) is refused saying how to `rebuild` it."""
+    """torch.load whose failure, or a file without `keys`, names the file, what it should be and how to `rebuild` it."""
     try:
         d = torch.load(path, map_location=map_location, weights_only=weights_only)
     except Exception as e:
         raise InputError(f"{path} could not be read as {what}: {type(e).__name__}: {first_line(e)}") from None
     missing = [k for k in keys if not (isinstance(d, dict) and k in d)]
     if missing:
-        raise InputError(f"{path} is not {what} of this version: keys {missing} missing" + (f"; {rebuild}" if rebuild else ""))
+        raise InputError(f"{path} is not {what} of this version: keys {missing} missing"
+                         + (f"; {rebuild}" if rebuild else ""))
     return d
-
 
 def load_weights(net, state_dict, path, what):
     """load_state_dict(strict) whose failure names the file and the network it should hold."""
@@ -1418,10 +1142,8 @@ def load_weights(net, state_dict, path, what):
     except (RuntimeError, TypeError, AttributeError) as e:
         raise InputError(f"{path} does not hold the weights of {what}: {first_line(e)}") from None
 
-
 def _write_atomically(path, write):
-    """write(tmp) to a temporary file beside `path`, then os.replace: a crash never leaves half a file, and a
-    failed write (disk full, no permission) removes its .partial and says which path it could not write."""
+    """write(tmp) beside `path`, then os.replace: a crash never leaves half a file; a failure names the path."""
     path = Path(path)
     tmp = path.with_name(path.name + ".partial")
     try:
@@ -1436,22 +1158,17 @@ def _write_atomically(path, write):
         raise OSError(f"could not write {path} ({type(e).__name__}: {first_line(e)}); check free disk space and "
                       f"permissions there") from e
 
-
 def first_line(e):
     return (str(e).strip().splitlines() or [""])[0]
-
 
 def atomic_save(obj, path):
     _write_atomically(path, lambda tmp: torch.save(obj, tmp))
 
-
 def write_json(obj, path):
     _write_atomically(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1, default=str)))
 
-
 def save_cache(obj, path, what):
-    """A cache is optional: one that cannot be written (read-only or full disk) is skipped with one warning
-    naming the path, and the run goes on from memory. Returns whether it was written."""
+    """A cache that cannot be written is skipped with one warning (the run goes on); returns whether it was."""
     try:
         atomic_save(obj, path)
         return True
@@ -1460,10 +1177,8 @@ def save_cache(obj, path, what):
               f"folder to keep it)", file=sys.stderr)
         return False
 
-
 LOCK_FILE = "run.lock"
 OWNER_FILE = "owner.json"  # which script and which run a run folder belongs to
-
 
 def _lock_owner_alive(info):
     """True unless the lock's process is known to be gone (same host, no such pid): a killed run's lock is stale."""
@@ -1482,10 +1197,8 @@ def _lock_owner_alive(info):
     except (OSError, IndexError):
         return True
 
-
 def _read_lock(folder):
-    """The lock's record, None without a lock; an unreadable lock is refused naming it (no run writes one: a lock
-    is created with its content in one step)."""
+    """The lock's record, None without a lock; an unreadable one is refused (_create_lock writes it in one step)."""
     path = Path(folder) / LOCK_FILE
     try:
         info = json.loads(path.read_text())
@@ -1498,7 +1211,6 @@ def _read_lock(folder):
         raise RunFolderError(f"{path} cannot be read as a run lock ({type(e).__name__}: {first_line(e)}); if no run "
                              f"is using {folder}, delete {path}") from None
 
-
 def read_owner(folder):
     """The owner record of a run folder ({script, run_id, started}), None if it has none; a corrupt one is refused."""
     path = Path(folder) / OWNER_FILE
@@ -1506,21 +1218,18 @@ def read_owner(folder):
         return None
     try:
         owner = json.loads(path.read_text())
-        if not (isinstance(owner, dict) and isinstance(owner.get("script"), str) and isinstance(owner.get("run_id"), str)):
+        if not (isinstance(owner, dict) and all(isinstance(owner.get(k), str) for k in ("script", "run_id"))):
             raise ValueError("expected {script, run_id}")
     except (OSError, ValueError) as e:
         raise RunFolderError(f"{path} is not a run folder's owner record ({type(e).__name__}: {e}); the folder's "
-                             f"owner is unknown: choose another --out, or --overwrite to move the folder aside") from None
+                             f"owner is unknown: choose another --out, or --overwrite to move the folder "
+                             f"aside") from None
     return owner
-
 
 @dataclass
 class RunFolder:
-    """A run folder belongs to one run of one script. `outputs`: files whose presence means a run produced
-    something (some may lie outside the folder: `also`, moved aside with it); `checkpoint`: what --resume continues
-    from (None: --resume needs none); `keep`: caches inside it, checked by their own metadata, that --overwrite
-    keeps. check() refuses, writing nothing; claim() (after every other check of the script passed) writes the
-    owner record and a lock, or removes what it wrote and says why."""
+    """One run of one script: `outputs` mean a run produced something, `checkpoint` is what --resume continues, `also`:
+    outputs outside, moved aside with it; `keep`: caches --overwrite keeps. check() writes nothing; claim() locks."""
     folder: Path
     script: str
     outputs: tuple = ()
@@ -1532,9 +1241,10 @@ class RunFolder:
         RUN.setdefault("folders", []).append(self)  # what a stopped run names as kept (cli)
 
     def _hint(self):
+        rest = "--overwrite to move it aside and start afresh, or choose another --out"
         if self.checkpoint is not None and Path(self.checkpoint).is_file():
-            return "pass --resume to continue it, --overwrite to move it aside and start afresh, or choose another --out"
-        return "it has nothing to resume from: pass --overwrite to move it aside and start afresh, or choose another --out"
+            return f"pass --resume to continue it, {rest}"
+        return f"it has nothing to resume from: pass {rest}"
 
     def check(self, resume, overwrite):
         """The folder's owner record (None for a folder holding no run), or a RunFolderError naming the folder."""
@@ -1572,9 +1282,7 @@ class RunFolder:
         return owner
 
     def claim(self, resume, overwrite):
-        """check(), then under --overwrite the old folder (and `also`) moved aside to <folder>.replaced-<time>-<id>/
-        in one rename, so old and new never mix; then the lock (created with its content in one step) and, for a new
-        run, the owner record. A claim that fails half-way removes what it wrote. Returns the lock's path."""
+        """check(); --overwrite moves the old folder aside in one rename; then the lock and owner record. The lock."""
         folder = Path(self.folder)
         owner = self.check(resume, overwrite)
         created = not folder.exists()
@@ -1587,8 +1295,8 @@ class RunFolder:
             _create_lock(lock)
             atexit.register(release_run_folder, lock)
             if owner is None or overwrite:
-                write_json({"script": self.script, "run_id": new_run_id(), "started": time.strftime("%Y-%m-%d %H:%M:%S")},
-                           folder / OWNER_FILE)
+                started = time.strftime("%Y-%m-%d %H:%M:%S")
+                write_json({"script": self.script, "run_id": new_run_id(), "started": started}, folder / OWNER_FILE)
         except (OSError, RunFolderError) as e:
             release_run_folder(lock)
             if created:
@@ -1614,10 +1322,8 @@ class RunFolder:
                 os.rename(aside / name, folder / name)
         print(f"--overwrite: the previous outputs were moved to {aside} (delete it when no longer needed)")
 
-
 def _create_lock(lock):
-    """The lock file with its content, or nothing: written beside it, then hard-linked into place (which fails if a
-    lock appeared meanwhile), so no reader ever sees an empty lock."""
+    """Written beside the lock, then hard-linked into place (fails if one appeared): no reader sees an empty lock."""
     info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     tmp = lock.with_name(f"{lock.name}.{os.getpid()}.partial")
     try:
@@ -1628,7 +1334,6 @@ def _create_lock(lock):
     finally:
         tmp.unlink(missing_ok=True)
 
-
 def release_run_folder(lock):
     """Remove this process's lock (at the end of a run, and at exit after a crash)."""
     try:
@@ -1638,10 +1343,8 @@ def release_run_folder(lock):
     if info is not None and info.get("pid") == os.getpid() and info.get("host") == socket.gethostname():
         Path(lock).unlink(missing_ok=True)
 
-
 def new_run_id():
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
-
 
 def config_changes(old, new, prefix=""):
     """Dotted keys whose values differ between two resolved configs."""
@@ -1654,25 +1357,21 @@ def config_changes(old, new, prefix=""):
             out.append(f"{prefix}{k}")
     return out
 
-
-# Keys that change what a checkpoint's tensors are (their shapes, or which tensors exist): --allow-changed refuses
-# them, since the checkpoint cannot continue under them.
+# Keys that change a checkpoint's tensors (shapes, or which exist): it cannot continue under them (--allow-changed)
 STATE_KEYS = ("dataset", "data.resolution", "data.train_subset", "network.width", "pretrain.projector_dims",
               "parameterization.image_basis_size", "parameterization.U", "parameterization.V",
               "parameterization.learn_bases", "augmentations.rotate", "storage.budget_N", "storage.m",
               "storage.store_augmented_targets", "distillation.method", "model_pool.size_L", "model_pool.widths")
 
-
 def load_checkpoint(path, cfg, inputs, allow_changed=()):
-    """Load a run checkpoint for --resume. It continues the same run, so the config and the inputs (file and
-    data hashes) must be the ones it was written with; `allow_changed` names config keys the user changes on
-    purpose (a lower learning rate after a divergence, more steps), never one of STATE_KEYS."""
+    """A checkpoint for --resume: its config and inputs must match, but for `allow_changed` keys (never STATE_KEYS)."""
     if not Path(path).is_file():
         raise MissingInput(f"--resume: no checkpoint at {path}")
     shaped = [k for k in allow_changed if k in STATE_KEYS]
     if shaped:
-        raise InputError(f"--allow-changed {','.join(shaped)}: {'this key changes' if len(shaped) == 1 else 'these keys change'} "
-                         f"the tensors of {path}, which cannot continue under {'it' if len(shaped) == 1 else 'them'}; "
+        one = len(shaped) == 1
+        raise InputError(f"--allow-changed {','.join(shaped)}: {'this key changes' if one else 'these keys change'} "
+                         f"the tensors of {path}, which cannot continue under {'it' if one else 'them'}; "
                          f"start a new run instead (--overwrite, or another --out)")
     ckpt = read_pth(path, "a checkpoint of this script", ["config", "inputs", "run_id"], weights_only=False)
     changed = [k for k in config_changes(ckpt["config"], cfg) if k not in allow_changed]
@@ -1689,23 +1388,21 @@ def load_checkpoint(path, cfg, inputs, allow_changed=()):
                          f"start a new run (--overwrite) or restore the original inputs")
     return ckpt
 
-
 def _get_or(cfg, dotted):
     try:
-        return _get(cfg, dotted)
+        for k in dotted.split("."):
+            cfg = cfg[k]
+        return cfg
     except (KeyError, TypeError):
         return None
-
 
 def rng_state(gen):
     """The random states a checkpoint keeps, with the kind of device the run's generator lives on."""
     return {"torch": torch.get_rng_state(), "gen": gen.get_state(), "device": gen.device.type,
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
-
 def set_rng_state(state, gen, path="the checkpoint"):
-    """Restore rng_state's states. A generator state of another device kind does not fit (a CPU and a CUDA
-    generator's states differ in size): refused by name. CUDA states are restored for the GPUs both boxes have."""
+    """Restore rng_state's states; a generator state of another device kind (another size) is refused by name."""
     if state["device"] != gen.device.type:
         raise InputError(f"--resume: {path} was written by a run on {state['device']}, this run is on "
                          f"{gen.device.type}: resume it on the same kind of device (--device {state['device']}), or "
@@ -1716,11 +1413,8 @@ def set_rng_state(state, gen, path="the checkpoint"):
         for i, s in enumerate(state["cuda"][:torch.cuda.device_count()]):
             torch.cuda.set_rng_state(s, i)
 
-
 class RunLog:
-    """Appends one JSON object per line to <run>/log.jsonl (barlowtwins' stats.txt). On resume, rows past the
-    checkpoint (`resume_at` = (key, value), written after the last save) are dropped, so none repeats.
-    A non-finite value is refused: the file stays valid JSON."""
+    """One JSON object per line in <run>/log.jsonl; on resume the rows past `resume_at` = (key, value) are dropped."""
 
     def __init__(self, path, resume_at=None):
         self.path = Path(path)
@@ -1728,8 +1422,7 @@ class RunLog:
         if resume_at is None:
             self.path.unlink(missing_ok=True)
         elif self.path.exists():
-            key, last = resume_at
-            rows = []
+            (key, last), rows = resume_at, []
             for n, line in enumerate(self.path.read_text().splitlines(), 1):
                 try:
                     value = json.loads(line).get(key, 0) if line.strip() else None
@@ -1749,33 +1442,25 @@ class RunLog:
             f.write(json.dumps(row, default=float, allow_nan=False) + "\n")
         return row
 
-
 def all_finite(tensors):
     """One device-side reduction and one host sync for a whole list of tensors (parameters, losses)."""
     tensors = [t.detach() for t in tensors]
     return bool(torch.stack([t.isfinite().all() for t in tensors]).all()) if tensors else True
 
-
-def launcher():
-    """How this process was started, for a printed command: python, or torchrun with the same process counts."""
+def command(script, args):
+    """The command that runs `script` with `args` as this process was started (python, or torchrun alike)."""
     world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if world <= 1:
-        return "python"
-    if world == local:
-        return f"torchrun --standalone --nproc_per_node={world}"
-    return f"torchrun --nnodes={world // local} --nproc_per_node={local} <your rendezvous flags>"
-
-
-def command(script, args):
-    """The command line that runs `script` with `args` as this process was started (launcher)."""
-    return f"{launcher()} " + shlex.join([script] + list(args))
-
+        launcher = "python"
+    elif world == local:
+        launcher = f"torchrun --standalone --nproc_per_node={world}"
+    else:
+        launcher = f"torchrun --nnodes={world // local} --nproc_per_node={local} <your rendezvous flags>"
+    return f"{launcher} " + shlex.join([script] + list(args))
 
 def non_finite_stop(what, script, argv, lr_key, lr, checkpoint=None, saved=None):
-    """The one stop of all three scripts at a non-finite value: a RunStopped saying what went non-finite and the
-    command that goes on: the one the run was started with (every flag and override kept) with `lr_key` at a
-    tenth of its value `lr`, resuming from the last good `checkpoint` (`saved` names its step) when one was
-    written, else starting afresh. Nothing of the failed part was saved."""
+    """The scripts' one stop at a non-finite value: a RunStopped with the command that goes on, the run's own with
+    `lr_key` at a tenth of `lr`, resuming from the last good `checkpoint` (`saved`: its step) if there is one."""
     keep, allowed, args = [], [lr_key], list(argv)
     while args:
         a = args.pop(0)

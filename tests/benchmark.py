@@ -45,7 +45,7 @@ def matmul_tflops(device, precision, n, repeats=5):
     dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
     gen = torch.Generator(device=device).manual_seed(0)
     a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=gen) for _ in range(2))
-    with utils.tf32(precision == "tf32"):
+    with models.tf32(precision == "tf32"):
         seconds = timed(lambda: a @ b, repeats, device)
     return 2 * n ** 3 / seconds / 1e12
 
@@ -88,7 +88,7 @@ def synthetic_data(cfg, n, device, seed=0):
 def built(cfg, data, T, device, seed=0):
     """main_distill.build's State at cfg's sizes: the distilled set, its AdamW and schedule, the model pool."""
     m = main_distill.storage_accounting(cfg)["m"]
-    return main_distill.build(cfg, data, T, m, device, utils.make_generator(device, seed), random.Random(seed))
+    return main_distill.build(cfg, data, T, m, device, models.make_generator(device, seed), random.Random(seed))
 
 
 def outer_step_setup(cfg, data, T, device, seed=0):
@@ -111,7 +111,7 @@ def teacher_step_setup(cfg, data, device):
     net, opt = pretrain.build(pc, cfg["network"]["width"], device)
     for group in opt.param_groups:
         group["lr"] = 0.1
-    gen = utils.make_generator(device, 0)
+    gen = models.make_generator(device, 0)
     x = data.train_x[torch.arange(pc["batch_size"], device=device) % len(data.train_x)]
     return lambda: pretrain.barlow_step(net, opt, x, data, pc, gen, device)
 

@@ -36,20 +36,20 @@ def lars(m):
 
 
 b = pc["batch_size"] // ranks.world
-parts = [utils.shard(data.train_x, utils.Ranks(r, ranks.world))[:b] for r in range(ranks.world)]
+parts = [models.shard(data.train_x, models.Ranks(r, ranks.world))[:b] for r in range(ranks.world)]
 
 # the same step with BatchNorm per rank (no sync): what the comparison must be able to tell apart
 unsynced = copy.deepcopy(net)
 unsynced_loss = pretrain.barlow_step(DDP(unsynced), lars(unsynced), parts[ranks.rank], data, pc,
-                                     utils.make_generator(device, cfg["seed"] + ranks.rank), device)
+                                     models.make_generator(device, cfg["seed"] + ranks.rank), device)
 
 # the distributed step: pretrain.py's own code path
 net = models.sync_batchnorm(net, device)
 loss = pretrain.barlow_step(DDP(net), lars(net), parts[ranks.rank], data, pc,
-                            utils.make_generator(device, cfg["seed"] + ranks.rank), device)
+                            models.make_generator(device, cfg["seed"] + ranks.rank), device)
 
 # the single-process step on the same global batch of views
-views = [pretrain.barlow_views(x, data.mean, data.std, pc, utils.make_generator(device, cfg["seed"] + r))
+views = [pretrain.barlow_views(x, data.mean, data.std, pc, models.make_generator(device, cfg["seed"] + r))
          for r, x in enumerate(parts)]
 opt = lars(single)
 z1, z2 = single(torch.cat([v[0] for v in views]), torch.cat([v[1] for v in views]))

@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import main_distill  # noqa: E402
+import models  # noqa: E402
 import utils  # noqa: E402
 
 cfg_path, teacher_file, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
@@ -45,19 +46,19 @@ for method in ("ours", "krr_st"):
     dc = cfg["distillation"]
     data = utils.load_data(cfg)
     teacher, _ = utils.load_teacher(teacher_file, cfg, device, data)
-    with utils.rank0_first(ranks):
+    with models.rank0_first(ranks):
         T, _ = utils.teacher_targets(teacher, teacher_file, data, main_distill.rotations_of(cfg), cfg["data"],
                                      out.parent)
     m = main_distill.storage_accounting(cfg)["m"]
 
     def make(r):
         utils.set_seed(cfg["seed"])
-        state = main_distill.build(cfg, data, T, m, device, utils.make_generator(device, cfg["seed"]),
+        state = main_distill.build(cfg, data, T, m, device, models.make_generator(device, cfg["seed"]),
                                    random.Random(cfg["seed"]), r)
         state.pool.stagger(*state.distilled(), state.rng)  # momentum, BatchNorm statistics and ages as in a run
         return state
 
-    two, one = make(ranks), make(utils.Ranks())
+    two, one = make(ranks), make(models.Ranks())
     staggered = max(rel([a], [b]) for f2, f1 in zip(two.pool.models, one.pool.models)
                     for a, b in zip(f2.state_dict().values(), f1.state_dict().values()) if b.abs().max() > 0)
     # the step from the same state, the stagger's rounding aside (a copy: SGD's load_state_dict keeps the tensors)
@@ -78,7 +79,7 @@ for method in ("ours", "krr_st"):
         main_distill.outer_step(two, data, T, dc)
     two.step = 20
     mine = [t.cpu() for t in tensors(two)]
-    every = utils.gather_objects(mine, ranks)
+    every = models.gather_objects(mine, ranks)
     r["ranks_identical_after_20"] = all(len(e) == len(mine) and all(torch.equal(a, b) for a, b in zip(e, every[0]))
                                         for e in every)
     r["tensors_compared"] = len(mine)

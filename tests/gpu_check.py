@@ -189,8 +189,8 @@ def check_syncs(cfg, data, T, device):
 # ============================================================================================
 # Precision of the KRR features
 # ============================================================================================
-def numerics(device, name, precision=utils.precision):
-    """utils.precision, except that bfloat16 is real on the CPU too, so a CPU run measures its rounding."""
+def numerics(device, name, precision=models.precision):
+    """models.precision, except that bfloat16 is real on the CPU too, so a CPU run measures its rounding."""
     if device.type == "cpu" and name == "bfloat16":
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return precision(device, name)
@@ -219,7 +219,7 @@ def check_precision(cfg, data, T, device, inner_steps, seed=0):
         with mock.patch.object(utils, "precision", numerics):  # bfloat16 real on the CPU too
             pred = main_distill.krr_forward(main_distill.feature_pass(keys, device)(g), X_s, Y_s, x_t.to(dtype), keys)
         loss = F.mse_loss(pred, y_t.to(dtype))  # models.mse would round float64 to float32
-        with utils.tf32(name == "tf32"):
+        with models.tf32(name == "tf32"):
             loss.backward()
         grad = torch.cat([p.grad.flatten() for p in d.parameters() if p.grad is not None]).double()
         return pred.double(), grad
@@ -286,9 +286,9 @@ def check_alignment(cfg_path, teacher_file, device):
     teacher, _ = utils.load_teacher(teacher_file, cfg, device, data)
     rotations = cfg["augmentations"]["rotate"]
     T, scale = utils.teacher_targets(teacher, teacher_file, data, rotations, cfg["data"], Path(teacher_file).parent)
-    x_t, y_t = main_distill.real_batch(data, T, cfg["distillation"], rotations, utils.make_generator(device, 1))
-    with torch.no_grad(), utils.precision(device, cfg["data"]["target_precision"]):
-        y = teacher(utils.to_channels_last(x_t, device)).float() * scale
+    x_t, y_t = main_distill.real_batch(data, T, cfg["distillation"], rotations, models.make_generator(device, 1))
+    with torch.no_grad(), models.precision(device, cfg["data"]["target_precision"]):
+        y = teacher(models.to_channels_last(x_t, device)).float() * scale
     rel = lambda a, b: ((a - b).norm() / b.norm()).item()
     return {"views aligned with their targets": rel(y, y_t) < 1e-3,
             "shifted targets detected": rel(y, y_t.roll(1, 0)) > 0.1}
@@ -310,7 +310,7 @@ def measure_rates(cfg, data, T, device, repeats, ceiling_n, student_epochs):
     """Augmentation images/s over the whole train set (two views each), and benchmark.measure's steps (outer,
     inner, teacher, student epoch) with their FLOPs, TFLOP/s and fractions of the bf16 / tf32 matrix-product
     ceilings measured in the same run: {"rates": {...}, "steps": {...}, "ceilings_tflops": {...}}."""
-    gen = utils.make_generator(device, 0)
+    gen = models.make_generator(device, 0)
     augment = lambda: [pretrain.barlow_views(part, data.mean, data.std, cfg["pretrain"], gen)
                        for part in data.train_x.split(10_000)]
     machine = benchmark.measure(cfg, data, T, device, repeats, ceiling_n, student_epochs)
@@ -362,7 +362,7 @@ def teacher_compile(cfg, data, device, steps, window=0.2, backend="inductor"):
         torch.manual_seed(0)
         net, opt = pretrain.build(pc, cfg["network"]["width"], device)
         fwd = torch.compile(net, backend=backend) if name == "compiled" else net
-        gen = utils.make_generator(device, 0)
+        gen = models.make_generator(device, 0)
         perm = torch.randperm(len(data.train_x), generator=gen, device=device)
         B, losses, t0 = pc["batch_size"], [], None
         for i in range(steps):

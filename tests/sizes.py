@@ -62,14 +62,14 @@ def teacher_step(cfg, data, T, device):
     net, opt = pretrain.build(pc, cfg["network"]["width"], device)
     for group in opt.param_groups:
         group["lr"] = pretrain.lr_at(0, 1, pc)
-    gen, x = utils.make_generator(device, 0), data.train_x[:pc["batch_size"]]
+    gen, x = models.make_generator(device, 0), data.train_x[:pc["batch_size"]]
     return lambda n: [pretrain.barlow_step(net, opt, x, data, pc, gen, device) for _ in range(n)]
 
 
 def teacher_targets(cfg, data, T, device):
     """utils.teacher_targets' work on one data.eval_batch_size batch: a ResNet-18's features of its K views."""
     dc, angles = cfg["data"], [0] + cfg["augmentations"]["rotate"]
-    teacher = utils.channels_last_module(models.resnet18_cifar(cfg["network"]["width"]).to(device), device).eval()
+    teacher = models.channels_last_module(models.resnet18_cifar(cfg["network"]["width"]).to(device), device).eval()
     x = data.train_x[:dc["eval_batch_size"]]
     return lambda n: [utils.embed_all(teacher, x, data.mean, data.std, dc["eval_batch_size"], a,
                                       dc["target_precision"]) for _ in range(n) for a in angles]
@@ -78,7 +78,7 @@ def teacher_targets(cfg, data, T, device):
 def distill_state(cfg, data, T, device):
     """main_distill's set (m from the storage accounting), AdamW, schedule and model pool, as its main builds them."""
     m = main_distill.storage_accounting(cfg)["m"]
-    return main_distill.build(cfg, data, T, m, device, utils.make_generator(device, cfg["seed"]),
+    return main_distill.build(cfg, data, T, m, device, models.make_generator(device, cfg["seed"]),
                               random.Random(cfg["seed"]))
 
 

@@ -6,7 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import main_distill
 import main_evaluate
+import models
 import pretrain
 import utils
 
@@ -26,7 +28,7 @@ def images(B=8, H=16, seed=0, dtype=torch.float32):
 
 
 def gen(seed=0):
-    return utils.make_generator(CPU, seed)
+    return models.make_generator(CPU, seed)
 
 
 MEAN, STD = torch.tensor([0.49, 0.48, 0.45]), torch.tensor([0.25, 0.24, 0.26])
@@ -212,11 +214,11 @@ def test_rotate():
 
 def test_all_views():
     x = images(3, 8)
-    v = utils.all_views(x, [90, 180, 270])
+    v = main_distill.all_views(x, [90, 180, 270])
     assert v.shape == (12, 3, 8, 8)
     for k, angle in enumerate([0, 90, 180, 270]):
         assert torch.equal(v[3 * k:3 * (k + 1)], torch.rot90(x, angle // 90, (2, 3)))
-    assert torch.equal(utils.all_views(x, []), x)
+    assert torch.equal(main_distill.all_views(x, []), x)
 
 
 def test_hsv_to_rgb_builds_no_constant_tensor(monkeypatch):

@@ -339,7 +339,7 @@ def test_chunked_inner_step_sees_every_view_in_every_chunk():
     alike; with one chunk it is the unchunked step exactly; a few chunked steps lower the inner loss."""
     mp = {"size_L": 1, "inner_loop_steps_Z": 100, "widths": [8], "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0}
     torch.manual_seed(0)
-    X = utils.all_views(torch.randn(6, 3, 8, 8), [90, 180, 270])  # 24 views, view-major
+    X = main_distill.all_views(torch.randn(6, 3, 8, 8), [90, 180, 270])  # 24 views, view-major
     Y = torch.randn(24, 4)
     states = []
     for chunk in (0, 24):

@@ -18,6 +18,7 @@ import torch
 
 import main_distill
 import main_evaluate
+import models
 import utils
 from tiny import REPO, write_config, write_teacher
 
@@ -162,12 +163,12 @@ def test_a_distillation_checkpoint_continues_under_another_process_count_only_wh
     rank's draws from its own shard continue only under as many ranks."""
     cfg = utils.load_config(REPO / "configs" / "digits.yaml")
     shard = {**cfg, "data": {**cfg["data"], "shard": True}}
-    main_distill.check_processes({"processes": 2, "real_rng": None}, cfg, utils.Ranks(0, 1), "c.pth")
-    main_distill.check_processes({"processes": 1, "real_rng": None}, cfg, utils.Ranks(1, 4), "c.pth")
-    main_distill.check_processes({"processes": 2, "real_rng": [{}, {}]}, shard, utils.Ranks(1, 2), "c.pth")
-    for ckpt, conf, ranks in (({"processes": 2, "real_rng": [{}, {}]}, shard, utils.Ranks(0, 4)),
-                              ({"processes": 2, "real_rng": [{}, {}]}, shard, utils.Ranks(0, 1)),
-                              ({"processes": 1, "real_rng": None}, shard, utils.Ranks(0, 2))):
+    main_distill.check_processes({"processes": 2, "real_rng": None}, cfg, models.Ranks(0, 1), "c.pth")
+    main_distill.check_processes({"processes": 1, "real_rng": None}, cfg, models.Ranks(1, 4), "c.pth")
+    main_distill.check_processes({"processes": 2, "real_rng": [{}, {}]}, shard, models.Ranks(1, 2), "c.pth")
+    for ckpt, conf, ranks in (({"processes": 2, "real_rng": [{}, {}]}, shard, models.Ranks(0, 4)),
+                              ({"processes": 2, "real_rng": [{}, {}]}, shard, models.Ranks(0, 1)),
+                              ({"processes": 1, "real_rng": None}, shard, models.Ranks(0, 2))):
         with pytest.raises(utils.InputError, match="c.pth was written by .* process.*resume with"):
             main_distill.check_processes(ckpt, conf, ranks, "c.pth")
 

@@ -158,13 +158,13 @@ def test_the_table_leaves_out_the_columns_of_protocols_that_did_not_run():
 def test_the_cpu_batch_layout_keeps_a_students_gradients_repeatable():
     """random_crop_flip returns a channels_last-strided batch. On torch 2.14.1's CPU the backward of a 1x1 stride-2
     convolution (each ResNet-18 downsample) on that layout gave other weight gradients from run to run (101 of 200
-    runs on 2 threads) and corrupted the heap on 1 thread; utils.to_channels_last hands the CPU contiguous batches."""
+    runs on 2 threads) and corrupted the heap on 1 thread; models.to_channels_last hands the CPU contiguous batches."""
     n = torch.get_num_threads()
     torch.set_num_threads(2)  # where the kernel split its work between threads and differed
     try:
         x = main_evaluate.random_crop_flip(torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(0)), 1,
                                    torch.Generator().manual_seed(0))
-        x = utils.to_channels_last(x, torch.device("cpu"))
+        x = models.to_channels_last(x, torch.device("cpu"))
         conv = torch.nn.Conv2d(4, 8, 1, stride=2, bias=False)
         grads = []
         for _ in range(20):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import gpu_check
+import models
 import pretrain
 import utils
 from tiny import REPO
@@ -166,7 +167,7 @@ def test_a_teacher_epoch_reads_the_loss_back_once():
     data, _ = gpu_check.cifar_like(cfg, CPU, 200)
     net, opt = pretrain.build(pc, 8, CPU)
     with gpu_check.count_host_syncs(CPU) as counts:
-        loss, _ = pretrain.train_one_epoch(net, opt, data, pc, 0, utils.make_generator(CPU, 0), CPU)
+        loss, _ = pretrain.train_one_epoch(net, opt, data, pc, 0, models.make_generator(CPU, 0), CPU)
     assert counts == {"item": 1} and loss > 0
 
 

@@ -1,5 +1,5 @@
 """The CUDA precision path, exercised on the CPU: bf16 autocast and channels_last inputs everywhere
-utils.autocast / utils.to_channels_last are used. CI has no GPU, so this is where a float32/bf16
+models.autocast / models.to_channels_last are used. CI has no GPU, so this is where a float32/bf16
 mismatch between a network output and a loss, the KRR solve or the probe would show up first."""
 import json
 import random
@@ -10,6 +10,7 @@ import torch
 
 import main_distill
 import main_evaluate
+import models
 import pretrain
 import utils
 from tiny import write_config, write_teacher
@@ -20,10 +21,10 @@ def cpu_bf16(device, enabled=True):
 
 
 def test_all_three_scripts_under_bf16_autocast_and_channels_last(tmp_path, monkeypatch):
-    monkeypatch.setattr(utils, "autocast", cpu_bf16)
-    monkeypatch.setattr(utils, "to_channels_last", lambda x, device: x.contiguous(memory_format=torch.channels_last))
+    monkeypatch.setattr(models, "autocast", cpu_bf16)
+    monkeypatch.setattr(models, "to_channels_last", lambda x, device: x.contiguous(memory_format=torch.channels_last))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the patch is live: networks really return bf16
-        assert utils.autocast(torch.device("cpu")).fast_dtype == torch.bfloat16
+        assert models.autocast(torch.device("cpu")).fast_dtype == torch.bfloat16
     # Small on purpose: CPUs without AVX-512 emulate bf16 arithmetic (a width-64 ResNet-18 on all 1,437 digits took
     # over 25 min here); width 8 and 320 train images exercise the same code paths and dtypes.
     cfg = str(write_config(tmp_path, network__width=8, data__train_subset=320, pretrain__epochs=2,
@@ -75,7 +76,7 @@ def test_outer_step_features_take_the_krr_precision_and_the_inner_step_does_not(
         cfg = utils.load_config(write_config(tmp_path, distillation__krr_features=name, storage__m=4))
         data = utils.load_data(cfg)
         T = torch.randn(len(data.train_x), 4, 512)
-        state = main_distill.build(cfg, data, T, 4, torch.device("cpu"), utils.make_generator(torch.device("cpu"), 0),
+        state = main_distill.build(cfg, data, T, 4, torch.device("cpu"), models.make_generator(torch.device("cpu"), 0),
                                    random.Random(0))
         seen, solves = [], []
         for f in state.pool.models:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import benchmark
+import main_distill
 import main_evaluate
 import sizes
 import utils
@@ -22,7 +23,7 @@ COMPUTE = ("teacher_step", "teacher_targets", "outer_step", "inner_step", "outer
 
 # ---------------------------------------------------------------------------------- the full_dataset row's views
 def test_real_views_are_all_views_and_their_targets_made_per_batch():
-    """main_evaluate.real_views gives, at any index batch, the rows of utils.all_views of the images and of their
+    """main_evaluate.real_views gives, at any index batch, the rows of main_distill.all_views of the images and of their
     teacher targets view-major, without making them: the full_dataset row's 4 x 1.28M views of IMAGENET64 and their
     targets were 63 + 10.5 GB beside the data (tests/sizes.py, the full_dataset_views stage)."""
     g = torch.Generator().manual_seed(0)
@@ -30,7 +31,7 @@ def test_real_views_are_all_views_and_their_targets_made_per_batch():
     T = torch.randn(50, 4, 16, generator=g)
     idx = torch.randperm(50, generator=g)[:30]
     views, targets = main_evaluate.real_views(data, T, idx, [90, 180, 270])
-    made_views, made_targets = utils.all_views(data.train_x[idx], [90, 180, 270]), T[idx].transpose(0, 1).flatten(0, 1)
+    made_views, made_targets = main_distill.all_views(data.train_x[idx], [90, 180, 270]), T[idx].transpose(0, 1).flatten(0, 1)
     assert len(views) == len(targets) == 120 and views.shape == made_views.shape and views.dtype == torch.uint8
     assert targets.shape == made_targets.shape and targets.device == T.device
     j = torch.randint(0, 120, (77,), generator=g)
@@ -47,7 +48,7 @@ def test_a_student_pretrained_on_real_views_is_the_one_on_the_made_views():
     ec = {"student": "resnet18", "batch_size": 16, "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3,
           "augment": True, "crop_pad": 1}
     recipe = main_evaluate.Recipe(ec, 4, torch.full((3,), 0.5), torch.full((3,), 0.25))
-    made = (utils.all_views(data.train_x, [90, 180, 270]), T.transpose(0, 1).flatten(0, 1))
+    made = (main_distill.all_views(data.train_x, [90, 180, 270]), T.transpose(0, 1).flatten(0, 1))
     nets = [main_evaluate.pretrain_on_set(*views, recipe, 3, 0, "views")[0].state_dict()
             for views in (main_evaluate.real_views(data, T, idx, [90, 180, 270]), made)]
     assert all(torch.equal(nets[0][k], nets[1][k]) for k in nets[0])
@@ -65,7 +66,7 @@ def test_real_views_of_every_image_take_no_memory_of_their_own():
     lazy = peak.bytes()
     del views
     peak = sizes.Peak(CPU)
-    views = utils.all_views(data.train_x[idx], rotations), T[idx].transpose(0, 1).flatten(0, 1)
+    views = main_distill.all_views(data.train_x[idx], rotations), T[idx].transpose(0, 1).flatten(0, 1)
     made = peak.bytes()
     assert made > 300e6 and lazy < made / 10, (lazy, made)
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+import models
 import utils
 from tiny import REPO, write_config, write_teacher
 
@@ -197,7 +198,7 @@ def test_a_value_no_step_of_the_run_would_read_is_refused(tmp_path):
     cfg = utils.load_config(write_config(tmp_path))
     for extra, kept in (([], False), (["--krr-assets", "k"], True)):  # a missing set given by flag: read, not skipped
         args = main_evaluate.parse_args(evaluate + extra)[0]
-        ev = main_evaluate.Inputs(args, cfg, utils.Ranks(), torch.device("cpu"), tmp_path / "e", args.rows, [0],
+        ev = main_evaluate.Inputs(args, cfg, models.Ranks(), torch.device("cpu"), tmp_path / "e", args.rows, [0],
                                   tmp_path / "a", tmp_path / "k")
         rows = main_evaluate.available_rows(ev)
         assert ("krr_st" in rows) == kept, rows
