@@ -36,6 +36,7 @@ from tqdm import tqdm
 import models
 import utils
 
+
 def parse_args(argv):
     p = utils.script_parser(__doc__)
     p.add_argument("--config", required=True)
@@ -47,6 +48,8 @@ def parse_args(argv):
 # ============================================================================================
 # SPEC 2: the distilled set, parameterized (ours) or free (KRR-ST)
 # ============================================================================================
+
+
 class PCADistilled(nn.Module):
     """x_i = up(mu_x + c_i^x B_x), y_i = mu_y + c_i^y B_y, y_i^k = mu_y + c_i^{y,k} B_y; views view-major."""
 
@@ -79,6 +82,7 @@ class PCADistilled(nn.Module):
         return {"mu_x": self.mu_x, "B_x": self.B_x.detach(), "C_x": self.C_x.detach(), "mu_y": self.mu_y,
                 "B_y": self.B_y.detach(), "C_y": self.C_y.detach(), "rotations": self.rotations}
 
+
 class FreeDistilled(nn.Module):
     """KRR-ST: free pixels X (m, 3, H, W) and free targets Y (m, d_y), no views."""
 
@@ -100,6 +104,7 @@ class FreeDistilled(nn.Module):
     def export(self):
         return {"X": self.X.detach(), "Y": self.Y.detach(), "rotations": []}
 
+
 @torch.no_grad()
 def init_distilled(cfg, data, T, m, gen):
     """Start from m distinct random real train images (SPEC 2): their PCA coefficients (or pixels) and targets."""
@@ -110,6 +115,7 @@ def init_distilled(cfg, data, T, m, gen):
         distilled = pca_distilled(cfg, data, T, idx)
     distilled.init_indices = idx.cpu()  # the real images it starts from: main_evaluate's real_init row
     return distilled
+
 
 def pca_distilled(cfg, data, T, idx):
     """SPEC 2: PCA bases of the train images and teacher targets; coefficients of the real images idx."""
@@ -123,7 +129,9 @@ def pca_distilled(cfg, data, T, idx):
     t = dict(mu_x=mu_x, B_x=B_x, C_x=C_x, mu_y=mu_y, B_y=B_y, C_y=C_y, C_yk=C_yk)
     return PCADistilled(t, cfg["augmentations"]["rotate"], data.train_x.shape[-1], P["learn_bases"])
 
+
 PCA_ROWS = 65536  # rows per float64 chunk of pca(): O(D^2 + PCA_ROWS D) memory; CIFAR is one chunk (bit for bit)
+
 
 def pca(X, k):
     """Top-k principal directions of X's rows: (mean (D,), orthonormal basis (k, D)). X is a tensor or a function
@@ -139,6 +147,7 @@ def pca(X, k):
     evals, evecs = torch.linalg.eigh(cov)  # ascending
     return mu.float(), evecs[:, -k:].flip(1).T.contiguous().float()
 
+
 def downsample(x, r_b):
     """Normalised images (n, 3, H, W) -> flattened antialiased r_b x r_b (n, 3 r_b^2)."""
     return F.interpolate(x, size=(r_b, r_b), mode="bilinear", antialias=True, align_corners=False).flatten(1)
@@ -146,6 +155,8 @@ def downsample(x, r_b):
 # ============================================================================================
 # SPEC 3: storage accounting decides m
 # ============================================================================================
+
+
 def storage_accounting(cfg):
     """Every stored float, in a table; m is the largest count within budget unless the config fixes it."""
     N, S, d_y = cfg["storage"]["budget_N"], cfg["storage"], models.resnet18_dim(cfg["network"]["width"])
@@ -184,6 +195,8 @@ def storage_accounting(cfg):
 # ============================================================================================
 # SPEC 4: the model pool and one outer step
 # ============================================================================================
+
+
 class ModelPool:
     """L ConvNets, each with its own SGD state and age, re-initialised at age Z. `chunk`: views per inner-step pass
     (0 = all); under torchrun every rank holds the same pool, BatchNorm over all ranks' views, the step split."""
@@ -246,9 +259,11 @@ class ModelPool:
             self.opts[j].load_state_dict(os_)
         self.ages = list(s["ages"])
 
+
 def cholesky_solve(L, Y):
     """(L L^T)^-1 Y by two triangular solves (cuBLAS trsm on CUDA, whatever the preferred linalg backend)."""
     return torch.linalg.solve_triangular(L.T, torch.linalg.solve_triangular(L, Y, upper=False), upper=True)
+
 
 class PositiveDefiniteSolve(torch.autograd.Function):
     """X = A^-1 Y for a symmetric positive-definite A by its Cholesky factor: gY = A^-1 gX, gA = -gY X^T at O(n^2 k)
@@ -269,6 +284,7 @@ class PositiveDefiniteSolve(torch.autograd.Function):
             gY = cholesky_solve(L, gX)
             return -gY @ X.T, gY
 
+
 def krr_predict(Phi_s, Phi_t, Y_s, ridge):
     """Yhat_t = K_ts (K_ss + ridge tr(K_ss) I)^-1 Y_s in float32 (float64 stays), features with a constant-1 column;
     the ridge keeps the matrix positive definite for PositiveDefiniteSolve."""
@@ -282,6 +298,8 @@ def krr_predict(Phi_s, Phi_t, Y_s, ridge):
     return K_ts @ PositiveDefiniteSolve.apply(K_ss + lam * eye, Y_s.to(dtype))
 
 # ------------------------------------------------------------------ the frozen model's KRR passes, chosen at setup
+
+
 def frozen_blocks(f, fold_bn):
     """The eval-mode pool ConvNet f as one (conv W, conv b, BN scale, BN shift) per block; with `fold_bn` the BN is
     folded into the conv (W scale, b scale + shift): the same function, one pass fewer over the activations."""
@@ -296,6 +314,7 @@ def frozen_blocks(f, fold_bn):
             blocks.append((conv.weight, conv.bias, scale, shift))
     return blocks
 
+
 def blocks_embed(x, blocks):
     """ConvNet.embed from frozen_blocks' tensors: a pure function, so one torch.compile graph serves every model."""
     for W, b, scale, shift in blocks:
@@ -304,6 +323,7 @@ def blocks_embed(x, blocks):
             x = x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
         x = F.avg_pool2d(F.relu(x), 2)
     return x.flatten(1)
+
 
 def feature_pass(dc, device):
     """f -> the frozen pool model f's KRR feature function, chosen once at setup: f.embed, or blocks_embed with
@@ -314,6 +334,7 @@ def feature_pass(dc, device):
     embed = torch.compile(blocks_embed, dynamic=False) if compiled else blocks_embed
     return lambda f: functools.partial(embed, blocks=frozen_blocks(f, dc["fold_bn"]))
 
+
 def support_features(embed, X_s, chunk, device):
     """Phi_s = embed(X_s) in one pass, or chunk by chunk with activation checkpointing: the same values and gradients
     (f is in eval mode), the memory of one chunk and no tensor near 2^31 elements."""
@@ -322,9 +343,11 @@ def support_features(embed, X_s, chunk, device):
     return torch.cat([checkpoint(embed, models.to_channels_last(x, device), use_reentrant=False)
                       for x in X_s.split(chunk)])
 
+
 def real_precision(dc):
     """The precision of the real views' no-grad forward: `distillation.real_features`, `same` = krr_features."""
     return dc["krr_features"] if dc["real_features"] == "same" else dc["real_features"]
+
 
 def krr_forward(embed, X_s, Y_s, x_t, dc, ranks=models.Ranks()):
     """SPEC 4.4: the KRR prediction of the real views x_t from (X_s, Y_s) through `embed`, each pass in its precision
@@ -336,6 +359,7 @@ def krr_forward(embed, X_s, Y_s, x_t, dc, ranks=models.Ranks()):
         Phi_s = rank_rows(lambda X: support_features(embed, X, dc["support_chunk"], device), X_s, ranks)
     with models.tf32(False):
         return krr_predict(Phi_s, Phi_t, Y_s, dc["ridge"])
+
 
 def real_batch(data, T, dc, rotations, gen, ranks=models.Ranks(), sharded=False):
     """`outer_batch_size` real images in all K views (or identity only) with targets from T; under torchrun this
@@ -352,13 +376,16 @@ def real_batch(data, T, dc, rotations, gen, ranks=models.Ranks(), sharded=False)
         return x, T[idx, 0]
     return all_views(x, rotations), T[idx].transpose(0, 1).flatten(0, 1)  # view-major, as all_views
 
+
 def all_views(x, rotations):
     """(B, ...) -> (K*B, ...), view-major: [x, a_1(x), ..., a_{K-1}(x)]."""
     return torch.cat([x] + [utils.rotate(x, a) for a in rotations])
 
+
 def make_optimizer(distilled, dc):
     """AdamW (weight decay 0) on the learned distilled tensors, each group at its rate (SPEC 4.5)."""
     return torch.optim.AdamW(distilled.param_groups(dc), weight_decay=0.0)
+
 
 def outer_step(state, data, T, dc):
     """SPEC 4.2-7: the KRR loss of one random pool model on a real batch, an AdamW step of the set, the model's inner
@@ -382,12 +409,15 @@ def outer_step(state, data, T, dc):
 
 # ------------------------------------------------------------------ under torchrun: the step's parts and their sums
 # A single-process reader can skip this: with one process rank_rows is f(X), rank_share 1 and rank_sum the loss.
+
+
 def rank_slice(n, ranks, rank=None):
     """Rank r's contiguous part of n rows, as torch.tensor_split cuts them (the first n mod W parts one longer)."""
     r = ranks.rank if rank is None else rank
     base, extra = divmod(n, ranks.world)
     start = r * base + min(r, extra)
     return slice(start, start + base + (r < extra))
+
 
 def all_reduce_flat(tensors, ranks):
     """Sum each tensor over the ranks in place with ONE all_reduce over a flat buffer; nothing in one process."""
@@ -398,6 +428,7 @@ def all_reduce_flat(tensors, ranks):
     for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
         t.copy_(part.view_as(t))
     return tensors
+
 
 def rank_rows(f, X, ranks):
     """f(X) of every row from f of this rank's part (rank_slice), padded and gathered by models.gather_rows, whose
@@ -412,10 +443,12 @@ def rank_rows(f, X, ranks):
                       for r, p in enumerate(parts)])
     return models.gather_rows(Phi)[keep]
 
+
 def rank_share(n, ranks):
     """This rank's share of a mean over n images (or all their views), its rank_slice of them: 1 in one process."""
     part = rank_slice(n, ranks)
     return (part.stop - part.start) / n
+
 
 def rank_sum(loss, opt, ranks):
     """The loss and every distilled gradient summed over the ranks by ONE all_reduce (each rank computed its share)."""
@@ -432,6 +465,8 @@ def rank_sum(loss, opt, ranks):
 # ============================================================================================
 # SPEC 5: approximation networks
 # ============================================================================================
+
+
 def fit_approx_nets(C_y, C_yk, ac, seed):
     """One MLP per rotation k, c^y -> c^{y,k} - c^y (SPEC 5), net k seeded seed + k: (nets, relative errors). The
     nets are stacked (torch.func.stack_module_state) and fitted by one Adam on the summed loss, each net's own fit
@@ -457,6 +492,7 @@ def fit_approx_nets(C_y, C_yk, ac, seed):
             net.load_state_dict({name: p[k] for name, p in params.items()})
         errors = [((net(C_y) - s).norm() / s.norm().clamp_min(1e-12)).item() for net, s in zip(nets, shift)]
     return [net.eval() for net in nets], errors
+
 
 def save_set(folder, distilled, base, cfg, data, recovery):
     """One set in `folder` (utils.save_distilled): `base` + its tensors, its approximation nets, controls and image
@@ -487,6 +523,7 @@ def save_set(folder, distilled, base, cfg, data, recovery):
         save_grid(distilled.images(), data.mean, data.std, folder / "distilled_images.png")
     return approx_errors
 
+
 def save_snapshot(state, job, saved):
     """The set at one of distillation.snapshot_steps in <run>/snapshots/step_<n>/, as the final set's files
     (main_evaluate --assets reads it); `saved`: the last checkpoint's step, for the recovery hint."""
@@ -494,6 +531,7 @@ def save_snapshot(state, job, saved):
     folder.mkdir(parents=True, exist_ok=True)
     save_set(folder, state.distilled, {**job.base, "steps": state.step, "schedule": state.schedule}, job.cfg, job.data,
              (job.argv, job.run.checkpoint, saved))
+
 
 def save_grid(images, mean, std, path, max_images=100, min_side=64):
     """The first images, de-normalised, in a square grid, each upscaled (nearest) to at least `min_side` pixels."""
@@ -506,6 +544,8 @@ def save_grid(images, mean, std, path, max_images=100, min_side=64):
 # ============================================================================================
 # main: arguments -> config -> checks -> run folder -> teacher targets -> set, pool -> loop -> assets
 # ============================================================================================
+
+
 @dataclass
 class State:
     """What an outer step changes and a checkpoint keeps: the set, its optimizer and schedule, the pool, the
@@ -536,6 +576,7 @@ class State:
                 "config": cfg, "inputs": inputs, "run_id": self.run_id, "processes": self.ranks.world,
                 "real_rng": real, "scales_start": self.scales_start}
 
+
 @dataclass
 class Job:
     """What a run works from besides its State: config, data, targets T, run folder, log, the command line (recovery
@@ -549,6 +590,7 @@ class Job:
     argv: list
     log: object = None
     base: dict = None
+
 
 def configure(argv):
     """(args, config, ranks, device, the run folder, the teacher file). Under torchrun rank 0 alone prints."""
@@ -564,8 +606,10 @@ def configure(argv):
         sys.stdout = open(os.devnull, "w")  # one copy of every line (errors still reach stderr)
     return args, cfg, ranks, device, run, teacher_file
 
+
 def rotations_of(cfg):
     return [] if cfg["distillation"]["method"] == "krr_st" else cfg["augmentations"]["rotate"]
+
 
 def load_checked(args, cfg, run, table, teacher_file, device, ranks=models.Ranks()):
     """Everything that can refuse the run, before its folder is claimed: folder, data sizes, teacher, checkpoint."""
@@ -584,9 +628,11 @@ def load_checked(args, cfg, run, table, teacher_file, device, ranks=models.Ranks
                                 f"the {ranks.world} torchrun processes needs at least one real image; raise it")
     return data, teacher, inputs, ckpt
 
+
 def sharded(cfg, ranks):
     """data.shard takes effect under torchrun only (one process holds the whole set)."""
     return cfg["data"]["shard"] and ranks.world > 1
+
 
 def check_processes(ckpt, cfg, ranks, path):
     """Another process count continues a run without data.shard (every rank draws alike); a sharded run's per-rank
@@ -600,6 +646,7 @@ def check_processes(ckpt, cfg, ranks, path):
             f"{'with' if sharded(cfg, ranks) else 'without'}: each rank of a sharded run draws its real batch from its "
             f"own 1/W of the train set, so its draws continue only with as many ranks; resume with {how}")
 
+
 def keep_shard(cfg, data, T, ranks):
     """data.shard: this rank keeps its models.shard of the images and targets, once the set is built from them all."""
     if not sharded(cfg, ranks):
@@ -607,6 +654,7 @@ def keep_shard(cfg, data, T, ranks):
     ranks.say(f"data.shard: each of the {ranks.world} ranks keeps {len(data.train_x) // ranks.world} of the "
               f"{len(data.train_x)} train images and their targets")
     return dataclasses.replace(data, train_x=models.shard(data.train_x, ranks).clone()), models.shard(T, ranks).clone()
+
 
 def build(cfg, data, T, m, device, gen, rng, ranks=models.Ranks()):
     """SPEC 2 and 4: the set at its m starting images, AdamW with the linear decay to 0, the model pool (alike on
@@ -621,9 +669,11 @@ def build(cfg, data, T, m, device, gen, rng, ranks=models.Ranks()):
     return State(distilled, opt, sched, pool, gen, rng, run_id, ranks=ranks, real_gen=real_gen,
                  schedule=[{"from_step": 0, "steps": dc["steps"], **rates(opt)}], embed_of=feature_pass(dc, device))
 
+
 def rates(opt):
     """{config key: base learning rate} of each parameter group."""
     return {f"distillation.{g['key']}": g["initial_lr"] for g in opt.param_groups}
+
 
 def restore(state, ckpt, cfg, path):
     """The checkpoint's state, at the config's rates and steps (--allow-changed): lr = base (1 - step / steps) from
@@ -652,6 +702,7 @@ def restore(state, ckpt, cfg, path):
           + (f" (written by {ckpt.get('processes', 1)} process(es), continued by {state.ranks.world}: the same state "
              f"and draws)" if ckpt.get("processes", 1) != state.ranks.world else ""))
 
+
 def describe(job, table, state, args, device):
     """Print the resolved config and the storage table, write config.json; job.base: what every set file carries."""
     cfg, data = job.cfg, job.data
@@ -668,6 +719,7 @@ def describe(job, table, state, args, device):
                 "run_id": state.run_id, "target_scale": job.target_scale,
                 "store_augmented_targets": cfg["storage"]["store_augmented_targets"]}
 
+
 def print_storage(table):
     print(f"storage budget: N={table['budget_N']} images x {table['floats_per_image']:,} floats = {table['budget']:,}")
     for k, v in table["rows"].items():
@@ -675,12 +727,15 @@ def print_storage(table):
     print(f"  {'stored':<34s}{table['stored']:>12,}  ({100 * table['stored'] / table['budget']:.2f}% of budget)")
     print(f"  m = {table['m']} distilled images (largest within budget: {table['m_max']})")
 
+
 def group_scales(opt):
     """The largest |value| of each parameter group (a device tensor: read it back with the finite check)."""
     return torch.stack([torch.stack([p.detach().abs().max() for p in g["params"] if p.numel()]).max()
                         for g in opt.param_groups])  # (C_y^k is empty without rotations)
 
+
 SOUND_GROWTH = 10.0  # a checkpoint with a group grown past this x its start is diverging already (DIGITS: 1.04x)
+
 
 def check_finite(state, losses, argv, run, saved):
     """The outer losses since the last check and the set finite (one host sync); else stop naming the group that had
@@ -699,6 +754,7 @@ def check_finite(state, losses, argv, run, saved):
                                 "main_distill.py", argv, f"distillation.{group['key']}", group["initial_lr"],
                                 run.checkpoint if sound else None, f"step {saved}")
 
+
 def ranks_hash(tensors):
     """Per tensor the wrapping sums of its 32-bit words and of words x position: any changed bit changes them."""
     out = []
@@ -706,6 +762,7 @@ def ranks_hash(tensors):
         w = t.detach().float().contiguous().view(-1).view(torch.int32).long()
         out += [w.sum(), (w * torch.arange(1, len(w) + 1, device=w.device)).sum()]
     return torch.stack(out).cpu()
+
 
 def check_ranks_agree(state):
     """Under torchrun, at each log step: a rank whose set or pool (ranks_hash) differs from rank 0's stops the run."""
@@ -719,6 +776,7 @@ def check_ranks_agree(state):
                                f"tensors or pool than rank 0 (a non-deterministic kernel, or a rank that skipped a "
                                f"collective); nothing of it was saved. Continue from the last checkpoint with "
                                f"--resume, or run with one process")
+
 
 def distill(state, job):
     """SPEC 4: outer steps until distillation.steps; values checked finite at each log line, checkpoint and snapshot."""
@@ -753,6 +811,7 @@ def distill(state, job):
             check_finite(state, unchecked, argv, run, saved)
             save_snapshot(state, job, f"step {saved}")
     bar.close()
+
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)  # the command line, for the recovery hint
@@ -804,6 +863,7 @@ def main(argv=None):
     utils.release_run_folder(lock)
     print(f"distilled set written to {run.folder} (m={table['m']}, {state.step} steps)")
     return metrics
+
 
 if __name__ == "__main__":
     utils.cli(main, "main_distill.py")

@@ -46,6 +46,7 @@ from tqdm import tqdm
 import models
 import utils
 
+
 def parse_args(argv):
     p = utils.script_parser(__doc__)
     p.add_argument("--config", required=True)
@@ -84,6 +85,8 @@ def parse_args(argv):
 # ============================================================================================
 # SPEC 6.1: one pre-training recipe for every (images, targets) set
 # ============================================================================================
+
+
 @dataclass(frozen=True)
 class Recipe:
     """SPEC 6.1's recipe in one table: the evaluation: section, width, the source's normalisation, the command line
@@ -93,6 +96,7 @@ class Recipe:
     mean: torch.Tensor
     std: torch.Tensor
     argv: tuple = ()
+
 
 def pretrain_on_set(images, targets, recipe, epochs, seed, desc, ranks=models.Ranks()):
     """The student + Linear(width -> d_y), MSE to `targets`, CosineSGD, a fresh crop + flip each epoch if `augment`:
@@ -129,6 +133,7 @@ def pretrain_on_set(images, targets, recipe, epochs, seed, desc, ranks=models.Ra
     check_loss(*logged, desc, recipe)
     return net.backbone.eval(), epochs * steps
 
+
 class LateRead:
     """A device scalar copied to the host without waiting, read (float(...)) when the device is long past it."""
 
@@ -143,6 +148,7 @@ class LateRead:
             self.event.synchronize()
         return float(self.value)
 
+
 def check_loss(epoch, loss, desc, recipe):
     """A logged epoch's mean loss; a non-finite one stops the run with the command to rerun at a lower lr."""
     value = float(loss)
@@ -151,11 +157,13 @@ def check_loss(epoch, loss, desc, recipe):
                                     recipe.argv, "evaluation.lr", recipe.ec["lr"])
     return value
 
+
 def random_subset(data, T, n, seed):
     """n random real train images (un-rotated) with their teacher targets: the budget's real baseline."""
     gen = models.make_generator(data.train_x.device, seed)
     idx = torch.randperm(len(data.train_x), generator=gen, device=data.train_x.device)[:n]
     return data.train_x[idx], T[idx, 0]
+
 
 def real_views(data, T, idx, rotations):
     """Real images idx in all K views (uint8, view-major) with their exact teacher targets, made per batch when
@@ -168,6 +176,7 @@ def real_views(data, T, idx, rotations):
             out = torch.where((k == view).view(-1, 1, 1, 1), utils.rotate(x, angle), out)
         return out
     return ViewMajor(len(idx), K, images), ViewMajor(len(idx), K, lambda i, k: T[idx[i], k])
+
 
 class ViewMajor:
     """The K n rows j = k n + i of a view-major set, row (i, k) = get(i, k), made when indexed; what pretrain_on_set
@@ -183,6 +192,7 @@ class ViewMajor:
 
     def __getitem__(self, j):
         return self.get(j % self.n, j // self.n)
+
 
 def full_dataset_backbone(ev):
     """ev.full = (backbone, SGD steps, cell info): the full-dataset student, trained once (every rank under torchrun)
@@ -216,6 +226,7 @@ def full_dataset_backbone(ev):
                            "train_time_s": train_time, "steps": steps}, path)
     ev.full = g, steps, {"reused": False, "train_time_s": train_time, "time_s": train_time}
 
+
 def random_crop_flip(x, pad, gen):
     """Reflect-pad by `pad`, random crop back to H x W and horizontal flip, per sample (SPEC 6.1)."""
     B, C, H, W = x.shape
@@ -231,6 +242,8 @@ def random_crop_flip(x, pad, gen):
 # ============================================================================================
 # SPEC 6.2 and the other measurements of a pre-trained backbone: teacher fit, fine-tuning, BatchNorm recalibration
 # ============================================================================================
+
+
 def teacher_fit(features, teacher_features, ridge):
     """Test R^2 (SST around the train mean) of a ridge readout, fit on train, from frozen features to the teacher's:
     how much of the teacher a student reproduces on unseen images. (train, test) pairs; ridge x mean eigenvalue."""
@@ -244,6 +257,7 @@ def teacher_fit(features, teacher_features, ridge):
     sst = (Y_test - Y.mean(0)).pow(2).sum()
     return (1 - sse / sst).item()
 
+
 def check_features(features, row):
     """A backbone whose frozen features are not finite (a diverged student) is an error, never a probed number."""
     for split, f in zip(("train", "test"), features):
@@ -251,6 +265,7 @@ def check_features(features, row):
             raise utils.RunStopped(f"{row}: the pre-trained backbone gives non-finite features on the {split} "
                                    f"split; its accuracy would be meaningless (lower evaluation.lr, or check "
                                    f"the teacher's target scale)")
+
 
 @torch.no_grad()
 def recalibrate_bn(net, data, batch_size):
@@ -268,6 +283,7 @@ def recalibrate_bn(net, data, batch_size):
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
     return net.eval()
+
 
 def finetune(backbone, data, ft, seed, batch_size):
     """Fine-tuned transfer (KRR-ST's protocol): a copy of `backbone` + a Linear head trained on data's labels (SGD,
@@ -295,6 +311,8 @@ def finetune(backbone, data, ft, seed, batch_size):
 # ============================================================================================
 # SPEC 6.3: the rows. Each row is a source: what it pre-trains on (views, targets) and what it stores.
 # ============================================================================================
+
+
 @dataclass
 class Inputs:
     """What every row of one table reads: config, processes, folders, data, teacher, sets, targets T, budget."""
@@ -324,6 +342,7 @@ class Inputs:
     def rotations(self):
         return self.cfg["augmentations"]["rotate"]
 
+
 @dataclass(frozen=True)
 class Row:
     """One table row, all of it here: source(ev, row, seed) -> (backbone, SGD steps, cell extras); stored(ev, row) ->
@@ -343,13 +362,16 @@ class Row:
     keep: bool = False
     held: object = lambda ev, row: (ev.sets[row][2]["m"], len(ev.sets[row][0]))  # a set's m images in its views
 
+
 def pretrained(ev, row, seed, views):
     """A student pre-trained on the row's (images, targets) with the table's recipe, evaluation.epochs."""
     return (*pretrain_on_set(*views, ev.recipe, ev.cfg["evaluation"]["epochs"], seed, f"{row} s{seed}"), {})
 
+
 def set_row(ev, row, seed):
     views, targets, _ = ev.sets[row]
     return pretrained(ev, row, seed, (views, targets))
+
 
 def random_student(ev, row, seed):
     """no_pretraining: a random student, its BatchNorm statistics as evaluation.random_init_bn says."""
@@ -361,6 +383,7 @@ def random_student(ev, row, seed):
         g = recalibrate_bn(g, ev.target, ev.cfg["data"]["eval_batch_size"])
     return g, 0, {}
 
+
 def load_set(ev, row, exact=False):
     """A distilled set (decoded, checked against this table's inputs) and its file's hash among the inputs."""
     folder = ROWS[row].folder(ev)
@@ -368,6 +391,7 @@ def load_set(ev, row, exact=False):
     check_assets(ev, folder, loaded[2])
     ev.hashes[f"{'distilled' if folder == ev.assets else row}_hash"] = utils.file_hash(folder / "distilled_data.pth")
     return loaded
+
 
 def load_init(ev, row):
     """The indices of the m real images the distilled set started from (its controls.pth)."""
@@ -377,14 +401,17 @@ def load_init(ev, row):
     ev.hashes["distilled_hash"] = utils.file_hash(ev.assets / "distilled_data.pth")
     return utils.read_controls(ev.assets, run_id=d["run_id"])["init_indices"]
 
+
 def set_floats(ev, row):
     return ev.sets[row][2]["storage"]["stored"]
+
 
 def exact_floats(ev, row):
     """The set's floats with the learned C_y^k stored instead of the approximation nets."""
     d = ev.sets[row][2]
     return d["storage"]["stored"] + len(d["rotations"]) * d["m"] * d["C_y"].shape[1] \
         - d["storage"]["rows"].get("approximation nets", 0)
+
 
 ROWS = {
     "distilled": Row(set_row, set_floats, folder=lambda ev: ev.assets, load=load_set, keep=True),
@@ -411,6 +438,7 @@ ROWS = {
     "no_pretraining": Row(random_student, lambda ev, row: 0, held=lambda ev, row: (0, 0)),
 }
 
+
 def run_cell(ev, row, seed, cell):
     """One (row, seed) cell: the backbone, then each protocol `cell` still lacks (its network trained again)."""
     t0, bs = time.time(), ev.cfg["data"]["eval_batch_size"]
@@ -435,16 +463,20 @@ def run_cell(ev, row, seed, cell):
         if c in cell) + (f" (rank {ev.ranks.rank})" if ev.ranks.world > 1 else ""))
     return cell
 
+
 WANTED = {"probe": ("probe", "fit"), "finetune": ("finetune",)}  # what each protocol measures in a cell
+
 
 def missing(cell, protocol):
     """The protocols a cell has not measured yet."""
     return [p for p in protocol if any(k not in cell for k in WANTED[p])]
 
+
 # ============================================================================================
 # The table
 # ============================================================================================
 MIN_GAIN_POINTS = 1.0  # gain recovered is shown only when full_dataset beats random init by more than this
+
 
 def gain_defined(full, base):
     """Gain recovered is shown only where full_dataset - no_pretraining exceeds MIN_GAIN_POINTS and twice each std."""
@@ -452,6 +484,7 @@ def gain_defined(full, base):
         return False
     spread = 2 * max(full.get("std") or 0.0, base.get("std") or 0.0)
     return full["mean"] - base["mean"] > max(MIN_GAIN_POINTS, spread)
+
 
 def summarize(results, budget):
     """Retention vs full_dataset, gain recovered over no_pretraining, storage in images and vs the budget."""
@@ -465,10 +498,12 @@ def summarize(results, budget):
         r["within_budget"] = None if floats is None else floats <= budget["budget"]
     return results
 
+
 def mean_std(r, key, f):
     """A row's "mean ± std" of `key` ("" the probe, "fit", "finetune") in format f; "-" where it did not run."""
     mean, std = (r[key + "_mean"], r[key + "_std"]) if key else (r["mean"], r["std"])
     return "-" if mean is None else format(mean, f) + (f" ± {format(std, f)}" if r["seeds"] > 1 else "")
+
 
 def markdown(results, header, protocol):
     """The table; the columns of a protocol that did not run are left out."""
@@ -491,6 +526,7 @@ def markdown(results, header, protocol):
             f"beats no_pretraining by no more than {MIN_GAIN_POINTS:g} point or twice either row's std.")
     return "\n".join(lines + ["", note]) + "\n"
 
+
 def row_result(row_cells, protocol, storage_floats):
     """One table row from its cells: each measure (None where its protocol did not run), mean and std over seeds."""
     values = lambda key, p: [c[key] if p in protocol else None for c in row_cells]
@@ -503,8 +539,10 @@ def row_result(row_cells, protocol, storage_floats):
             "seeds": len(row_cells), "steps": row_cells[0]["steps"], "storage_floats": storage_floats,
             "time_s": sum(c["time_s"] for c in row_cells), **extra}
 
+
 # a kept cell's numbers: accuracies in percent; R^2 in [-1, 1] (below -1 is a broken file, not a measurement)
 CELL_NUMBERS = {"probe": (0.0, 100.0), "fit": (-1.0, 1.0), "finetune": (0.0, 100.0), "time_s": (0.0, None)}
+
 
 def read_results(path):
     """results.json as save() writes it, every kept cell checked: anything else is refused naming file and entry."""
@@ -536,6 +574,7 @@ def read_results(path):
                 bad(f"{where}.steps = {cell.get('steps')!r}: expected a count of SGD steps")
     return saved
 
+
 def resumed_cells(path, cfg, target_name, inputs):
     """The (row, seed) cells a previous run wrote to `path` (none yet: {}); refused if its config, target or inputs
     differ. Seeds, rows and protocols may differ: only the missing cells run."""
@@ -557,6 +596,8 @@ def resumed_cells(path, cfg, target_name, inputs):
 # ============================================================================================
 # main: check inputs -> load sets -> targets -> cells -> table
 # ============================================================================================
+
+
 def check_inputs(args, overrides, argv, sub):
     """The table's Inputs, everything that can refuse it checked before anything is written."""
     cfg = utils.load_config(args.config, overrides)
@@ -589,6 +630,7 @@ def check_inputs(args, overrides, argv, sub):
     ev.recipe = Recipe(cfg["evaluation"], cfg["network"]["width"], ev.data.mean, ev.data.std, tuple(argv))
     return ev
 
+
 def available_rows(ev):
     """The asked rows, less (without --rows) optional rows whose set is missing and rotation rows without rotations;
     a flag that no row to run reads is refused."""
@@ -609,16 +651,19 @@ def available_rows(ev):
                                     f"runs (rows {rows}); add one to --rows or drop the flag")
     return rows
 
+
 def run_folder(ev):
     """The table's folder; the full-dataset model in it is a cache --overwrite keeps (checked by its metadata)."""
     return utils.RunFolder(ev.out, "main_evaluate.py", outputs=(ev.out / "results.json",),
                            keep=(f"{ev.cfg['evaluation']['student']}_full_dataset.pth",))
+
 
 def load_sets(ev):
     """What every row reads from its folder (Row.load), checked against this table's inputs, which its hash joins."""
     for row in ev.rows:
         if ROWS[row].load is not None:
             ev.sets[row] = ROWS[row].load(ev, row)
+
 
 def check_assets(ev, folder, d):
     """A distilled set is compared with the other rows only if it was built from the same inputs."""
@@ -630,6 +675,7 @@ def check_assets(ev, folder, d):
         raise utils.InputError(f"{folder} was distilled from other inputs than this evaluation uses: "
                                f"{', '.join(stale)}; rerun main_distill.py with this config and teacher")
 
+
 def teacher_targets(ev):
     """T for the rows built from real images (rank 0 caches it first), and the teacher's features of the target
     (every row's teacher fit is scored against them)."""
@@ -638,6 +684,7 @@ def teacher_targets(ev):
             ev.T, ev.target_scale = utils.teacher_targets(ev.teacher, ev.teacher_file, ev.data, ev.rotations,
                                                           ev.cfg["data"], ev.out, ev.hashes["teacher_hash"])
     ev.teacher_feats = utils.split_features(ev.teacher, ev.target, ev.cfg["data"]["eval_batch_size"])
+
 
 def run_cells(ev, cells):
     """The missing (row, seed) cells, seeded rows' dealt to the ranks, results.json rewritten after each; the rows."""
@@ -660,14 +707,17 @@ def run_cells(ev, cells):
     return {row: dict(row_result([cells[row][str(s)] for s in row_seeds(row)], ev.args.protocol,
                                  ROWS[row].stored(ev, row)), held=ROWS[row].held(ev, row)) for row in ev.rows}
 
+
 def save(ev, cells, results, **final):
     utils.write_json({"rows": results, "cells": cells, "config": ev.cfg, "derived": derived(ev), "complete": False,
                       **final}, ev.out / "results.json")
+
 
 def derived(ev):
     return {"device": str(ev.device), "rows": ev.rows, "seeds": ev.seeds, "target": ev.target.name,
             "assets": str(ev.assets), "krr_assets": str(ev.krr_assets), "out": str(ev.out), "inputs": ev.hashes,
             "target_scale": ev.target_scale, "processes": ev.ranks.world, "protocol": ev.args.protocol}
+
 
 def write_table(ev, results, cells):
     """results.md and the final results.json; returns the table's rows."""
@@ -685,6 +735,7 @@ def write_table(ev, results, cells):
     (ev.out / "results.md").write_text(md)
     save(ev, cells, results, header=header, complete=True)
     return results
+
 
 def evaluate(args, overrides, argv, sub=None):
     """One student's table in <out>[/<sub>]: ({row: result}, out) on rank 0, (None, None) on the others."""
@@ -705,6 +756,7 @@ def evaluate(args, overrides, argv, sub=None):
     results = write_table(ev, results, cells)
     utils.release_run_folder(lock)
     return results, ev.out
+
 
 def main(argv=None):
     """One table (evaluation.student), or one per `--student` plus the cross-architecture summary."""
@@ -728,6 +780,7 @@ def main(argv=None):
     utils.write_json(tables, out / "students.json")
     print("\n".join(md))
     return tables
+
 
 if __name__ == "__main__":
     utils.cli(main, "main_evaluate.py")

@@ -12,9 +12,12 @@ import torchvision
 # --------------------------------------------------------------------------------------------
 # ResNet-18 with the CIFAR stem (teacher g and the evaluation network)
 # --------------------------------------------------------------------------------------------
+
+
 def resnet18_dim(width=64):
     """Feature width of a ResNet-18 whose stages are width, 2w, 4w, 8w channels: d_y = 8 * width."""
     return 8 * width
+
 
 def resnet18_cifar(width=64, blocks=2):
     """torchvision ResNet-18 with a 3x3 stride-1 stem, no max-pool, fc = Identity -> 8*width features. Another width
@@ -36,6 +39,8 @@ def resnet18_cifar(width=64, blocks=2):
 # --------------------------------------------------------------------------------------------
 # Evaluation students (KRR-ST's cross-architecture set), CIFAR-size variants
 # --------------------------------------------------------------------------------------------
+
+
 def vgg11_bn_cifar(width=64, resolution=32):
     """torchvision's VGG-11 (BatchNorm) layers, channels x width/64, flattened after the last pool (KRR-ST's
     CIFAR VGG). Below 32 px only the max-pools that fit are kept (8 px: the first three)."""
@@ -49,6 +54,7 @@ def vgg11_bn_cifar(width=64, resolution=32):
         cfg.append(v if v == "M" else max(1, v * width // 64))
     return nn.Sequential(torchvision.models.vgg.make_layers(cfg, batch_norm=True), nn.Flatten())
 
+
 def alexnet_cifar(width=64, resolution=32):
     """AlexNet for small images (KRR-ST's CIFAR AlexNet: 5x5 and 3x3 convs with BatchNorm, three max-pools),
     channels x width/64, flattened; torchvision's ImageNet AlexNet (11x11 stride 4) does not fit 8-64 px."""
@@ -61,6 +67,7 @@ def alexnet_cifar(width=64, resolution=32):
         prev = ch
     return nn.Sequential(*layers, nn.Flatten())
 
+
 def mobilenetv2_cifar(width=64):
     """torchvision's MobileNetV2 (width_mult = width/64) with the CIFAR strides: stem and first down-sampling
     stage at stride 1 (8x down-sampling in all), global average pool, classifier removed."""
@@ -71,6 +78,7 @@ def mobilenetv2_cifar(width=64):
     net.classifier = nn.Identity()
     return net
 
+
 STUDENTS = {
     "resnet18": lambda width, res: resnet18_cifar(width),
     "resnet10": lambda width, res: resnet18_cifar(width, blocks=1),
@@ -79,12 +87,14 @@ STUDENTS = {
     "mobilenetv2": lambda width, res: mobilenetv2_cifar(width),
 }
 
+
 def student(name, width, resolution):
     """(backbone, feature width) of an evaluation student; the width is read off the network at `resolution`."""
     net = STUDENTS[name](width, resolution)
     with torch.no_grad():
         dim = net.eval()(torch.zeros(2, 3, resolution, resolution)).shape[1]
     return net.train(), dim
+
 
 class Regressor(nn.Module):
     """backbone + Linear(feat_dim -> out_dim): the pre-training network of SPEC 6.1."""
@@ -103,6 +113,8 @@ class Regressor(nn.Module):
 # --------------------------------------------------------------------------------------------
 # Barlow Twins
 # --------------------------------------------------------------------------------------------
+
+
 def projector(in_dim, dims):
     """Linear-BN-ReLU for every hidden layer, then a plain Linear (solo-learn's 2048-2048-2048)."""
     layers, d = [], in_dim
@@ -111,6 +123,7 @@ def projector(in_dim, dims):
         d = h
     layers.append(nn.Linear(d, dims[-1]))
     return nn.Sequential(*layers)
+
 
 class BarlowTwins(nn.Module):
     """Backbone + projector applied to both views in one forward (one DDP forward per step under torchrun)."""
@@ -122,9 +135,11 @@ class BarlowTwins(nn.Module):
     def forward(self, v1, v2):
         return self.projector(self.backbone(v1)), self.projector(self.backbone(v2))
 
+
 def off_diagonal(c):
     n = c.shape[0]
     return c.flatten()[:-1].view(n - 1, n + 1)[:, 1:].flatten()
+
 
 def barlow_twins_loss(z1, z2, lambd, scale):
     """z1, z2: (B, D) projections of two views. scale * (sum (1 - C_ii)^2 + lambd sum_{i!=j} C_ij^2),
@@ -141,6 +156,8 @@ def barlow_twins_loss(z1, z2, lambd, scale):
 # --------------------------------------------------------------------------------------------
 # Several processes (torchrun): the global batch's embeddings and BatchNorm statistics
 # --------------------------------------------------------------------------------------------
+
+
 class _GatherRows(torch.autograd.Function):
     """Every rank's rows, in rank order; backward returns this rank's rows of the gradient summed over ranks."""
 
@@ -157,10 +174,12 @@ class _GatherRows(torch.autograd.Function):
         dist.all_reduce(grad)
         return grad[ctx.rows]
 
+
 def gather_rows(z):
     """(world x b, ...) from every rank's (b, ...), differentiable; z in one process. Every rank computes the global
     batch's loss; summed here, averaged by DDP, the step is the single-process step."""
     return _GatherRows.apply(z) if dist.is_initialized() and dist.get_world_size() > 1 else z
+
 
 class _AllReduceSum(torch.autograd.Function):
     @staticmethod
@@ -174,6 +193,7 @@ class _AllReduceSum(torch.autograd.Function):
         grad = grad.clone()
         dist.all_reduce(grad)
         return grad
+
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm over the batch of every rank, for CPU process groups (gloo), where PyTorch's SyncBatchNorm does
@@ -199,6 +219,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
 
+
 def sync_batchnorm(module, device):
     """Every BatchNorm of `module` normalised over the global batch of all ranks: PyTorch's SyncBatchNorm on
     CUDA, GlobalBatchNorm on the CPU. The state_dict keys stay those of BatchNorm (checkpoints load plainly)."""
@@ -213,6 +234,7 @@ def sync_batchnorm(module, device):
         else:
             sync_batchnorm(child, device)
     return module
+
 
 class LARS(torch.optim.Optimizer):
     """SGD with momentum and layer-wise trust ratios (solo-learn's LARS, clip_lr=True); groups with `lars=False`
@@ -244,6 +266,7 @@ class LARS(torch.optim.Optimizer):
             torch._foreach_add_(bufs, grads)
             torch._foreach_add_(params, bufs, alpha=-g["lr"])
 
+
 def lars_param_groups(*modules):
     """Split parameters: weights (LARS + wd) and biases / norm parameters (neither)."""
     decay, plain = [], []
@@ -255,6 +278,8 @@ def lars_param_groups(*modules):
 # --------------------------------------------------------------------------------------------
 # KRR-ST model pool ConvNet and the approximation MLP
 # --------------------------------------------------------------------------------------------
+
+
 class ConvNet(nn.Module):
     """KRR-ST pool network: [Conv3x3 -> BatchNorm -> ReLU -> AvgPool2] per width, then Linear; embed(x), the
     flattened last block, gives the KRR features."""
@@ -278,14 +303,17 @@ class ConvNet(nn.Module):
     def forward(self, x):
         return self.head(self.embed(x))
 
+
 class ApproxMLP(nn.Sequential):
     """V -> hidden -> V: predicts the coefficient shift c^{y,k} - c^y of one rotation (SPEC 5)."""
 
     def __init__(self, V, hidden):
         super().__init__(nn.Linear(V, hidden), nn.ReLU(), nn.Linear(hidden, V))
 
+
 def num_params(module):
     return sum(p.numel() for p in module.parameters())
+
 
 def mse(pred, target):
     return F.mse_loss(pred.float(), target.float())
@@ -293,6 +321,8 @@ def mse(pred, target):
 # --------------------------------------------------------------------------------------------
 # Execution: torchrun's ranks, generators, numerics (autocast, TF32, precision, channels_last)
 # --------------------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class Ranks:
     """This process among torchrun's (utils.init_ranks): rank 0 of 1 when a script is started plainly."""
@@ -308,9 +338,11 @@ class Ranks:
         if self.main:
             print(*args, **kwargs)
 
+
 def shard(x, ranks):
     """Rank r's equal share of x's rows: r, r + W, r + 2W, ... (the last len(x) mod W rows are left out)."""
     return x[ranks.rank:len(x) // ranks.world * ranks.world:ranks.world]
+
 
 def gather_objects(obj, ranks):
     """[rank 0's obj, rank 1's obj, ...] on every rank (picklable objects; [obj] in a single process)."""
@@ -320,9 +352,11 @@ def gather_objects(obj, ranks):
     dist.all_gather_object(out, obj)
     return out
 
+
 def barrier(ranks):
     if ranks.world > 1:
         dist.barrier()
+
 
 @contextmanager
 def rank0_first(ranks):
@@ -333,13 +367,16 @@ def rank0_first(ranks):
     if ranks.main:
         barrier(ranks)
 
+
 def make_generator(device, seed):
     """A torch.Generator on `device`: all augmentation randomness is drawn from it."""
     return torch.Generator(device=device).manual_seed(seed)
 
+
 def autocast(device, enabled=True):
     """bf16 autocast on CUDA, a no-op on CPU (CPU bf16 convs are slower than fp32)."""
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+
 
 @contextmanager
 def tf32(enabled):
@@ -352,6 +389,7 @@ def tf32(enabled):
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
 
+
 @contextmanager
 def precision(device, name):
     """A forward pass in one of utils.PRECISIONS: float32, TF32 or bf16 autocast (all float32 on the CPU). Backward
@@ -359,10 +397,12 @@ def precision(device, name):
     with tf32(name == "tf32"), autocast(device, enabled=name == "bfloat16"):
         yield
 
+
 def to_channels_last(x, device):
     """channels_last on CUDA; contiguous NCHW on the CPU, where a channels_last batch sends a 1x1 stride-2 conv's
     backward into a oneDNN kernel that corrupts the heap (torch 2.14.1)."""
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x.contiguous()
+
 
 def channels_last_module(net, device):
     """Weights in channels_last once on CUDA (else cuDNN converts them on every call); unchanged on the CPU."""

@@ -30,6 +30,7 @@ from tqdm import tqdm
 import models
 import utils
 
+
 def parse_args(argv):
     p = utils.script_parser(__doc__)
     p.add_argument("dataset", type=str.upper, choices=utils.DATASETS)
@@ -48,12 +49,16 @@ def parse_args(argv):
 # ============================================================================================
 # SPEC 1: the two asymmetric views, batched on the device (one random draw per sample, from a generator)
 # ============================================================================================
+
+
 def _uniform(n, lo, hi, gen, device):
     return torch.rand(n, generator=gen, device=device) * (hi - lo) + lo
+
 
 def _gray(x):
     """ITU-R 601 luma, as torchvision's rgb_to_grayscale. (B, 3, H, W) -> (B, 1, H, W)."""
     return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
 
 def random_resized_crop(x, size, scale, gen, ratio=(3 / 4, 4 / 3)):
     """Per-sample RandomResizedCrop via one affine matrix per image and grid_sample."""
@@ -69,6 +74,7 @@ def random_resized_crop(x, size, scale, gen, ratio=(3 / 4, 4 / 3)):
     grid = F.affine_grid(theta, (B, x.shape[1], size, size), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
+
 def rgb_to_hsv(x):
     r, g, b = x.unbind(1)
     maxc, minc = x.amax(1), x.amin(1)
@@ -79,10 +85,12 @@ def rgb_to_hsv(x):
     h = torch.where(delta > 0, (h / 6) % 1, torch.zeros_like(h))
     return h, s, maxc
 
+
 def hsv_to_rgb(h, s, v):
     """The offsets 5, 3, 1 (R, G, B) are Python numbers: no host-to-device copy of a constant per call."""
     k = torch.stack([(n + h * 6) % 6 for n in (5.0, 3.0, 1.0)], 1)
     return v.unsqueeze(1) - v.unsqueeze(1) * s.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
+
 
 def color_jitter(x, brightness, contrast, saturation, hue, p, gen):
     """torchvision ColorJitter with per-sample factors, applied (in this fixed order) with prob. p."""
@@ -97,13 +105,16 @@ def color_jitter(x, brightness, contrast, saturation, hue, p, gen):
     y = hsv_to_rgb((h + _uniform(B, -hue, hue, gen, dev).view(B, 1, 1)) % 1, s, v)
     return torch.where(utils.coin(B, p, gen, dev).view(B, 1, 1, 1), y, x)
 
+
 def random_grayscale(x, p, gen):
     mask = utils.coin(x.shape[0], p, gen, x.device).view(-1, 1, 1, 1)
     return torch.where(mask, _gray(x).expand_as(x), x)
 
+
 def random_solarize(x, p, gen, threshold=0.5):
     mask = utils.coin(x.shape[0], p, gen, x.device).view(-1, 1, 1, 1)
     return torch.where(mask & (x >= threshold), 1 - x, x)
+
 
 def barlow_views(x, mean, std, aug, gen):
     """Two asymmetric Barlow Twins views (SPEC 1) of a uint8 batch, normalised float32."""
@@ -117,6 +128,7 @@ def barlow_views(x, mean, std, aug, gen):
         v = random_solarize(v, solarize_p, gen)
         views.append(utils.normalize(v, mean, std))
     return views
+
 
 @torch.no_grad()
 def knn_accuracy(train_f, train_y, test_f, test_y, num_classes, k, temperature, chunk=1024):
@@ -135,6 +147,8 @@ def knn_accuracy(train_f, train_y, test_f, test_y, num_classes, k, temperature, 
 # ============================================================================================
 # SPEC 1: the network, LARS, the warm-up + cosine schedule, one step, one epoch
 # ============================================================================================
+
+
 def lr_at(step, steps_per_epoch, pc):
     """Linear warm-up for `warmup_epochs`, then cosine to 0; lr scaled by batch / 256 (per step)."""
     peak = pc["lr"] * pc["batch_size"] / 256
@@ -142,6 +156,7 @@ def lr_at(step, steps_per_epoch, pc):
     if step < warm:
         return peak * (step + 1) / warm
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
 
 def build(pc, width, device, ranks=models.Ranks()):
     """The Barlow Twins network (ResNet-18 + projector) on `device` and its LARS (rates set per step by lr_at).
@@ -153,6 +168,7 @@ def build(pc, width, device, ranks=models.Ranks()):
     opt = models.LARS(models.lars_param_groups(net.backbone, net.projector), lr=0.0, momentum=pc["momentum"],
                       weight_decay=pc["weight_decay"], eta=pc["lars_eta"])
     return net, opt
+
 
 def barlow_step(net, opt, x, data, pc, gen, device):
     """One Barlow Twins step on the uint8 batch x (two fresh views each): the detached loss, no host sync.
@@ -166,6 +182,7 @@ def barlow_step(net, opt, x, data, pc, gen, device):
     loss.backward()
     opt.step()
     return loss.detach()
+
 
 def train_one_epoch(net, opt, data, pc, epoch, gen, device, ranks=models.Ranks()):
     """One pass in random batches (last partial dropped; under torchrun this rank's shard, batch_size / world each):
@@ -185,6 +202,8 @@ def train_one_epoch(net, opt, data, pc, epoch, gen, device, ranks=models.Ranks()
 # ============================================================================================
 # main: arguments -> config -> checks -> run folder -> network -> resume -> epochs -> teacher file and probe
 # ============================================================================================
+
+
 def configure(argv):
     """(args, config path, config) with every value checked; ranks and device; the run folder it writes."""
     args, overrides = parse_args(argv)
@@ -201,6 +220,7 @@ def configure(argv):
     run = utils.RunFolder(folder, "pretrain.py", outputs=(teacher_file, folder / "checkpoint.pth"),
                           checkpoint=folder / "checkpoint.pth", also=(teacher_file,))
     return args, cfg_path, cfg, ranks, device, teacher_file, run
+
 
 def load_checked(args, cfg_path, cfg, run, ranks):
     """Everything that can refuse the run, before its folder is claimed: folder, data, batch size, the probe's labels
@@ -224,6 +244,7 @@ def load_checked(args, cfg_path, cfg, run, ranks):
                                    f"as many (torchrun --nproc_per_node={len(ckpt['rng'])}; plain python for 1)")
     return data, inputs, ckpt
 
+
 def place_data(data, ranks, device):
     """(this rank's share of the train split on the device, the whole split on rank 0 for kNN and probe)."""
     ranks.say(f"{data.name}: {len(data.train_x)} train / {len(data.test_x)} test images at {data.train_x.shape[-1]} px"
@@ -233,6 +254,7 @@ def place_data(data, ranks, device):
     local.to(device)
     return local, (data.to(device) if ranks.main else None)
 
+
 def restore(ckpt, net, opt, gen, ranks, path):
     """The checkpoint's weights, optimizer and this rank's generator: (first epoch, last kNN, run id)."""
     net.backbone.load_state_dict(ckpt["backbone"], strict=True)
@@ -241,6 +263,7 @@ def restore(ckpt, net, opt, gen, ranks, path):
     utils.set_rng_state(ckpt["rng"][ranks.rank], gen, path)
     ranks.say(f"resumed run {ckpt['run_id']} from {path} at epoch {ckpt['epoch']}")
     return ckpt["epoch"], ckpt["knn_top1"], ckpt["run_id"]
+
 
 @dataclass
 class Job:
@@ -256,6 +279,7 @@ class Job:
     inputs: dict
     log: object
     argv: list
+
 
 def fit(net, fwd, opt, gen, job, start, knn):
     """The epochs from `start`: a non-finite epoch stops before anything of it is saved; kNN every knn_every
@@ -288,6 +312,7 @@ def fit(net, fwd, opt, gen, job, start, knn):
             job.log(**row)
             ranks.say(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
     return knn, feats
+
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)  # the command line, for the recovery hint
@@ -335,6 +360,7 @@ def main(argv=None):
     print(f"teacher written to {teacher_file}; linear probe top-1 {probe:.2f}%"
           + (f" (kNN {knn:.2f}%)" if knn is not None else ""))
     return metrics
+
 
 if __name__ == "__main__":
     utils.cli(main, "pretrain.py")

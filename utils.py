@@ -44,37 +44,49 @@ import models
 # ============================================================================================
 # Errors: a user's mistake is one line (cli), a bug keeps its traceback
 # ============================================================================================
+
+
 class UserError(Exception):
     """A mistake in what the user gave, or a run stopped on purpose: cli prints one line, no traceback."""
     exit_code = 2
 
+
 class ConfigError(UserError, ValueError):
     """A config file or override that does not match SCHEMA."""
+
 
 class DatasetError(UserError, FileNotFoundError):
     """A dataset folder that is missing or not in the expected layout."""
 
+
 class InputError(UserError, ValueError):
     """A file read back that is not what it should be (teacher, set, checkpoint, results), or a refused --resume."""
+
 
 class MissingInput(UserError, FileNotFoundError):
     """A file an earlier script writes is not there yet (teacher, distilled set, checkpoint)."""
 
+
 class RunFolderError(UserError, FileExistsError):
     """A run folder that another run holds, or outputs that would be mixed or lost."""
+
 
 class RunStopped(UserError):
     """A run stopped on a non-finite value: nothing of it was saved; the message says how to go on."""
     exit_code = 1
 
+
 RUN = {}  # what a stop's line names: "at" (where the loop is), "folders" (RunFolders claimed); gloo: "side", "timeout"
+
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised as Python raises KeyboardInterrupt on SIGINT: the same unwinding."""
     signum = signal.SIGTERM
 
+
 def _terminate(signum, frame):
     raise Terminated()
+
 
 def cli(main, script):
     """Run main(): a user's mistake, a signal or a stalled collective is one line on stderr; a bug keeps its trace."""
@@ -93,8 +105,10 @@ def cli(main, script):
         print(("" if rank0 else "\n") + f"{script}: error: {error}", file=sys.stderr)  # (rank 0's line may be cut)
     sys.exit(code)
 
+
 def _at():
     return f" at {RUN['at']}" if RUN.get("at") else ""
+
 
 def _kept(script):
     """What a stopped run kept, and the command that goes on from it (the one it was started with)."""
@@ -104,6 +118,7 @@ def _kept(script):
         return f"{kept[-1]} is kept (nothing after it was saved): continue with " \
             f"`{command(script, argv + ['--resume'])}`"
     return f"no checkpoint was written, the run folder is free: run it again with `{command(script, argv)}`"
+
 
 def _stalled(e, script, speaks):
     """(line, whether this rank prints it) after a gloo collective timed out: each live rank sends rank 0 a word over
@@ -132,11 +147,13 @@ def _stalled(e, script, speaks):
     return f"{what} within distributed_timeout_s = {timeout.total_seconds():g} s{_at()} (stalled, stopped or gone; " \
         f"raise the key if a rank was only slow); {_kept(script)}", speaks
 
+
 # ============================================================================================
 # Config: one schema, YAML is the only source of hyperparameters (SPEC: every default in YAML)
 # ============================================================================================
 DATASETS = ("CIFAR10", "CIFAR100", "STANFORD_DOGS", "TINY_IMAGENET", "IMAGENET64", "DIGITS")
 PRECISIONS = ("float32", "tf32", "bfloat16")  # numerics of a frozen-network pass on CUDA (models.precision)
+
 
 def _range(lo=None, hi=None, lo_open=False, hi_open=False):
     """(predicate, text) for a numeric interval; None is unbounded."""
@@ -146,9 +163,11 @@ def _range(lo=None, hi=None, lo_open=False, hi_open=False):
                                     (hi is not None and f"{'<' if hi_open else '<='} {hi}")) if t)
     return ok, text
 
+
 ANY, POSITIVE, NONNEG, PROB = None, _range(1), _range(0), _range(0, 1)
 MOMENTUM, POS_REAL = _range(0, 1, hi_open=True), _range(0, lo_open=True)
 ROTATION = (lambda v: v in (90, 180, 270), "one of 90, 180, 270")
+
 
 @dataclass(frozen=True)
 class Key:
@@ -157,6 +176,7 @@ class Key:
     range: tuple
     meaning: str
     length: tuple = None
+
 
 SCHEMA = {
     "dataset": Key(DATASETS, ANY, "the source dataset (SPEC 7)"),
@@ -278,12 +298,14 @@ SCHEMA = {
     },
 }
 
+
 def leaves(schema=SCHEMA, prefix=""):
     """{dotted key: Key} of every key of the schema."""
     out = {}
     for k, v in schema.items():
         out.update(leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
+
 
 def _check_value(value, key, where):
     """`value` as key.type and inside key.range, or a ConfigError naming where (its caller adds what key means)."""
@@ -303,6 +325,7 @@ def _check_value(value, key, where):
         if not all(ok(v) for v in (value if isinstance(value, list) else [value])):
             raise ConfigError(f"{where} = {value!r}: expected {'each value ' if isinstance(value, list) else ''}{text}")
     return value
+
 
 def _check_type(value, spec, where):
     if isinstance(spec, tuple):
@@ -325,6 +348,7 @@ def _check_type(value, spec, where):
         raise ConfigError(f"{where}: expected {spec.__name__}, got {value!r}")
     return value
 
+
 def _check_section(cfg, schema, source, prefix=""):
     if not isinstance(cfg, dict):
         raise ConfigError(f"{source}: {prefix.rstrip('.') or 'top level'}: expected a mapping, got {cfg!r}")
@@ -343,6 +367,7 @@ def _check_section(cfg, schema, source, prefix=""):
             except ConfigError as e:
                 raise ConfigError(f"{e} ({spec.meaning})") from None
     return out
+
 
 def _check_consistent(cfg, source):
     """Rules between keys, after each key passed its own."""
@@ -365,6 +390,7 @@ def _check_consistent(cfg, source):
         raise ConfigError(f"{source}: distillation.snapshot_steps {late}: after the last of distillation.steps = "
                           f"{cfg['distillation']['steps']}, never written; lower them or raise the steps")
 
+
 def check_sizes(cfg, n_train, m=None):
     """Counts drawn from the loaded train split without replacement: a larger one would silently shrink the set."""
     checks = {"storage.budget_N": cfg["storage"]["budget_N"], "storage.m": m if m is not None else cfg["storage"]["m"],
@@ -374,8 +400,10 @@ def check_sizes(cfg, n_train, m=None):
             raise ConfigError(f"{dotted} = {value} exceeds the {n_train} images of the {cfg['dataset']} train split "
                               f"(data.train_subset = {cfg['data']['train_subset']}); lower it")
 
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """PyYAML keeps the last of two equal keys silently: this loader refuses them."""
+
 
 def _unique_mapping(loader, node, deep=False):
     seen = set()
@@ -387,7 +415,9 @@ def _unique_mapping(loader, node, deep=False):
         seen.add(key)
     return loader.construct_mapping(node, deep)
 
+
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
 
 def parse_args(parser, argv):
     """(args, overrides): the parser's flags, every other --key=value a config override; --allow-changed checked."""
@@ -399,6 +429,7 @@ def parse_args(parser, argv):
     if unknown:
         raise ConfigError(f"--allow-changed: unknown config keys {unknown} (keys look like section.key)")
     return args, parse_overrides(rest)
+
 
 def parse_overrides(items):
     """['--distillation.steps=200', '--seed=1'] -> {'distillation.steps': 200, 'seed': 1} (values parsed as YAML)."""
@@ -412,6 +443,7 @@ def parse_overrides(items):
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: the value is not YAML ({str(e).splitlines()[0]})") from None
     return out
+
 
 def load_config(path, overrides=None):
     """Read configs/<name>.yaml, apply dotted overrides, check everything against SCHEMA."""
@@ -446,10 +478,12 @@ def load_config(path, overrides=None):
     _check_consistent(cfg, str(path))
     return cfg
 
+
 def script_parser(doc):
     """No prefix matching: an unknown --key=value is a config override (else --seed=1 would read as --seeds=1)."""
     return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
                                    allow_abbrev=False)
+
 
 def add_common_args(parser, allow_changed=True):
     """--device/--resume/--overwrite, and --allow-changed for the scripts whose checkpoints continue a run."""
@@ -463,16 +497,20 @@ def add_common_args(parser, allow_changed=True):
                                  "(not those that change the checkpoint's tensors)")
     return parser
 
+
 def print_config(cfg, derived=None):
     print(json.dumps({"config": cfg, "derived": derived or {}}, indent=1, default=str))
 
 # ============================================================================================
 # Seeding, device, processes (torchrun; nothing joins a process group unless WORLD_SIZE > 1)
 # ============================================================================================
+
+
 def set_seed(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
 
 def get_device(name=None):
     """--device: cpu, or cuda / cuda:N of a GPU torch sees (default: cuda if present); anything else is refused."""
@@ -487,6 +525,7 @@ def get_device(name=None):
         raise UserError(f"--device {name}: expected cpu" + (f", cuda or cuda:0..{gpus - 1}" if gpus else
                                                             " (torch sees no CUDA device here)"))
     return device
+
 
 def init_ranks(device_name=None, timeout_s=None):
     """(models.Ranks, device). Under torchrun each process joins the default group (nccl on CUDA, one GPU each; gloo on
@@ -511,6 +550,8 @@ def init_ranks(device_name=None, timeout_s=None):
 # ============================================================================================
 # Data: uint8 (N, 3, H, W) tensors + int64 labels; normalised on the device
 # ============================================================================================
+
+
 @dataclass
 class ImageData:
     name: str
@@ -529,6 +570,7 @@ class ImageData:
             setattr(self, k, getattr(self, k).to(device))
         return self
 
+
 CIFAR10_LAYOUT = ("data/cifar-10-python/{data_batch_1..5, test_batch, batches.meta} (the official python pickles of "
                   "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz; its folder name cifar-10-batches-py "
                   "works too)")
@@ -545,6 +587,7 @@ IMAGENET64_TRAIN = [f"train_data_batch_{i}" for i in range(1, 11)]
 DOGS_TRAIN_PER_BREED = 100  # the official split's count, used when no .mat lists are present
 DIGITS_TEST_FRACTION = 0.25  # fixed stratified split of scikit-learn's 1,797 digits
 
+
 def channel_stats(x, chunk=8192):
     """Per-channel mean and std in [0, 1] of a uint8 (N, 3, H, W) tensor, in float64."""
     s, s2 = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
@@ -555,6 +598,7 @@ def channel_stats(x, chunk=8192):
     n = x.shape[0] * x.shape[2] * x.shape[3]
     mean = s / n
     return mean.float(), (s2 / n - mean**2).sqrt().float()
+
 
 def _plane_arrays(path, label_key, layout, num_classes, side=32, kind="a CIFAR", first_label=0):
     """A CIFAR-format pickle (also Imagenet64x64's, 1-based labels): 'data' uint8 (n, 3 side^2) in R, G, B planes."""
@@ -583,6 +627,7 @@ def _plane_arrays(path, label_key, layout, num_classes, side=32, kind="a CIFAR",
     x = torch.from_numpy(data.reshape(-1, 3, side, side).copy())
     return x, check_labels(labels, len(x), num_classes, f"{path}: '{label_key}'")
 
+
 def load_imagenet64(root):
     """Downsampled ImageNet at 64 px: ten train pickles and the val pickle (the test split); every file checked."""
     folder = Path(root) / "imagenet64"
@@ -596,6 +641,7 @@ def load_imagenet64(root):
     test_x, test_y = read("val_data")
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), test_x, test_y, 1000
 
+
 def check_labels(labels, n, num_classes, where):
     """n integer labels in [0, num_classes) as int64, or a DatasetError naming `where`."""
     y = np.asarray(labels)
@@ -606,11 +652,13 @@ def check_labels(labels, n, num_classes, where):
         raise DatasetError(f"{where}: labels range over [{y.min()}, {y.max()}]; expected [0, {num_classes - 1}]")
     return torch.from_numpy(y.astype(np.int64))
 
+
 def check_split(x, y, num_classes, where):
     """What every loader returns: uint8 (n > 0, 3, H, H) images and n integer labels in [0, num_classes)."""
     if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3 or x.shape[2] != x.shape[3] or len(x) == 0:
         raise DatasetError(f"{where}: images {x.dtype} {tuple(x.shape)}; expected uint8 (n > 0, 3, H, H)")
     check_labels(y.numpy(), len(x), num_classes, where)
+
 
 def download(what, dataset, root, folder, layout):
     """torchvision fetches `dataset` into `root` and checks its md5 sums; a failure is one line naming `folder`."""
@@ -621,6 +669,7 @@ def download(what, dataset, root, folder, layout):
         raise DatasetError(f"{what} not found at {folder} and the download failed ({type(e).__name__}: "
                            f"{first_line(e)}); put the files there by hand: {layout}") from None
 
+
 def load_cifar10(root):
     folder = Path(root) / "cifar-10-python"
     if not folder.is_dir():  # else the official archive's folder name, into which torchvision downloads it
@@ -630,6 +679,7 @@ def load_cifar10(root):
     parts = [_plane_arrays(folder / f"data_batch_{i}", "labels", CIFAR10_LAYOUT, 10) for i in range(1, 6)]
     test_x, test_y = _plane_arrays(folder / "test_batch", "labels", CIFAR10_LAYOUT, 10)
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), test_x, test_y, 10
+
 
 def load_cifar100(root):
     folder = Path(root) / "data" / "cifar-100-python"
@@ -645,6 +695,7 @@ def load_cifar100(root):
     test_x, test_y = _plane_arrays(folder / "test", "fine_labels", CIFAR100_LAYOUT, 100)
     return train_x, train_y, test_x, test_y, 100
 
+
 def _read_mat_list(path):
     """Official Stanford Dogs lists: file_list is an (N, 1) cell of 'wnid-Breed/name.jpg'."""
     from scipy.io import loadmat
@@ -654,7 +705,9 @@ def _read_mat_list(path):
         raise DatasetError(f"could not read 'file_list' from {path} ({e!r}); expected the official list") from e
     return [str(np.asarray(c).ravel()[0]) for c in cells]
 
+
 RGB_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB")  # read at contrast
+
 
 def _decode_image(path, size):
     """uint8 (3, size, size): 8-bit RGB at the file's contrast (16-bit greyscale scaled by 255 / 65535, which convert
@@ -674,6 +727,7 @@ def _decode_image(path, size):
         left, top = (nw - size) // 2, (nh - size) // 2
         im = im.crop((left, top, left + size, top + size))
         return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
+
 
 def stanford_dogs_split(folder):
     """(breeds, train_files, test_files, split_name): files relative to images/Images, official split if present."""
@@ -696,6 +750,7 @@ def stanford_dogs_split(folder):
         test += files[DOGS_TRAIN_PER_BREED:]
     return breeds, train, test, f"first{DOGS_TRAIN_PER_BREED}"
 
+
 def files_key(images, breeds, files, split):
     """What a decoded image cache was built from: split, classes, and every file's name, size and mtime."""
     h = hashlib.sha256(f"{split}|{'|'.join(breeds)}".encode())
@@ -704,12 +759,14 @@ def files_key(images, breeds, files, split):
         h.update(f"|{f}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
 
+
 def decode_image_or_fail(path, size, hint):
     """_decode_image whose failure names the file (a truncated JPEG, a non-image with a .jpg name)."""
     try:
         return _decode_image(path, size)
     except Exception as e:
         raise DatasetError(f"cannot decode {path} ({type(e).__name__}: {e}){hint}") from e
+
 
 def load_stanford_dogs(root, resolution, cache_dir=""):
     folder = Path(root) / "stanford-dogs"
@@ -729,6 +786,7 @@ def load_stanford_dogs(root, resolution, cache_dir=""):
                             (test_files, label(test_files)), resolution,
                             "; `python test_stanford_dogs.py` lists every unreadable file"), len(breeds), split)
 
+
 def decoded_splits(cache, what, folder, train, test, resolution, hint):
     """(train_x, train_y, test_x, test_y) from `cache`, else decoded in threads (PIL frees the GIL) and cached."""
     from concurrent.futures import ThreadPoolExecutor
@@ -745,6 +803,7 @@ def decoded_splits(cache, what, folder, train, test, resolution, hint):
             parts += [torch.stack(x), torch.tensor(labels, dtype=torch.int64)]
     save_cache(dict(zip(keys, parts)), cache, f"the decoded {what} images")
     return tuple(parts)
+
 
 def tiny_imagenet_files(folder):
     """(wnids, train files, labels, val files, labels); val is the test split (the test images have no labels)."""
@@ -779,12 +838,14 @@ def tiny_imagenet_files(folder):
                            + (f", e.g. {missing[0]}" if missing else f"; {ann} lists no images"))
     return wnids, train, train_y, val, val_y
 
+
 def load_tiny_imagenet(root, resolution, cache_dir=""):
     folder = Path(root) / "tiny-imagenet-200"
     wnids, train, train_y, val, val_y = tiny_imagenet_files(folder)
     cache = Path(cache_dir or folder) / f"cache_{resolution}px_{files_key(folder, wnids, train + val, 'val')}.pt"
     return (*decoded_splits(cache, "Tiny ImageNet", folder, (train, train_y), (val, val_y), resolution, ""),
             len(wnids))
+
 
 def load_digits(resolution):
     """scikit-learn's bundled 8x8 digits, upsampled (bilinear) to resolution x resolution RGB."""
@@ -797,6 +858,7 @@ def load_digits(resolution):
     y = torch.from_numpy(d.target).long()
     tr, te = train_test_split(np.arange(len(y)), test_size=DIGITS_TEST_FRACTION, stratify=d.target, random_state=0)
     return x[tr], y[tr], x[te], y[te], 10
+
 
 def load_dataset(name, root, resolution, train_subset=0, cache_dir=""):
     """uint8 train/test tensors, labels and the train split's normalisation (SPEC 7). `train_subset` > 0 keeps a fixed
@@ -824,6 +886,7 @@ def load_dataset(name, root, resolution, train_subset=0, cache_dir=""):
     return ImageData(name, train_x, train_y, test_x, test_y, mean, std, num_classes,
                      tensor_hash(train_x, train_y), split[0] if split else "")
 
+
 def tensor_hash(*tensors):
     """sha256 (16 hex digits) of CPU tensors' bytes, read in place (no copy of IMAGENET64's 15.7 GB)."""
     h = hashlib.sha256()
@@ -832,16 +895,19 @@ def tensor_hash(*tensors):
         h.update(t.contiguous().numpy())
     return h.hexdigest()[:16]
 
+
 def load_data(cfg):
     """The config's source dataset: load_dataset with its data: keys."""
     d = cfg["data"]
     return load_dataset(cfg["dataset"], d["root"], d["resolution"], d["train_subset"], d["cache_dir"])
+
 
 def resize_uint8(x, size, chunk=8192):
     """uint8 (N, 3, H, W) -> uint8 (N, 3, size, size), bilinear with antialiasing (a downsample keeps detail)."""
     return torch.cat([F.interpolate(p.float(), size=(size, size), mode="bilinear", antialias=True,
                                     align_corners=False).round().clamp(0, 255).to(torch.uint8)
                       for p in x.split(chunk)])
+
 
 def normalize(x, mean, std):
     """uint8 (or [0, 1] float) images -> float32 normalised with the dataset's mean/std."""
@@ -852,12 +918,16 @@ def normalize(x, mean, std):
 # ============================================================================================
 # Augmentation: batched on the device, one random draw per sample, from a torch.Generator (pretrain.py: SPEC 1's)
 # ============================================================================================
+
+
 def coin(n, p, gen, device):
     return torch.rand(n, generator=gen, device=device) < p
+
 
 def random_flip(x, p, gen):
     mask = coin(x.shape[0], p, gen, x.device).view(-1, 1, 1, 1)
     return torch.where(mask, x.flip(3), x)
+
 
 def rotate(x, angle):
     """The exact predefined augmentation a_k: torch.rot90 on the spatial dims."""
@@ -865,15 +935,18 @@ def rotate(x, angle):
         raise ValueError(f"rotations must be multiples of 90 degrees, got {angle}")
     return torch.rot90(x, (angle // 90) % 4, dims=(-2, -1))
 
+
 # ============================================================================================
 # Storage (SPEC 3): the budget; the default folder names
 # ============================================================================================
 INIT_ONLY = "init_only"  # sub-folder: the same set at step 0, approximation nets fitted to it
 
+
 def distilled_folder(cfg, name, method=None):
     """main_distill.py's default output: distilled_assets/<config name>_N<budget>[_krr_st] (`method`: the config's)."""
     suffix = "_krr_st" if (method or cfg["distillation"]["method"]) == "krr_st" else ""
     return Path("distilled_assets") / f"{name}_N{cfg['storage']['budget_N']}{suffix}"
+
 
 def storage_budget(cfg):
     """SPEC 3, computed here alone: N images cost N (3 H W + d_y) floats; a real image with K targets 3 H W + K d_y."""
@@ -884,15 +957,19 @@ def storage_budget(cfg):
 # ============================================================================================
 # Distilled set files (SPEC 2): decoding, the writer and the reader
 # ============================================================================================
+
+
 def decode_images(C_x, B_x, mu_x, size):
     """x_i = bilinear_upsample(reshape(mu_x + c_i^x B_x)) -> (m, 3, size, size)."""
     r_b = int(round((mu_x.numel() / 3) ** 0.5))
     low = (mu_x + C_x @ B_x).view(-1, 3, r_b, r_b)
     return F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
 
+
 def decode_targets(C_y, B_y, mu_y):
     """y_i = mu_y + c_i^y B_y -> (m, d_y)."""
     return mu_y + C_y @ B_y
+
 
 def save_distilled(folder, asset, controls, nets):
     """distilled_data.pth, controls.pth and approx_net_rot_<angle>.pth, each with the run id (load_distilled checks)."""
@@ -904,6 +981,7 @@ def save_distilled(folder, asset, controls, nets):
                      "run_id": asset["run_id"]}, folder / f"approx_net_rot_{angle}.pth")
     atomic_save(controls, folder / CONTROLS_FILE)
     atomic_save(asset, folder / "distilled_data.pth")
+
 
 def load_distilled(folder, device, exact=False):
     """A distilled_assets folder -> (views (K*m, 3, H, W) view-major, targets (K*m, d_y), the stored dict); rotated
@@ -930,9 +1008,11 @@ def load_distilled(folder, device, exact=False):
         targets.append(decode_targets(C_yk, d["B_y"], d["mu_y"]))
     return torch.cat(views), torch.cat(targets), d
 
+
 CONTROLS_FILE = "controls.pth"  # init indices and learned C_y^k, outside distilled_data.pth and its budget
 DISTILLED_KEYS = ["method", "dataset", "rotations", "resolution", "m", "storage", "config", "run_id", "teacher_hash",
                   "train_hash", "target_scale", "store_augmented_targets", "steps"]
+
 
 def _run_file(path, what, keys, device, run_id, missing):
     """A file of a distilled_assets folder, from the run (`run_id`; None: unchecked) that wrote distilled_data.pth."""
@@ -944,11 +1024,13 @@ def _run_file(path, what, keys, device, run_id, missing):
                          f"the folder mixes two runs; rerun main_distill.py into an empty folder (or --overwrite)")
     return d
 
+
 def read_controls(folder, device="cpu", run_id=None):
     """controls.pth of a distilled_assets folder: init indices and learned C_y^k (not part of the set)."""
     path = Path(folder) / CONTROLS_FILE
     return _run_file(path, "the controls written by main_distill.py", ["init_indices", "run_id"], device, run_id,
                      f"no {path}: the real_init and distilled_exact rows need it; rerun main_distill.py")
+
 
 def load_approx_net(path, device, run_id):
     s = _run_file(path, "an approximation net written by main_distill.py", ["state_dict", "V", "hidden", "run_id"],
@@ -960,12 +1042,16 @@ def load_approx_net(path, device, run_id):
 # ============================================================================================
 # Teacher and features: each frozen network runs once per input
 # ============================================================================================
+
+
 def config_name(config_path):
     """The file stem (cifar10_cpu): default outputs carry it, so two configs of one dataset never share them."""
     return Path(config_path).stem
 
+
 def teacher_path(name, folder="teacher_models"):
     return Path(folder) / f"resnet18_barlow_twins_{name}.pth"
+
 
 def file_hash(path):
     h = hashlib.sha256()
@@ -973,6 +1059,7 @@ def file_hash(path):
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
 
 def save_teacher(path, backbone, cfg, data, run_id):
     """The teacher file load_teacher reads: the backbone's weights and what it was trained on."""
@@ -983,7 +1070,9 @@ def save_teacher(path, backbone, cfg, data, run_id):
             "run_id": run_id}
     atomic_save({"backbone": {k: v.cpu() for k, v in backbone.state_dict().items()}, "meta": meta}, path)
 
+
 TEACHER_META = ["dataset", "resolution", "width", "train_hash", "train_images", "split", "run_id"]
+
 
 def load_teacher(path, cfg, device, data=None):
     """The frozen teacher g from pretrain.py, checked against the config and the train split it was trained on."""
@@ -1012,6 +1101,7 @@ def load_teacher(path, cfg, device, data=None):
     load_weights(g, d["backbone"], path, f"a ResNet-18 (CIFAR stem) of width {width}")
     return models.channels_last_module(g.to(device), device).eval(), meta
 
+
 @torch.no_grad()
 def embed_all(net, x, mean, std, batch_size, angle=0, precision_name="bfloat16"):
     """(N, d) float32 eval-mode features of uint8 (or normalised float) images, in `precision_name`."""
@@ -1026,6 +1116,7 @@ def embed_all(net, x, mean, std, batch_size, angle=0, precision_name="bfloat16")
             f = net(models.to_channels_last(part, dev))
         out.append(f.float())
     return torch.cat(out)
+
 
 def teacher_targets(teacher, teacher_file, data, rotations, dcfg, fallback_dir, teacher_hash=None):
     """(T[i, k] = s g(a_k(x_i)) (N_train, K, d_y), s) (SPEC 4.1), cached beside the teacher (else in `fallback_dir`).
@@ -1053,6 +1144,8 @@ def teacher_targets(teacher, teacher_file, data, rotations, dcfg, fallback_dir, 
 # ============================================================================================
 # Probe (SPEC 6.2): the linear probe on frozen features, for pretrain.py's teacher and every evaluation row
 # ============================================================================================
+
+
 def batches(n, batch_size, iterations, gen):
     """`iterations` index batches of min(batch_size, n), a fresh randperm from `gen` each epoch (shuffle, drop_last)."""
     b = min(batch_size, n)
@@ -1062,6 +1155,7 @@ def batches(n, batch_size, iterations, gen):
             perm, pos = torch.randperm(n, generator=gen, device=gen.device), 0
         yield perm[pos:pos + b]
         pos += b
+
 
 class CosineSGD:
     """SGD (a section's lr, momentum, weight_decay), cosine to 0: students (SPEC 6.1), probe (6.2), fine-tuning."""
@@ -1078,6 +1172,7 @@ class CosineSGD:
         self.sched.step()
         return loss.detach()
 
+
 def train_linear_head(train_f, train_y, num_classes, probe, seed):
     """The linear probe's head (SPEC 6.2): Linear(d -> classes) on frozen features, cross-entropy, CosineSGD."""
     gen = models.make_generator(train_f.device, seed)
@@ -1088,16 +1183,19 @@ def train_linear_head(train_f, train_y, num_classes, probe, seed):
         opt.step(F.cross_entropy(head(train_f[idx]), train_y[idx]))
     return head
 
+
 def linear_probe(train_f, train_y, test_f, test_y, num_classes, probe, seed):
     """Linear(d -> classes) on frozen features (train_linear_head); test top-1 (%)."""
     head = train_linear_head(train_f, train_y, num_classes, probe, seed)
     with torch.no_grad():
         return 100.0 * (head(test_f).argmax(1) == test_y).float().mean().item()
 
+
 def split_features(backbone, data, batch_size):
     """Frozen features of the train and test splits (normalised, un-augmented): what kNN and probe read."""
     return (embed_all(backbone, data.train_x, data.mean, data.std, batch_size),
             embed_all(backbone, data.test_x, data.mean, data.std, batch_size))
+
 
 def labelled_subset(labels, num_classes, per_class):
     """Indices of `per_class` train images per class (0 = all) whose labels the probe reads: a draw fixed by seed 0,
@@ -1114,6 +1212,7 @@ def labelled_subset(labels, num_classes, per_class):
         picks.append(members[torch.randperm(len(members), generator=gen)[:per_class]])
     return torch.cat(picks).sort().values.to(labels.device)
 
+
 def probe_backbone(backbone, data, probe, seed, batch_size, features=None):
     """SPEC 6.2: both splits' features once (or passed in), the probe on probe.labels_per_class labels per class."""
     train_f, test_f = features if features is not None else split_features(backbone, data, batch_size)
@@ -1123,6 +1222,8 @@ def probe_backbone(backbone, data, probe, seed, batch_size, features=None):
 # ============================================================================================
 # Checkpoints, run folders (lock and owner), resume checks, logging, the non-finite stop
 # ============================================================================================
+
+
 def read_pth(path, what, keys=(), map_location="cpu", weights_only=True, rebuild=""):
     """torch.load whose failure, or a file without `keys`, names the file, what it should be and how to `rebuild` it."""
     try:
@@ -1135,12 +1236,14 @@ def read_pth(path, what, keys=(), map_location="cpu", weights_only=True, rebuild
                          + (f"; {rebuild}" if rebuild else ""))
     return d
 
+
 def load_weights(net, state_dict, path, what):
     """load_state_dict(strict) whose failure names the file and the network it should hold."""
     try:
         net.load_state_dict(state_dict, strict=True)
     except (RuntimeError, TypeError, AttributeError) as e:
         raise InputError(f"{path} does not hold the weights of {what}: {first_line(e)}") from None
+
 
 def _write_atomically(path, write):
     """write(tmp) beside `path`, then os.replace: a crash never leaves half a file; a failure names the path."""
@@ -1158,14 +1261,18 @@ def _write_atomically(path, write):
         raise OSError(f"could not write {path} ({type(e).__name__}: {first_line(e)}); check free disk space and "
                       f"permissions there") from e
 
+
 def first_line(e):
     return (str(e).strip().splitlines() or [""])[0]
+
 
 def atomic_save(obj, path):
     _write_atomically(path, lambda tmp: torch.save(obj, tmp))
 
+
 def write_json(obj, path):
     _write_atomically(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1, default=str)))
+
 
 def save_cache(obj, path, what):
     """A cache that cannot be written is skipped with one warning (the run goes on); returns whether it was."""
@@ -1177,8 +1284,10 @@ def save_cache(obj, path, what):
               f"folder to keep it)", file=sys.stderr)
         return False
 
+
 LOCK_FILE = "run.lock"
 OWNER_FILE = "owner.json"  # which script and which run a run folder belongs to
+
 
 def _lock_owner_alive(info):
     """True unless the lock's process is known to be gone (same host, no such pid): a killed run's lock is stale."""
@@ -1197,6 +1306,7 @@ def _lock_owner_alive(info):
     except (OSError, IndexError):
         return True
 
+
 def _read_lock(folder):
     """The lock's record, None without a lock; an unreadable one is refused (_create_lock writes it in one step)."""
     path = Path(folder) / LOCK_FILE
@@ -1210,6 +1320,7 @@ def _read_lock(folder):
     except (OSError, ValueError) as e:
         raise RunFolderError(f"{path} cannot be read as a run lock ({type(e).__name__}: {first_line(e)}); if no run "
                              f"is using {folder}, delete {path}") from None
+
 
 def read_owner(folder):
     """The owner record of a run folder ({script, run_id, started}), None if it has none; a corrupt one is refused."""
@@ -1225,6 +1336,7 @@ def read_owner(folder):
                              f"owner is unknown: choose another --out, or --overwrite to move the folder "
                              f"aside") from None
     return owner
+
 
 @dataclass
 class RunFolder:
@@ -1322,6 +1434,7 @@ class RunFolder:
                 os.rename(aside / name, folder / name)
         print(f"--overwrite: the previous outputs were moved to {aside} (delete it when no longer needed)")
 
+
 def _create_lock(lock):
     """Written beside the lock, then hard-linked into place (fails if one appeared): no reader sees an empty lock."""
     info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -1334,6 +1447,7 @@ def _create_lock(lock):
     finally:
         tmp.unlink(missing_ok=True)
 
+
 def release_run_folder(lock):
     """Remove this process's lock (at the end of a run, and at exit after a crash)."""
     try:
@@ -1343,8 +1457,10 @@ def release_run_folder(lock):
     if info is not None and info.get("pid") == os.getpid() and info.get("host") == socket.gethostname():
         Path(lock).unlink(missing_ok=True)
 
+
 def new_run_id():
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+
 
 def config_changes(old, new, prefix=""):
     """Dotted keys whose values differ between two resolved configs."""
@@ -1357,11 +1473,13 @@ def config_changes(old, new, prefix=""):
             out.append(f"{prefix}{k}")
     return out
 
+
 # Keys that change a checkpoint's tensors (shapes, or which exist): it cannot continue under them (--allow-changed)
 STATE_KEYS = ("dataset", "data.resolution", "data.train_subset", "network.width", "pretrain.projector_dims",
               "parameterization.image_basis_size", "parameterization.U", "parameterization.V",
               "parameterization.learn_bases", "augmentations.rotate", "storage.budget_N", "storage.m",
               "storage.store_augmented_targets", "distillation.method", "model_pool.size_L", "model_pool.widths")
+
 
 def load_checkpoint(path, cfg, inputs, allow_changed=()):
     """A checkpoint for --resume: its config and inputs must match, but for `allow_changed` keys (never STATE_KEYS)."""
@@ -1388,6 +1506,7 @@ def load_checkpoint(path, cfg, inputs, allow_changed=()):
                          f"start a new run (--overwrite) or restore the original inputs")
     return ckpt
 
+
 def _get_or(cfg, dotted):
     try:
         for k in dotted.split("."):
@@ -1396,10 +1515,12 @@ def _get_or(cfg, dotted):
     except (KeyError, TypeError):
         return None
 
+
 def rng_state(gen):
     """The random states a checkpoint keeps, with the kind of device the run's generator lives on."""
     return {"torch": torch.get_rng_state(), "gen": gen.get_state(), "device": gen.device.type,
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
 
 def set_rng_state(state, gen, path="the checkpoint"):
     """Restore rng_state's states; a generator state of another device kind (another size) is refused by name."""
@@ -1412,6 +1533,7 @@ def set_rng_state(state, gen, path="the checkpoint"):
     if state["cuda"] is not None and torch.cuda.is_available():
         for i, s in enumerate(state["cuda"][:torch.cuda.device_count()]):
             torch.cuda.set_rng_state(s, i)
+
 
 class RunLog:
     """One JSON object per line in <run>/log.jsonl; on resume the rows past `resume_at` = (key, value) are dropped."""
@@ -1442,10 +1564,12 @@ class RunLog:
             f.write(json.dumps(row, default=float, allow_nan=False) + "\n")
         return row
 
+
 def all_finite(tensors):
     """One device-side reduction and one host sync for a whole list of tensors (parameters, losses)."""
     tensors = [t.detach() for t in tensors]
     return bool(torch.stack([t.isfinite().all() for t in tensors]).all()) if tensors else True
+
 
 def command(script, args):
     """The command that runs `script` with `args` as this process was started (python, or torchrun alike)."""
@@ -1457,6 +1581,7 @@ def command(script, args):
     else:
         launcher = f"torchrun --nnodes={world // local} --nproc_per_node={local} <your rendezvous flags>"
     return f"{launcher} " + shlex.join([script] + list(args))
+
 
 def non_finite_stop(what, script, argv, lr_key, lr, checkpoint=None, saved=None):
     """The scripts' one stop at a non-finite value: a RunStopped with the command that goes on, the run's own with
