@@ -48,8 +48,6 @@ def parse_args(argv):
 # ============================================================================================
 # SPEC 2: the distilled set, parameterized (ours) or free (KRR-ST)
 # ============================================================================================
-
-
 class PCADistilled(nn.Module):
     """x_i = up(mu_x + c_i^x B_x), y_i = mu_y + c_i^y B_y, y_i^k = mu_y + c_i^{y,k} B_y; views view-major."""
 
@@ -155,8 +153,6 @@ def downsample(x, r_b):
 # ============================================================================================
 # SPEC 3: storage accounting decides m
 # ============================================================================================
-
-
 def storage_accounting(cfg):
     """Every stored float, in a table; m is the largest count within budget unless the config fixes it."""
     N, S, d_y = cfg["storage"]["budget_N"], cfg["storage"], models.resnet18_dim(cfg["network"]["width"])
@@ -195,8 +191,6 @@ def storage_accounting(cfg):
 # ============================================================================================
 # SPEC 4: the model pool and one outer step
 # ============================================================================================
-
-
 class ModelPool:
     """L ConvNets, each with its own SGD state and age, re-initialised at age Z. `chunk`: views per inner-step pass
     (0 = all); under torchrun every rank holds the same pool, BatchNorm over all ranks' views, the step split."""
@@ -465,8 +459,6 @@ def rank_sum(loss, opt, ranks):
 # ============================================================================================
 # SPEC 5: approximation networks
 # ============================================================================================
-
-
 def fit_approx_nets(C_y, C_yk, ac, seed):
     """One MLP per rotation k, c^y -> c^{y,k} - c^y (SPEC 5), net k seeded seed + k: (nets, relative errors). The
     nets are stacked (torch.func.stack_module_state) and fitted by one Adam on the summed loss, each net's own fit
@@ -544,8 +536,6 @@ def save_grid(images, mean, std, path, max_images=100, min_side=64):
 # ============================================================================================
 # main: arguments -> config -> checks -> run folder -> teacher targets -> set, pool -> loop -> assets
 # ============================================================================================
-
-
 @dataclass
 class State:
     """What an outer step changes and a checkpoint keeps: the set, its optimizer and schedule, the pool, the

@@ -85,8 +85,6 @@ def parse_args(argv):
 # ============================================================================================
 # SPEC 6.1: one pre-training recipe for every (images, targets) set
 # ============================================================================================
-
-
 @dataclass(frozen=True)
 class Recipe:
     """SPEC 6.1's recipe in one table: the evaluation: section, width, the source's normalisation, the command line
@@ -242,8 +240,6 @@ def random_crop_flip(x, pad, gen):
 # ============================================================================================
 # SPEC 6.2 and the other measurements of a pre-trained backbone: teacher fit, fine-tuning, BatchNorm recalibration
 # ============================================================================================
-
-
 def teacher_fit(features, teacher_features, ridge):
     """Test R^2 (SST around the train mean) of a ridge readout, fit on train, from frozen features to the teacher's:
     how much of the teacher a student reproduces on unseen images. (train, test) pairs; ridge x mean eigenvalue."""
@@ -311,8 +307,6 @@ def finetune(backbone, data, ft, seed, batch_size):
 # ============================================================================================
 # SPEC 6.3: the rows. Each row is a source: what it pre-trains on (views, targets) and what it stores.
 # ============================================================================================
-
-
 @dataclass
 class Inputs:
     """What every row of one table reads: config, processes, folders, data, teacher, sets, targets T, budget."""
@@ -596,8 +590,6 @@ def resumed_cells(path, cfg, target_name, inputs):
 # ============================================================================================
 # main: check inputs -> load sets -> targets -> cells -> table
 # ============================================================================================
-
-
 def check_inputs(args, overrides, argv, sub):
     """The table's Inputs, everything that can refuse it checked before anything is written."""
     cfg = utils.load_config(args.config, overrides)

@@ -49,8 +49,6 @@ def parse_args(argv):
 # ============================================================================================
 # SPEC 1: the two asymmetric views, batched on the device (one random draw per sample, from a generator)
 # ============================================================================================
-
-
 def _uniform(n, lo, hi, gen, device):
     return torch.rand(n, generator=gen, device=device) * (hi - lo) + lo
 
@@ -147,8 +145,6 @@ def knn_accuracy(train_f, train_y, test_f, test_y, num_classes, k, temperature, 
 # ============================================================================================
 # SPEC 1: the network, LARS, the warm-up + cosine schedule, one step, one epoch
 # ============================================================================================
-
-
 def lr_at(step, steps_per_epoch, pc):
     """Linear warm-up for `warmup_epochs`, then cosine to 0; lr scaled by batch / 256 (per step)."""
     peak = pc["lr"] * pc["batch_size"] / 256
@@ -202,8 +198,6 @@ def train_one_epoch(net, opt, data, pc, epoch, gen, device, ranks=models.Ranks()
 # ============================================================================================
 # main: arguments -> config -> checks -> run folder -> network -> resume -> epochs -> teacher file and probe
 # ============================================================================================
-
-
 def configure(argv):
     """(args, config path, config) with every value checked; ranks and device; the run folder it writes."""
     args, overrides = parse_args(argv)

@@ -44,8 +44,6 @@ import models
 # ============================================================================================
 # Errors: a user's mistake is one line (cli), a bug keeps its traceback
 # ============================================================================================
-
-
 class UserError(Exception):
     """A mistake in what the user gave, or a run stopped on purpose: cli prints one line, no traceback."""
     exit_code = 2
@@ -504,8 +502,6 @@ def print_config(cfg, derived=None):
 # ============================================================================================
 # Seeding, device, processes (torchrun; nothing joins a process group unless WORLD_SIZE > 1)
 # ============================================================================================
-
-
 def set_seed(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -550,8 +546,6 @@ def init_ranks(device_name=None, timeout_s=None):
 # ============================================================================================
 # Data: uint8 (N, 3, H, W) tensors + int64 labels; normalised on the device
 # ============================================================================================
-
-
 @dataclass
 class ImageData:
     name: str
@@ -918,8 +912,6 @@ def normalize(x, mean, std):
 # ============================================================================================
 # Augmentation: batched on the device, one random draw per sample, from a torch.Generator (pretrain.py: SPEC 1's)
 # ============================================================================================
-
-
 def coin(n, p, gen, device):
     return torch.rand(n, generator=gen, device=device) < p
 
@@ -957,8 +949,6 @@ def storage_budget(cfg):
 # ============================================================================================
 # Distilled set files (SPEC 2): decoding, the writer and the reader
 # ============================================================================================
-
-
 def decode_images(C_x, B_x, mu_x, size):
     """x_i = bilinear_upsample(reshape(mu_x + c_i^x B_x)) -> (m, 3, size, size)."""
     r_b = int(round((mu_x.numel() / 3) ** 0.5))
@@ -1042,8 +1032,6 @@ def load_approx_net(path, device, run_id):
 # ============================================================================================
 # Teacher and features: each frozen network runs once per input
 # ============================================================================================
-
-
 def config_name(config_path):
     """The file stem (cifar10_cpu): default outputs carry it, so two configs of one dataset never share them."""
     return Path(config_path).stem
@@ -1144,8 +1132,6 @@ def teacher_targets(teacher, teacher_file, data, rotations, dcfg, fallback_dir, 
 # ============================================================================================
 # Probe (SPEC 6.2): the linear probe on frozen features, for pretrain.py's teacher and every evaluation row
 # ============================================================================================
-
-
 def batches(n, batch_size, iterations, gen):
     """`iterations` index batches of min(batch_size, n), a fresh randperm from `gen` each epoch (shuffle, drop_last)."""
     b = min(batch_size, n)
@@ -1222,8 +1208,6 @@ def probe_backbone(backbone, data, probe, seed, batch_size, features=None):
 # ============================================================================================
 # Checkpoints, run folders (lock and owner), resume checks, logging, the non-finite stop
 # ============================================================================================
-
-
 def read_pth(path, what, keys=(), map_location="cpu", weights_only=True, rebuild=""):
     """torch.load whose failure, or a file without `keys`, names the file, what it should be and how to `rebuild` it."""
     try:

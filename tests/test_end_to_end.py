@@ -1,8 +1,11 @@
 """All three scripts on DIGITS (8 px, short schedules), with their default output folders."""
 import json
 import shutil
+import subprocess
+import sys
 import time
 from contextlib import chdir
+from pathlib import Path
 
 import pytest
 import torch
@@ -277,3 +280,27 @@ def test_every_config_key_is_read_by_name(pipeline):
                             "--rows", "no_pretraining", "--finetune.iterations=5", "--out", "dead_keys"])
     unread = sorted(set(utils.leaves()) - PIPELINE_READ - READ)
     assert not unread, f"config keys the code never reads by name (hard-coded or dead): {unread}"
+
+
+PACK = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-part2.npz"
+
+
+@pytest.mark.skipif(not PACK.is_file(), reason="no CIFAR-10 pack at ../shared/data")
+def test_the_laptop_config_runs_on_real_cifar10_pixels(tmp_path):
+    """configs/cifar10_laptop.yaml (make cifar10-laptop) at reduced sizes on real CIFAR-10 (the pack's 20,000-image
+    subset, unpack_cifar10.py --subset): the real loader, 16 px, every script and every row of the table."""
+    data = tmp_path / "data"
+    subprocess.run([sys.executable, str(PACK.parent / "unpack_cifar10.py"), str(data / "cifar-10-python"), str(PACK),
+                    "--subset"], check=True, capture_output=True)
+    small = [f"--data.root={data}", "--data.train_subset=600", "--pretrain.epochs=1", "--pretrain.knn_every=1",
+             "--distillation.steps=4", "--approximation.steps=20", "--evaluation.epochs=2",
+             "--evaluation.full_epochs=1", "--probe.iterations=20"]
+    cfg = ["--config", str(Path(__file__).resolve().parents[1] / "configs" / "cifar10_laptop.yaml"),
+           "--device", "cpu"]
+    with chdir(tmp_path):
+        pretrain.main(["CIFAR10", *cfg, *small])
+        main_distill.main([*cfg, *small])
+        main_distill.main([*cfg, *small, "--distillation.method=krr_st"])
+        results = main_evaluate.main([*cfg, *small, "--seeds", "1"])
+    assert results["distilled"]["held"] == (42, 168) and results["random_subset"]["held"] == (10, 10)
+    assert set(results) == set(main_evaluate.ROWS) and all(0 <= r["accs"][0] <= 100 for r in results.values())
