@@ -12,12 +12,8 @@ digits:
 # Real images on a laptop: CIFAR-10 at 16 px, a 5,000-image train subset, ResNet-18 width 16, budget N = 10
 # (configs/cifar10_laptop.yaml), every row with 3 seeds, about 10 minutes on 2 cores after the download (CIFAR-10 is
 # downloaded into data/ by torchvision when absent; docs/results.md).
-LAPTOP_CFG = configs/cifar10_laptop.yaml
 cifar10-laptop:
-	$(PYTHON) pretrain.py CIFAR10 --config $(LAPTOP_CFG) --overwrite
-	$(PYTHON) main_distill.py --config $(LAPTOP_CFG) --overwrite
-	$(PYTHON) main_distill.py --config $(LAPTOP_CFG) --distillation.method=krr_st --overwrite
-	$(PYTHON) main_evaluate.py --config $(LAPTOP_CFG) --seeds 3 --overwrite
+	$(MAKE) cifar10-cpu CPU_CFG=configs/cifar10_laptop.yaml
 
 # Real images at CPU scale: CIFAR-10 at 16 px, 10,000 train images, ResNet-18 width 16 (configs/cifar10_cpu.yaml;
 # its distillation alone took 27 min on one shared thread, docs/results.md). Needs data/cifar-10-python/ (see

@@ -93,6 +93,8 @@ def cli(main, script):
     try:
         return main()
     except KeyboardInterrupt as e:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal while stopping: no traceback over the line
+            signal.signal(sig, signal.SIG_IGN)
         signum = getattr(e, "signum", signal.SIGINT)
         error, code = f"stopped by {signal.Signals(signum).name}{_at()}; {_kept(script)}", 128 + signum
     except UserError as e:

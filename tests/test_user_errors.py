@@ -172,6 +172,25 @@ def test_sigint_and_sigterm_stop_with_one_line_and_the_printed_resume_continues(
     assert len(main_evaluate.main(resumed(line, "main_evaluate.py"))["no_pretraining"]["accs"]) == 4
 
 
+def test_a_second_signal_while_stopping_does_not_break_the_line(monkeypatch, capsys):
+    """`pkill` of a make recipe sent SIGTERM twice: the second, arriving while the first stop's line was written,
+    ended in a Terminated traceback. Once stopping, further SIGINT / SIGTERM are ignored."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def again(script):
+        os.kill(os.getpid(), signal.SIGTERM)  # the second signal, while the line is made
+        return "no checkpoint was written"
+    monkeypatch.setattr(utils, "_kept", again)
+    try:
+        with pytest.raises(SystemExit) as e:
+            utils.cli(lambda: (_ for _ in ()).throw(KeyboardInterrupt()), "main_distill.py")
+    finally:
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
+    err = capsys.readouterr().err.splitlines()
+    assert e.value.code == 130 and err == ["main_distill.py: error: stopped by SIGINT; no checkpoint was written"]
+
+
 def test_a_value_no_step_of_the_run_would_read_is_refused(tmp_path):
     """Each of these was accepted and silently ignored: --allow-changed without --resume, or naming no config key;
     --krr-assets / --retrain-full / --assets when no row to run reads them; a snapshot step past the last step;
