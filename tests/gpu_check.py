@@ -216,7 +216,7 @@ def check_precision(cfg, data, T, device, inner_steps, seed=0):
         X_s, Y_s = d()
         keys = {**dc, "krr_features": name, "real_features": "same", "fold_bn": False, "compile_features": False,
                 **lever}
-        with mock.patch.object(utils, "precision", numerics):  # bfloat16 real on the CPU too
+        with mock.patch.object(models, "precision", numerics):  # bfloat16 real on the CPU too
             pred = main_distill.krr_forward(main_distill.feature_pass(keys, device)(g), X_s, Y_s, x_t.to(dtype), keys)
         loss = F.mse_loss(pred, y_t.to(dtype))  # models.mse would round float64 to float32
         with models.tf32(name == "tf32"):

@@ -213,10 +213,12 @@ class Session:
     def evaluate(self, cfg, teacher, sets, rows, seeds, out, assets=None):
         """main_evaluate on `rows` with `seeds` seeds into `out` (resumed: finished cells are kept): the table and
         each row's per-seed probe accuracies and teacher fits."""
-        krr = ["--krr-assets", str(sets["krr_st"])] if "krr_st" in rows else []  # a flag no row reads is refused
-        results = main_evaluate.main(["--config", cfg, "--teacher", str(teacher), "--assets",
-                                      str(assets or sets["distill"]), *krr, "--out", str(out), "--rows", ",".join(rows),
-                                      "--seeds", str(seeds), "--resume", "--device", self.device.type, *self.overrides])
+        flags = (["--assets", str(assets or sets["distill"])] if set(rows) & {"distilled", "init_only",
+                 "distilled_exact", "real_init"} else []) + (["--krr-assets", str(sets["krr_st"])] if "krr_st" in rows
+                                                             else [])  # a flag no row reads is refused
+        results = main_evaluate.main(["--config", cfg, "--teacher", str(teacher), *flags, "--out", str(out), "--rows",
+                                      ",".join(rows), "--seeds", str(seeds), "--resume", "--device", self.device.type,
+                                      *self.overrides])
         return {"table": (out / "results.md").read_text(), "seeds": seeds,
                 "rows": {r: {"accs": v["accs"], "fits": v["fits"]} for r, v in results.items()}}
 

@@ -197,9 +197,9 @@ def test_the_reference_sizing_and_the_budget_skip_what_would_not_fit_or_finish(t
     (tmp_path / "plans" / "digits.json").write_text(json.dumps(plan))
     t0 = time.time()
     code, report = ended(tmp_path, "--stages", "teacher_step,inner_step,outer_step,teacher_targets", "--budget-s",
-                         "12", config=config)
+                         "45", config=config)  # (a spawned child's start-up is seconds on a busy 2-core box)
     stages = json.loads(report.read_text())["stages"]
-    assert code == 2 and time.time() - t0 < 60
+    assert code == 2 and time.time() - t0 < 100
     assert stages["teacher_step"]["status"] == "ok"
     assert stages["inner_step"]["status"] == "out of memory" and stages["inner_step"]["skipped"]
     assert "the device has" in stages["inner_step"]["error"] and "support_chunk" in stages["inner_step"]["error"]

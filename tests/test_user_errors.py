@@ -155,11 +155,11 @@ def test_sigint_and_sigterm_stop_with_one_line_and_the_printed_resume_continues(
     import pretrain
     cfg, teacher = write_config(tmp_path, pretrain__save_every=1), write_teacher(tmp_path / "t.pth")
     code, line, _ = stop("main_distill.py", ["--config", cfg, "--teacher", teacher, "--out", tmp_path / "a",
-                                             "--distillation.steps=80", "--distillation.save_every=10"],
+                                             "--distillation.steps=600", "--distillation.save_every=10"],
                          signal.SIGINT, tmp_path / "a" / "checkpoint.pth", tmp_path)
     assert code == 130 and re.fullmatch(r"main_distill.py: error: stopped by SIGINT at outer step \d+; "
                                         rf"{tmp_path / 'a' / 'checkpoint.pth'} is kept .*`", line), line
-    assert main_distill.main(resumed(line, "main_distill.py"))["steps"] == 80  # as printed
+    assert main_distill.main(resumed(line, "main_distill.py"))["steps"] == 600  # as printed
     code, line, _ = stop("pretrain.py", ["DIGITS", "--config", cfg, "--out", tmp_path / "t", "--epochs", "300"],
                          signal.SIGTERM, tmp_path / "t" / "resnet18_barlow_twins_digits_run" / "checkpoint.pth", tmp_path)
     assert code == 143 and re.fullmatch(r"pretrain.py: error: stopped by SIGTERM at epoch \d+; .*checkpoint.pth is "

@@ -162,20 +162,19 @@ def test_a_script_does_not_write_into_another_scripts_folder(tmp_path):
     assert (evals / "distilled_data.pth").is_file() and list(tmp_path.glob("eval.replaced-*/results.json"))
 
 
-def test_a_second_run_of_the_same_script_needs_resume_or_overwrite(tmp_path, monkeypatch):
-    """A run killed before its first checkpoint still owns its folder (its init_only set is there): a new run is
-    refused, and the message offers --overwrite, not a --resume that would find nothing to resume."""
+def test_a_start_killed_before_its_first_checkpoint_has_nothing_to_resume_and_frees_its_folder(tmp_path, monkeypatch):
+    """A run killed before its first checkpoint: --resume is refused (nothing to continue; run without it), and the
+    folder is free again for a plain rerun (issue 36; it used to be refused too)."""
     out = tmp_path / "assets"
-    monkeypatch.setattr(main_distill, "outer_step", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
-    with pytest.raises(KeyboardInterrupt):
-        distill(tmp_path, out)
-    owner = json.loads((out / utils.OWNER_FILE).read_text())
-    assert owner["script"] == "main_distill.py"
-    with pytest.raises(utils.RunFolderError, match=f"holds run {owner['run_id']} of main_distill.py; it has nothing "
-                                                   f"to resume from: pass --overwrite"):
-        distill(tmp_path, out)
-    with pytest.raises(utils.MissingInput, match="no checkpoint .* pass --overwrite instead"):
+    with monkeypatch.context() as m:
+        m.setattr(main_distill, "outer_step", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            distill(tmp_path, out)
+    assert json.loads((out / utils.OWNER_FILE).read_text())["script"] == "main_distill.py"
+    with pytest.raises(utils.MissingInput, match="no checkpoint .* nothing to continue; run without --resume"):
         distill(tmp_path, out, "--resume")
+    distill(tmp_path, out)
+    assert (out / "distilled_data.pth").is_file()
 
 
 def test_a_corrupt_owner_record_is_refused(tmp_path):
