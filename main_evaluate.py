@@ -267,7 +267,7 @@ def check_features(features, row):
 def recalibrate_bn(net, data, batch_size):
     """BatchNorm statistics re-estimated exactly (momentum None) on data's train split; net back in eval mode. A random
     VGG-11 at its initial statistics gives features of scale ~1e-6 that the probe reads at chance."""
-    norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    norms = [m for m in net.modules() if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d))]
     momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()

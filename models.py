@@ -195,9 +195,10 @@ class _AllReduceSum(torch.autograd.Function):
         return grad
 
 
-class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+class GlobalBatchNorm(nn.BatchNorm2d):
     """BatchNorm over the batch of every rank, for CPU process groups (gloo), where PyTorch's SyncBatchNorm does
-    not run: per-channel sums all-reduced with autograd. Same parameters and buffers as BatchNorm1d/2d."""
+    not run: per-channel sums all-reduced with autograd. Same parameters and buffers as BatchNorm1d/2d, any input
+    of 2 or more dimensions."""
 
     def _check_input_dim(self, x):
         if x.dim() < 2:
@@ -226,7 +227,7 @@ def sync_batchnorm(module, device):
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     for name, child in module.named_children():
-        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+        if isinstance(child, (nn.BatchNorm1d, nn.BatchNorm2d)):
             bn = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
                                  child.track_running_stats)
             bn.load_state_dict(child.state_dict())
