@@ -45,6 +45,7 @@ def parse_args(argv):
     utils.add_common_args(p)
     return utils.parse_args(p, argv)
 
+
 # ============================================================================================
 # SPEC 2: the distilled set, parameterized (ours) or free (KRR-ST)
 # ============================================================================================
@@ -150,6 +151,7 @@ def downsample(x, r_b):
     """Normalised images (n, 3, H, W) -> flattened antialiased r_b x r_b (n, 3 r_b^2)."""
     return F.interpolate(x, size=(r_b, r_b), mode="bilinear", antialias=True, align_corners=False).flatten(1)
 
+
 # ============================================================================================
 # SPEC 3: storage accounting decides m
 # ============================================================================================
@@ -187,6 +189,7 @@ def storage_accounting(cfg):
             f"fixed cost {fixed:,}, {per_m} floats per distilled image, so the largest m within budget is {m_max}")
     return {"budget_N": N, "floats_per_image": per_image, "budget": budget, "rows": rows, "m": m,
             "m_max": m_max, "stored": stored}
+
 
 # ============================================================================================
 # SPEC 4: the model pool and one outer step
@@ -456,6 +459,7 @@ def rank_sum(loss, opt, ranks):
         p.grad = g
     return loss[0]
 
+
 # ============================================================================================
 # SPEC 5: approximation networks
 # ============================================================================================
@@ -532,6 +536,7 @@ def save_grid(images, mean, std, path, max_images=100, min_side=64):
     scale = max(1, math.ceil(min_side / x.shape[-1]))
     x = torch.nn.functional.interpolate(x, scale_factor=scale, mode="nearest")
     save_image(x.clamp(0, 1), path, nrow=int(math.ceil(math.sqrt(len(x)))), padding=2)
+
 
 # ============================================================================================
 # main: arguments -> config -> checks -> run folder -> teacher targets -> set, pool -> loop -> assets
@@ -824,7 +829,8 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- distilled set, optimizer, pool, resume
     state = build(cfg, data, T, table["m"], device, gen, rng, ranks)
-    job = Job(cfg, *keep_shard(cfg, data, T, ranks), target_scale, inputs, run, argv)
+    data, T = keep_shard(cfg, data, T, ranks)  # under data.shard the whole split is let go here
+    job = Job(cfg, data, T, target_scale, inputs, run, argv)
     if ckpt:
         restore(state, ckpt, cfg, run.checkpoint)
     job.log = utils.RunLog(run.folder / "log.jsonl", resume_at=("step", state.step) if args.resume else None) \
