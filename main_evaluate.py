@@ -82,6 +82,7 @@ def parse_args(argv):
             p.error(f"--student: unknown {bad}; choose from {','.join(models.STUDENTS)}")
     return args, overrides
 
+
 # ============================================================================================
 # SPEC 6.1: one pre-training recipe for every (images, targets) set
 # ============================================================================================
@@ -195,7 +196,7 @@ class ViewMajor:
 def full_dataset_backbone(ev):
     """ev.full = (backbone, SGD steps, cell info): the full-dataset student, trained once (every rank under torchrun)
     and reused while its settings match; another's is replaced only under --overwrite."""
-    cfg, data, ranks, path = ev.cfg, ev.data, ev.ranks, ev.out / run_folder(ev).keep[0]
+    cfg, data, ranks, path = ev.cfg, ev.data, ev.ranks, ev.out / ev.run.keep[0]
     ec, width = cfg["evaluation"], cfg["network"]["width"]
     recipe = {k: v for k, v in ec.items() if k != "random_init_bn"}  # what it is trained with
     meta = {"dataset": cfg["dataset"], "teacher_hash": ev.hashes["teacher_hash"], "full_epochs": ec["full_epochs"],
@@ -236,6 +237,7 @@ def random_crop_flip(x, pad, gen):
     cols = (dx[:, None] + torch.arange(W, device=dev))[:, None, :]  # (B, 1, W)
     out = xp[torch.arange(B, device=dev)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)  # (B, C, H, W)
     return utils.random_flip(out, 0.5, gen)
+
 
 # ============================================================================================
 # SPEC 6.2 and the other measurements of a pre-trained backbone: teacher fit, fine-tuning, BatchNorm recalibration
@@ -304,6 +306,7 @@ def finetune(backbone, data, ft, seed, batch_size):
                       .sum() for x, y in zip(data.test_x.split(batch_size), data.test_y.split(batch_size)))
     return 100.0 * correct.item() / len(data.test_x)
 
+
 # ============================================================================================
 # SPEC 6.3: the rows. Each row is a source: what it pre-trains on (views, targets) and what it stores.
 # ============================================================================================
@@ -325,6 +328,7 @@ class Inputs:
     teacher_file: Path = None
     budget: dict = None  # utils.storage_budget
     recipe: Recipe = None
+    run: utils.RunFolder = None  # run_folder(ev), made once: a RunFolder registers itself for a stop's line
     hashes: dict = field(default_factory=dict)
     sets: dict = field(default_factory=dict)  # what each row with a folder read there (Row.load)
     T: torch.Tensor = None
@@ -587,6 +591,7 @@ def resumed_cells(path, cfg, target_name, inputs):
                          f"rerun without --resume (--overwrite) to recompute every row")
     return saved["cells"]
 
+
 # ============================================================================================
 # main: check inputs -> load sets -> targets -> cells -> table
 # ============================================================================================
@@ -606,9 +611,9 @@ def check_inputs(args, overrides, argv, sub):
     krr_assets = Path(args.krr_assets) if args.krr_assets else utils.distilled_folder(cfg, name, "krr_st")
     ev = Inputs(args, cfg, ranks, device, out, args.rows, [cfg["seed"] + i for i in range(args.seeds)], assets,
                 krr_assets, budget=utils.storage_budget(cfg))
-    ev.rows = available_rows(ev)
+    ev.rows, ev.run = available_rows(ev), run_folder(ev)
     if ranks.main:
-        run_folder(ev).check(args.resume, args.overwrite)
+        ev.run.check(args.resume, args.overwrite)
     ev.data = utils.load_data(cfg)
     utils.check_sizes(cfg, len(ev.data.train_x))
     ev.data = ev.data.to(device)
@@ -734,7 +739,7 @@ def evaluate(args, overrides, argv, sub=None):
     ev = check_inputs(args, overrides, argv, sub)
     load_sets(ev)
     cells = resumed_cells(ev.out / "results.json", ev.cfg, ev.target.name, ev.hashes) if args.resume else {}
-    lock = run_folder(ev).claim(args.resume, args.overwrite) if ev.ranks.main else None
+    lock = ev.run.claim(args.resume, args.overwrite) if ev.ranks.main else None
     models.barrier(ev.ranks)
     teacher_targets(ev)
     if ev.ranks.main:
