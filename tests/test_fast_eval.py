@@ -70,9 +70,11 @@ def test_the_probe_reads_nothing_on_the_host_while_it_trains():
     import gpu_check
     x, y = torch.randn(200, 8), torch.randint(0, 3, (200,))
     probe = {"iterations": 30, "batch_size": 32, "lr": 0.2, "momentum": 0.9, "weight_decay": 0.0}
+    torch.manual_seed(0)
+    start = torch.nn.Linear(8, 3).weight.detach().clone()  # the head as train_linear_head(seed 0) initialises it
     with gpu_check.count_host_syncs(torch.device("cpu")) as counts:
         head = utils.train_linear_head(x, y, 3, probe, 0)
-    assert counts == {} and not torch.equal(head.weight, torch.nn.Linear(8, 3).weight)
+    assert counts == {} and not torch.equal(head.weight, start)
     with gpu_check.count_host_syncs(torch.device("cpu")) as counts:  # the counter counts: the score is one read
         utils.linear_probe(x, y, x, y, 3, probe, 0)
     assert counts == {"item": 1}
