@@ -9,11 +9,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+
 # --------------------------------------------------------------------------------------------
 # ResNet-18 with the CIFAR stem (teacher g and the evaluation network)
 # --------------------------------------------------------------------------------------------
-
-
 def resnet18_dim(width=64):
     """Feature width of a ResNet-18 whose stages are width, 2w, 4w, 8w channels: d_y = 8 * width."""
     return 8 * width
@@ -36,11 +35,10 @@ def resnet18_cifar(width=64, blocks=2):
     net.fc = nn.Identity()
     return net
 
+
 # --------------------------------------------------------------------------------------------
 # Evaluation students (KRR-ST's cross-architecture set), CIFAR-size variants
 # --------------------------------------------------------------------------------------------
-
-
 def vgg11_bn_cifar(width=64, resolution=32):
     """torchvision's VGG-11 (BatchNorm) layers, channels x width/64, flattened after the last pool (KRR-ST's
     CIFAR VGG). Below 32 px only the max-pools that fit are kept (8 px: the first three)."""
@@ -110,11 +108,10 @@ class Regressor(nn.Module):
     def forward(self, x):
         return self.head(self.backbone(x))
 
+
 # --------------------------------------------------------------------------------------------
 # Barlow Twins
 # --------------------------------------------------------------------------------------------
-
-
 def projector(in_dim, dims):
     """Linear-BN-ReLU for every hidden layer, then a plain Linear (solo-learn's 2048-2048-2048)."""
     layers, d = [], in_dim
@@ -153,11 +150,10 @@ def barlow_twins_loss(z1, z2, lambd, scale):
     off_diag = off_diagonal(c).pow(2).sum()
     return scale * (on_diag + lambd * off_diag)
 
+
 # --------------------------------------------------------------------------------------------
 # Several processes (torchrun): the global batch's embeddings and BatchNorm statistics
 # --------------------------------------------------------------------------------------------
-
-
 class _GatherRows(torch.autograd.Function):
     """Every rank's rows, in rank order; backward returns this rank's rows of the gradient summed over ranks."""
 
@@ -276,11 +272,10 @@ def lars_param_groups(*modules):
             (plain if p.ndim <= 1 else decay).append(p)
     return [{"params": decay}, {"params": plain, "lars": False, "weight_decay": 0.0}]
 
+
 # --------------------------------------------------------------------------------------------
 # KRR-ST model pool ConvNet and the approximation MLP
 # --------------------------------------------------------------------------------------------
-
-
 class ConvNet(nn.Module):
     """KRR-ST pool network: [Conv3x3 -> BatchNorm -> ReLU -> AvgPool2] per width, then Linear; embed(x), the
     flattened last block, gives the KRR features."""
@@ -319,11 +314,10 @@ def num_params(module):
 def mse(pred, target):
     return F.mse_loss(pred.float(), target.float())
 
+
 # --------------------------------------------------------------------------------------------
 # Execution: torchrun's ranks, generators, numerics (autocast, TF32, precision, channels_last)
 # --------------------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class Ranks:
     """This process among torchrun's (utils.init_ranks): rank 0 of 1 when a script is started plainly."""

@@ -46,6 +46,7 @@ def parse_args(argv):
         overrides["pretrain.batch_size"] = args.batch_size
     return args, overrides
 
+
 # ============================================================================================
 # SPEC 1: the two asymmetric views, batched on the device (one random draw per sample, from a generator)
 # ============================================================================================
@@ -142,6 +143,7 @@ def knn_accuracy(train_f, train_y, test_f, test_y, num_classes, k, temperature, 
         correct += (votes.argmax(1) == y).sum().item()
     return 100.0 * correct / len(test_f)
 
+
 # ============================================================================================
 # SPEC 1: the network, LARS, the warm-up + cosine schedule, one step, one epoch
 # ============================================================================================
@@ -194,6 +196,7 @@ def train_one_epoch(net, opt, data, pc, epoch, gen, device, ranks=models.Ranks()
         total += barlow_step(net, opt, data.train_x[perm[i * B:(i + 1) * B]], data, pc, gen, device)
     mean_loss = total.item() / steps
     return mean_loss, 2 * steps * B / (time.time() - t0)
+
 
 # ============================================================================================
 # main: arguments -> config -> checks -> run folder -> network -> resume -> epochs -> teacher file and probe

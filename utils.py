@@ -41,6 +41,7 @@ import yaml
 
 import models
 
+
 # ============================================================================================
 # Errors: a user's mistake is one line (cli), a bug keeps its traceback
 # ============================================================================================
@@ -501,6 +502,7 @@ def add_common_args(parser, allow_changed=True):
 def print_config(cfg, derived=None):
     print(json.dumps({"config": cfg, "derived": derived or {}}, indent=1, default=str))
 
+
 # ============================================================================================
 # Seeding, device, processes (torchrun; nothing joins a process group unless WORLD_SIZE > 1)
 # ============================================================================================
@@ -544,6 +546,7 @@ def init_ranks(device_name=None, timeout_s=None):
             RUN.update(side=torch.distributed.new_group(backend="gloo", **timeout), timeout=timeout["timeout"])
         atexit.register(lambda: torch.distributed.is_initialized() and torch.distributed.destroy_process_group())
     return models.Ranks(torch.distributed.get_rank(), world), device
+
 
 # ============================================================================================
 # Data: uint8 (N, 3, H, W) tensors + int64 labels; normalised on the device
@@ -911,6 +914,7 @@ def normalize(x, mean, std):
         x = x.float().div_(255)
     return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
+
 # ============================================================================================
 # Augmentation: batched on the device, one random draw per sample, from a torch.Generator (pretrain.py: SPEC 1's)
 # ============================================================================================
@@ -947,6 +951,7 @@ def storage_budget(cfg):
     pixels, d_y = 3 * cfg["data"]["resolution"] ** 2, models.resnet18_dim(cfg["network"]["width"])
     return {"floats_per_image": pixels + d_y, "budget": cfg["storage"]["budget_N"] * (pixels + d_y),
             "floats_per_real": pixels + d_y * (1 + len(cfg["augmentations"]["rotate"]))}
+
 
 # ============================================================================================
 # Distilled set files (SPEC 2): decoding, the writer and the reader
@@ -1030,6 +1035,7 @@ def load_approx_net(path, device, run_id):
     net = models.ApproxMLP(s["V"], s["hidden"]).to(device)
     load_weights(net, s["state_dict"], path, f"an approximation MLP {s['V']} -> {s['hidden']} -> {s['V']}")
     return net.eval()
+
 
 # ============================================================================================
 # Teacher and features: each frozen network runs once per input
@@ -1131,6 +1137,7 @@ def teacher_targets(teacher, teacher_file, data, rotations, dcfg, fallback_dir, 
     scale = dcfg["target_rms"] / T[:, 0].pow(2).mean().sqrt().clamp_min(1e-12).item()
     return T.mul_(scale), scale
 
+
 # ============================================================================================
 # Probe (SPEC 6.2): the linear probe on frozen features, for pretrain.py's teacher and every evaluation row
 # ============================================================================================
@@ -1206,6 +1213,7 @@ def probe_backbone(backbone, data, probe, seed, batch_size, features=None):
     train_f, test_f = features if features is not None else split_features(backbone, data, batch_size)
     keep = labelled_subset(data.train_y, data.num_classes, probe["labels_per_class"])
     return linear_probe(train_f[keep], data.train_y[keep], test_f, data.test_y, data.num_classes, probe, seed)
+
 
 # ============================================================================================
 # Checkpoints, run folders (lock and owner), resume checks, logging, the non-finite stop
