@@ -10,7 +10,7 @@ digits:
 	$(PYTHON) main_evaluate.py --config configs/digits.yaml --seeds 3 --overwrite
 
 # Real images on a laptop: CIFAR-10 at 16 px, a 5,000-image train subset, ResNet-18 width 16, budget N = 10
-# (configs/cifar10_laptop.yaml), every row with 3 seeds, about 10 minutes on 2 cores after the download (CIFAR-10 is
+# (configs/cifar10_laptop.yaml), every row with 3 seeds, about 6 minutes on 2 cores after the download (CIFAR-10 is
 # downloaded into data/ by torchvision when absent; docs/results.md).
 cifar10-laptop:
 	$(MAKE) cifar10-cpu CPU_CFG=configs/cifar10_laptop.yaml
@@ -123,5 +123,5 @@ frontier-levers:
 test:
 	$(PYTHON) -m pytest -q --durations=15
 
-.PHONY: digits cifar10-laptop cifar10-cpu cifar10-cpu-students gpu-check gpu-session sizes gpu-sizes cifar10-quick frontier-curve \
-	frontier-levers test
+.PHONY: digits cifar10-laptop cifar10-cpu cifar10-cpu-students gpu-check gpu-session sizes gpu-sizes cifar10-quick \
+	frontier-curve frontier-levers test
